@@ -1,0 +1,168 @@
+"""A fault-injecting TCP proxy between the scripts and PostgreSQL.
+
+Toxiproxy is the reference design, but it is a Go binary that PyPI does not ship, so this small
+threaded proxy is written by hand. It binds 127.0.0.1 only and forwards to the server's TCP port
+or Unix socket. Told to go `down()`, it drops every open connection and resets each new one
+(the client sees a real connection error); `up()` restores service; `latency` delays each new
+connection; `max_connections` rejects connections beyond a cap. Every attempt is recorded with
+its time, so a scenario can count exactly what the server would have seen.
+"""
+from __future__ import annotations
+
+import select
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass
+
+
+@dataclass
+class Attempt:
+    at: float  # time.monotonic()
+    outcome: str  # "forwarded", "down", "over_cap", "upstream_error"
+
+
+class FaultProxy:
+    def __init__(self, upstream_host: str, upstream_port: int, *, latency: float = 0.0,
+                 max_connections: int | None = None):
+        self.upstream_host = upstream_host
+        self.upstream_port = int(upstream_port)
+        self.latency = latency
+        self.max_connections = max_connections
+        self.attempts: list[Attempt] = []
+        self.is_down = False
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._listener: socket.socket | None = None
+        self._stopping = threading.Event()
+        self.port: int | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def __enter__(self) -> "FaultProxy":
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(128)
+        self._listener.settimeout(0.1)
+        self.port = self._listener.getsockname()[1]
+        self._spawn(self._accept_loop, "faillab-proxy-accept")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._stopping.set()
+        self._drop_all()
+        for t in self._threads:
+            t.join(timeout=2)
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+
+    @property
+    def threads_alive(self) -> int:
+        return sum(t.is_alive() for t in self._threads)
+
+    # -- faults -------------------------------------------------------------------------------
+    def down(self) -> None:
+        """Drop open connections; reset new ones until up()."""
+        self.is_down = True
+        self._drop_all()
+
+    def up(self) -> None:
+        self.is_down = False
+
+    def params(self, base: dict) -> dict:
+        """Connection parameters that reach the server through this proxy."""
+        return {**base, "host": "127.0.0.1", "port": self.port}
+
+    def count(self, outcome: str | None = None, since: float = 0.0) -> int:
+        return sum(1 for a in list(self.attempts) if a.at >= since and (outcome is None or a.outcome == outcome))
+
+    # -- plumbing -----------------------------------------------------------------------------
+    def _spawn(self, fn, name, *args) -> None:
+        t = threading.Thread(target=fn, args=args, name=name, daemon=True)
+        self._threads = [x for x in self._threads if x.is_alive()] + [t]
+        t.start()
+
+    def _drop_all(self) -> None:
+        with self._lock:
+            for s in list(self._open):
+                _reset(s)
+            self._open.clear()
+
+    def _accept_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            now = time.monotonic()
+            with self._lock:
+                active = len(self._open) // 2
+            if self.is_down:
+                self.attempts.append(Attempt(now, "down"))
+                _reset(client)
+            elif self.max_connections is not None and active >= self.max_connections:
+                self.attempts.append(Attempt(now, "over_cap"))
+                _reset(client)
+            else:
+                self._spawn(self._serve, "faillab-proxy-conn", client, now)
+
+    def _connect_upstream(self) -> socket.socket:
+        if self.upstream_host.startswith("/"):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(f"{self.upstream_host}/.s.PGSQL.{self.upstream_port}")
+            return s
+        return socket.create_connection((self.upstream_host, self.upstream_port), timeout=5)
+
+    def _serve(self, client: socket.socket, at: float) -> None:
+        if self.latency:
+            time.sleep(self.latency)
+        try:
+            upstream = self._connect_upstream()
+        except OSError:
+            self.attempts.append(Attempt(at, "upstream_error"))
+            _reset(client)
+            return
+        self.attempts.append(Attempt(at, "forwarded"))
+        with self._lock:
+            if self.is_down or self._stopping.is_set():
+                _reset(client)
+                _reset(upstream)
+                return
+            self._open.update((client, upstream))
+        pair = {client: upstream, upstream: client}
+        try:
+            while not self._stopping.is_set():
+                readable, _, _ = select.select(list(pair), [], [], 0.2)
+                for s in readable:
+                    data = s.recv(65536)
+                    if not data:
+                        return
+                    pair[s].sendall(data)
+        except (OSError, ValueError):
+            return
+        finally:
+            with self._lock:
+                self._open.discard(client)
+                self._open.discard(upstream)
+            _reset(client)
+            _reset(upstream)
+
+
+def _reset(s: socket.socket) -> None:
+    """Close with RST (SO_LINGER 0): the peer gets an immediate connection error, not a wait."""
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    try:
+        s.close()
+    except OSError:
+        pass

@@ -1,0 +1,126 @@
+"""Shared test plumbing: run a script as a user does and read its journal, against two targets.
+
+Targets: the embedded default (nothing configured; started once for the whole session by
+registering pytest itself as a user, so each script joins a warm server) and the machine's
+PostgreSQL at 127.0.0.1:5432 when it answers (FAILLAB_TEST_SERVER overrides the URL).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg2
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from common import db, embedded  # noqa: E402
+
+CONFIG_VARS = ("DATABASE_URL", "DB_HOST", "DB_PORT", "DB_NAME", "DB_USER", "DB_PASSWORD",
+               "PGHOST", "PGHOSTADDR", "PGPORT", "PGDATABASE", "PGUSER", "PGPASSWORD", "PGSERVICE")
+SERVER_URL = os.environ.get("FAILLAB_TEST_SERVER", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def clean_env(**extra) -> dict:
+    """The environment of a user who configured nothing, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if k not in CONFIG_VARS}
+    env.pop("NO_COLOR", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update({k: v for k, v in extra.items() if v is not None})
+    return env
+
+
+def server_reachable() -> bool:
+    try:
+        psycopg2.connect(SERVER_URL, connect_timeout=2).close()
+        return True
+    except psycopg2.Error:
+        return False
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+    journal: dict | None
+
+    def scenario(self, scenario_id: str) -> dict:
+        for record in (self.journal or {}).get("scenarios", []):
+            if record["id"] == scenario_id:
+                return record
+        raise AssertionError(f"no scenario {scenario_id!r} in the journal:\n{self.stdout[-3000:]}\n{self.stderr[-2000:]}")
+
+    def error_types(self, scenario_id: str) -> list[str]:
+        return [e["type"] for e in self.scenario(scenario_id)["observed_errors"]]
+
+    def sqlstates(self, scenario_id: str) -> list[str]:
+        return [e["sqlstate"] for e in self.scenario(scenario_id)["observed_errors"] if e["sqlstate"]]
+
+
+def run_script(script: str, *args: str, env: dict | None = None, timeout: float = 240,
+               tmp_path: Path | None = None, journal: bool = True) -> Result:
+    """Run ROOT/script in a subprocess with --json; return exit code, output and the journal."""
+    journal_path = None
+    cmd = [sys.executable, str(ROOT / script), *args]
+    if journal:
+        journal_path = Path(tmp_path or ROOT) / f"journal-{script}-{os.getpid()}-{len(args)}.json"
+        journal_path.unlink(missing_ok=True)
+        cmd += ["--json", str(journal_path)]
+    proc = subprocess.run(cmd, env=env if env is not None else clean_env(), capture_output=True,
+                          text=True, timeout=timeout, cwd=str(tmp_path or ROOT), encoding="utf-8", errors="replace")
+    data = None
+    if journal_path and journal_path.exists():
+        data = json.loads(journal_path.read_text(encoding="utf-8"))
+        journal_path.unlink()
+    return Result(proc.returncode, proc.stdout, proc.stderr, data)
+
+
+@pytest.fixture(scope="session")
+def embedded_params():
+    """Start (or join) the embedded server once for the session."""
+    params = embedded.acquire()
+    yield params
+    embedded.release()
+
+
+@pytest.fixture(scope="session", params=["embedded", "server"])
+def target(request):
+    """(name, environment for the script, connection parameters for checking it)."""
+    if request.param == "embedded":
+        params = request.getfixturevalue("embedded_params")
+        return "embedded", clean_env(), params
+    if not server_reachable():
+        pytest.skip(f"no PostgreSQL at {SERVER_URL} (set FAILLAB_TEST_SERVER to test against one)")
+    from psycopg2.extensions import parse_dsn
+    return "server", clean_env(DATABASE_URL=SERVER_URL), parse_dsn(SERVER_URL)
+
+
+def lab_schemas(params: dict, run_id: str | None = None) -> list[str]:
+    """Private schemas on the target, of one run or of all runs."""
+    conn = db.connect(params, autocommit=True)
+    try:
+        names = [n for n, _ in db.lab_schemas(conn)]
+    finally:
+        conn.close()
+    return [n for n in names if run_id is None or n.startswith(f"{db.SCHEMA_PREFIX}{run_id}_")]
+
+
+def assert_passed(result: Result, params: dict, expected_ids: list[str]) -> None:
+    """Every scenario passed with all three verdicts, exit 0, and the run left no schema."""
+    assert result.journal is not None, f"no journal; exit {result.returncode}\n{result.stderr[-3000:]}"
+    got = [r["id"] for r in result.journal["scenarios"]]
+    assert got == expected_ids
+    failed = {r["id"]: r.get("reason") for r in result.journal["scenarios"] if r["status"] != "passed"}
+    assert not failed, f"{failed}\n{result.stdout[-4000:]}"
+    for record in result.journal["scenarios"]:
+        assert record["triggered"] and record["recovered"] and record["cleaned"], record["id"]
+        for section in ("description", "trigger", "error", "root_cause", "recovery", "prevention"):
+            assert record["sections"][section].strip(), f"{record['id']}: empty {section} section"
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert lab_schemas(params, result.journal["run_id"]) == []
