@@ -104,6 +104,8 @@ def _parse_url(url: str) -> dict:
         params = parse_dsn(url)
     except Exception as exc:  # psycopg2.ProgrammingError: libpq's own words for what is wrong
         raise ConfigError("DATABASE_URL is malformed: " + output.redact(str(exc).strip())) from None
+    if params.get("port") and not re.match(r"^\d+(,\d+)*$", params["port"]):
+        raise ConfigError(f"DATABASE_URL is malformed: port {params['port']!r} is not a number")
     return _register(params)
 
 

@@ -6,6 +6,7 @@ stuck backend of this run can be found (and ended) by name.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -55,6 +56,29 @@ def explain_connect_error(exc: psycopg2.Error, target: str) -> str:
     return f"cannot connect to {target}: {text} ({hint})"
 
 
+@contextlib.contextmanager
+def open_target(app: str = "faillab:admin"):
+    """Resolve the configuration, start the embedded server if nothing is configured, and yield
+    (target, params, autocommit connection). Raises StartupError or config.ConfigError with one
+    line a user can act on. The embedded server is released on the way out, whatever happens."""
+    from common import embedded
+
+    target = config.resolve()
+    with contextlib.ExitStack() as stack:
+        params = target.params
+        if target.mode == "embedded":
+            try:
+                params = embedded.acquire()
+            finally:
+                stack.callback(embedded.release)
+        try:
+            conn = connect(params, autocommit=True, app=app)
+        except psycopg2.Error as exc:
+            raise StartupError(explain_connect_error(exc, config.describe(params))) from None
+        stack.callback(conn.close)
+        yield target, params, conn
+
+
 def scalar(conn, query, args=None):
     with conn.cursor() as cur:
         cur.execute(query, args)
@@ -88,6 +112,13 @@ def create_schema(conn, name: str) -> None:
     with conn.cursor() as cur:
         cur.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
         cur.execute(sql.SQL("COMMENT ON SCHEMA {} IS %s").format(sql.Identifier(name)), (owner_tag(),))
+
+
+def mark_kept(conn, name: str) -> None:
+    """Replace the owner tag: a schema kept for inspection is not debris of a dead run."""
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("COMMENT ON SCHEMA {} IS %s").format(sql.Identifier(name)),
+                    ("kept for inspection by --keep; drop it with DROP SCHEMA ... CASCADE",))
 
 
 def drop_schema(conn, name: str) -> None:

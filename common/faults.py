@@ -166,3 +166,22 @@ def _reset(s: socket.socket) -> None:
         s.close()
     except OSError:
         pass
+
+
+class SlowDisk:
+    """A file wrapper whose every write is flushed to the OS and then stalls for `delay` seconds,
+    like a saturated disk. It makes a kill land in the middle of a write every run, instead of
+    once in a thousand; the kill, the torn file and the parse error that follow are all real."""
+
+    def __init__(self, fileobj, delay: float):
+        self._f = fileobj
+        self._delay = delay
+
+    def write(self, text):
+        n = self._f.write(text)
+        self._f.flush()
+        time.sleep(self._delay)
+        return n
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)

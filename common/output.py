@@ -89,7 +89,7 @@ def trimmed_traceback(exc: BaseException, verbose: bool = False) -> list[str]:
         if frames and frames[-1] not in kept:
             kept.append(frames[-1])
     hidden = len(frames) - len(kept)
-    lines = ["Traceback (most recent call last" + (f", {hidden} frames of plumbing hidden" if hidden else "") + "):"]
+    lines = ["Traceback (most recent call last" + (f", {hidden} frame(s) of plumbing hidden" if hidden else "") + "):"]
     for f in kept:
         lines.append(f'  File "{Path(f.filename).name}", line {f.lineno}, in {f.name}')
         if f.line:

@@ -253,6 +253,8 @@ class Scenario:
 
     def triggered_if(self, ok: bool, claim: str) -> bool:
         """Assert something about the failure (a measured bad state counts as the failure)."""
+        if self._section < SECTIONS.index("error"):
+            self._enter("error")
         return self._check("triggered", bool(ok), claim)
 
     def recovered_if(self, ok: bool, claim: str) -> bool:
@@ -385,6 +387,8 @@ def teardown(run: Run, s: Scenario, threads_before: set) -> tuple[bool, list[str
             if s._tmpdir.exists():
                 leftovers.append(f"folder {s._tmpdir}")
         if run.args.keep:
+            with contextlib.suppress(Exception):  # an untagged schema is never swept as debris
+                db.mark_kept(run.admin, s.schema)
             run.kept.append(s.schema)
         else:
             try:
@@ -498,36 +502,25 @@ def _fail_start(message: str) -> None:
 
 
 def _run(script: str, args, console: output.Console, selected: list[ScenarioSpec]) -> int:
-    from common import db, embedded
+    from common import db
     import psycopg2
 
     started_at = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     for warning in config.load_dotenv_files():
         sys.stderr.write(f"warning: {warning}\n")
-    try:
-        target = config.resolve()
-    except config.ConfigError as exc:
-        _fail_start(str(exc))
     records: list[dict] = []
     exit_code = 0
     run = None
+    target = None
     with contextlib.ExitStack() as stack:
         try:
-            if target.mode == "embedded":
-                with _signals_deferred():
-                    try:
-                        params = embedded.acquire()
-                    finally:
-                        stack.callback(embedded.release)
-            else:
-                params = target.params
+            with _signals_deferred():
+                try:
+                    target, params, admin = stack.enter_context(db.open_target())
+                except (config.ConfigError, db.StartupError) as exc:
+                    _fail_start(str(exc))
             display = config.describe(params)
-            try:
-                admin = db.connect(params, autocommit=True, app="faillab:admin")
-            except psycopg2.Error as exc:
-                _fail_start(db.explain_connect_error(exc, display))
-            stack.callback(_close_quietly, admin)
             run_id = db.new_run_id()
             run = Run(script, args, console, target, params, run_id, admin)
             with admin.cursor() as cur:
@@ -559,9 +552,10 @@ def _run(script: str, args, console: output.Console, selected: list[ScenarioSpec
     if run is not None and args.keep and run.kept:
         console.line()
         console.line("Kept for inspection (--keep):", "bold")
+        console.line("   open psql on the same server:  python code/init_schemas.py --psql")
         for name in run.kept:
-            console.line(f"   psql \"{config.describe(run.params)}\" -c 'SET search_path TO {name}' -c '\\dt'")
-        console.line(f"   drop them with: DROP SCHEMA <name> CASCADE;  (one per schema above)")
+            console.line(f"   SET search_path TO {name}; \\dt")
+        console.line(f"   drop them when done:  DROP SCHEMA {run.kept[0]} CASCADE;  (and the others)")
     for spec in selected[len(records):]:
         if exit_code == 130:
             records.append({"id": spec.id, "title": spec.title, "status": "interrupted", "triggered": False,
@@ -575,7 +569,7 @@ def _run(script: str, args, console: output.Console, selected: list[ScenarioSpec
             "script": script, "run_id": run.run_id if run else None,
             "started_at": started_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
             "seconds": round(time.perf_counter() - t0, 3), "exit_code": exit_code,
-            "database": {"mode": "embedded" if target.mode == "embedded" else target.mode,
+            "database": {"mode": target.mode if target else None,
                          "server_version": run.server_version if run else None,
                          "target": output.redact(config.describe(run.params)) if run else None},
             "scenarios": records,

@@ -97,6 +97,6 @@ def seed_source(conn, rows: int) -> None:
     """source_rows 1..rows: payload and amount are functions of the id, so any copy is checkable."""
     with conn.cursor() as cur:
         cur.execute("INSERT INTO source_rows (id, payload, amount) "
-                    "SELECT g, 'row-' || g, round((g * 7919 % 10000) / 100.0, 2) "
+                    "SELECT g, 'row-' || g, round((g * 7919 %% 10000) / 100.0, 2) "
                     "FROM generate_series(1, %s) g", (rows,))
     conn.commit()

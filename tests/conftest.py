@@ -69,7 +69,7 @@ def run_script(script: str, *args: str, env: dict | None = None, timeout: float 
     journal_path = None
     cmd = [sys.executable, str(ROOT / script), *args]
     if journal:
-        journal_path = Path(tmp_path or ROOT) / f"journal-{script}-{os.getpid()}-{len(args)}.json"
+        journal_path = Path(tmp_path or ROOT) / f"journal-{Path(script).name}-{os.getpid()}-{len(args)}.json"
         journal_path.unlink(missing_ok=True)
         cmd += ["--json", str(journal_path)]
     proc = subprocess.run(cmd, env=env if env is not None else clean_env(), capture_output=True,

@@ -1,0 +1,177 @@
+"""The plumbing in common/: configuration, masking, output, the proxy, the runner's exit codes."""
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import psycopg2
+import pytest
+
+from conftest import ROOT, clean_env, lab_schemas, run_script
+from common import config, output
+from common.faults import FaultProxy
+
+BROKEN = "tests/fixtures/fail_broken.py"
+
+
+# -- configuration ------------------------------------------------------------------------------
+@pytest.mark.parametrize("env, mode", [
+    ({"DATABASE_URL": "postgresql://a@h1/d", "DB_HOST": "h2", "PGHOST": "h3"}, "DATABASE_URL"),
+    ({"DB_HOST": "h2", "PGHOST": "h3"}, "DB_*"),
+    ({"PGHOST": "h3"}, "PG*"),
+    ({}, "embedded"),
+])
+def test_first_configured_source_wins(env, mode):
+    assert config.resolve(env).mode == mode
+
+
+def test_db_variables_become_libpq_parameters():
+    t = config.resolve({"DB_HOST": "db", "DB_PORT": "6543", "DB_NAME": "w", "DB_USER": "u", "DB_PASSWORD": "pw1"})
+    assert t.params == {"host": "db", "port": "6543", "dbname": "w", "user": "u", "password": "pw1"}
+    assert t.display == "postgresql://u:***@db:6543/w"
+
+
+def test_password_is_masked_everywhere():
+    t = config.resolve({"DATABASE_URL": "postgresql://alice:Sup3rS3cret@db.example:5432/shop"})
+    assert "Sup3rS3cret" not in t.display and t.display == "postgresql://alice:***@db.example:5432/shop"
+    assert output.redact("error for Sup3rS3cret") == "error for ***"
+
+
+@pytest.mark.parametrize("url", ["mysql://u:Hunter2x@h/d", "postgresql://u:Hunter2x@h:notaport/d"])
+def test_malformed_url_is_a_config_error_without_the_password(url):
+    with pytest.raises(config.ConfigError) as err:
+        config.resolve({"DATABASE_URL": url})
+    assert "Hunter2x" not in str(err.value)
+
+
+def test_dotenv_never_overrides_and_warns_about_unknown_names(tmp_path, monkeypatch):
+    (tmp_path / ".env").write_text("DB_HOST=from-file\nDB_NAME=workshop\nDB_PASWORD=typo\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DB_HOST", "from-env")
+    monkeypatch.delenv("DB_NAME", raising=False)
+    warnings = config.load_dotenv_files()
+    assert os.environ["DB_HOST"] == "from-env" and os.environ["DB_NAME"] == "workshop"
+    assert any("DB_PASWORD" in w for w in warnings)
+    monkeypatch.delenv("DB_NAME")
+    monkeypatch.delenv("DB_PASWORD", raising=False)
+
+
+# -- output ---------------------------------------------------------------------------------------
+def test_console_falls_back_to_ascii_when_the_stream_cannot_encode_emoji():
+    stream = io.TextIOWrapper(io.BytesIO(), encoding="cp1252")
+    console = output.Console(stream)
+    assert console.ascii and console.label("error") == "[ERROR]"
+    console.line("✔ done → next")  # must not raise
+    stream.flush()
+    assert stream.buffer.getvalue().decode("cp1252").strip() == "ok done -> next"
+
+
+def test_console_uses_emoji_on_utf8_and_no_colour_when_not_a_tty():
+    stream = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")
+    console = output.Console(stream)
+    assert not console.ascii and console.label("error").startswith("❌")
+    assert not console.colour
+
+
+def test_no_color_turns_colour_off_even_on_a_tty(monkeypatch):
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+    assert output.wants_colour(Tty())
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert not output.wants_colour(Tty())
+
+
+def test_error_type_is_module_qualified(embedded_params):
+    conn = psycopg2.connect(**embedded_params)
+    try:
+        with pytest.raises(psycopg2.Error) as err:
+            conn.cursor().execute("SELECT 1/0")
+    finally:
+        conn.close()
+    assert output.error_type(err.value) == "psycopg2.errors.DivisionByZero"
+
+
+# -- the fault proxy ------------------------------------------------------------------------------
+def test_proxy_down_really_refuses_and_drops_then_up_restores(embedded_params):
+    with FaultProxy(embedded_params["host"], embedded_params["port"]) as proxy:
+        via = {**proxy.params(embedded_params), "connect_timeout": 3}
+        conn = psycopg2.connect(**via)
+        conn.cursor().execute("SELECT 1")
+        proxy.down()
+        with pytest.raises(psycopg2.OperationalError):
+            conn.cursor().execute("SELECT 1")  # the open connection was dropped
+        with pytest.raises(psycopg2.OperationalError):
+            psycopg2.connect(**via)  # and new ones are refused
+        proxy.up()
+        fresh = psycopg2.connect(**via)
+        fresh.cursor().execute("SELECT 1")
+        fresh.close()
+        assert proxy.count("forwarded") == 2 and proxy.count("down") == 1
+    assert proxy.threads_alive == 0
+
+
+def test_proxy_binds_loopback_only_and_caps_connections(embedded_params):
+    with FaultProxy(embedded_params["host"], embedded_params["port"], max_connections=1) as proxy:
+        assert proxy._listener.getsockname()[0] == "127.0.0.1"
+        first = psycopg2.connect(**proxy.params(embedded_params))
+        with pytest.raises(psycopg2.OperationalError):
+            psycopg2.connect(**proxy.params(embedded_params))
+        first.close()
+        assert proxy.count("over_cap") == 1
+
+
+# -- the runner: exit codes -----------------------------------------------------------------------
+def closed_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def test_unreachable_database_exits_2_fast_with_one_masked_message(tmp_path):
+    env = clean_env(DATABASE_URL=f"postgresql://lab:PwNeverShown9@127.0.0.1:{closed_port()}/lab")
+    started = time.monotonic()
+    result = run_script("fail_checkpoint_corruption.py", env=env, tmp_path=tmp_path)
+    assert result.returncode == 2
+    assert time.monotonic() - started < 10
+    assert "PwNeverShown9" not in result.stdout + result.stderr
+    assert "cannot connect to postgresql://lab:***@127.0.0.1" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_bad_arguments_exit_2(tmp_path):
+    assert run_script(BROKEN, "--only", "no_such_id", tmp_path=tmp_path).returncode == 2
+
+
+def test_a_scenario_that_did_not_demonstrate_its_failure_fails_the_run(embedded_params, tmp_path):
+    result = run_script(BROKEN, "--only", "claims_an_error,passes", tmp_path=tmp_path)
+    assert result.returncode == 1
+    broken, good = result.journal["scenarios"]
+    assert broken["status"] == "failed" and broken["triggered"] is False
+    assert "nothing was raised" in broken["reason"]
+    assert good["status"] == "passed" and good["observed_errors"][0]["sqlstate"] == "23505"
+    assert lab_schemas(embedded_params, result.journal["run_id"]) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_exits_130_after_cleanup(embedded_params, tmp_path, sig):
+    journal = tmp_path / "j.json"
+    proc = subprocess.Popen([sys.executable, str(ROOT / BROKEN), "--only", "sleeps", "--json", str(journal)],
+                            env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = ""
+    while "READY" not in line:
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read()
+    _, schema, folder = line.split()
+    started = time.monotonic()
+    proc.send_signal(sig)
+    proc.communicate(timeout=10)
+    assert proc.returncode == 130 and time.monotonic() - started < 5
+    assert schema not in lab_schemas(embedded_params)
+    assert not os.path.exists(folder)
+    assert '"status": "interrupted"' in journal.read_text()
