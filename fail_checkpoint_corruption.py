@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import threading
 import time
 from pathlib import Path
 
@@ -382,7 +381,7 @@ def worker_naive(params, sink, start, proceed, name):
             conn.commit()
             start.wait()  # both workers have read the same checkpoint
             if name == "B":
-                proceed.wait()  # B is the slow one: it writes after A has moved on
+                proceed.wait(30)  # B is the slow one: it writes after A has moved on
             new_last = copy_batch(cur, last_id, sink)
             set_checkpoint(cur, new_last)
             conn.commit()
@@ -449,7 +448,7 @@ def concurrent_access(s):
         Both workers read the checkpoint at the same moment (a barrier makes the race happen every
         run), both copy "the next batch", both write the checkpoint. Worker A is fast and takes a
         second batch; worker B, slower, writes its checkpoint last.""")
-    start, proceed = threading.Barrier(2), threading.Event()
+    start, proceed = s.barrier(2), s.event()
     _join([s.thread(worker_naive, s.params, "sink_rows", start, proceed, name) for name in ("A", "B")])
     found = damage(s.conn, "sink_rows")
     moves = [r[0] for r in _history(s.conn)]
@@ -471,7 +470,7 @@ def concurrent_access(s):
     batches = SOURCE_ROWS // BATCH // 2
     with s.step("Fix 1, pessimistic: SELECT ... FOR UPDATE on the checkpoint row, same race") as st:
         _reset(s)
-        start = threading.Barrier(2)
+        start = s.barrier(2)
         _join([s.thread(worker_locked, s.params, "sink_rows", start, batches) for _ in range(2)])
         found = damage(s.conn, "sink_rows")
         st.result = f"missing {found['missing']}, duplicated {found['duplicated']}, checkpoint {read_checkpoint(s.conn)}"
@@ -479,7 +478,7 @@ def concurrent_access(s):
                        "row lock: each batch copied exactly once, checkpoint at the end")
     with s.step("Fix 2, optimistic: compare-and-set on checkpoints.version, same race") as st:
         _reset(s)
-        start, losses = threading.Barrier(2), []
+        start, losses = s.barrier(2), []
         _join([s.thread(worker_compare_and_set, s.params, "sink_rows", start, batches, losses) for _ in range(2)])
         found = damage(s.conn, "sink_rows")
         s.measure("compare_and_set_conflicts", len(losses), "each one rolled back and retried")
@@ -502,7 +501,7 @@ def concurrent_access(s):
         st.result = "the second writer got 40001; it must retry from a fresh snapshot"
     with s.step("Run the whole job with two locked workers racing into target_rows") as st:
         _reset(s)
-        start = threading.Barrier(2)
+        start = s.barrier(2)
         _join([s.thread(worker_locked, s.params, "target_rows", start, batches) for _ in range(2)])
         st.result = f"checkpoint at {read_checkpoint(s.conn)}"
     prove_exactly_once(s)

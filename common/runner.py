@@ -94,6 +94,8 @@ class Scenario:
         self._section = -1
         self._step = 0
         self._stack = contextlib.ExitStack()
+        self._workers: list = []  # threads and processes, stopped before anything else
+        self._gates: list = []  # barriers and events, released so no worker waits forever
         self._tmpdir: Path | None = None
         self.conn = None
 
@@ -145,15 +147,43 @@ class Scenario:
         """Start a worker process (spawned, so it works the same on every OS); killed at teardown."""
         proc = multiprocessing.get_context("spawn").Process(target=target, args=args, daemon=True)
         proc.start()
-        self._stack.callback(_kill_process, proc)
+        self._workers.append(proc)
         return proc
 
     def thread(self, target, *args, name: str | None = None) -> threading.Thread:
         """Start a worker thread; joined at teardown (workers must end on their own)."""
         t = threading.Thread(target=target, args=args, name=name or f"faillab-{self.id}", daemon=True)
         t.start()
-        self._stack.callback(t.join, 5)
+        self._workers.append(t)
         return t
+
+    def barrier(self, parties: int, timeout: float = 30) -> threading.Barrier:
+        """A threading.Barrier that teardown breaks, so an interrupted run never hangs on it."""
+        b = threading.Barrier(parties, timeout=timeout)
+        self._gates.append(b)
+        return b
+
+    def event(self) -> threading.Event:
+        """A threading.Event that teardown sets, so an interrupted run never hangs on it."""
+        e = threading.Event()
+        self._gates.append(e)
+        return e
+
+    def _stop_workers(self, admin, interrupted: bool) -> None:
+        """Release gates, end this run's database work if interrupted, then stop every worker."""
+        from common import db
+
+        for gate in self._gates:
+            gate.abort() if isinstance(gate, threading.Barrier) else gate.set()
+        if interrupted:  # a worker blocked in a query (a lock, pg_sleep) returns at once
+            with contextlib.suppress(Exception):
+                db.end_other_backends(admin)
+        deadline = time.monotonic() + 3
+        for w in self._workers:
+            if isinstance(w, threading.Thread):
+                w.join(max(0.0, deadline - time.monotonic()))
+            else:
+                _kill_process(w)
 
     def on_cleanup(self, fn, *args) -> None:
         self._stack.callback(fn, *args)
@@ -340,7 +370,7 @@ def run_scenario(run: Run, spec: ScenarioSpec, index: int) -> dict:
         console.line("   The scenario itself failed with an error it did not expect:", "bad", "error")
         console.exception(exc, "error")
     finally:
-        cleaned, leftovers = teardown(run, s, threads_before)
+        cleaned, leftovers = teardown(run, s, threads_before, interrupted=status != "passed" or reason is not None)
     triggered, recovered = s.verdicts()
     if status == "passed" and not (triggered and recovered and cleaned):
         status = "failed"
@@ -371,7 +401,7 @@ class _ScenarioInterrupted(BaseException):
         self.record = record
 
 
-def teardown(run: Run, s: Scenario, threads_before: set) -> tuple[bool, list[str]]:
+def teardown(run: Run, s: Scenario, threads_before: set, interrupted: bool) -> tuple[bool, list[str]]:
     """Release everything the scenario made, then measure that nothing is left."""
     from common import db, embedded
     import psutil
@@ -379,6 +409,7 @@ def teardown(run: Run, s: Scenario, threads_before: set) -> tuple[bool, list[str
     leftovers: list[str] = []
     with _signals_deferred():
         try:
+            s._stop_workers(run.admin, interrupted)
             s._stack.close()
         except Exception as exc:
             leftovers.append(f"cleanup error {output.error_type(exc)}: {exc}")
