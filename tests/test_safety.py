@@ -1,0 +1,272 @@
+"""The suite survives what it teaches: interruption, concurrency, bad configuration, least
+privilege, hostile consoles. Every guarantee is attacked by a test, as a user would attack it."""
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+import pwserver
+from conftest import ROOT, SERVER_URL, clean_env, lab_schemas, run_script, server_reachable
+from common import embedded
+
+SCRIPTS = sorted(p.name for p in ROOT.glob("fail_*.py"))
+BROKEN = "tests/fixtures/fail_broken.py"
+QUICK = ["fail_checkpoint_corruption.py", "--only", "concurrent_access"]  # a short real scenario
+
+
+def start(args: list[str], env: dict, journal: Path | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, str(ROOT / args[0]), *args[1:]] + (["--json", str(journal)] if journal else [])
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            encoding="utf-8", errors="replace")
+
+
+def wait_ready(proc: subprocess.Popen) -> tuple[str, str]:
+    """The fixture script prints READY <schema> <folder> once it holds both."""
+    while True:
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read()
+        if line.startswith("READY"):
+            return tuple(line.split()[1:3])
+
+
+def run_dirs(run_id: str) -> list[str]:
+    return [p for p in os.listdir(tempfile.gettempdir()) if p.startswith(f"faillab-{run_id}-")]
+
+
+# -- 1. interruption at any moment ----------------------------------------------------------------
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_interrupt_at_any_moment_cleans_up_within_5_seconds(script, embedded_params, tmp_path):
+    offsets = [0.5, 1.2, 2.0, 3.2]  # from when the runner is up (~0.3 s): before, nothing exists
+    report = []
+    for n, offset in enumerate(offsets):
+        sig = signal.SIGINT if n % 2 == 0 else signal.SIGTERM
+        journal = tmp_path / f"j{n}.json"
+        proc = start([script], clean_env(), journal)
+        time.sleep(offset)
+        workers = []
+        try:
+            workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                       if p.pid != embedded.watchdog_pid()]
+        except psutil.NoSuchProcess:
+            pass
+        sent = time.monotonic()
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=20)
+        took = time.monotonic() - sent
+        report.append((offset, sig.name, proc.returncode, round(took, 2)))
+        assert proc.returncode in (130, 0), f"offset {offset}: exit {proc.returncode}\n{err[-2000:]}"
+        assert took < 5, f"offset {offset}: took {took:.1f} s to exit"
+        assert "Traceback" not in err, err[-2000:]
+        data = json.loads(journal.read_text())
+        if data["run_id"]:
+            assert lab_schemas(embedded_params, data["run_id"]) == []
+            assert run_dirs(data["run_id"]) == []
+        time.sleep(0.2)
+        assert not [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE], \
+            f"offset {offset}: worker processes outlived the run"
+    print(f"\n{script}: (offset s, signal, exit, seconds to exit) {report}")
+
+
+def test_sigkill_debris_is_swept_by_the_next_run_but_live_runs_are_not_touched(embedded_params, tmp_path):
+    victim = start([BROKEN, "--only", "sleeps"], clean_env())
+    alive = start([BROKEN, "--only", "sleeps"], clean_env(), tmp_path / "alive.json")
+    victim_schema, victim_dir = wait_ready(victim)
+    alive_schema, _ = wait_ready(alive)
+    victim.kill()
+    victim.wait()
+    assert victim_schema in lab_schemas(embedded_params)  # SIGKILL: nothing could clean up
+    sweeper = run_script(BROKEN, "--only", "passes", tmp_path=tmp_path)
+    assert sweeper.returncode == 0  # any run may be the one that sweeps (another may have raced it)
+    schemas = lab_schemas(embedded_params)
+    assert victim_schema not in schemas and alive_schema in schemas
+    alive.send_signal(signal.SIGINT)
+    alive.communicate(timeout=10)
+    assert alive.returncode == 130 and alive_schema not in lab_schemas(embedded_params)
+    import shutil
+    shutil.rmtree(victim_dir, ignore_errors=True)  # the killed run's temp folder (its own tmp)
+
+
+def test_no_embedded_server_outlives_its_last_script_whatever_killed_it(tmp_path, monkeypatch):
+    """A private data folder, so the session's shared server is not involved."""
+    monkeypatch.setenv("FAILLAB_DATA_DIR", str(tmp_path / "data"))
+    env = clean_env(FAILLAB_DATA_DIR=str(tmp_path / "data"))
+    first = start([BROKEN, "--only", "sleeps"], env)
+    second = start([BROKEN, "--only", "sleeps"], env)
+    wait_ready(first)
+    wait_ready(second)
+    server = embedded.server_process()
+    assert server is not None
+    first.kill()  # SIGKILL: the server must stay up for the second run
+    first.wait()
+    time.sleep(2 * embedded.WATCH_INTERVAL_S + 0.5)
+    assert server.is_running() and embedded.live_users() == [second.pid]
+    second.kill()  # the last user dies without cleanup: the watchdog stops the server
+    second.wait()
+    deadline = time.monotonic() + 10
+    while server.is_running() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not server.is_running(), "the embedded server outlived every script"
+    assert embedded.watchdog_pid() is None
+
+
+def test_corrupt_library_state_does_not_break_start_up(tmp_path, monkeypatch):
+    """The wheel's own defects: an empty/corrupt .handle_pids.json and a postmaster.pid naming
+    an unrelated live process (here: this test) must neither break start-up nor be signalled."""
+    data = tmp_path / "data"
+    monkeypatch.setenv("FAILLAB_DATA_DIR", str(data))
+    env = clean_env(FAILLAB_DATA_DIR=str(data))
+    assert run_script(BROKEN, "--only", "passes", env=env, tmp_path=tmp_path).returncode == 0  # initdb
+    pg = embedded.pgdata()
+    (pg / ".handle_pids.json").write_text("{not json")
+    (pg / "postmaster.pid").write_text(f"{os.getpid()}\n{pg}\n0\n5432\n{pg}\n\n0 0\nready\n")
+    result = run_script(BROKEN, "--only", "passes", env=env, tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert embedded.server_process() is None  # and this process was not signalled: we are still here
+
+
+# -- 2. concurrency -------------------------------------------------------------------------------
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_three_copies_at_once_share_nothing(script, target, tmp_path):
+    _, env, params = target
+    procs = [start([script], env, tmp_path / f"j{n}.json") for n in range(3)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    journals = [json.loads((tmp_path / f"j{n}.json").read_text()) for n in range(3)]
+    for p, (out, err), j in zip(procs, outs, journals):
+        bad = [(s["id"], s.get("reason")) for s in j["scenarios"] if s["status"] != "passed"]
+        assert p.returncode == 0 and not bad, f"{bad}\n{err[-2000:]}"
+    run_ids = {j["run_id"] for j in journals}
+    assert len(run_ids) == 3
+    for run_id in run_ids:
+        assert lab_schemas(params, run_id) == []
+
+
+# -- 3. bad configuration -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pw_server(embedded_params):
+    with pwserver.password_server() as server:
+        yield server
+
+
+def assert_clean_exit_2(result, secret: str, expect: str, started: float):
+    everything = result.stdout + result.stderr + json.dumps(result.journal or {})
+    assert result.returncode == 2, result.stdout[-1000:] + result.stderr[-1000:]
+    assert time.monotonic() - started < 10
+    assert secret not in everything
+    assert "Traceback" not in everything
+    assert expect in result.stderr, result.stderr
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")], result.stderr
+
+
+@pytest.mark.parametrize("case", ["unresolvable_host", "wrong_password", "malformed_url", "no_such_database",
+                                  "no_create_right"])
+def test_bad_configuration_gets_one_clear_message_and_exit_2(case, pw_server, tmp_path):
+    secret = pwserver.LAB_PASSWORD
+    url, expect = {
+        "unresolvable_host": (f"postgresql://lab_user:{secret}@no-such-host.invalid:5432/labdb", "check the host name"),
+        "wrong_password": (pwserver.url(pw_server, password=secret + "x"), "check the user name and password"),
+        "malformed_url": (f"postgresql://lab_user:{secret}@127.0.0.1:port/labdb", "malformed"),
+        "no_such_database": (pwserver.url(pw_server, dbname="nosuchdb"), "create the database"),
+        "no_create_right": (pwserver.url(pw_server, user="no_create"), "cannot create a schema"),
+    }[case]
+    started = time.monotonic()
+    result = run_script("fail_checkpoint_corruption.py", env=clean_env(DATABASE_URL=url), tmp_path=tmp_path)
+    assert_clean_exit_2(result, secret if case != "wrong_password" else secret + "x", expect, started)
+
+
+def test_dotenv_typo_is_named_and_the_run_fails_cleanly(pw_server, tmp_path):
+    (tmp_path / ".env").write_text(f"DB_HOST=127.0.0.1\nDB_PORT={pw_server['port']}\nDB_NAME=labdb\n"
+                                   f"DB_USER=lab_user\nDB_PASWORD={pwserver.LAB_PASSWORD}\n")
+    started = time.monotonic()
+    result = run_script("fail_checkpoint_corruption.py", env=clean_env(), tmp_path=tmp_path)
+    assert "unknown variable DB_PASWORD" in result.stderr
+    assert_clean_exit_2(result, pwserver.LAB_PASSWORD, "cannot connect", started)
+
+
+def test_dotenv_configuration_works_and_never_shows_the_password(pw_server, tmp_path):
+    (tmp_path / ".env").write_text(f"DB_HOST=127.0.0.1\nDB_PORT={pw_server['port']}\nDB_NAME=labdb\n"
+                                   f"DB_USER=lab_user\nDB_PASSWORD={pwserver.LAB_PASSWORD}\n")
+    result = run_script(*QUICK, env=clean_env(), tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.journal["database"]["mode"] == "DB_*"
+    assert "lab_user:***@127.0.0.1" in result.stdout
+    assert pwserver.LAB_PASSWORD not in result.stdout + result.stderr + json.dumps(result.journal)
+
+
+# -- 4. least privilege ---------------------------------------------------------------------------
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_passes_as_a_role_that_may_only_create_schemas(script, pw_server, tmp_path):
+    result = run_script(script, env=clean_env(DATABASE_URL=pwserver.url(pw_server)), tmp_path=tmp_path)
+    bad = [(s["id"], s.get("reason")) for s in (result.journal or {}).get("scenarios", []) if s["status"] != "passed"]
+    assert result.returncode == 0 and not bad, f"{bad}\n{result.stderr[-2000:]}"
+    assert pwserver.LAB_PASSWORD not in result.stdout + result.stderr + json.dumps(result.journal)
+
+
+# -- 5. hostile consoles --------------------------------------------------------------------------
+@pytest.mark.parametrize("env_extra, ascii_labels", [
+    ({"LANG": "C", "LC_ALL": "C"}, None),
+    ({"PYTHONIOENCODING": "ascii"}, True),
+    ({"PYTHONIOENCODING": "cp1252"}, True),
+    ({"PYTHONIOENCODING": "utf-8"}, False),
+    ({"NO_COLOR": "1"}, False),
+])
+def test_hostile_consoles_get_the_same_sections_without_a_crash(env_extra, ascii_labels, embedded_params, tmp_path):
+    result = run_script(*QUICK, env=clean_env(**env_extra), tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "\033[" not in result.stdout  # piped: never colour codes
+    if ascii_labels is True:
+        assert "[DESCRIPTION]" in result.stdout and "[PREVENTION]" in result.stdout
+        assert result.stdout.isascii()
+    elif ascii_labels is False:
+        assert "📋 Description" in result.stdout and "✅ Prevention" in result.stdout
+    sections = result.journal["scenarios"][0]["sections"]
+    assert list(sections) == ["description", "trigger", "error", "root_cause", "recovery", "prevention"]
+    assert all(text.strip() for text in sections.values())
+
+
+def run_in_pty(args: list[str], env: dict) -> str:
+    """Run with a pseudo-terminal as stdout, as on a real console; return what it printed."""
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, str(ROOT / args[0]), *args[1:]], env=env, stdin=subprocess.DEVNULL,
+                            stdout=follower, stderr=follower)
+    os.close(follower)
+    chunks = []
+    while True:
+        ready, _, _ = select.select([leader], [], [], 60)
+        if not ready:
+            break
+        try:
+            data = os.read(leader, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    proc.wait(30)
+    os.close(leader)
+    assert proc.returncode == 0
+    return b"".join(chunks).decode("utf-8", "replace")
+
+
+def test_colour_on_a_terminal_and_none_with_no_color(embedded_params):
+    assert "\033[" in run_in_pty(QUICK, clean_env())
+    assert "\033[" not in run_in_pty(QUICK, clean_env(NO_COLOR="1"))
+
+
+# -- 6. safety of the target ----------------------------------------------------------------------
+@pytest.mark.skipif(not server_reachable(), reason=f"no PostgreSQL at {SERVER_URL}")
+def test_banner_names_the_target_masked_and_whether_it_is_embedded(embedded_params, tmp_path):
+    embedded_run = run_script(*QUICK, tmp_path=tmp_path)
+    assert "[embedded default server (nothing configured)]" in embedded_run.stdout
+    configured = run_script(*QUICK, env=clean_env(DATABASE_URL=SERVER_URL), tmp_path=tmp_path)
+    assert "target: postgresql://postgres@127.0.0.1:5432/test  [configured by DATABASE_URL]" in configured.stdout
