@@ -195,6 +195,10 @@ class Scenario:
             raise RuntimeError(f"section {name!r} after {SECTIONS[self._section]!r}: sections only move forward")
         if target > self._section:
             self._section = target
+            if self.run.args.pause and sys.stdin.isatty():  # instructor mode: one section at a time
+                self.run.console.stream.write(self.run.console.text(f"   (Enter for {self.run.console.label(name)}) "))
+                self.run.console.stream.flush()
+                sys.stdin.readline()
             self.run.console.section(name)
 
     @property
@@ -492,6 +496,8 @@ def parse_args(argv, doc: str) -> argparse.Namespace:
     p.add_argument("--ascii", action="store_true", help="ASCII section labels instead of emoji")
     p.add_argument("--verbose", action="store_true", help="full stack traces")
     p.add_argument("--seed", type=int, default=1, help="seed for every random choice (default 1)")
+    p.add_argument("--pause", action="store_true", help="on a terminal, wait for Enter before each section")
+    p.add_argument("--report", metavar="PATH", help="write the run as a Markdown handout to PATH")
     return p.parse_args(argv)
 
 
@@ -595,21 +601,25 @@ def _run(script: str, args, console: output.Console, selected: list[ScenarioSpec
     if exit_code == 0 and any(r["status"] != "passed" for r in records):
         exit_code = 1
     summary(console, records, time.perf_counter() - t0)
+    journal = {
+        "script": script, "run_id": run.run_id if run else None,
+        "started_at": started_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "seconds": round(time.perf_counter() - t0, 3), "exit_code": exit_code,
+        "database": {"mode": target.mode if target else None,
+                     "server_version": run.server_version if run else None,
+                     "target": output.redact(config.describe(run.params)) if run else None},
+        "scenarios": records,
+    }
     if args.json:
-        journal = {
-            "script": script, "run_id": run.run_id if run else None,
-            "started_at": started_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "seconds": round(time.perf_counter() - t0, 3), "exit_code": exit_code,
-            "database": {"mode": target.mode if target else None,
-                         "server_version": run.server_version if run else None,
-                         "target": output.redact(config.describe(run.params)) if run else None},
-            "scenarios": records,
-        }
         text = output.redact(json.dumps(journal, indent=2, default=str))
         if args.json == "-":
             sys.stdout.write(text + "\n")
         else:
             Path(args.json).write_text(text + "\n", encoding="utf-8")
+    if args.report:
+        from common import report
+        Path(args.report).write_text(output.redact(report.render(journal)), encoding="utf-8")
+        console.line(f"handout written to {args.report}")
     return exit_code
 
 
