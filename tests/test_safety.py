@@ -40,6 +40,16 @@ def wait_ready(proc: subprocess.Popen) -> tuple[str, str]:
             return tuple(line.split()[1:3])
 
 
+def wait_until(condition, seconds: float = 10) -> bool:
+    """Poll: the embedded server lingers LINGER_S after its last script, then stops."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 def run_dirs(run_id: str) -> list[str]:
     return [p for p in os.listdir(tempfile.gettempdir()) if p.startswith(f"faillab-{run_id}-")]
 
@@ -113,10 +123,8 @@ def test_no_embedded_server_outlives_its_last_script_whatever_killed_it(tmp_path
     assert server.is_running() and embedded.live_users() == [second.pid]
     second.kill()  # the last user dies without cleanup: the watchdog stops the server
     second.wait()
-    deadline = time.monotonic() + 10
-    while server.is_running() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not server.is_running(), "the embedded server outlived every script"
+    assert wait_until(lambda: not server.is_running() or server.status() == psutil.STATUS_ZOMBIE), \
+        "the embedded server outlived every script"
     assert embedded.watchdog_pid() is None
 
 
@@ -127,12 +135,13 @@ def test_corrupt_library_state_does_not_break_start_up(tmp_path, monkeypatch):
     monkeypatch.setenv("FAILLAB_DATA_DIR", str(data))
     env = clean_env(FAILLAB_DATA_DIR=str(data))
     assert run_script(BROKEN, "--only", "passes", env=env, tmp_path=tmp_path).returncode == 0  # initdb
+    assert wait_until(lambda: embedded.server_process() is None)  # stopped after the linger
     pg = embedded.pgdata()
     (pg / ".handle_pids.json").write_text("{not json")
     (pg / "postmaster.pid").write_text(f"{os.getpid()}\n{pg}\n0\n5432\n{pg}\n\n0 0\nready\n")
     result = run_script(BROKEN, "--only", "passes", env=env, tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert embedded.server_process() is None  # and this process was not signalled: we are still here
+    assert wait_until(lambda: embedded.server_process() is None)  # and we were not signalled: still here
 
 
 # -- 2. concurrency -------------------------------------------------------------------------------
