@@ -1,0 +1,307 @@
+"""fail_logging_failure.py: end to end against both targets, and its logging pieces in isolation."""
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from decimal import Decimal
+
+import pytest
+
+from conftest import ROOT, assert_passed, run_script
+
+import fail_logging_failure as flf
+
+SCRIPT = "fail_logging_failure.py"
+IDS = ["storage", "correlation", "volume", "structured_parsing"]
+
+
+# -- end to end ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def result(target, tmp_path_factory):
+    name, env, _ = target
+    return run_script(SCRIPT, env=env, tmp_path=tmp_path_factory.mktemp(f"logging-{name}"))
+
+
+def test_every_scenario_passes_and_cleans_up(result, target):
+    assert_passed(result, target[2], IDS)
+
+
+@pytest.mark.parametrize("scenario_id", ["storage", "correlation", "structured_parsing"])
+def test_loss_measured_before_and_none_after(result, scenario_id):
+    m = result.scenario(scenario_id)["measurements"]
+    assert m["lost_before"] > 0
+    assert m["lost_after"] == 0
+    assert m["stored_after"] == m["emitted_after"]
+
+
+def test_storage_shows_the_real_errors_and_replays_without_duplicates(result):
+    record = result.scenario("storage")
+    types = result.error_types("storage")
+    assert "psycopg2.OperationalError" in types
+    assert "OSError" in types
+    assert any("No space left on device" in e["message"] for e in record["observed_errors"])
+    m = record["measurements"]
+    assert m["logging_errors_on_stderr"] >= m["lost_before"]
+    assert m["fallback_file_dropped"] == m["emitted_before"]
+    assert "--- Logging error ---" in record["sections"]["error"]
+    assert m["spooled_after"] > 0  # the outage really hit the fixed run too
+
+
+def test_correlation_counts_both_kinds_of_mislabelled_rows(result):
+    record = result.scenario("correlation")
+    error = record["sections"]["error"]
+    assert "other run's id" in error and "no run id" in error
+    assert record["measurements"]["emitted_after"] == 2 * (2 + flf.CHUNKS * flf.EVENTS_PER_CHUNK)
+
+
+def test_volume_fixed_design_is_faster_and_keeps_true_counts(result):
+    m = result.scenario("volume")["measurements"]
+    assert m["fixed_job_seconds"] < m["naive_job_seconds"]
+    assert m["naive_job_seconds"] < 4  # the storm stays small enough for a workshop
+    assert m["fixed_rows"] < m["naive_rows"] and m["fixed_bytes"] < m["naive_bytes"]
+    assert m["redundant_rows_before"] > 0 and m["redundant_rows_after"] == 0
+    assert m["errors_miscounted_after"] == 0
+
+
+def test_structured_parsing_observed_real_errors(result):
+    assert "22P02" in result.sqlstates("structured_parsing")
+    types = result.error_types("structured_parsing")
+    assert "TypeError" in types and "json.decoder.JSONDecodeError" in types
+    m = result.scenario("structured_parsing")["measurements"]
+    assert m["lines_unparseable_before"] > 0 and m["rows_rejected_before"] > 0
+    assert m["lines_unparseable_after"] == 0 and m["rows_rejected_after"] == 0
+
+
+def test_import_runs_nothing():
+    """Importing the script (for these unit tests) must not run, print, log or start anything."""
+    probe = ("import logging, threading, fail_logging_failure as m; "
+             "assert threading.active_count() == 1; assert not logging.root.handlers; "
+             "assert not any(isinstance(x, logging.Logger) and x.handlers "
+             "for x in logging.root.manager.loggerDict.values())")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=str(ROOT), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "" and done.stderr == ""
+
+
+# -- the JSON formatter -------------------------------------------------------------------------------
+def make_record(message="hello", fields=None, exc_info=None, **extra):
+    record = logging.LogRecord("faillab.test", logging.INFO, __file__, 1, message, None, exc_info)
+    record.fields = fields or {}
+    for key, value in extra.items():
+        setattr(record, key, value)
+    return record
+
+
+def refuse(name):
+    raise ValueError(name)
+
+
+def formatted(record) -> tuple[str, dict]:
+    line = flf.JsonFormatter().format(record)
+    assert "\n" not in line and "\r" not in line
+    return line, json.loads(line, parse_constant=refuse)  # strict, like jsonb
+
+
+def test_formatter_maps_nan_and_infinities_to_strings():
+    _, event = formatted(make_record(fields={"ratio": float("nan"), "hi": float("inf"), "lo": [float("-inf")]}))
+    assert event["fields"] == {"ratio": "NaN", "hi": "Infinity", "lo": ["-Infinity"]}
+
+
+def test_formatter_keeps_records_with_non_serializable_fields():
+    class Opaque:
+        def __str__(self):
+            raise RuntimeError("no text either")
+
+    when = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    _, event = formatted(make_record(fields={"amount": Decimal("12.50"), "at": when, "tags": {"b", "a"},
+                                             "opaque": Opaque()}))
+    assert event["fields"]["amount"] == "12.50"
+    assert event["fields"]["at"] == when.isoformat()
+    assert event["fields"]["tags"] == ["a", "b"]
+    assert event["fields"]["opaque"] == "<unprintable Opaque>"
+
+
+@pytest.mark.parametrize("message", ['customer "ACME"', "line 1\nline 2\r\nline 3", r"C:\data\in.csv", "tab\there"])
+def test_formatter_writes_one_line_that_round_trips(message):
+    _, event = formatted(make_record(message))
+    assert event["message"] == message
+
+
+def test_formatter_round_trips_unicode():
+    line, event = formatted(make_record("café, Zürich, 東京, \u2028 separator"))
+    assert event["message"] == "café, Zürich, 東京, \u2028 separator"
+    assert len(line.split("\n")) == 1
+
+
+def test_formatter_makes_nul_loadable():
+    _, event = formatted(make_record("a\x00b"))
+    assert "\x00" not in event["message"]
+
+
+def test_formatter_puts_the_exception_in_a_field():
+    try:
+        int("x")
+    except ValueError:
+        record = make_record("failed", exc_info=sys.exc_info(), event_id="run-1-00001", correlation_id="run-1")
+    _, event = formatted(record)
+    exc = event["fields"]["exception"]
+    assert exc["type"] == "ValueError"
+    assert "invalid literal" in exc["message"]
+    assert exc["traceback"].startswith("Traceback") and "\n" in exc["traceback"]
+    assert event["fields"]["event_id"] == "run-1-00001"
+    assert event["correlation_id"] == "run-1"
+    assert set(event) == {"time", "level", "logger", "message", "correlation_id", "fields"}
+
+
+def test_naive_formatter_really_breaks():
+    naive = flf.ConcatJsonFormatter()
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(naive.format(make_record('customer "ACME"')))
+    with pytest.raises(TypeError):
+        naive.format(make_record(fields={"amount": Decimal("1")}))
+    assert "NaN" in naive.format(make_record(fields={"ratio": float("nan")}))
+
+
+# -- the correlation filter across threads ----------------------------------------------------------
+class Capture(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@pytest.fixture
+def captured():
+    """A dedicated logger with the correlation filter (ContextVar); (logger, handler); torn down after."""
+    handler = Capture()
+    with flf.job_logger("test", handler) as log:
+        yield log, handler
+
+
+def test_filter_gives_each_thread_its_own_run_id(captured):
+    log, handler = captured
+    barrier = threading.Barrier(2)
+
+    def run(run_id):
+        flf.CORRELATION_ID.set(run_id)
+        barrier.wait(timeout=5)  # both ids are set before either logs
+        for n in range(5):
+            log.info("step %d", n, extra={"run": run_id})
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in ("A", "B")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(handler.records) == 10
+    assert all(r.correlation_id == r.run for r in handler.records)
+
+
+def test_copied_context_reaches_pool_threads(captured):
+    log, handler = captured
+
+    def task(n):
+        log.info("task %d", n)
+
+    def run(run_id, submit):
+        flf.CORRELATION_ID.set(run_id)
+        with ThreadPoolExecutor(2) as pool:
+            for future in [submit(pool, task, n) for n in range(4)]:
+                future.result()
+
+    contextvars.copy_context().run(run, "copied", flf.submit_in_context)
+    assert [r.correlation_id for r in handler.records] == ["copied"] * 4
+    handler.records.clear()
+    contextvars.copy_context().run(run, "plain", flf.submit_plain)
+    if not getattr(sys.flags, "thread_inherit_context", 0):
+        assert [r.correlation_id for r in handler.records] == [None] * 4
+    assert flf.CORRELATION_ID.get() is None  # nothing leaked into this thread
+
+
+def test_naive_holders_lose_or_mix_ids():
+    local = flf.ThreadLocalRunId()
+    local.set("main")
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(local.get()))
+    t.start()
+    t.join()
+    assert seen == [None]
+    shared = flf.GlobalRunId()
+    shared.set("A")
+    shared.set("B")
+    assert shared.get() == "B"
+
+
+def test_explicit_correlation_id_is_kept():
+    record = make_record(correlation_id="explicit")
+    token = flf.CORRELATION_ID.set("ambient")
+    try:
+        flf.CorrelationFilter().filter(record)
+    finally:
+        flf.CORRELATION_ID.reset(token)
+    assert record.correlation_id == "explicit"
+
+
+# -- the error storm filter and the tolerant reader ---------------------------------------------------
+def raise_value_error(i):
+    raise ValueError(f"record {i} is bad")
+
+
+def test_error_key_ignores_the_message_but_not_the_place():
+    keys = set()
+    for i in range(3):
+        try:
+            raise_value_error(i)
+        except ValueError as exc:
+            keys.add(flf.error_key(exc))
+    try:
+        raise ValueError("elsewhere")
+    except ValueError as exc:
+        other = flf.error_key(exc)
+    assert len(keys) == 1 and other not in keys
+
+
+def test_storm_filter_keeps_samples_and_counts_the_rest():
+    storm = flf.ErrorStormFilter(keep=3)
+    passed = 0
+    for i in range(10):
+        try:
+            raise_value_error(i)
+        except ValueError:
+            passed += storm.filter(make_record(exc_info=sys.exc_info()))
+    assert storm.filter(make_record("plain info"))
+    assert passed == 3
+    [(key, suppressed)] = storm.drain()
+    assert key.startswith("ValueError at") and suppressed == 7
+    assert storm.drain() == []
+
+
+def test_storm_filter_caps_distinct_errors():
+    storm = flf.ErrorStormFilter(keep=1, max_distinct=2)
+    for exc_type in (ValueError, KeyError, TypeError, OSError):
+        try:
+            raise exc_type("x")
+        except Exception:
+            record = make_record(exc_info=sys.exc_info())
+            storm.filter(record)
+    assert len(storm.seen) == 3 and storm.seen[flf.ErrorStormFilter.OVER_CAP] == 2
+
+
+def test_tolerant_reader_quarantines_bad_lines_with_numbers(tmp_path):
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"a": 1}\n{"broken\n\n{"ratio": NaN}\n{"b": 2}\n', encoding="utf-8")
+    good, quarantine = flf.read_json_lines(path)
+    assert [n for n, _ in good] == [1, 5]
+    assert [n for n, _, _ in quarantine] == [2, 4]
+    lenient_good, lenient_bad = flf.read_json_lines(path, strict=False)
+    assert [n for n, _ in lenient_good] == [1, 4, 5] and len(lenient_bad) == 1
+    with pytest.raises(json.JSONDecodeError):
+        flf.read_lines_naive(path)
