@@ -445,8 +445,10 @@ def teardown(run: Run, s: Scenario, threads_before: set, interrupted: bool) -> t
                     and "resource_tracker" not in " ".join(_cmdline(p))]
         leftovers += [f"process {p.pid}" for p in children]
         with contextlib.suppress(Exception):
-            left = db.scalar(run.admin, "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
-                             "AND pid <> pg_backend_pid()", (s.app,))
+            deadline = time.monotonic() + 2  # a closed connection's backend takes a moment to exit
+            while (left := db.scalar(run.admin, "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
+                                     "AND pid <> pg_backend_pid()", (s.app,))) and time.monotonic() < deadline:
+                time.sleep(0.02)
             if left:
                 leftovers.append(f"{left} open connection(s)")
                 db.end_other_backends(run.admin)
