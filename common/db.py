@@ -11,6 +11,7 @@ import json
 import os
 import secrets
 import socket
+import time
 
 import psutil
 import psycopg2
@@ -151,22 +152,62 @@ def lab_schemas(conn) -> list[tuple[str, str | None]]:
         return cur.fetchall()
 
 
+def create_role(conn, name: str, password: str, connection_limit: int = -1) -> None:
+    """A login role for one scenario, tagged with its owner process like the schemas are."""
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER PASSWORD {} CONNECTION LIMIT {}")
+                    .format(sql.Identifier(name), sql.Literal(password), sql.Literal(connection_limit)))
+        cur.execute(sql.SQL("COMMENT ON ROLE {} IS %s").format(sql.Identifier(name)), (owner_tag(),))
+
+
+def drop_role(conn, name: str) -> None:
+    """End the role's sessions, drop its privileges in this database, drop it."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM pg_roles WHERE rolname = %s", (name,))
+        if not cur.fetchone()[0]:
+            return
+        for _ in range(100):  # until its sessions are gone, not just signalled
+            cur.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = %s", (name,))
+            if not cur.fetchone()[0]:
+                break
+            time.sleep(0.02)
+        cur.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(name)))
+        cur.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
+
+
+def lab_roles(conn) -> list[tuple[str, str | None]]:
+    with conn.cursor() as cur:
+        cur.execute("SELECT rolname, shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname LIKE %s "
+                    "ORDER BY 1", (SCHEMA_PREFIX.replace("_", r"\_") + "%",))
+        return cur.fetchall()
+
+
+def _owner_is_dead(comment: str | None) -> bool:
+    """True only for our tag, on this host, naming a process that is gone."""
+    try:
+        tag = json.loads(comment or "")
+        if tag["host"] != socket.gethostname():
+            return False
+        return repr(psutil.Process(tag["pid"]).create_time()) != tag["stamp"]
+    except (ValueError, KeyError, TypeError):
+        return False
+    except psutil.NoSuchProcess:
+        return True
+
+
 def sweep_dead_runs(conn) -> list[str]:
-    """Drop the private schemas of runs on this host whose process is gone (killed with SIGKILL).
-    Schemas of live runs, of other hosts, or without our tag are never touched."""
+    """Drop the private schemas and roles of runs on this host whose process is gone (killed with
+    SIGKILL). Those of live runs, of other hosts, kept ones, or without our tag are never touched."""
     dropped = []
-    here = socket.gethostname()
     for name, comment in lab_schemas(conn):
-        try:
-            tag = json.loads(comment or "")
-            if tag["host"] != here:
-                continue
-            proc_alive = repr(psutil.Process(tag["pid"]).create_time()) == tag["stamp"]
-        except (ValueError, KeyError, TypeError):
-            continue
-        except psutil.NoSuchProcess:
-            proc_alive = False
-        if not proc_alive:
+        if _owner_is_dead(comment):
             drop_schema(conn, name)
             dropped.append(name)
+    for name, comment in lab_roles(conn):
+        if _owner_is_dead(comment):
+            try:
+                drop_role(conn, name)
+                dropped.append(f"role {name}")
+            except psycopg2.Error:  # e.g. owns objects in another database: leave it, say nothing
+                pass
     return dropped

@@ -56,8 +56,9 @@ class FaultProxy:
     def close(self) -> None:
         self._stopping.set()
         self._drop_all()
+        deadline = time.monotonic() + 2
         for t in self._threads:
-            t.join(timeout=2)
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
         if self._listener is not None:
             self._listener.close()
             self._listener = None

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from psycopg2 import sql
+
 from common import config, output
 from common.output import SECTIONS
 
@@ -132,6 +134,28 @@ class Scenario:
         """This scenario's connection parameters, routed through a proxy."""
         return proxy.params(self.params)
 
+    def role(self, suffix: str, connection_limit: int = -1) -> dict | None:
+        """A login role of this scenario's own (for a CONNECTION LIMIT, say), allowed into its schema
+        and its tables, dropped at teardown. Returns the connection parameters to log in as it
+        (its password is masked in all output), or None when this run's role may not create roles:
+        the scenario says so and takes its fallback."""
+        import secrets
+
+        from common import db
+
+        if not db.scalar(self.run.admin, "SELECT rolsuper OR rolcreaterole FROM pg_roles WHERE rolname = current_user"):
+            return None
+        name, password = f"{self.schema}_{suffix}"[:63], secrets.token_urlsafe(16)
+        output.redact.add(password)
+        db.create_role(self.run.admin, name, password, connection_limit)
+        self._stack.callback(db.drop_role, self.run.admin, name)
+        with self.run.admin.cursor() as cur:
+            cur.execute(sql.SQL("GRANT USAGE, CREATE ON SCHEMA {s} TO {r}; "
+                                "GRANT ALL ON ALL TABLES IN SCHEMA {s} TO {r}; "
+                                "GRANT ALL ON ALL SEQUENCES IN SCHEMA {s} TO {r}")
+                        .format(s=sql.Identifier(self.schema), r=sql.Identifier(name)))
+        return {"user": name, "password": password}
+
     def tables(self, *names: str) -> None:
         from common import schema
         schema.create_tables(self.conn, *names)
@@ -178,7 +202,8 @@ class Scenario:
         if interrupted:  # a worker blocked in a query (a lock, pg_sleep) returns at once
             with contextlib.suppress(Exception):
                 db.end_other_backends(admin)
-        deadline = time.monotonic() + 3
+        # Interrupted: workers are daemons that end with the process; do not let them hold the exit.
+        deadline = time.monotonic() + (0.5 if interrupted else 3)
         for w in self._workers:
             if isinstance(w, threading.Thread):
                 w.join(max(0.0, deadline - time.monotonic()))
@@ -406,9 +431,8 @@ class _ScenarioInterrupted(BaseException):
 
 
 def teardown(run: Run, s: Scenario, threads_before: set, interrupted: bool) -> tuple[bool, list[str]]:
-    """Release everything the scenario made, then measure that nothing is left."""
-    from common import db, embedded
-    import psutil
+    """Release everything the scenario made, measure that nothing is left, drop its schema."""
+    from common import db
 
     leftovers: list[str] = []
     with _signals_deferred():
@@ -421,38 +445,48 @@ def teardown(run: Run, s: Scenario, threads_before: set, interrupted: bool) -> t
             shutil.rmtree(s._tmpdir, ignore_errors=True)
             if s._tmpdir.exists():
                 leftovers.append(f"folder {s._tmpdir}")
+        if not interrupted:  # the verdict needs the measurement; an interrupted run only needs to end
+            leftovers += _leftovers(run, s, threads_before)
         if run.args.keep:
             with contextlib.suppress(Exception):  # an untagged schema is never swept as debris
                 db.mark_kept(run.admin, s.schema)
             run.kept.append(s.schema)
         else:
             try:
+                db.end_other_backends(run.admin)  # nothing of this run may hold a lock on the schema
                 db.drop_schema(run.admin, s.schema)
                 if db.schema_exists(run.admin, s.schema):
                     leftovers.append(f"schema {s.schema}")
             except Exception as exc:
                 leftovers.append(f"schema {s.schema} ({output.error_type(exc)})")
-        deadline = time.monotonic() + 3
-        while True:
-            extra = [t for t in threading.enumerate() if t.ident not in threads_before and t.is_alive()]
-            if not extra or time.monotonic() > deadline:
-                break
-            time.sleep(0.02)
-        leftovers += [f"thread {t.name}" for t in extra]
-        watchdog = embedded.watchdog_pid()
-        children = [p for p in psutil.Process().children(recursive=True)
-                    if p.pid != watchdog and p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-                    and "resource_tracker" not in " ".join(_cmdline(p))]
-        leftovers += [f"process {p.pid}" for p in children]
-        with contextlib.suppress(Exception):
-            deadline = time.monotonic() + 2  # a closed connection's backend takes a moment to exit
-            while (left := db.scalar(run.admin, "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
-                                     "AND pid <> pg_backend_pid()", (s.app,))) and time.monotonic() < deadline:
-                time.sleep(0.02)
-            if left:
-                leftovers.append(f"{left} open connection(s)")
-                db.end_other_backends(run.admin)
     return not leftovers, leftovers
+
+
+def _leftovers(run: Run, s: Scenario, threads_before: set) -> list[str]:
+    """Threads, child processes and database sessions the scenario started and did not end."""
+    from common import db, embedded
+    import psutil
+
+    deadline = time.monotonic() + 3
+    while True:
+        extra = [t for t in threading.enumerate() if t.ident not in threads_before and t.is_alive()]
+        if not extra or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    found = [f"thread {t.name}" for t in extra]
+    watchdog = embedded.watchdog_pid()
+    children = [p for p in psutil.Process().children(recursive=True)
+                if p.pid != watchdog and p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+                and "resource_tracker" not in " ".join(_cmdline(p))]
+    found += [f"process {p.pid}" for p in children]
+    with contextlib.suppress(Exception):
+        deadline = time.monotonic() + 2  # a closed connection's backend takes a moment to exit
+        while (left := db.scalar(run.admin, "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
+                                 "AND pid <> pg_backend_pid()", (s.app,))) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if left:
+            found.append(f"{left} open connection(s)")
+    return found
 
 
 def _cmdline(p) -> list[str]:
