@@ -413,7 +413,6 @@ def worker_compare_and_set(params, sink, start, batches, losses):
     """Optimistic: read last_id and version, copy, and move the checkpoint only if the version is unchanged."""
     conn = psycopg2.connect(**params)
     try:
-        start.wait()
         with conn.cursor() as cur:
             for _ in range(batches):
                 for attempt in Retrying(retry=retry_if_exception_type(LostRace), stop=stop_after_attempt(20),
@@ -421,6 +420,8 @@ def worker_compare_and_set(params, sink, start, batches, losses):
                     with attempt:
                         cur.execute("SELECT last_id, version FROM checkpoints WHERE job = %s", (JOB,))
                         last_id, version = cur.fetchone()
+                        if version == 0:  # the race, every run: neither writes before both have read
+                            start.wait()
                         new_last = copy_batch(cur, last_id, sink)
                         cur.execute("UPDATE checkpoints SET last_id = %s, version = version + 1 "
                                     "WHERE job = %s AND version = %s", (new_last, JOB, version))
@@ -451,7 +452,7 @@ def concurrent_access(s):
     start, proceed = s.barrier(2), s.event()
     _join([s.thread(worker_naive, s.params, "sink_rows", start, proceed, name) for name in ("A", "B")])
     found = damage(s.conn, "sink_rows")
-    moves = [r[0] for r in _history(s.conn)]
+    moves = [r[0] for r in db.rows(s.conn, "SELECT last_id FROM checkpoint_history ORDER BY seq")]
     backwards = sum(1 for a, b in zip(moves, moves[1:]) if b < a)
     s.measure("rows_duplicated", found["duplicated"], "both workers copied batch 1")
     s.measure("checkpoint_moves", " -> ".join(map(str, moves)))
@@ -522,14 +523,6 @@ def _reset(s) -> None:
 def _join(threads) -> None:
     for t in threads:
         t.join(60)
-
-
-def _history(conn):
-    with conn.cursor() as cur:
-        cur.execute("SELECT last_id FROM checkpoint_history WHERE job = %s ORDER BY seq", (JOB,))
-        rows = cur.fetchall()
-    conn.commit()
-    return rows
 
 
 # -- 4. interrupted_recovery ----------------------------------------------------------------------

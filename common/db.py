@@ -87,6 +87,12 @@ def scalar(conn, query, args=None):
         return None if row is None else row[0]
 
 
+def rows(conn, query, args=None) -> list[tuple]:
+    with conn.cursor() as cur:
+        cur.execute(query, args)
+        return cur.fetchall()
+
+
 def fingerprint(conn, table: str, key: str, columns: list[str] | None = None) -> tuple[int, str]:
     """(row count, md5 over the rows in key order): equal fingerprints mean equal tables."""
     cols = sql.SQL(", ").join(sql.Identifier(c) for c in columns) if columns else sql.SQL("t.*")

@@ -53,7 +53,7 @@ def test_every_scenario_demonstrates_recovers_and_cleans(target, tmp_path):
     assert result.error_types("backoff_calculation")[0] == "OverflowError"
     assert backoff["ms_as_seconds_sleep_s"] == lab.RETRY_DELAY_MS
     assert backoff["naive_worst_case_s"] > lab.DEADLINE_S >= backoff["capped_worst_case_s"]
-    assert 0.045 < backoff["stop_after_delay_overshoot_s"] < 0.2
+    assert 0.035 < backoff["stop_after_delay_overshoot_s"] < 0.2  # more than half a 70 ms sleep
     assert backoff["stop_before_delay_seconds"] <= 0.1
     assert backoff["fixed_policy_seconds"] <= lab.DEADLINE_S * lab.SCALE
 
