@@ -18,10 +18,9 @@ import time
 
 import psycopg2
 import psycopg2.errors
-import tenacity
 from psycopg2 import sql
 from tenacity import (RetryCallState, RetryError, Retrying, retry_if_exception, retry_if_exception_type,
-                      stop_after_attempt, stop_after_delay, wait_exponential, wait_fixed,
+                      stop_after_attempt, stop_after_delay, stop_before_delay, wait_exponential, wait_fixed,
                       wait_random_exponential)
 
 from common import db, main, scenario, schema
@@ -437,17 +436,10 @@ def human(seconds: float) -> str:
     return f"{seconds:,.2f} s"
 
 
-def stop_before(deadline_s: float):
-    """Stop when the next sleep would end past the deadline (tenacity >= 8.3: stop_before_delay)."""
-    if hasattr(tenacity, "stop_before_delay"):
-        return tenacity.stop_before_delay(deadline_s)
-    return stop_after_delay(deadline_s - CAP_S * deadline_s / DEADLINE_S)  # older: keep one capped sleep of room
-
-
 def fixed_policy(rng: random.Random, scale: float = 1.0) -> Retrying:
     """Capped full jitter, bounded by attempts AND by a deadline that counts the next sleep."""
     return Retrying(wait=wait_full_jitter(rng, multiplier=BASE_S * scale, max=CAP_S * scale),
-                    stop=stop_after_attempt(ATTEMPTS) | stop_before(DEADLINE_S * scale),
+                    stop=stop_after_attempt(ATTEMPTS) | stop_before_delay(DEADLINE_S * scale),
                     retry=retry_if_exception_type(psycopg2.OperationalError), reraise=True)
 
 
@@ -540,7 +532,7 @@ def backoff_calculation(s):
     with s.step(f"stop_before_delay({limit}): same sleeps, same outage") as st:
         started = time.monotonic()
         with s.expect(psycopg2.OperationalError):
-            Retrying(stop=stop_before(limit), wait=wait_fixed(nap), reraise=True)(ping_via, params)
+            Retrying(stop=stop_before_delay(limit), wait=wait_fixed(nap), reraise=True)(ping_via, params)
         bounded = time.monotonic() - started
         st.result = f"gave up after {bounded:.3f} s, before sleeping past the limit"
     s.measure("stop_before_delay_seconds", round(bounded, 3))
@@ -563,7 +555,7 @@ def backoff_calculation(s):
         Let tenacity do the arithmetic and give it every bound: a cap on each sleep (max=), full
         jitter, a number of attempts AND a deadline that counts the next sleep (stop_before_delay).
         Carry units in names (_s, _ms) and convert once, where the setting is read.""",
-        stop_before, fixed_policy)
+        fixed_policy)
 
 
 # -- 4. non_transient --------------------------------------------------------------------------------
