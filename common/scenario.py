@@ -1,0 +1,364 @@
+"""The handle a scenario function gets (see CONTRACT.md), and the registry of scenarios.
+
+A script declares scenarios with `@scenario(id, title)`; each function receives a `Scenario`:
+its private schema and connections, its six sections, and the checks that become its verdicts.
+Everything it starts (connections, proxies, roles, threads, processes, files) is registered
+here, so that cleanup can end it.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import multiprocessing
+import os
+import random
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from psycopg2 import sql
+
+from common import config, output
+from common.db import SCHEMA_PREFIX
+from common.output import SECTIONS
+
+_REGISTRY: list["ScenarioSpec"] = []
+
+
+@dataclass
+class ScenarioSpec:
+    id: str
+    title: str
+    fn: object
+
+
+def scenario(scenario_id: str, title: str):
+    """Register a scenario function; scripts list them in reading order."""
+    def register(fn):
+        if all(s.id != scenario_id for s in _REGISTRY):
+            _REGISTRY.append(ScenarioSpec(scenario_id, title, fn))
+        return fn
+    return register
+
+
+class Unfinished(Exception):
+    """A scenario stopped early because a check it depends on failed."""
+
+
+@dataclass
+class Check:
+    phase: str  # "triggered" or "recovered"
+    ok: bool
+    claim: str
+
+
+@dataclass
+class Run:
+    """What every scenario of one run shares."""
+    script: str
+    args: argparse.Namespace
+    console: output.Console
+    target: config.Target
+    params: dict
+    run_id: str
+    admin: object  # autocommit connection used for schemas
+    server_version: str = ""
+    server_version_num: int = 0
+    kept: list = field(default_factory=list)
+
+
+class Scenario:
+    """The handle a scenario function gets. Sections only move forward, as the reader does."""
+
+    def __init__(self, run: Run, spec: ScenarioSpec, index: int):
+        self.run = run
+        self.id = spec.id
+        self.title = spec.title
+        self.schema = f"{SCHEMA_PREFIX}{run.run_id}_{spec.id}"[:63]
+        self.app = f"faillab:{run.run_id}"
+        self.rng = random.Random(f"{run.args.seed}:{spec.id}")
+        self.seed = run.args.seed
+        self.checks: list[Check] = []
+        self.observed: list[dict] = []
+        self.measurements: dict[str, object] = {}
+        self._section = -1
+        self._step = 0
+        self._stack = contextlib.ExitStack()
+        self._workers: list = []  # threads and processes, stopped before anything else
+        self._gates: list = []  # barriers and events, released so no worker waits forever
+        self._tmpdir: Path | None = None
+        self.conn = None
+
+    # -- what scenarios use: the database --------------------------------------------------------
+    @property
+    def params(self) -> dict:
+        """Connection parameters (picklable) for this scenario's schema: hand them to workers."""
+        return {**self.run.params, "options": f"-c search_path={self.schema}",
+                "application_name": self.app, "connect_timeout": config.CONNECT_TIMEOUT_S}
+
+    @property
+    def server_version_num(self) -> int:
+        return self.run.server_version_num
+
+    def connect(self, params: dict | None = None, autocommit: bool = False, **overrides):
+        """A new connection into this scenario's schema, closed at teardown."""
+        import psycopg2
+
+        conn = psycopg2.connect(**{**self.params, **(params or {}), **overrides})
+        conn.autocommit = autocommit
+        self._stack.callback(_close_quietly, conn)
+        return conn
+
+    def proxy(self, **kw):
+        """A FaultProxy in front of the server, closed at teardown."""
+        from common.faults import FaultProxy
+
+        p = self.run.params
+        host = p.get("host") or os.environ.get("PGHOST") or "localhost"
+        port = p.get("port") or os.environ.get("PGPORT") or 5432
+        return self._stack.enter_context(FaultProxy(str(host), int(port), **kw))
+
+    def via(self, proxy) -> dict:
+        """This scenario's connection parameters, routed through a proxy."""
+        return proxy.params(self.params)
+
+    def role(self, suffix: str, connection_limit: int = -1) -> dict | None:
+        """A login role of this scenario's own (for a CONNECTION LIMIT, say), allowed into its schema
+        and its tables, dropped at teardown. Returns the connection parameters to log in as it
+        (its password is masked in all output), or None when this run's role may not create roles:
+        the scenario says so and takes its fallback."""
+        import secrets
+
+        from common import db
+
+        if not db.scalar(self.run.admin, "SELECT rolsuper OR rolcreaterole FROM pg_roles WHERE rolname = current_user"):
+            return None
+        name, password = f"{self.schema}_{suffix}"[:63], secrets.token_urlsafe(16)
+        output.redact.add(password)
+        db.create_role(self.run.admin, name, password, connection_limit)
+        self._stack.callback(db.drop_role, self.run.admin, name)
+        with self.run.admin.cursor() as cur:
+            cur.execute(sql.SQL("GRANT USAGE, CREATE ON SCHEMA {s} TO {r}; "
+                                "GRANT ALL ON ALL TABLES IN SCHEMA {s} TO {r}; "
+                                "GRANT ALL ON ALL SEQUENCES IN SCHEMA {s} TO {r}")
+                        .format(s=sql.Identifier(self.schema), r=sql.Identifier(name)))
+        return {"user": name, "password": password}
+
+    def tables(self, *names: str) -> None:
+        from common import schema
+        schema.create_tables(self.conn, *names)
+
+    @property
+    def tmpdir(self) -> Path:
+        """A private folder for files; removed at teardown."""
+        if self._tmpdir is None:
+            self._tmpdir = Path(tempfile.mkdtemp(prefix=f"faillab-{self.run.run_id}-{self.id}-"))
+        return self._tmpdir
+
+    def spawn(self, target, *args) -> multiprocessing.Process:
+        """Start a worker process (spawned, so it works the same on every OS); killed at teardown."""
+        proc = multiprocessing.get_context("spawn").Process(target=target, args=args, daemon=True)
+        proc.start()
+        self._workers.append(proc)
+        return proc
+
+    def thread(self, target, *args, name: str | None = None) -> threading.Thread:
+        """Start a worker thread; joined at teardown (workers must end on their own)."""
+        t = threading.Thread(target=target, args=args, name=name or f"faillab-{self.id}", daemon=True)
+        t.start()
+        self._workers.append(t)
+        return t
+
+    def barrier(self, parties: int, timeout: float = 30) -> threading.Barrier:
+        """A threading.Barrier that teardown breaks, so an interrupted run never hangs on it."""
+        b = threading.Barrier(parties, timeout=timeout)
+        self._gates.append(b)
+        return b
+
+    def event(self) -> threading.Event:
+        """A threading.Event that teardown sets, so an interrupted run never hangs on it."""
+        e = threading.Event()
+        self._gates.append(e)
+        return e
+
+    def _stop_workers(self, admin, interrupted: bool) -> None:
+        """Release gates, end this run's database work if interrupted, then stop every worker."""
+        from common import db
+
+        for gate in self._gates:
+            gate.abort() if isinstance(gate, threading.Barrier) else gate.set()
+        if interrupted:  # a worker blocked in a query (a lock, pg_sleep) returns at once
+            with contextlib.suppress(Exception):
+                db.end_other_backends(admin)
+        # Interrupted: workers are daemons that end with the process; do not let them hold the exit.
+        deadline = time.monotonic() + (0.5 if interrupted else 3)
+        for w in self._workers:
+            if isinstance(w, threading.Thread):
+                w.join(max(0.0, deadline - time.monotonic()))
+            else:
+                _kill_process(w)
+
+    def on_cleanup(self, fn, *args) -> None:
+        self._stack.callback(fn, *args)
+
+    # -- what scenarios use: the six sections -----------------------------------------------------
+    def _enter(self, name: str) -> None:
+        target = SECTIONS.index(name)
+        if target < self._section:
+            raise RuntimeError(f"section {name!r} after {SECTIONS[self._section]!r}: sections only move forward")
+        if target > self._section:
+            self._section = target
+            if self.run.args.pause and sys.stdin.isatty():  # instructor mode: one section at a time
+                self.run.console.stream.write(self.run.console.text(f"   (Enter for {self.run.console.label(name)}) "))
+                self.run.console.stream.flush()
+                sys.stdin.readline()
+            self.run.console.section(name)
+
+    @property
+    def _current(self) -> str:
+        return SECTIONS[max(self._section, 0)]
+
+    def say(self, text: str, style: str | None = None) -> None:
+        """A paragraph in the current section."""
+        for para in textwrap.dedent(text).strip("\n").split("\n"):
+            self.run.console.line("   " + para if para.strip() else "", style, self._current)
+
+    def description(self, text: str) -> None:
+        self._enter("description")
+        self.say(text)
+
+    def trigger(self, text: str) -> None:
+        self._enter("trigger")
+        self.say(text)
+
+    def root_cause(self, text: str, detect: str | None = None) -> None:
+        self._enter("root_cause")
+        self.say(text)
+        if detect:
+            self.say("How to detect it:")
+            self.code(detect)
+
+    def prevention(self, text: str, *code) -> None:
+        """The design that prevents it; `code` items are functions (their real source is shown) or text."""
+        self._enter("prevention")
+        self.say(text)
+        for item in code:
+            self.code(inspect.getsource(item) if callable(item) else item)
+
+    def code(self, text: str) -> None:
+        for line in textwrap.dedent(text).strip("\n").splitlines():
+            self.run.console.line("      " + line, "dim", self._current)
+
+    def table(self, headers, rows) -> None:
+        self.run.console.table(list(headers), [list(r) for r in rows], self._current)
+
+    def bars(self, pairs, unit: str = "", width: int = 40) -> None:
+        self.run.console.bars(list(pairs), width=width, unit=unit, section=self._current)
+
+    def measure(self, name: str, value, note: str = ""):
+        """Record a figure (journal `measurements`) and print it; returns the value."""
+        self.measurements[name] = value
+        self.run.console.line(f"   {name} = {value}" + (f"  ({note})" if note else ""), "bold", self._current)
+        return value
+
+    # -- what scenarios use: errors and checks ----------------------------------------------------
+    @contextlib.contextmanager
+    def expect(self, *types, sqlstate: str | None = None, label: str = ""):
+        """Run the naive code; it must raise one of `types` (with `sqlstate`, if given).
+
+        The error is shown and recorded. Before recovery it is evidence that the failure was
+        triggered; during recovery (a fix refusing bad input) it counts toward `recovered`.
+        Any other exception propagates and fails the scenario."""
+        if self._section < SECTIONS.index("error"):
+            self._enter("error")
+        phase = "triggered" if self._section <= SECTIONS.index("root_cause") else "recovered"
+        caught = Caught()
+        want = label or " or ".join(t.__name__ for t in types) + (f" (SQLSTATE {sqlstate})" if sqlstate else "")
+        try:
+            yield caught
+        except types as exc:
+            caught.exc = exc
+            state = getattr(exc, "pgcode", None)
+            if sqlstate and state != sqlstate:
+                self.observe(exc)
+                self._check(phase, False, f"{want} raised, but SQLSTATE was {state}")
+                return
+            self.observe(exc)
+            self._check(phase, True, f"{want} raised")
+            return
+        self._check(phase, False, f"{want} expected, nothing was raised")
+
+    def observe(self, exc: BaseException, note: str = "") -> None:
+        """Show and record a real exception caught by the scenario's own code."""
+        if self._section < SECTIONS.index("error"):
+            self._enter("error")
+        if note:
+            self.say(note)
+        self.run.console.exception(exc, self._current)
+        self.observed.append({"type": output.error_type(exc), "sqlstate": getattr(exc, "pgcode", None),
+                              "message": output.redact(str(exc).strip())[:500]})
+
+    def triggered_if(self, ok: bool, claim: str) -> bool:
+        """Assert something about the failure (a measured bad state counts as the failure)."""
+        if self._section < SECTIONS.index("error"):
+            self._enter("error")
+        return self._check("triggered", bool(ok), claim)
+
+    def recovered_if(self, ok: bool, claim: str) -> bool:
+        """Assert something about the recovered state."""
+        return self._check("recovered", bool(ok), claim)
+
+    def require(self, ok: bool, claim: str) -> None:
+        """A check the rest of the scenario depends on: stop the scenario if it fails."""
+        if not self._check("recovered" if self._section >= SECTIONS.index("recovery") else "triggered",
+                           bool(ok), claim):
+            raise Unfinished(claim)
+
+    def _check(self, phase: str, ok: bool, claim: str) -> bool:
+        self.checks.append(Check(phase, ok, claim))
+        mark = self.run.console.check_mark(ok)
+        self.run.console.line(f"   {mark} {claim}", "ok" if ok else "bad", self._current)
+        return ok
+
+    @contextlib.contextmanager
+    def step(self, text: str):
+        """A numbered recovery step, printed as it starts, with its result when it ends."""
+        self._enter("recovery")
+        self._step += 1
+        self.run.console.line(f"   {self._step}. {text}", "bold", "recovery")
+        box = StepResult()
+        started = time.perf_counter()
+        yield box
+        took = time.perf_counter() - started
+        self.run.console.line(f"      → {box.result or 'done'}  ({took:.2f} s)", None, "recovery")
+
+    def verdicts(self) -> tuple[bool, bool]:
+        trig = [c.ok for c in self.checks if c.phase == "triggered"]
+        rec = [c.ok for c in self.checks if c.phase == "recovered"]
+        return (bool(trig) and all(trig), bool(rec) and all(rec))
+
+
+class Caught:
+    exc: BaseException | None = None
+
+
+class StepResult:
+    result: str = ""
+
+
+def _close_quietly(conn) -> None:
+    with contextlib.suppress(Exception):
+        conn.close()
+
+
+def _kill_process(proc) -> None:
+    if proc.is_alive():
+        proc.kill()
+    proc.join(5)
+
+
