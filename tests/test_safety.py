@@ -279,3 +279,15 @@ def test_banner_names_the_target_masked_and_whether_it_is_embedded(embedded_para
     assert "[embedded default server (nothing configured)]" in embedded_run.stdout
     configured = run_script(*QUICK, env=clean_env(DATABASE_URL=SERVER_URL), tmp_path=tmp_path)
     assert "target: postgresql://postgres@127.0.0.1:5432/test  [configured by DATABASE_URL]" in configured.stdout
+
+
+@pytest.mark.skipif(not server_reachable(), reason=f"no PostgreSQL at {SERVER_URL}")
+def test_libpq_pg_variables_select_the_server(tmp_path):
+    from psycopg2.extensions import parse_dsn
+
+    p = parse_dsn(SERVER_URL)
+    env = clean_env(PGHOST=p["host"], PGPORT=p.get("port", "5432"), PGUSER=p["user"], PGDATABASE=p["dbname"])
+    result = run_script(*QUICK, env=env, tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.journal["database"]["mode"] == "PG*"
+    assert "[configured by PG*]" in result.stdout and f"@{p['host']}:{p.get('port', '5432')}/" in result.stdout
