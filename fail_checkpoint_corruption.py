@@ -133,8 +133,9 @@ def write_checkpoint_worker(saver_name: str, path: str, state: dict) -> None:
     globals()[saver_name](Path(path), state, slow=0.01)
 
 
-def kill_mid_write(s, saver, path: Path, state: dict) -> None:
-    """Start a process that saves a checkpoint to a slow disk, and SIGKILL it halfway."""
+def kill_mid_write(s, saver, path: Path, state: dict) -> int:
+    """Start a process that saves a checkpoint to a slow disk, SIGKILL it halfway; return the
+    bytes it had written (the file it was writing is left as the kill found it)."""
     proc = s.spawn(write_checkpoint_worker, saver.__name__, str(path), state)
     watched = path.with_suffix(".tmp") if saver is save_checkpoint_atomic else path
     deadline = time.monotonic() + 10
@@ -144,6 +145,7 @@ def kill_mid_write(s, saver, path: Path, state: dict) -> None:
         time.sleep(0.005)
     proc.kill()  # SIGKILL: no finally, no flush, no atexit; what is on disk is what stays
     proc.join(5)
+    return watched.stat().st_size if watched.exists() else 0
 
 
 def run_naive_file_job(s, path: Path) -> None:
@@ -177,8 +179,8 @@ def corruption(s):
     # (a) torn write: a real kill, a real half-written file, a real parse error
     save_checkpoint_naive(path, {"job": JOB, "last_id": 1000})
     big_state = {"job": JOB, "last_id": 1500, "batches": [[i, i + BATCH] for i in range(0, SOURCE_ROWS, BATCH)] * 4}
-    kill_mid_write(s, save_checkpoint_naive, path, big_state)
-    s.measure("torn_file_bytes", path.stat().st_size)
+    torn = kill_mid_write(s, save_checkpoint_naive, path, big_state)
+    s.measure("torn_file_bytes", torn, f"of {len(json.dumps(big_state))}")
     with s.expect(json.JSONDecodeError):
         json.loads(path.read_text(encoding="utf-8"))
 
@@ -239,10 +241,12 @@ def corruption(s):
     prove_exactly_once(s)
     with s.step("Kill the atomic saver mid-write too: the previous checkpoint must survive") as st:
         save_checkpoint_atomic(path, {"job": JOB, "last_id": 1000})
-        kill_mid_write(s, save_checkpoint_atomic, path, big_state)
+        torn = kill_mid_write(s, save_checkpoint_atomic, path, big_state)
         survived = json.loads(path.read_text(encoding="utf-8"))
-        st.result = f"checkpoint.json still parses: last_id = {survived['last_id']}"
-        s.recovered_if(survived["last_id"] == 1000, "after a kill mid-write, the atomic file holds the previous checkpoint")
+        st.result = (f"killed with {torn} of {len(json.dumps(big_state))} bytes in checkpoint.tmp; "
+                     f"checkpoint.json still parses: last_id = {survived['last_id']}")
+        s.recovered_if(0 < torn < len(json.dumps(big_state)) and survived["last_id"] == 1000,
+                       "killed mid-write, the atomic saver left the previous checkpoint intact")
     s.measure("rows_missing_after", damage(s.conn)["missing"])
 
     s.prevention("""

@@ -16,6 +16,7 @@ def test_every_scenario_demonstrates_recovers_and_cleans(target, tmp_path):
     assert result.error_types("corruption")[:2] == ["json.decoder.JSONDecodeError", "psycopg2.errors.CheckViolation"]
     m = result.scenario("corruption")["measurements"]
     assert m["rows_missing_before"] == 500 and m["rows_missing_after"] == 0
+    assert m["torn_file_bytes"] > 0  # the kill landed mid-write, not before it
 
     # db_down: a real connection error through the proxy, the restart duplicated a batch, the fix reconnected
     assert result.error_types("db_down") == ["psycopg2.OperationalError"]
