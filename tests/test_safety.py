@@ -128,6 +128,19 @@ def test_no_embedded_server_outlives_its_last_script_whatever_killed_it(tmp_path
     assert embedded.watchdog_pid() is None
 
 
+def test_no_embedded_server_after_an_interrupted_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("FAILLAB_DATA_DIR", str(tmp_path / "data"))
+    run = start([BROKEN, "--only", "sleeps"], clean_env(FAILLAB_DATA_DIR=str(tmp_path / "data")))
+    wait_ready(run)
+    server = embedded.server_process()
+    assert server is not None
+    run.send_signal(signal.SIGINT)
+    run.communicate(timeout=10)
+    assert run.returncode == 130
+    assert wait_until(lambda: not server.is_running() or server.status() == psutil.STATUS_ZOMBIE)
+    assert wait_until(lambda: embedded.watchdog_pid() is None)
+
+
 def test_corrupt_library_state_does_not_break_start_up(tmp_path, monkeypatch):
     """The wheel's own defects: an empty/corrupt .handle_pids.json and a postmaster.pid naming
     an unrelated live process (here: this test) must neither break start-up nor be signalled."""
