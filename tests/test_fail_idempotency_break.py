@@ -29,6 +29,16 @@ def measured(result, scenario_id: str) -> dict:
     return result.scenario(scenario_id)["measurements"]
 
 
+def messages(result, scenario_id: str) -> list[str]:
+    return [e["message"] for e in result.scenario(scenario_id)["observed_errors"]]
+
+
+def first_extract(scenario_id: str, seed: int = 1) -> list[dict]:
+    """The day-1 extract a scenario draws first from its own generator (the runner seeds it with
+    "<seed>:<id>"; the script runs with the default --seed 1): figures computed apart from the run."""
+    return lab.make_orders(random.Random(f"{seed}:{scenario_id}"))
+
+
 def test_all_scenarios_pass_and_clean_up(journal_run):
     result, params = journal_run
     assert_passed(result, params, IDS)
@@ -37,12 +47,20 @@ def test_all_scenarios_pass_and_clean_up(journal_run):
 def test_duplicate_detection_measures_each_cause(journal_run):
     result, _ = journal_run
     m = measured(result, "duplicate_detection")
-    assert result.sqlstates("duplicate_detection") == ["23505"]  # the key cannot be added over duplicates
+    # the key cannot be added over duplicates; once repaired, a re-typed key is refused by the CHECK
+    assert result.error_types("duplicate_detection") == ["psycopg2.errors.UniqueViolation",
+                                                         "psycopg2.errors.CheckViolation"]
+    assert result.sqlstates("duplicate_detection") == ["23505", "23514"]
+    assert "canonical_ref" in messages(result, "duplicate_detection")[1]
+    web_shop = sum(r["store_id"] is None for r in first_extract("duplicate_detection"))
+    assert 0.1 * lab.ORDERS < web_shop < 0.3 * lab.ORDERS
     assert m["duplicates_surrogate_key"] == lab.ORDERS          # v1 holds every order twice
-    assert m["duplicates_null_store"] > 0                         # web-shop orders, NULL store_id
+    assert m["duplicates_null_store"] == web_shop                 # every web-shop order (NULL store_id) twice
     assert m["duplicates_case_whitespace"] == lab.RETYPED
-    assert m["duplicates_before"] > 0 and m["duplicates_after"] == 0
-    assert m["rerun_rowcount"] == 0
+    assert m["duplicates_before"] == lab.ORDERS + web_shop + lab.RETYPED
+    assert m["naive_rerun_inserted"] == 0                         # the repaired key stops even the naive load
+    assert m["expected_rows"] == lab.ORDERS
+    assert m["duplicates_after"] == 0 and m["rerun_rowcount"] == 0
     major = int(result.journal["database"]["server_version"].split(".")[0])
     expected_form = lab.unique_key_ddl(major * 10000).form
     assert m["constraint_form"] == expected_form
@@ -55,7 +73,11 @@ def test_partial_failure_commits_a_prefix_then_recovers(journal_run):
     assert result.error_types("partial_failure") == ["psycopg2.errors.CheckViolation",
                                                      "psycopg2.errors.UniqueViolation"]
     assert result.sqlstates("partial_failure") == ["23514", "23505"]
+    first_error, rerun_error = messages(result, "partial_failure")
+    assert "ORD-01234" in first_error and "ORD-00001" in rerun_error  # stopped at line 1234; re-run at line 1
     assert m["committed_before_error"] == 1200 == m["rows_after_naive_rerun"]
+    assert m["rolled_back_in_open_batch"] == 33
+    assert m["staged_rowcount"] == lab.ORDERS - 1200              # the committed prefix is not written again
     assert m["quarantined"] == 2
     assert m["expected_rows"] == lab.ORDERS - 2
     assert m["duplicates_after"] == 0 and m["rerun_rowcount"] == 0
@@ -68,8 +90,12 @@ def test_constraint_violation_shows_each_sqlstate(journal_run):
                                                           "psycopg2.errors.UniqueViolation",
                                                           "psycopg2.errors.ForeignKeyViolation"]
     assert result.sqlstates("constraint_violation") == ["21000", "23505", "23503"]
-    assert "cannot affect row a second time" in result.scenario("constraint_violation")["observed_errors"][0]["message"]
-    assert m["rows_blocked"] > 0 and m["rejects"] == 2
+    cardinality, invoice, customer = messages(result, "constraint_violation")
+    assert "cannot affect row a second time" in cardinality
+    assert "orders_invoice_no_key" in invoice and "orders_customer_fkey" in customer
+    assert m["rows_blocked"] == 3 * 20 + 2 + 1 + 1                # three deltas of 20 edits, plus their bad rows
+    assert m["rejects"] == 2
+    assert m["expected_rows"] == lab.ORDERS                       # 2,002 orders sent, 2 set aside
     assert m["duplicates_after"] == 0 and m["rerun_rowcount"] == 0
 
 
@@ -78,11 +104,14 @@ def test_data_drift_measures_the_damage(journal_run):
     m = measured(result, "data_drift")
     assert result.sqlstates("data_drift") == ["42703"]
     assert result.error_types("data_drift") == ["psycopg2.errors.UndefinedColumn"]
+    assert 'column "currency"' in messages(result, "data_drift")[0]
     assert m["hash_key_extra_rows"] == 80 and m["hash_key_overcount"] > 0
-    assert m["stale_rows"] == 80 and m["stale_total_gap"] != 0
+    assert m["stale_rows"] == 80 and m["stale_total_gap"] > 0       # corrections only raise amounts here
     assert m["drift_changed_newer"] == 80
     assert m["unmapped_fields"] == ["currency"]
+    assert m["upsert_rowcount"] == 80 + 40 + 100
     assert m["late_rows_skipped"] == 120 and m["late_replay_rowcount"] == 0
+    assert m["expected_rows"] == lab.ORDERS + 100
     assert m["duplicates_after"] == 0 and m["rerun_rowcount"] == 0
 
 
@@ -153,7 +182,10 @@ def test_retype_keys_touches_only_store_orders_and_stays_canonically_equal():
 
 def test_as_values_maps_columns_by_name():
     row = {**lab.make_orders(random.Random(1), 1)[0], "currency": "EUR"}
-    assert lab.as_values([row]) == [tuple(row[c] for c in lab.ORDER_COLUMNS)]  # extra field ignored
+    in_insert_order = (row["store_id"], row["order_ref"], row["customer_id"], row["invoice_no"],
+                       row["amount"], row["updated_at"])
+    assert lab.as_values([row]) == [in_insert_order]                   # extra field ignored
+    assert lab.as_values([dict(reversed(row.items()))]) == [in_insert_order]  # by name, not by position
     del row["amount"]
     with pytest.raises(KeyError):
         lab.as_values([row])  # a missing field is loud
