@@ -122,6 +122,8 @@ def main(argv=None) -> None:
         code = _run(script, args, console, selected)
     except (KeyboardInterrupt, Interrupted):
         code = 130
+    for sig in SIGNALS:  # all is cleaned and written: a signal now must not turn the exit into a crash
+        signal.signal(sig, signal.SIG_IGN)
     sys.exit(code)
 
 
