@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import re
 import socket
 import threading
 
@@ -28,18 +29,24 @@ def test_every_scenario_demonstrates_recovers_and_cleans(target, tmp_path):
     # exhaustion: RetryError hides the cause; the dead letter is replayed, the unit runs once
     assert result.error_types("exhaustion") == ["tenacity.RetryError", "psycopg2.OperationalError",
                                                 "psycopg2.OperationalError"]
+    retry_error, cause, _ = (e["message"] for e in result.scenario("exhaustion")["observed_errors"])
+    assert re.fullmatch(r"RetryError\[<Future at 0x[0-9a-f]+ state=finished raised OperationalError>\]", retry_error)
+    assert cause.splitlines()[0] not in retry_error
     assert m["exhaustion"]["attempts_before_giving_up"] == 5
-    assert m["exhaustion"]["outage_seconds"] > m["exhaustion"]["policy_seconds"]
+    assert m["exhaustion"]["policy_seconds"] >= 0.15  # it really slept 10 + 20 + 40 + 80 ms
     assert m["exhaustion"]["unit_runs"] == 1
 
-    # storm: full jitter at least halves the busiest 50 ms of logins, and is refused less
+    # storm: full jitter at least halves the busiest 50 ms of logins, and is refused less,
+    # though it makes more attempts while the database is down (the README says so)
     storm = m["storm"]
     assert 2 * storm["full_jitter_peak_50ms"] <= storm["no_jitter_peak_50ms"]
     assert storm["no_jitter_peak_50ms"] > lab.STORM_SLOTS
     assert storm["full_jitter_rejections"] < storm["no_jitter_rejections"]
-    assert storm["no_jitter_attempts"] >= 3 * lab.STORM_WORKERS <= storm["full_jitter_attempts"]
+    assert storm["full_jitter_attempts"] > storm["no_jitter_attempts"] >= 3 * lab.STORM_WORKERS
     assert min(storm["no_jitter_recovery_s"], storm["full_jitter_recovery_s"]) > lab.STORM_OUTAGE_S
     assert result.error_types("storm") == ["psycopg2.OperationalError"]
+    if "a role of their own" in result.scenario("storm")["sections"]["description"]:  # else the proxy's cap
+        assert "too many connections for role" in result.scenario("storm")["observed_errors"][0]["message"]
     conn = db.connect(params, autocommit=True)
     try:  # the workers' role went with the run
         roles = db.scalar(conn, "SELECT count(*) FROM pg_roles WHERE rolname LIKE %s",
@@ -50,17 +57,19 @@ def test_every_scenario_demonstrates_recovers_and_cleans(target, tmp_path):
 
     # backoff_calculation: overflow, ms read as s, a late stop; the fixed policy meets the deadline
     backoff = m["backoff_calculation"]
-    assert result.error_types("backoff_calculation")[0] == "OverflowError"
+    assert result.error_types("backoff_calculation") == ["OverflowError", "psycopg2.OperationalError",
+                                                         "psycopg2.OperationalError"]
     assert backoff["ms_as_seconds_sleep_s"] == lab.RETRY_DELAY_MS
     assert backoff["naive_worst_case_s"] > lab.DEADLINE_S >= backoff["capped_worst_case_s"]
-    assert 0.035 < backoff["stop_after_delay_overshoot_s"] < 0.2  # more than half a 70 ms sleep
-    assert backoff["stop_before_delay_seconds"] <= 0.1
+    assert backoff["stop_after_delay_attempts"] == 3 and backoff["stop_after_delay_overshoot_s"] > 0
+    assert backoff["stop_before_delay_attempts"] == 2
+    assert backoff["stop_before_delay_seconds"] <= lab.STOP_LIMIT_S
     assert backoff["fixed_policy_seconds"] <= lab.DEADLINE_S * lab.SCALE
 
     # non_transient: the permanent error once instead of five times; the deadlock retried to success
     fixed = m["non_transient"]
     assert fixed["permanent_error_attempts_naive"] == 5 and fixed["permanent_error_attempts_fixed"] == 1
-    assert fixed["deadlock_attempts"] > 1
+    assert fixed["deadlock_attempts"] == 2
     assert fixed["order_42_payments"] == 2 and fixed["order_43_payments"] == 1
     assert result.sqlstates("non_transient") == ["42P01", "42P01", "40P01"]
 
@@ -180,9 +189,10 @@ def test_backoff_schedule_follows_the_policy():
     assert lab.backoff_schedule(wait_fixed(1), 1) == []
     naive = lab.backoff_schedule(lab.wait_naive, 31)
     assert naive[0] == 2 and naive[29] == 2 ** 30
+    assert lab.backoff_schedule(lab.wait_naive, 1024)[-1] == 2.0 ** 1023  # the largest power of two a float holds
     with pytest.raises(OverflowError):
-        lab.backoff_schedule(lab.wait_naive, 1101)
-    assert lab.backoff_schedule(wait_exponential(multiplier=1, max=30), 1101)[-1] == 30  # tenacity's guard
+        lab.backoff_schedule(lab.wait_naive, 1025)
+    assert lab.backoff_schedule(wait_exponential(multiplier=1, max=30), 1025)[-1] == 30  # tenacity's guard
 
 
 def test_full_jitter_stays_in_its_window_and_follows_the_seed():
@@ -194,10 +204,22 @@ def test_full_jitter_stays_in_its_window_and_follows_the_seed():
 
 
 def test_fixed_policy_worst_case_fits_the_deadline():
-    policy = lab.fixed_policy(random.Random(1))
-    worst = sum(lab.backoff_schedule(wait_exponential(multiplier=lab.BASE_S, max=lab.CAP_S), lab.ATTEMPTS))
-    assert worst <= lab.DEADLINE_S
-    assert policy.reraise
+    """The fixed policy over a step that always fails, every jitter draw at the top of its window;
+    its sleeps are recorded instead of slept."""
+    class TopOfWindow(random.Random):
+        def uniform(self, a, b):
+            return b
+
+    def always_fails():
+        raise psycopg2.OperationalError("server closed the connection unexpectedly")
+
+    asked = []
+    policy = lab.fixed_policy(TopOfWindow()).copy(sleep=asked.append)
+    with pytest.raises(psycopg2.OperationalError):  # reraise: the real error, not a RetryError
+        policy(always_fails)
+    assert policy.statistics["attempt_number"] == lab.ATTEMPTS
+    assert asked == [1, 2, 4, 8, 16] + [lab.CAP_S] * (lab.ATTEMPTS - 6)
+    assert sum(asked) <= lab.DEADLINE_S
 
 
 def test_peak_in_window():
