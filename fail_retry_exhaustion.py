@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import random
-import threading
 import time
 
 import psycopg2
@@ -288,8 +287,6 @@ def storm_worker(params: dict, policy: str, wait, barrier, logins: list, out: di
         Retrying(wait=wait, stop=stop_after_delay(5), reraise=True,
                  retry=retry_if_exception_type(psycopg2.OperationalError))(write_batch)
         out[i] = {"done": time.monotonic(), "attempts": state["attempts"], "errors": state["errors"]}
-    except threading.BrokenBarrierError:
-        pass  # the run is being torn down (Ctrl-C): not an error of this worker
     finally:
         if state["conn"] is not None:
             state["conn"].close()
@@ -675,13 +672,10 @@ def transfer_worker(conn, src: int, dst: int, amount: int, barrier, out: dict) -
     """One transfer as one transaction, retried whole when it is transient (the deadlock victim's is)."""
     failed = []
     policy = RETRY_TRANSIENT.copy(wait=wait_fixed(0.02), before_sleep=lambda rs: failed.append(rs.outcome.exception()))
-    try:
-        for attempt in policy:
-            with attempt:
-                first = attempt.retry_state.attempt_number == 1
-                in_transaction(conn, transfer, src, dst, amount, barrier if first else None)
-    except (threading.BrokenBarrierError, psycopg2.InterfaceError):
-        return  # the run is being torn down (Ctrl-C): its barrier is broken, its connection closed
+    for attempt in policy:
+        with attempt:
+            first = attempt.retry_state.attempt_number == 1
+            in_transaction(conn, transfer, src, dst, amount, barrier if first else None)
     out[src] = {"attempts": policy.statistics["attempt_number"], "errors": failed}
 
 

@@ -91,6 +91,7 @@ class Scenario:
         self._stack = contextlib.ExitStack()
         self._workers: list = []  # threads and processes, stopped before anything else
         self._gates: list = []  # barriers and events, released so no worker waits forever
+        self._stopping = False  # set by teardown: from then on a worker's error is expected
         self._tmpdir: Path | None = None
         self.conn = None
 
@@ -168,8 +169,17 @@ class Scenario:
         return proc
 
     def thread(self, target, *args, name: str | None = None) -> threading.Thread:
-        """Start a worker thread; joined at teardown (workers must end on their own)."""
-        t = threading.Thread(target=target, args=args, name=name or f"faillab-{self.id}", daemon=True)
+        """Start a worker thread; joined at teardown (workers must end on their own). A worker that
+        fails because teardown ended its work (a broken barrier, a terminated backend) ends quietly;
+        any other failure of a worker is shown as usual."""
+        def run():
+            try:
+                target(*args)
+            except Exception:
+                if not self._stopping:
+                    raise
+
+        t = threading.Thread(target=run, name=name or f"faillab-{self.id}", daemon=True)
         t.start()
         self._workers.append(t)
         return t
@@ -190,6 +200,7 @@ class Scenario:
         """Release gates, end this run's database work if interrupted, then stop every worker."""
         from common import db
 
+        self._stopping = True
         for gate in self._gates:
             gate.abort() if isinstance(gate, threading.Barrier) else gate.set()
         if interrupted:  # a worker blocked in a query (a lock, pg_sleep) returns at once
