@@ -8,23 +8,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from conftest import free_port
+
 SUPERUSER_PASSWORD = "Sup3r-Only-In-Tests"
 LAB_PASSWORD = "Lab-Pw-7f3a9c"  # the password of the least-privileged role
 DATABASE = "labdb"
-
-
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 @contextmanager
@@ -45,7 +38,7 @@ def password_server():
     pwfile.write_text(SUPERUSER_PASSWORD)
     if run_as:
         os.chown(pwfile, run_as["user"], run_as["group"])
-    data, port = root / "data", _free_port()
+    data, port = root / "data", free_port()
 
     def pg(tool, *args):
         subprocess.run([str(bin_dir / tool), *args], check=True, capture_output=True, **run_as)

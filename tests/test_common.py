@@ -2,7 +2,6 @@
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -10,7 +9,7 @@ import time
 import psycopg2
 import pytest
 
-from conftest import ROOT, clean_env, lab_schemas, run_script
+from conftest import ROOT, clean_env, free_port, lab_schemas, run_script
 from common import config, output
 from common.faults import FaultProxy
 
@@ -125,16 +124,8 @@ def test_proxy_binds_loopback_only_and_caps_connections(embedded_params):
 
 
 # -- the runner: exit codes -----------------------------------------------------------------------
-def closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 def test_unreachable_database_exits_2_fast_with_one_masked_message(tmp_path):
-    env = clean_env(DATABASE_URL=f"postgresql://lab:PwNeverShown9@127.0.0.1:{closed_port()}/lab")
+    env = clean_env(DATABASE_URL=f"postgresql://lab:PwNeverShown9@127.0.0.1:{free_port()}/lab")
     started = time.monotonic()
     result = run_script("fail_checkpoint_corruption.py", env=env, tmp_path=tmp_path)
     assert result.returncode == 2
