@@ -256,18 +256,15 @@ def corruption(s):
                  run_job_transactional, save_checkpoint_atomic)
 
 
-def run_job_transactional(conn, stop_after: int | None = None) -> int:
+def run_job_transactional(conn, after_commit=lambda last_id: None) -> int:
     """The fixed job: each batch and its checkpoint commit together, so they can never disagree."""
     batches = 0
     with conn.cursor() as cur:
-        while stop_after is None or batches < stop_after:
-            last_id = read_checkpoint(conn)
-            new_last = copy_batch(cur, last_id)
-            if new_last is None:
-                break
-            set_checkpoint(cur, new_last)
+        while (last_id := copy_batch(cur, read_checkpoint(conn))) is not None:
+            set_checkpoint(cur, last_id)
             conn.commit()  # batch + checkpoint: one atomic step
             batches += 1
+            after_commit(last_id)
     conn.commit()
     return batches
 
@@ -360,11 +357,7 @@ def run_job_resilient(connect, after_commit=lambda last_id: None) -> int:
         with attempt:
             conn = connect()
             try:
-                with conn.cursor() as cur:
-                    while (last_id := copy_batch(cur, read_checkpoint(conn))) is not None:
-                        set_checkpoint(cur, last_id)
-                        conn.commit()  # batch + checkpoint, atomically
-                        after_commit(last_id)
+                run_job_transactional(conn, after_commit)  # resumes from the committed checkpoint
             finally:
                 conn.close()
     return attempt.retry_state.attempt_number

@@ -26,17 +26,20 @@ class StartupError(Exception):
     """The run cannot start (no database reachable, no right to create a schema): exit 2."""
 
 
-def connect(params: dict, *, schema: str | None = None, app: str | None = None,
-            autocommit: bool = False, **overrides):
-    """psycopg2.connect with a short connect timeout, the run's name and its search_path."""
-    kwargs = dict(params)
-    kwargs.setdefault("connect_timeout", config.CONNECT_TIMEOUT_S)
+def conn_params(params: dict, *, schema: str | None = None, app: str | None = None) -> dict:
+    """libpq keywords with a short connect timeout, the run's name and a search_path (picklable)."""
+    kwargs = {"connect_timeout": config.CONNECT_TIMEOUT_S, **params}
     if schema:
         kwargs["options"] = f"-c search_path={schema}"
     if app:
         kwargs["application_name"] = app
-    kwargs.update(overrides)
-    conn = psycopg2.connect(**kwargs)
+    return kwargs
+
+
+def connect(params: dict, *, schema: str | None = None, app: str | None = None,
+            autocommit: bool = False, **overrides):
+    """psycopg2.connect with conn_params, plus any keyword to override."""
+    conn = psycopg2.connect(**{**conn_params(params, schema=schema, app=app), **overrides})
     conn.autocommit = autocommit
     return conn
 

@@ -99,8 +99,9 @@ class Scenario:
     @property
     def params(self) -> dict:
         """Connection parameters (picklable) for this scenario's schema: hand them to workers."""
-        return {**self.run.params, "options": f"-c search_path={self.schema}",
-                "application_name": self.app, "connect_timeout": config.CONNECT_TIMEOUT_S}
+        from common import db
+
+        return db.conn_params(self.run.params, schema=self.schema, app=self.app)
 
     @property
     def server_version_num(self) -> int:
@@ -108,10 +109,9 @@ class Scenario:
 
     def connect(self, params: dict | None = None, autocommit: bool = False, **overrides):
         """A new connection into this scenario's schema, closed at teardown."""
-        import psycopg2
+        from common import db
 
-        conn = psycopg2.connect(**{**self.params, **(params or {}), **overrides})
-        conn.autocommit = autocommit
+        conn = db.connect(self.params, autocommit=autocommit, **{**(params or {}), **overrides})
         self._stack.callback(_close_quietly, conn)
         return conn
 
