@@ -150,6 +150,14 @@ def end_other_backends(conn) -> int:
         return cur.fetchone()[0]
 
 
+def cancel_other_backends(conn) -> int:
+    """pg_cancel_backend on this run's other connections: their current query ends, they stay."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT count(pg_cancel_backend(pid)) FROM pg_stat_activity "
+                    "WHERE application_name = current_setting('application_name') AND pid <> pg_backend_pid()")
+        return cur.fetchone()[0]
+
+
 def schema_exists(conn, name: str) -> bool:
     return bool(scalar(conn, "SELECT count(*) FROM pg_namespace WHERE nspname = %s", (name,)))
 

@@ -19,16 +19,31 @@ from pathlib import Path
 from common import config, output
 from common.cleanup import SIGNALS, Interrupted, raise_interrupted, signals_deferred, teardown
 from common.output import SECTIONS
-from common.scenario import _REGISTRY, Run, Scenario, ScenarioSpec, Unfinished
+from common.scenario import _REGISTRY, Check, Run, Scenario, ScenarioSpec, Unfinished
 
 
 # -- running one scenario ------------------------------------------------------------------------
+def slots_for(run: Run, spec: ScenarioSpec):
+    """What the scenario's fix slots hold in this run: the fixes, a control's naive code, or the
+    student's functions."""
+    from common import db, fixes
+
+    control = tuple(f.slot for f in spec.fixes if run.args.control and
+                    (run.args.control == ["all"] or f.slot in run.args.control))
+    return fixes.Slots.for_run(spec.fixes, control=control, student=run.student,
+                               on_timeout=lambda: db.cancel_other_backends(run.admin),
+                               limit=run.args.call_limit)
+
+
 def run_scenario(run: Run, spec: ScenarioSpec, index: int) -> dict:
     from common import db
 
     console = run.console
-    s = Scenario(run, spec, index)
-    console.header(f"Scenario {index}: {spec.title}  [{spec.id}]")
+    s = Scenario(run, spec, index, slots_for(run, spec))
+    console.header(f"Scenario {index} of {len(_REGISTRY)}: {spec.title}  [{spec.id}]")
+    if s.slots.mode == "control":
+        console.line(f"   negative control: the naive code is back in {', '.join(s.slots.control)}; "
+                     "this run must fail", "bad")
     console.captured = {}
     threads_before = {t.ident for t in threading.enumerate()}
     started = time.perf_counter()
@@ -39,10 +54,12 @@ def run_scenario(run: Run, spec: ScenarioSpec, index: int) -> dict:
         spec.fn(s)
     except Unfinished as exc:
         reason = f"stopped early: {exc}"
+        s.checks.append(Check(s.phase, False, reason))  # whatever passed before, this phase did not end
     except (KeyboardInterrupt, Interrupted) as exc:
         status, reason, interrupted = "interrupted", "interrupted by signal", exc
     except Exception as exc:  # an error the scenario did not expect: show it, fail the scenario
         reason = f"unexpected {output.error_type(exc)}: {output.redact(str(exc).strip())[:300]}"
+        s.checks.append(Check(s.phase, False, reason))  # a crash fails its phase, whatever passed before
         console.line()
         console.line("   The scenario itself failed with an error it did not expect:", "bad", "error")
         console.exception(exc, "error")
@@ -63,7 +80,7 @@ def run_scenario(run: Run, spec: ScenarioSpec, index: int) -> dict:
     console.captured = None
     record = {"id": spec.id, "title": spec.title, "status": status, "triggered": triggered,
               "recovered": recovered, "cleaned": cleaned, "observed_errors": s.observed,
-              "measurements": s.measurements,
+              "measurements": s.measurements, "fixes": s.slots.describe(), "mode": s.slots.mode,
               "checks": [{"phase": c.phase, "ok": c.ok, "claim": c.claim} for c in s.checks],
               "sections": {k: sections.get(k, "") for k in SECTIONS}, "seconds": round(seconds, 3)}
     if reason:
@@ -90,6 +107,19 @@ def parse_args(argv, doc: str) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1, help="seed for every random choice (default 1)")
     p.add_argument("--pause", action="store_true", help="on a terminal, wait for Enter before each section")
     p.add_argument("--report", metavar="PATH", help="write the run as a Markdown handout to PATH")
+    g = p.add_argument_group("exercises and proofs")
+    g.add_argument("--exercise", metavar="ID", help="write the exercise of scenario ID into your folder; "
+                   "run the same command again to grade your code")
+    g.add_argument("--exercise-dir", metavar="DIR", default="exercises",
+                   help="the folder that holds your exercise files (default: ./exercises)")
+    g.add_argument("--hint", nargs="?", type=int, const=1, metavar="LEVEL",
+                   help="with --exercise: print the hints up to LEVEL (default 1)")
+    g.add_argument("--solution", action="store_true", help="with --exercise: print the reference solution")
+    g.add_argument("--call-limit", type=float, default=20.0, metavar="SECONDS",
+                   help="with --exercise: stop a call of your code after SECONDS (default 20)")
+    g.add_argument("--control", metavar="SLOT[,SLOT...]", type=lambda v: [x.strip() for x in v.split(",") if x.strip()],
+                   help="negative control: put the naive code back in these fix slots ('all' for every slot); "
+                        "the scenario must then fail")
     return p.parse_args(argv)
 
 
@@ -106,20 +136,32 @@ def main(argv=None) -> None:
     console = output.Console(stream, ascii_only=True if args.ascii else None, verbose=args.verbose)
     if args.list:
         for spec in _REGISTRY:
-            print(f"{spec.id:24} {spec.title}")
+            print(f"{spec.id:24} {spec.title}" + ("  [exercise]" if spec.fixes else ""))
         sys.exit(0)
     selected = list(_REGISTRY)
+    student = None
+    if args.exercise:
+        from common import exercise
+        student, selected = exercise.prepare(script, args, console)  # exits when there is nothing to grade
     if args.only:
         wanted = [x.strip() for x in args.only.split(",") if x.strip()]
         unknown = [w for w in wanted if w not in {s.id for s in _REGISTRY}]
         if unknown:
             _fail_start(f"unknown scenario id(s): {', '.join(unknown)}; see --list")
         selected = [s for s in _REGISTRY if s.id in wanted]
+        if not selected:
+            _fail_start("--only names no scenario; see --list")
+    if args.control and args.control != ["all"]:
+        slots = {f.slot for spec in selected for f in spec.fixes}
+        unknown = [c for c in args.control if c not in slots]
+        if unknown:
+            _fail_start(f"no fix slot {', '.join(unknown)} in the selected scenarios; slots: "
+                        f"{', '.join(sorted(slots)) or 'none'}")
     for sig in SIGNALS[1:]:
         signal.signal(sig, raise_interrupted)
     code = 0
     try:
-        code = _run(script, args, console, selected)
+        code = _run(script, args, console, selected, student)
     except (KeyboardInterrupt, Interrupted):
         code = 130
     for sig in SIGNALS:  # all is cleaned and written: a signal now must not turn the exit into a crash
@@ -132,7 +174,7 @@ def _fail_start(message: str) -> None:
     sys.exit(2)
 
 
-def _run(script: str, args, console: output.Console, selected: list[ScenarioSpec]) -> int:
+def _run(script: str, args, console: output.Console, selected: list[ScenarioSpec], student=None) -> int:
     from common import db
     import psycopg2
 
@@ -153,7 +195,7 @@ def _run(script: str, args, console: output.Console, selected: list[ScenarioSpec
                     _fail_start(str(exc))
             display = config.describe(params)
             run_id = db.new_run_id()
-            run = Run(script, args, console, target, params, run_id, admin)
+            run = Run(script, args, console, target, params, run_id, admin, student=student)
             with admin.cursor() as cur:
                 cur.execute("SET application_name = %s", (f"faillab:{run_id}",))
             run.server_version = db.scalar(admin, "SHOW server_version").split()[0]
@@ -173,8 +215,11 @@ def _run(script: str, args, console: output.Console, selected: list[ScenarioSpec
             console.line(f"   server: PostgreSQL {run.server_version}; private schemas {db.SCHEMA_PREFIX}{run_id}_*")
             if swept:
                 console.line(f"   removed {len(swept)} schema(s) left by killed runs: {', '.join(swept)}", "dim")
-            for index, spec in enumerate(selected, 1):
-                records.append(run_scenario(run, spec, index))
+            for spec in selected:
+                records.append(run_scenario(run, spec, _REGISTRY.index(spec) + 1))
+                if student is not None:
+                    from common import exercise
+                    exercise.grade(console, records[-1])
         except _ScenarioInterrupted as stop:
             records.append(stop.record)
             exit_code = 130

@@ -35,13 +35,14 @@ class ScenarioSpec:
     id: str
     title: str
     fn: object
+    fixes: tuple = ()  # common.fixes.Fix values: the slots its recovery runs through s.fix()
 
 
-def scenario(scenario_id: str, title: str):
-    """Register a scenario function; scripts list them in reading order."""
+def scenario(scenario_id: str, title: str, fixes=()):
+    """Register a scenario function and the fixes it declares; scripts list them in reading order."""
     def register(fn):
         if all(s.id != scenario_id for s in _REGISTRY):
-            _REGISTRY.append(ScenarioSpec(scenario_id, title, fn))
+            _REGISTRY.append(ScenarioSpec(scenario_id, title, fn, tuple(fixes)))
         return fn
     return register
 
@@ -70,13 +71,17 @@ class Run:
     server_version: str = ""
     server_version_num: int = 0
     kept: list = field(default_factory=list)
+    student: object = None  # the student's exercise module, whose functions fill the fix slots
 
 
 class Scenario:
     """The handle a scenario function gets. Sections only move forward, as the reader does."""
 
-    def __init__(self, run: Run, spec: ScenarioSpec, index: int):
+    def __init__(self, run: Run, spec: ScenarioSpec, index: int, slots=None):
+        from common.fixes import Slots
+
         self.run = run
+        self.slots = slots or Slots.for_run(spec.fixes)
         self.id = spec.id
         self.title = spec.title
         self.schema = f"{SCHEMA_PREFIX}{run.run_id}_{spec.id}"[:63]
@@ -94,6 +99,12 @@ class Scenario:
         self._stopping = False  # set by teardown: from then on a worker's error is expected
         self._tmpdir: Path | None = None
         self.conn = None
+
+    # -- what scenarios use: the fixes --------------------------------------------------------------
+    def fix(self, slot: str):
+        """What the slot holds in this run: the fixed code, the naive code (a negative control) or
+        a student's function (an exercise). The recovery calls the fix only through here."""
+        return self.slots[slot]
 
     # -- what scenarios use: the database --------------------------------------------------------
     @property
@@ -163,7 +174,10 @@ class Scenario:
 
     def spawn(self, target, *args) -> multiprocessing.Process:
         """Start a worker process (spawned, so it works the same on every OS); killed at teardown."""
-        proc = multiprocessing.get_context("spawn").Process(target=target, args=args, daemon=True)
+        from common.fixes import unwrap_for_process
+
+        proc = multiprocessing.get_context("spawn").Process(
+            target=unwrap_for_process(target), args=tuple(unwrap_for_process(a) for a in args), daemon=True)
         proc.start()
         self._workers.append(proc)
         return proc
@@ -255,9 +269,15 @@ class Scenario:
             self.code(detect)
 
     def prevention(self, text: str, *code) -> None:
-        """The design that prevents it; `code` items are functions (their real source is shown) or text."""
+        """The design that prevents it, then the source of every fix slot as this run held it (what
+        the checks ran), then any `code` items: functions (their real source) or text."""
         self._enter("prevention")
         self.say(text)
+        if self.slots.mode != "fixed":
+            what = "the naive code" if self.slots.mode == "control" else "your code"
+            self.say(f"(This run held {what} in the fix slot(s); the lesson's fix is shown by a normal run.)")
+        for source in self.slots.sources():
+            self.code(source)
         for item in code:
             self.code(inspect.getsource(item) if callable(item) else item)
 
@@ -326,8 +346,7 @@ class Scenario:
 
     def require(self, ok: bool, claim: str) -> None:
         """A check the rest of the scenario depends on: stop the scenario if it fails."""
-        if not self._check("recovered" if self._section >= SECTIONS.index("recovery") else "triggered",
-                           bool(ok), claim):
+        if not self._check(self.phase, bool(ok), claim):
             raise Unfinished(claim)
 
     def _check(self, phase: str, ok: bool, claim: str) -> bool:
@@ -347,6 +366,11 @@ class Scenario:
         yield box
         took = time.perf_counter() - started
         self.run.console.line(f"      → {box.result or 'done'}  ({took:.2f} s)", None, "recovery")
+
+    @property
+    def phase(self) -> str:
+        """The verdict the scenario is working toward now: "triggered" until recovery starts."""
+        return "recovered" if self._section >= SECTIONS.index("recovery") else "triggered"
 
     def verdicts(self) -> tuple[bool, bool]:
         trig = [c.ok for c in self.checks if c.phase == "triggered"]

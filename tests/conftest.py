@@ -179,3 +179,19 @@ def shared_server_untouched():
     changed = {k: {"added": sorted(set(after[k]) - set(before[k])), "removed": sorted(set(before[k]) - set(after[k]))}
                for k in before if before[k] != after[k]}
     assert not changed, f"the suite changed the shared server's catalog: {changed}"
+
+
+def assert_control_fails(result: Result, params: dict, scenario_id: str, claim: str) -> None:
+    """A negative control: with the naive code back in a fix slot, the same fault still landed
+    (triggered), the run cleaned up, and recovery failed on a named claim containing `claim`
+    (not on a crash)."""
+    record = result.scenario(scenario_id)
+    assert record["mode"] == "control", record.get("fixes")
+    assert result.returncode == 1, result.stdout[-3000:]
+    assert record["triggered"] is True, f"the fault did not land: {record.get('reason')}"
+    assert record["cleaned"] is True, record.get("reason")
+    assert record["recovered"] is False, f"the control passed: {scenario_id}\n{result.stdout[-3000:]}"
+    failed = [c["claim"] for c in record["checks"] if c["phase"] == "recovered" and not c["ok"]]
+    named = [c for c in failed if not c.startswith(("unexpected ", "stopped early"))]
+    assert any(claim in c for c in named), f"failed claims {failed}, wanted one with {claim!r}"
+    assert lab_schemas(params, result.journal["run_id"]) == []
