@@ -33,11 +33,10 @@ def prepare(script: str, args, console: output.Console):
     command = " ".join(shlex.quote(a) for a in [_relative(sys.executable), _relative(sys.argv[0]), "--exercise", spec.id] +
                        (["--exercise-dir", args.exercise_dir] if args.exercise_dir != "exercises" else []))
     if args.solution:
-        console.line(f"Reference solution of {spec.id} ({script}):", "bold")
-        for f in spec.fixes:
-            console.line()
-            for ln in source_of(f.fixed).splitlines():
-                console.line("    " + ln)
+        console.line(f"Reference solution of {spec.id} ({script}), ready to paste into {path}:", "bold")
+        console.line()
+        for ln in reference_file(script, spec).splitlines():
+            console.line(ln)
         _exit(0)
     if args.hint:
         for f in spec.fixes:
@@ -117,6 +116,12 @@ def starting_file(script: str, scenario_id: str, title: str, fixes: tuple[Fix, .
             f"from {module} import *  # noqa: F401,F403  the lesson's helpers, constants and imports\n")
     bodies = [_renamed(f.naive, f.slot, f.contract) for f in fixes]
     return head + "".join("\n\n" + b for b in bodies)
+
+
+def reference_file(script: str, spec) -> str:
+    """The lesson's fixed code, renamed to the slots: a file that passes the exercise."""
+    return (f"from {Path(script).stem} import *  # noqa: F401,F403\n" +
+            "".join("\n\n" + _renamed(f.fixed, f.slot, f.contract) for f in spec.fixes))
 
 
 def _renamed(fn: Callable, name: str, contract: str) -> str:

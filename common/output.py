@@ -50,6 +50,21 @@ class Redactor:
 redact = Redactor()
 
 
+def words(value) -> str:
+    """A value as a reader would write it, never a Python repr: NULL, yes/no, 'a 1, b 2', '1, 2'."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {words(v)}" for k, v in value.items()) or "none"
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return ", ".join(words(v) for v in value) or "none"
+    return str(value)
+
+
 def can_encode(stream, text: str) -> bool:
     encoding = getattr(stream, "encoding", None) or "ascii"
     try:

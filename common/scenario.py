@@ -291,10 +291,13 @@ class Scenario:
     def bars(self, pairs, unit: str = "", width: int = 40) -> None:
         self.run.console.bars(list(pairs), width=width, unit=unit, section=self._current)
 
-    def measure(self, name: str, value, note: str = ""):
-        """Record a figure (journal `measurements`) and print it; returns the value."""
+    def measure(self, name: str, value, note: str = "", show: bool = True):
+        """Record a figure (journal `measurements`) and print it, unless `show` is False (a figure
+        already on screen in a table or a sentence); returns the value."""
         self.measurements[name] = value
-        self.run.console.line(f"   {name} = {value}" + (f"  ({note})" if note else ""), "bold", self._current)
+        if show:
+            self.run.console.line(f"   {name} = {output.words(value)}" + (f"  ({note})" if note else ""),
+                                  "bold", self._current)
         return value
 
     # -- what scenarios use: errors and checks ----------------------------------------------------

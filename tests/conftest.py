@@ -195,3 +195,21 @@ def assert_control_fails(result: Result, params: dict, scenario_id: str, claim: 
     named = [c for c in failed if not c.startswith(("unexpected ", "stopped early"))]
     assert any(claim in c for c in named), f"failed claims {failed}, wanted one with {claim!r}"
     assert lab_schemas(params, result.journal["run_id"]) == []
+
+
+# -- exercises, graded through the command line as a student runs them --------------------------
+def exercise_file(tmp_path: Path, script: str, scenario_id: str) -> Path:
+    return tmp_path / "exercises" / script[:-3] / f"{scenario_id}.py"
+
+
+def grade(script: str, scenario_id: str, tmp_path: Path, env: dict | None = None) -> Result:
+    """Run the exercise of scenario_id on the student's file in tmp_path/exercises."""
+    return run_script(script, "--exercise", scenario_id, env=env, tmp_path=tmp_path)
+
+
+def write_solution(tmp_path, script, scenario_id, code: str):
+    """A student's file: the lesson's helpers, then `code`."""
+    path = exercise_file(tmp_path, script, scenario_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"from {script[:-3]} import *  # noqa\n\n{code}")
+    return path

@@ -98,7 +98,7 @@ def test_hints_in_levels_and_the_solution(tmp_path):
     solution = _exercise(tmp_path, "--solution")
     assert "Look at ON CONFLICT" in one.stdout and "DO NOTHING inserts" not in one.stdout
     assert "DO NOTHING inserts at most once" in two.stdout
-    assert "def insert_once" in solution.stdout
+    assert "def insert_key(conn):" in solution.stdout and "ON CONFLICT DO NOTHING" in solution.stdout
     assert not (tmp_path / "exercises").exists()  # asking for hints writes nothing
 
 
