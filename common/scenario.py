@@ -51,6 +51,10 @@ class Unfinished(Exception):
     """A scenario stopped early because a check it depends on failed."""
 
 
+class Skipped(Exception):
+    """The scenario cannot run here (a server version, a missing facility); its reason is shown."""
+
+
 @dataclass
 class Check:
     phase: str  # "triggered" or "recovered"
@@ -351,6 +355,10 @@ class Scenario:
         """A check the rest of the scenario depends on: stop the scenario if it fails."""
         if not self._check(self.phase, bool(ok), claim):
             raise Unfinished(claim)
+
+    def skip(self, reason: str) -> None:
+        """Stop: this scenario cannot work here. Recorded as skipped with the reason, not failed."""
+        raise Skipped(reason)
 
     def _check(self, phase: str, ok: bool, claim: str) -> bool:
         self.checks.append(Check(phase, ok, claim))

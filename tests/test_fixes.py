@@ -106,3 +106,11 @@ def test_list_marks_the_scenarios_with_exercises(tmp_path):
     listed = run_script(BROKEN, "--list", journal=False, tmp_path=tmp_path)
     lines = {ln.split()[0]: ln for ln in listed.stdout.splitlines()}
     assert "[exercise]" in lines["with_fix"] and "[exercise]" not in lines["passes"]
+
+
+def test_a_skip_says_why_and_fails_nothing(tmp_path):
+    result = run_script(BROKEN, "--only", "skips,passes", tmp_path=tmp_path)
+    record = result.scenario("skips")
+    assert record["status"] == "skipped" and record["reason"] == "needs PostgreSQL 99 or later"
+    assert record["cleaned"] is True and result.returncode == 0
+    assert "1 passed, 0 failed, 1 skipped" in result.stdout
