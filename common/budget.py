@@ -1,14 +1,175 @@
 """A run's share of the server's connections, so a classroom can share one server.
 
-(Placeholder: grants what is asked. The classroom design replaces the inside, not the call.)
+A room of laptops pointed at one server runs the same lessons; most scenarios hold 2 to 5
+sessions, but the retry storm opens 32 at once. Two rules keep such a room on its feet:
+
+- Never take the last slots. The lab leaves the reserved slots (superuser_reserved_connections,
+  and reserved_connections from PostgreSQL 16 on) and a margin (`margin()`) free, so a client
+  that is not part of the lab can always connect while the lab runs.
+- Take turns. A run that needs many connections at once asks for a share. Admission is decided
+  under a gate, a session-level advisory lock in the lab's own key space: the run measures the
+  headroom (the usable slots minus every client session now, minus what admitted runs have not
+  opened yet, minus what other lab runs may still open), and if there is room for at least
+  `least` connections and one of the K turns is free, it takes the turn and a marker lock whose
+  key records its peak. K is how many full shares the usable slots hold (at least 1), so a
+  large server runs several storms at once and a small one runs them one by one.
+
+A run with no room waits, polling, and says so with the time waited; after `limit` seconds the
+scenario is skipped with the figures (never a hang; Ctrl-C ends the wait). The locks are held on
+the run's admin connection and end with its session, so a killed run never keeps its turn.
+Advisory locks belong to one database: the runs of a room share turns when they use the same
+database (the one DATABASE_URL the README gives the room).
 """
 from __future__ import annotations
 
 import contextlib
+import time
+
+from common import db
+
+LAB_KEY = 0x6661696C     # 'fail': the first key of every advisory lock of the lab
+GATE, FIRST_TURN = 0, 1  # second keys under LAB_KEY: the gate, then the K turns
+MARKER_KEY = LAB_KEY + 1  # second key: turn << 16 | the run's peak sessions (one per admitted run)
+WAITING_KEY = LAB_KEY + 2  # second key: the waiting session's pid (a waiting run opens nothing)
+RUN_PEAK = 5             # most sessions a lab run holds outside a share (measured: 5, checkpoints)
+POLL_S = 0.25
+SAY_EVERY_S = 15.0
+WAIT_LIMIT_S = 300.0
+
+
+def margin(max_connections: int) -> int:
+    """Slots the lab leaves free for others, beyond the reserved ones: 2 of 30, 5 of 100."""
+    return max(2, max_connections // 20)
+
+
+def _lock(conn, key: int, sub: int) -> bool:
+    return bool(db.scalar(conn, "SELECT pg_try_advisory_lock(%s, %s)", (key, sub)))
+
+
+def _unlock(conn, key: int, sub: int) -> None:
+    with contextlib.suppress(Exception):  # a broken session has released its locks already
+        db.scalar(conn, "SELECT pg_advisory_unlock(%s, %s)", (key, sub))
+
+
+def usable(conn) -> tuple[int, int]:
+    """(max_connections, the slots the lab may use of them: max_connections minus the reserved
+    slots minus the margin)."""
+    settings = dict(db.rows(conn, "SELECT name, setting::int FROM pg_settings WHERE name IN "
+                                  "('max_connections', 'superuser_reserved_connections', 'reserved_connections')"))
+    most = settings["max_connections"]
+    reserved = settings.get("superuser_reserved_connections", 0) + settings.get("reserved_connections", 0)
+    return most, most - reserved - margin(most)
+
+
+# Client sessions of this database's server. Without pg_read_all_stats, backend_type is NULL on
+# other users' rows; a row with a database is then counted (an autovacuum worker too: on the safe side).
+SESSIONS = """
+    SELECT a.application_name, count(*) FROM pg_stat_activity a
+    WHERE a.datid IS NOT NULL AND coalesce(a.backend_type, 'client backend') = 'client backend'
+    GROUP BY 1"""
+MARKERS = """
+    SELECT l.classid::int, l.objid::bigint, a.application_name FROM pg_locks l
+    JOIN pg_stat_activity a ON a.pid = l.pid
+    WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 AND l.classid::int IN (%s, %s)
+      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"""
+
+
+def headroom(conn, app: str) -> dict:
+    """What a run named `app` may open now: the usable slots minus every client session, minus
+    what admitted runs have not opened yet, minus what other running lab runs may still open."""
+    most, lab_slots = usable(conn)
+    sessions = dict(db.rows(conn, SESSIONS))
+    admitted, waiting = {}, set()
+    for key, sub, name in db.rows(conn, MARKERS, (MARKER_KEY, WAITING_KEY)):
+        if key == MARKER_KEY:
+            admitted[name] = admitted.get(name, 0) + (sub & 0xFFFF)
+        else:
+            waiting.add(name)
+    unopened = sum(max(0, peak - sessions.get(name, 0)) for name, peak in admitted.items() if name != app)
+    running = [n for n in sessions if n.startswith("faillab:") and n != app and n not in admitted and n not in waiting]
+    growth = sum(max(0, RUN_PEAK - sessions[n]) for n in running)
+    in_use = sum(sessions.values())
+    return {"max_connections": most, "lab_slots": lab_slots, "in_use": in_use, "mine": sessions.get(app, 0),
+            "unopened": unopened, "growth": growth, "free": lab_slots - in_use - unopened - growth,
+            "storms": len(admitted) - (app in admitted)}
+
+
+def turns(lab_slots: int, connections: int) -> int:
+    """K: how many runs may hold a share at once."""
+    return max(1, lab_slots // (connections + RUN_PEAK))
+
+
+def _admit(conn, app: str, connections: int, least: int) -> tuple[int, tuple, dict]:
+    """Under the gate: (granted, the locks taken, figures); granted 0 when there is no room or
+    no free turn, and then nothing is taken."""
+    if not _lock(conn, LAB_KEY, GATE):
+        return 0, (), {}
+    try:
+        room = headroom(conn, app)
+        granted = min(connections, room["free"])
+        if granted < least:
+            return 0, (), room
+        for turn in range(FIRST_TURN, FIRST_TURN + turns(room["lab_slots"], connections)):
+            if _lock(conn, LAB_KEY, turn):
+                marker = (MARKER_KEY, turn << 16 | min(room["mine"] + granted, 0xFFFF))
+                _lock(conn, *marker)
+                return granted, ((LAB_KEY, turn), marker), room
+        return 0, (), room
+    finally:
+        _unlock(conn, LAB_KEY, GATE)
 
 
 @contextlib.contextmanager
-def share(s, connections: int):
+def share(s, connections: int, least: int | None = None, limit: float = WAIT_LIMIT_S):
     """Wait for this run's turn to open `connections` extra connections at once on the server;
-    yields how many it may open (at most `connections`). Released on exit."""
-    yield connections
+    yields how many it may open (at most `connections`, at least `least`, by default an eighth).
+    Released on exit. After `limit` seconds without a turn the scenario is skipped, with figures."""
+    conn, app = s.run.admin, s.app
+    least = max(1, min(connections, least if least is not None else max(2, connections // 8)))
+    started = time.monotonic()
+    said_at, waiting_mark = None, None
+    granted, held, room = 0, (), {}
+    try:
+        while True:
+            granted, held, figures = _admit(conn, app, connections, least)
+            room = figures or room
+            if granted:
+                break
+            waited = time.monotonic() - started
+            if waiting_mark is None:
+                waiting_mark = int(db.scalar(conn, "SELECT pg_backend_pid()"))
+                _lock(conn, WAITING_KEY, waiting_mark)
+            if said_at is None or waited - said_at >= SAY_EVERY_S:
+                s.say(_waiting_line(room, connections, least, waited))
+                said_at = waited
+            if waited >= limit:
+                s.skip(f"no turn on the classroom server after {waited:.0f} s ({_figures(room)}); "
+                       "run it again when fewer runs share the server")
+            time.sleep(POLL_S)
+        if waiting_mark is not None:
+            _unlock(conn, WAITING_KEY, waiting_mark)
+            waiting_mark = None
+        waited = time.monotonic() - started
+        if said_at is not None or granted < connections:
+            s.say(f"Classroom server: this run's turn came after {waited:.1f} s, with room for {granted} "
+                  f"of its {connections} connections ({_figures(room)}).")
+            s.measure("share_wait_s", round(waited, 1), show=False)
+            s.measure("share_connections", granted, show=False)
+        yield granted
+    finally:
+        for key in reversed(held):
+            _unlock(conn, *key)
+        if waiting_mark is not None:
+            _unlock(conn, WAITING_KEY, waiting_mark)
+
+
+def _figures(room: dict) -> str:
+    if not room:
+        return "another run was deciding"
+    return (f"max_connections {room['max_connections']}, {room['lab_slots']} for the lab, "
+            f"{room['in_use']} in use, {room['free']} free, {room['storms']} other share(s) running")
+
+
+def _waiting_line(room: dict, connections: int, least: int, waited: float) -> str:
+    return (f"Waiting for the classroom server ({waited:.0f} s so far): this run needs {least} to "
+            f"{connections} connections at once; {_figures(room)}.")

@@ -1,0 +1,154 @@
+"""A classroom on one server: runs take turns for their connection shares, and never take the
+last slots. Against a private server with few slots (no timing is asserted: only order, counts
+and outcomes)."""
+import threading
+import time
+from types import SimpleNamespace
+
+import psycopg2
+import pytest
+
+from bench import classroom
+from common import budget, db
+from common.scenario import Skipped
+
+
+class Handle:
+    """What budget.share uses of a scenario: the run's admin connection and name, say, measure, skip."""
+
+    def __init__(self, params: dict, run_id: str):
+        self.app = f"faillab:{run_id}"
+        self.run = SimpleNamespace(admin=db.connect(params, autocommit=True, app=self.app))
+        self.params = db.conn_params(params, app=self.app)
+        self.said: list[str] = []
+        self.measurements: dict = {}
+
+    def say(self, text: str) -> None:
+        self.said.append(text)
+
+    def measure(self, name, value, note="", show=True):
+        self.measurements[name] = value
+
+    def skip(self, reason: str) -> None:
+        raise Skipped(reason)
+
+    def open(self, n: int) -> list:
+        return [psycopg2.connect(**self.params) for _ in range(n)]
+
+
+def close_all(conns) -> None:
+    for c in conns:
+        c.close()
+
+
+@pytest.fixture(scope="module")
+def small_server():
+    with classroom.private_server(max_connections=30) as params:
+        yield params
+
+
+@pytest.fixture
+def handles(small_server):
+    """handles("a", "b") -> two runs' Handles on the small server, their sessions closed afterwards."""
+    made = []
+
+    def make(*run_ids):
+        made.extend(Handle(small_server, run_id) for run_id in run_ids)
+        return made[-len(run_ids):]
+
+    yield make
+    for h in made:
+        h.run.admin.close()
+
+
+def outsider_connects(params: dict) -> bool:
+    try:
+        psycopg2.connect(**{**params, "user": classroom.OUTSIDER, "connect_timeout": 5}).close()
+        return True
+    except psycopg2.OperationalError:
+        return False
+
+
+def test_the_lab_leaves_the_reserved_slots_and_a_margin(handles):
+    h, = handles("usable")
+    most, lab_slots = budget.usable(h.run.admin)
+    assert most == 30
+    assert lab_slots == 30 - 3 - budget.margin(30) == 25  # superuser_reserved_connections = 3, margin 2
+    assert budget.margin(100) == 5
+    assert budget.turns(lab_slots, 32) == 1 and budget.turns(100 - 3 - 5, 32) == 2
+
+
+def test_a_share_is_scaled_to_the_headroom_and_an_outsider_still_connects(small_server, handles):
+    h, = handles("scaled")
+    others = [psycopg2.connect(**small_server, application_name="another client") for _ in range(8)]
+    try:
+        with budget.share(h, 32) as n:
+            room = budget.headroom(h.run.admin, h.app)  # what the run saw, less what it was given
+            assert 2 <= n < 32
+            assert "room for" in " ".join(h.said) and h.measurements["share_connections"] == n
+            opened = h.open(n)
+            try:
+                assert outsider_connects(small_server)  # the run took all it was given, not the last slots
+                in_use = budget.headroom(h.run.admin, h.app)["in_use"]
+                assert in_use <= budget.usable(h.run.admin)[1]
+            finally:
+                close_all(opened)
+        assert room["free"] >= 0
+    finally:
+        close_all(others)
+
+
+def test_a_second_share_waits_for_the_first_then_runs(handles):
+    first, second = handles("first", "second")
+    order, granted = [], {}
+
+    def second_run():
+        with budget.share(second, 16) as n:
+            order.append("second runs")
+            granted["second"] = n
+
+    with budget.share(first, 16) as n:
+        granted["first"] = n
+        opened = first.open(n)
+        order.append("first runs")
+        t = threading.Thread(target=second_run)
+        t.start()
+        while not second.said and t.is_alive():  # until it has said that it waits
+            time.sleep(0.05)
+        close_all(opened)
+        order.append("first done")
+    t.join(60)
+    assert not t.is_alive()
+    assert order == ["first runs", "first done", "second runs"]
+    assert granted["first"] == 16 and granted["second"] >= 2
+    assert second.said[0].startswith("Waiting for the classroom server")
+    assert "turn came after" in second.said[-1] and second.measurements["share_wait_s"] >= 0
+
+
+def test_a_turn_that_never_comes_ends_as_a_skip_with_the_figures(handles):
+    holder, late = handles("holder", "late")
+    with budget.share(holder, 16):
+        with pytest.raises(Skipped, match="no turn on the classroom server after .*max_connections 30"):
+            with budget.share(late, 16, limit=0.5):
+                pytest.fail("the late run was admitted while the holder kept the only turn")
+    with budget.share(late, 16) as n:  # nothing of the late run's wait was left behind
+        assert n == 16
+
+
+def test_a_run_that_dies_gives_its_turn_back(handles):
+    dead, next_run = handles("dead", "next")
+    budget.share(dead, 16).__enter__()
+    dead.run.admin.close()  # killed: its session ends, and with it every lock it held
+    with budget.share(next_run, 16, limit=30) as n:
+        assert n == 16
+
+
+def test_a_role_that_may_not_read_all_stats_counts_every_session(small_server):
+    superuser = db.connect(small_server, autocommit=True)
+    outsider = db.connect({**small_server, "user": classroom.OUTSIDER}, autocommit=True)
+    try:
+        seen_by_superuser = budget.headroom(superuser, "faillab:none")["in_use"]
+        assert budget.headroom(outsider, "faillab:none")["in_use"] >= seen_by_superuser >= 2
+    finally:
+        superuser.close()
+        outsider.close()
