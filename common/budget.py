@@ -14,8 +14,9 @@ sessions, but the retry storm opens 32 at once. Two rules keep such a room on it
   key records its peak. K is how many full shares the usable slots hold (at least 1), so a
   large server runs several storms at once and a small one runs them one by one.
 
-A run with no room waits, polling, and says so with the time waited; after `limit` seconds the
-scenario is skipped with the figures (never a hang; Ctrl-C ends the wait). The locks are held on
+A run with no room or no turn waits in line (a ticket lock, served in the order they came; a
+waiter that stops polling loses its place), and says so with the time waited; after `limit`
+seconds the scenario is skipped with the figures (never a hang; Ctrl-C ends the wait). The locks are held on
 the run's admin connection and end with its session, so a killed run never keeps its turn.
 Advisory locks belong to one database: the runs of a room share turns when they use the same
 database (the one DATABASE_URL the README gives the room).
@@ -33,6 +34,7 @@ MARKER_KEY = LAB_KEY + 1  # second key: turn << 16 | the run's peak sessions (on
 WAITING_KEY = LAB_KEY + 2  # second key: the waiting session's pid (a waiting run opens nothing)
 RUN_PEAK = 5             # most sessions a lab run holds outside a share (measured: 5, checkpoints)
 POLL_S = 0.25
+STALE_S = 10.0           # a waiter whose last poll is older than this is not in the line any more
 SAY_EVERY_S = 15.0
 WAIT_LIMIT_S = 300.0
 
@@ -68,30 +70,34 @@ SESSIONS = """
     WHERE a.datid IS NOT NULL AND coalesce(a.backend_type, 'client backend') = 'client backend'
     GROUP BY 1"""
 MARKERS = """
-    SELECT l.classid::int, l.objid::bigint, a.application_name FROM pg_locks l
-    JOIN pg_stat_activity a ON a.pid = l.pid
+    SELECT l.classid::int, l.objid::bigint, a.application_name,
+           coalesce(now() - a.query_start > make_interval(secs => %s), false)
+    FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
     WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 AND l.classid::int IN (%s, %s)
       AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"""
 
 
-def headroom(conn, app: str) -> dict:
+def headroom(conn, app: str, ticket: int | None = None) -> dict:
     """What a run named `app` may open now: the usable slots minus every client session, minus
-    what admitted runs have not opened yet, minus what other running lab runs may still open."""
+    what admitted runs have not opened yet, minus what other running lab runs may still open;
+    and how many runs wait ahead of `ticket` (all of them, without a ticket)."""
     most, lab_slots = usable(conn)
     sessions = dict(db.rows(conn, SESSIONS))
-    admitted, waiting = {}, set()
-    for key, sub, name in db.rows(conn, MARKERS, (MARKER_KEY, WAITING_KEY)):
+    admitted, waiting = {}, {}
+    for key, sub, name, stale in db.rows(conn, MARKERS, (STALE_S, MARKER_KEY, WAITING_KEY)):
         if key == MARKER_KEY:
             admitted[name] = admitted.get(name, 0) + (sub & 0xFFFF)
-        else:
-            waiting.add(name)
+        elif not stale:  # a waiter that stopped polling (suspended, say) does not hold the line up
+            waiting[name] = sub
     unopened = sum(max(0, peak - sessions.get(name, 0)) for name, peak in admitted.items() if name != app)
     running = [n for n in sessions if n.startswith("faillab:") and n != app and n not in admitted and n not in waiting]
     growth = sum(max(0, RUN_PEAK - sessions[n]) for n in running)
     in_use = sum(sessions.values())
     return {"max_connections": most, "lab_slots": lab_slots, "in_use": in_use, "mine": sessions.get(app, 0),
             "unopened": unopened, "growth": growth, "free": lab_slots - in_use - unopened - growth,
-            "storms": len(admitted) - (app in admitted)}
+            "storms": len(admitted) - (app in admitted),
+            "ahead": sum(1 for name, t in waiting.items() if name != app and (ticket is None or t < ticket)),
+            "next_ticket": max(waiting.values(), default=0) + 1}
 
 
 def turns(lab_slots: int, connections: int) -> int:
@@ -99,75 +105,90 @@ def turns(lab_slots: int, connections: int) -> int:
     return max(1, lab_slots // (connections + RUN_PEAK))
 
 
-def _admit(conn, app: str, connections: int, least: int) -> tuple[int, tuple, dict]:
-    """Under the gate: (granted, the locks taken, figures); granted 0 when there is no room or
-    no free turn, and then nothing is taken."""
-    if not _lock(conn, LAB_KEY, GATE):
-        return 0, (), {}
-    try:
-        room = headroom(conn, app)
-        granted = min(connections, room["free"])
-        if granted < least:
-            return 0, (), room
-        for turn in range(FIRST_TURN, FIRST_TURN + turns(room["lab_slots"], connections)):
-            if _lock(conn, LAB_KEY, turn):
-                marker = (MARKER_KEY, turn << 16 | min(room["mine"] + granted, 0xFFFF))
-                _lock(conn, *marker)
-                return granted, ((LAB_KEY, turn), marker), room
-        return 0, (), room
-    finally:
-        _unlock(conn, LAB_KEY, GATE)
+class Share:
+    """One run's place in the classroom: nothing, a ticket in the line, or a turn. Every lock it
+    takes is a session lock on `conn`, released by `leave()` (or by the session's end)."""
+
+    def __init__(self, conn, app: str, connections: int, least: int):
+        self.conn, self.app, self.connections, self.least = conn, app, connections, least
+        self.granted, self.room = 0, {}
+        self.ticket: int | None = None
+        self.held: list[tuple[int, int]] = []
+
+    def try_admit(self) -> bool:
+        """Under the gate: take a turn if this run is first in line, a turn is free and there is
+        room for `least` connections; otherwise join the line (once) and return False."""
+        if not _lock(self.conn, LAB_KEY, GATE):
+            return False  # another run is deciding: look again at the next poll
+        try:
+            self.room = room = headroom(self.conn, self.app, self.ticket)
+            granted = min(self.connections, room["free"])
+            if granted >= self.least and room["ahead"] == 0:
+                for turn in range(FIRST_TURN, FIRST_TURN + turns(room["lab_slots"], self.connections)):
+                    if self._take(LAB_KEY, turn):
+                        self._take(MARKER_KEY, turn << 16 | min(room["mine"] + granted, 0xFFFF))
+                        self.granted = granted
+                        self._give_back((WAITING_KEY, self.ticket))
+                        return True
+            if self.ticket is None:
+                self.ticket = room["next_ticket"]
+                self._take(WAITING_KEY, self.ticket)
+            return False
+        finally:
+            _unlock(self.conn, LAB_KEY, GATE)
+
+    def _take(self, key: int, sub: int) -> bool:
+        if _lock(self.conn, key, sub):
+            self.held.append((key, sub))
+            return True
+        return False
+
+    def _give_back(self, lock) -> None:
+        if lock in self.held:
+            self.held.remove(lock)
+            _unlock(self.conn, *lock)
+
+    def leave(self) -> None:
+        for lock in reversed(list(self.held)):
+            self._give_back(lock)
 
 
 @contextlib.contextmanager
 def share(s, connections: int, least: int | None = None, limit: float = WAIT_LIMIT_S):
     """Wait for this run's turn to open `connections` extra connections at once on the server;
     yields how many it may open (at most `connections`, at least `least`, by default an eighth).
-    Released on exit. After `limit` seconds without a turn the scenario is skipped, with figures."""
-    conn, app = s.run.admin, s.app
+    Released on exit. After `limit` seconds without a turn the scenario is skipped, with figures.
+    Runs that wait are served in the order they came."""
     least = max(1, min(connections, least if least is not None else max(2, connections // 8)))
-    started = time.monotonic()
-    said_at, waiting_mark = None, None
-    granted, held, room = 0, (), {}
+    place = Share(s.run.admin, s.app, connections, least)
+    started, said_at = time.monotonic(), None
     try:
-        while True:
-            granted, held, figures = _admit(conn, app, connections, least)
-            room = figures or room
-            if granted:
-                break
+        while not place.try_admit():
             waited = time.monotonic() - started
-            if waiting_mark is None:
-                waiting_mark = int(db.scalar(conn, "SELECT pg_backend_pid()"))
-                _lock(conn, WAITING_KEY, waiting_mark)
             if said_at is None or waited - said_at >= SAY_EVERY_S:
-                s.say(_waiting_line(room, connections, least, waited))
+                s.say(_waiting_line(place.room, connections, least, waited))
                 said_at = waited
             if waited >= limit:
-                s.skip(f"no turn on the classroom server after {waited:.0f} s ({_figures(room)}); "
+                s.skip(f"no turn on the classroom server after {waited:.0f} s ({_figures(place.room)}); "
                        "run it again when fewer runs share the server")
             time.sleep(POLL_S)
-        if waiting_mark is not None:
-            _unlock(conn, WAITING_KEY, waiting_mark)
-            waiting_mark = None
         waited = time.monotonic() - started
-        if said_at is not None or granted < connections:
-            s.say(f"Classroom server: this run's turn came after {waited:.1f} s, with room for {granted} "
-                  f"of its {connections} connections ({_figures(room)}).")
+        if said_at is not None or place.granted < connections:
+            s.say(f"Classroom server: this run's turn came after {waited:.1f} s, with room for {place.granted} "
+                  f"of its {connections} connections ({_figures(place.room)}).")
             s.measure("share_wait_s", round(waited, 1), show=False)
-            s.measure("share_connections", granted, show=False)
-        yield granted
+            s.measure("share_connections", place.granted, show=False)
+        yield place.granted
     finally:
-        for key in reversed(held):
-            _unlock(conn, *key)
-        if waiting_mark is not None:
-            _unlock(conn, WAITING_KEY, waiting_mark)
+        place.leave()
 
 
 def _figures(room: dict) -> str:
     if not room:
         return "another run was deciding"
     return (f"max_connections {room['max_connections']}, {room['lab_slots']} for the lab, "
-            f"{room['in_use']} in use, {room['free']} free, {room['storms']} other share(s) running")
+            f"{room['in_use']} in use, {room['free']} free, {room['storms']} other share(s) running, "
+            f"{room['ahead']} run(s) ahead in line")
 
 
 def _waiting_line(room: dict, connections: int, least: int, waited: float) -> str:

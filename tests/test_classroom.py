@@ -98,6 +98,19 @@ def test_a_share_is_scaled_to_the_headroom_and_an_outsider_still_connects(small_
         close_all(others)
 
 
+def test_what_an_admitted_run_has_not_opened_yet_is_not_free_for_the_next(handles):
+    admitted, next_run = handles("admitted", "next")
+    with budget.share(admitted, 5) as n:
+        assert n == 5
+        granted = budget.headroom(next_run.run.admin, next_run.app)
+        assert granted["unopened"] == 5
+        opened = admitted.open(3)
+        room = budget.headroom(next_run.run.admin, next_run.app)
+        assert (room["unopened"], room["in_use"]) == (2, granted["in_use"] + 3)  # 3 opened, 2 still to come
+        assert room["free"] == granted["free"]  # opening what it was given takes nothing more
+        close_all(opened)
+
+
 def test_a_second_share_waits_for_the_first_then_runs(handles):
     first, second = handles("first", "second")
     order, granted = [], {}
@@ -123,6 +136,27 @@ def test_a_second_share_waits_for_the_first_then_runs(handles):
     assert granted["first"] == 16 and granted["second"] >= 2
     assert second.said[0].startswith("Waiting for the classroom server")
     assert "turn came after" in second.said[-1] and second.measurements["share_wait_s"] >= 0
+
+
+def test_runs_that_wait_are_served_in_the_order_they_came(handles):
+    holder, early, late = handles("holder", "early", "late")
+    order = []
+
+    def wait_for_turn(h):
+        with budget.share(h, 16):
+            order.append(h.app)
+
+    with budget.share(holder, 16):
+        threads = []
+        for h in (early, late):
+            threads.append(threading.Thread(target=wait_for_turn, args=(h,)))
+            threads[-1].start()
+            while not h.said and threads[-1].is_alive():  # in line before the next one comes
+                time.sleep(0.05)
+    for t in threads:
+        t.join(60)
+    assert order == [early.app, late.app]
+    assert "1 run(s) ahead in line" in late.said[0]
 
 
 def test_a_turn_that_never_comes_ends_as_a_skip_with_the_figures(handles):
