@@ -1,8 +1,11 @@
 """Connections, the run's private schemas, and the queries every proof uses.
 
-Every connection carries `application_name = faillab:<run id>` and a `search_path` set to the
-scenario's private schema, so a student's `SELECT * FROM target` touches nothing else, and a
-stuck backend of this run can be found (and ended) by name.
+Every connection carries `application_name = faillab:<run id>`, so a stuck backend of this run
+can be found (and ended) by name, and right after login it SETs the session settings a lesson
+depends on (`SESSION`): the scenario's private schema as `search_path`, so a student's
+`SELECT * FROM target` touches nothing else, and timeouts, isolation and read-write mode, so
+that no role or database default (`ALTER ROLE ... SET`) can change what a lesson shows. They are
+SET, not sent as the `options` startup parameter, which poolers such as PgBouncer refuse.
 """
 from __future__ import annotations
 
@@ -12,25 +15,91 @@ import os
 import secrets
 import socket
 import time
+from dataclasses import dataclass
 
 import psutil
 import psycopg2
+import psycopg2.extensions
 from psycopg2 import sql
 
 from common import config, output
 
 SCHEMA_PREFIX = "faillab_"
 
+# What every lab connection SETs after login, whatever the role's or database's defaults say.
+SESSION = {
+    "lock_timeout": "5s",          # a lock that never comes free fails the step, not the run
+    "statement_timeout": "20s",    # no lesson statement runs this long; pg_sleep(30) is killed
+    "idle_in_transaction_session_timeout": "0",  # lessons hold transactions open on purpose
+    "default_transaction_isolation": "read committed",  # what the lessons explain and race
+    "default_transaction_read_only": "off",
+    "IntervalStyle": "postgres",   # what psycopg2 parses (it sets DateStyle ISO itself)
+}
+# Settings that exist only from a server version on (server_version_num), with their value.
+SESSION_SINCE = {
+    "transaction_timeout": (170000, "0"),  # a role's transaction_timeout would end long lessons
+}
+
 
 class StartupError(Exception):
     """The run cannot start (no database reachable, no right to create a schema): exit 2."""
 
 
-def conn_params(params: dict, *, schema: str | None = None, app: str | None = None) -> dict:
-    """libpq keywords with a short connect timeout, the run's name and a search_path (picklable)."""
+@dataclass(frozen=True)
+class Session:
+    """A psycopg2 connection_factory that SETs the lab's session settings right after login.
+
+    It travels inside the connection parameters (a frozen dataclass pickles by value), so a
+    worker process that calls psycopg2.connect(**params) gets the same session as the scenario."""
+    settings: tuple = ()  # ((name, value), ...), applied after SESSION
+
+    def __call__(self, dsn, async_=0):
+        conn = psycopg2.extensions.connection(dsn, async_)
+        try:
+            apply_session(conn, self.settings)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def merged(self, settings: dict) -> "Session":
+        return Session(tuple({**dict(self.settings), **settings}.items()))
+
+
+def session_settings(server_version_num: int, settings=()) -> dict:
+    """The settings a connection to a server of this version SETs: SESSION, the version's own,
+    then `settings` (the scenario's per-connection overrides and its search_path)."""
+    since = {name: value for name, (version, value) in SESSION_SINCE.items() if server_version_num >= version}
+    return {**SESSION, **since, **dict(settings)}
+
+
+def apply_session(conn, settings=()) -> None:
+    """SET the session settings in one round trip, outside any transaction (a rolled-back SET
+    would be undone)."""
+    wanted = session_settings(conn.server_version, settings)
+    autocommit = conn.autocommit
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT set_config(name, value, false) FROM unnest(%s::text[], %s::text[]) AS s(name, value)",
+                        (list(wanted), list(wanted.values())))
+    finally:
+        conn.autocommit = autocommit
+
+
+def conn_params(params: dict, *, schema: str | None = None, app: str | None = None, **settings) -> dict:
+    """libpq keywords with a short connect timeout and the run's name, plus the session settings
+    to SET after login (the search_path, and any SESSION value overridden by keyword, e.g.
+    statement_timeout="60s"). A plain dict, picklable: hand it to workers."""
+    unknown = sorted(set(settings) - set(SESSION) - set(SESSION_SINCE))
+    if unknown:
+        raise TypeError(f"not a lab session setting: {', '.join(unknown)}")
     kwargs = {"connect_timeout": config.CONNECT_TIMEOUT_S, **params}
+    session = kwargs.get("connection_factory")
+    session = session if isinstance(session, Session) else Session()
     if schema:
-        kwargs["options"] = f"-c search_path={schema}"
+        settings["search_path"] = '"' + schema.replace('"', '""') + '"'  # quote_ident
+    kwargs["connection_factory"] = session.merged(settings)
     if app:
         kwargs["application_name"] = app
     return kwargs
@@ -38,8 +107,15 @@ def conn_params(params: dict, *, schema: str | None = None, app: str | None = No
 
 def connect(params: dict, *, schema: str | None = None, app: str | None = None,
             autocommit: bool = False, **overrides):
-    """psycopg2.connect with conn_params, plus any keyword to override."""
-    conn = psycopg2.connect(**{**conn_params(params, schema=schema, app=app), **overrides})
+    """psycopg2.connect with conn_params; a keyword names a SESSION setting to override for this
+    connection (lock_timeout="30s") or any libpq keyword (connect_timeout=2)."""
+    settings = {k: overrides.pop(k) for k in list(overrides) if k in SESSION or k in SESSION_SINCE}
+    given = overrides.pop("connection_factory", None)
+    base = conn_params(params, schema=schema, app=app)
+    if isinstance(given, Session):  # e.g. a proxy's params for the same scenario: its settings win
+        base["connection_factory"] = base["connection_factory"].merged(dict(given.settings))
+    base["connection_factory"] = base["connection_factory"].merged(settings)
+    conn = psycopg2.connect(**{**base, **overrides})
     conn.autocommit = autocommit
     return conn
 
@@ -60,11 +136,66 @@ def explain_connect_error(exc: psycopg2.Error, target: str) -> str:
     return f"cannot connect to {target}: {text} ({hint})"
 
 
+def check_writable(conn, target: str) -> None:
+    """A standby (hot standby, a read replica) is read-only whatever a session SETs: exit 2."""
+    in_recovery, read_only = rows(conn, "SELECT pg_is_in_recovery(), current_setting('transaction_read_only')")[0]
+    if in_recovery:
+        raise StartupError(f"{target} is a read-only standby (pg_is_in_recovery() is true): "
+                           "point the lab at the primary server")
+    if read_only == "on":
+        raise StartupError(f"{target} gives only read-only transactions: point the lab at a writable server")
+
+
+def check_session_kept(conn, params: dict, target: str) -> None:
+    """Lessons hold a session: its SETs, locks and backend stay between transactions. A pooler in
+    transaction mode hands each transaction to whichever server session is free, so a second
+    client is used to make that visible: while one connection holds a transaction open, the
+    other's next transaction must still run in its own backend, and the holder must never have
+    been given it. Either pool order, LIFO (PgBouncer's default) or round robin, moves a pooled
+    connection off its backend in one of the two tests below."""
+    def backend(c) -> int:
+        with c.cursor() as cur:
+            cur.execute("SELECT pg_backend_pid()")
+            return cur.fetchone()[0]
+
+    def refuse(detail: str):
+        return StartupError(f"{target} does not keep a session between transactions ({detail}), as a "
+                            "pooler in transaction mode does: use the server's direct port or a "
+                            "session-mode pool")
+
+    try:  # the second client: raw libpq, no SETs, so it makes no transaction of its own yet
+        other = psycopg2.connect(**{"connect_timeout": config.CONNECT_TIMEOUT_S, **params,
+                                    "application_name": "faillab:probe"})
+    except psycopg2.Error as exc:
+        raise StartupError(explain_connect_error(exc, target)) from None
+    try:
+        mine = backend(conn)                      # autocommit: the backend is free again after this
+        with other.cursor() as cur:               # implicit BEGIN: holds a backend until rollback
+            cur.execute("SET LOCAL statement_timeout = 0; SELECT pg_backend_pid()")
+            held = cur.fetchone()[0]
+        if held == mine or backend(conn) != mine:  # LIFO hands the holder my backend
+            raise refuse("two clients shared one server session")
+        with conn.cursor() as cur:
+            cur.execute("BEGIN")
+            before = backend(conn)
+            other.rollback()                      # the holder's backend is freed first,
+            cur.execute("COMMIT")                 # then mine: round robin hands me the holder's
+        if before != mine or backend(conn) != mine:
+            raise refuse("one client's transactions ran in different server sessions")
+    except psycopg2.Error as exc:
+        first = output.redact(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+        raise refuse(first) from None
+    finally:
+        with contextlib.suppress(psycopg2.Error):
+            other.close()
+
+
 @contextlib.contextmanager
 def open_target(app: str = "faillab:admin"):
     """Resolve the configuration, start the embedded server if nothing is configured, and yield
     (target, params, autocommit connection). Raises StartupError or config.ConfigError with one
-    line a user can act on. The embedded server is released on the way out, whatever happens."""
+    line a user can act on: no server, a read-only standby, a pooler that does not keep sessions.
+    The embedded server is released on the way out, whatever happens."""
     from common import embedded
 
     target = config.resolve()
@@ -75,11 +206,14 @@ def open_target(app: str = "faillab:admin"):
                 params = embedded.acquire()
             finally:
                 stack.callback(embedded.release)
+        display = config.describe(params)
         try:
             conn = connect(params, autocommit=True, app=app)
         except psycopg2.Error as exc:
-            raise StartupError(explain_connect_error(exc, config.describe(params))) from None
+            raise StartupError(explain_connect_error(exc, display)) from None
         stack.callback(conn.close)
+        check_writable(conn, display)
+        check_session_kept(conn, params, display)
         yield target, params, conn
 
 

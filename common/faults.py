@@ -6,15 +6,29 @@ or Unix socket. Told to go `down()`, it drops every open connection and resets e
 (the client sees a real connection error); `up()` restores service; `latency` delays each new
 connection; `max_connections` rejects connections beyond a cap. Every attempt is recorded with
 its time, so a scenario can count exactly what the server would have seen.
+
+The proxy keeps TLS end to end: it forwards bytes, and `params()` keeps the server's host name
+for libpq's certificate check (`sslmode=verify-full`) while `hostaddr` routes to the proxy.
+
+`FAILLAB_NO_FAULTS=1` in the environment turns every fault here into a no-op (`down()`,
+`latency`, `max_connections`, `SlowDisk`'s stall): the proxy only forwards. It exists to prove a
+scenario honest: when its fault does not land, the scenario must fail fast, naming the claim
+that did not hold, instead of passing or hanging.
 """
 from __future__ import annotations
 
+import os
 import select
 import socket
 import struct
 import threading
 import time
 from dataclasses import dataclass
+
+
+def faults_enabled() -> bool:
+    """False when FAILLAB_NO_FAULTS=1: every injected fault is then a no-op (read at each use)."""
+    return os.environ.get("FAILLAB_NO_FAULTS", "") not in ("1", "true", "yes")
 
 
 @dataclass
@@ -69,7 +83,9 @@ class FaultProxy:
 
     # -- faults -------------------------------------------------------------------------------
     def down(self) -> None:
-        """Drop open connections; reset new ones until up()."""
+        """Drop open connections; reset new ones until up(). A no-op under FAILLAB_NO_FAULTS."""
+        if not faults_enabled():
+            return
         self.is_down = True
         self._drop_all()
 
@@ -77,8 +93,14 @@ class FaultProxy:
         self.is_down = False
 
     def params(self, base: dict) -> dict:
-        """Connection parameters that reach the server through this proxy."""
-        return {**base, "host": "127.0.0.1", "port": self.port}
+        """Connection parameters that reach the server through this proxy. libpq checks the
+        server's certificate against `host`, so a TCP host name stays as it was and `hostaddr`
+        sends the connection here; a Unix socket (or no host at all) becomes 127.0.0.1."""
+        host = str(base.get("host") or os.environ.get("PGHOST") or "")
+        routed = {"hostaddr": "127.0.0.1", "port": self.port}
+        if not host or host.startswith("/") or "," in host:
+            routed["host"] = "127.0.0.1"
+        return {**base, **routed}
 
     def count(self, outcome: str | None = None, since: float = 0.0) -> int:
         return sum(1 for a in list(self.attempts) if a.at >= since and (outcome is None or a.outcome == outcome))
@@ -109,7 +131,7 @@ class FaultProxy:
             if self.is_down:
                 self.attempts.append(Attempt(now, "down"))
                 _reset(client)
-            elif self.max_connections is not None and active >= self.max_connections:
+            elif self.max_connections is not None and active >= self.max_connections and faults_enabled():
                 self.attempts.append(Attempt(now, "over_cap"))
                 _reset(client)
             else:
@@ -123,7 +145,7 @@ class FaultProxy:
         return socket.create_connection((self.upstream_host, self.upstream_port), timeout=5)
 
     def _serve(self, client: socket.socket, at: float) -> None:
-        if self.latency:
+        if self.latency and faults_enabled():
             time.sleep(self.latency)
         try:
             upstream = self._connect_upstream()
@@ -181,7 +203,8 @@ class SlowDisk:
     def write(self, text):
         n = self._f.write(text)
         self._f.flush()
-        time.sleep(self._delay)
+        if faults_enabled():
+            time.sleep(self._delay)
         return n
 
     def __getattr__(self, name):

@@ -1,12 +1,17 @@
 """Printing: the six sections, ASCII fallback, colour rules, trimmed tracebacks, redaction.
 
-Everything a script shows goes through one Console, which also keeps a plain-text copy of each
-section for the journal. Secrets registered with `redact` are masked in all of it.
+Everything a script shows goes through one Console, which fits it to the terminal (prose reflowed,
+tables wrapped by column, over-wide code wrapped with a visible marker), and keeps a plain-text
+copy of each section plus its blocks (prose, code, tables, checks...) for the journal and the
+handout. Secrets registered with `redact` are masked in all of it.
 """
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import sys
+import textwrap
 import traceback
 from pathlib import Path
 
@@ -23,12 +28,18 @@ TITLES = {
     "description": "Description", "trigger": "Trigger", "error": "Error",
     "root_cause": "Root cause", "recovery": "Recovery", "prevention": "Prevention",
 }
+# Marks the continuation of a code line too wide for the terminal (a fallback: code is meant to fit).
+CONTINUED = "↪"
 # Characters the scripts use beyond ASCII, and what an ASCII console gets instead.
 TRANSLIT = {"✔": "ok", "✘": "FAIL", "→": "->", "←": "<-", "—": "-", "–": "-", "…": "...",
             "×": "x", "█": "#", "▏": "|", "·": ".", "≤": "<=", "≥": ">=", "≠": "!=", "“": '"',
-            "”": '"', "‘": "'", "’": "'", "•": "*", "─": "-", "│": "|", "µ": "u"}
+            "”": '"', "‘": "'", "’": "'", "•": "*", "─": "-", "│": "|", "µ": "u", CONTINUED: ">>",
+            "\u00a0": " "}
 COLOURS = {"error": "31", "trigger": "33", "recovery": "36", "prevention": "32", "ok": "32",
            "bad": "31", "dim": "2", "bold": "1"}
+NARROW, WIDEST = 80, 100  # the width off a terminal or on a narrow one; the widest prose a room reads
+PROSE = "   "  # a section's text
+CODE = "      "  # code inside a section
 
 
 class Redactor:
@@ -48,7 +59,6 @@ class Redactor:
 
 
 redact = Redactor()
-
 
 def words(value) -> str:
     """A value as a reader would write it, never a Python repr: NULL, yes/no, 'a 1, b 2', '1, 2'."""
@@ -80,6 +90,31 @@ def wants_colour(stream) -> bool:
     return bool(getattr(stream, "isatty", lambda: False)())
 
 
+def terminal_width(stream) -> int:
+    """The columns to fill: the terminal's (COLUMNS overrides it), at most WIDEST; NARROW when the
+    stream is not a terminal or the terminal is narrower (a projector's terminal wraps anyway)."""
+    try:
+        if not stream.isatty():
+            return NARROW
+        columns = shutil.get_terminal_size((NARROW, 24)).columns
+        if "COLUMNS" not in os.environ:
+            columns = os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        return NARROW
+    return max(NARROW, min(WIDEST, columns))
+
+
+
+def typed_path(path: str) -> str:
+    """A path as a user would type it here: relative to the current folder when below it, and
+    never through a symlink (a venv's python links to an interpreter without the venv's packages)."""
+    absolute = os.path.abspath(path)
+    try:
+        rel = os.path.relpath(absolute, os.getcwd())
+    except ValueError:  # another drive (Windows)
+        return absolute
+    return absolute if rel.startswith("..") else rel
+
 def error_type(exc: BaseException) -> str:
     """Module-qualified class name, e.g. psycopg2.errors.CardinalityViolation."""
     cls = type(exc)
@@ -89,6 +124,23 @@ def error_type(exc: BaseException) -> str:
     if module == "psycopg2.extensions" or module.startswith("psycopg2._"):
         module = "psycopg2"
     return f"{module}.{cls.__qualname__}"
+
+
+def frame_path(filename: str) -> str:
+    """A frame's file as its import path names it: `tenacity/__init__.py`, `json/decoder.py`,
+    `common/db.py`, `fail_retry_exhaustion.py`; never a bare `__init__.py`."""
+    path = Path(filename).resolve()
+    best = None
+    for entry in sys.path:
+        try:
+            rel = path.relative_to(Path(entry or ".").resolve())
+        except (ValueError, OSError):
+            continue
+        if best is None or len(rel.parts) < len(best.parts):
+            best = rel
+    if best is None or best.parts[0] in ("site-packages", "dist-packages"):
+        best = Path(*path.parts[-2:]) if len(path.parts) > 1 else path
+    return best.as_posix()
 
 
 def trimmed_traceback(exc: BaseException, verbose: bool = False) -> list[str]:
@@ -106,23 +158,127 @@ def trimmed_traceback(exc: BaseException, verbose: bool = False) -> list[str]:
     hidden = len(frames) - len(kept)
     lines = ["Traceback (most recent call last" + (f", {hidden} frame(s) of plumbing hidden" if hidden else "") + "):"]
     for f in kept:
-        lines.append(f'  File "{Path(f.filename).name}", line {f.lineno}, in {f.name}')
+        lines.append(f'  File "{frame_path(f.filename)}", line {f.lineno}, in {f.name}')
         if f.line:
             lines.append(f"    {f.line.strip()}")
     return lines
 
 
+# -- fitting text to the width ------------------------------------------------------------------
+# A list item: "(a) ", "1. ", "b) ", "- ", "* ", "• ". Its continuation lines are indented under
+# its text; any other line indented like that joins it, so hand-wrapped prose reflows.
+_ITEM = re.compile(r"(\(\w{1,3}\)|\d{1,2}[.)]|[a-z][)]|[-*•])\s+")
+
+
+def paragraphs(text: str) -> list[list[tuple[str, str, str]]]:
+    """Prose as paragraphs (split at blank lines) of items (indent, hanging indent, joined text)."""
+    out: list[list[tuple[str, str, str]]] = [[]]
+    for raw in textwrap.dedent(text).strip("\n").split("\n"):
+        body = raw.strip()
+        if not body:
+            if out[-1]:
+                out.append([])
+            continue
+        indent = raw[:len(raw) - len(raw.lstrip())].replace("\t", "    ")
+        item = _ITEM.match(body)
+        items = out[-1]
+        if items and not item and len(indent) == len(items[-1][1]):
+            first, hang, joined = items[-1]
+            items[-1] = (first, hang, f"{joined} {body}")
+        else:
+            items.append((indent, indent + " " * (item.end() if item else 0), body))
+    return [p for p in out if p]
+
+
+def wrap(text: str, width: int, indent: str = "", hang: str | None = None) -> list[str]:
+    """One logical line wrapped at word boundaries to `width` (a word wider than that is cut)."""
+    return textwrap.wrap(text, width, initial_indent=indent, subsequent_indent=indent if hang is None else hang,
+                         break_long_words=True, break_on_hyphens=False, drop_whitespace=True) or [indent.rstrip()]
+
+
+def wrap_code(line: str, width: int) -> list[str]:
+    """A code line that does not fit: cut at a space where possible, each continuation marked and
+    indented under the line, so a reader sees it is one line. Code that fits is left alone."""
+    line = line.rstrip().expandtabs(4)
+    if len(line) <= width:
+        return [line]
+    lead = line[:len(line) - len(line.lstrip())]
+    pieces, rest, prefix = [], line, ""
+    while len(prefix + rest) > width:
+        room = width - len(prefix)
+        floor = (len(lead) if not pieces else 0) + 8
+        cut = max(rest.rfind(" ", floor, room), rest.rfind(",", floor, room - 1) + 1, rest.rfind("(", floor, room - 1) + 1)
+        if cut <= floor:
+            cut = room
+        pieces.append(prefix + rest[:cut].rstrip())
+        rest, prefix = rest[cut:].lstrip(), lead + "  " + CONTINUED + " "
+    return pieces + [prefix + rest]
+
+
+def fit_columns(widths: list[int], floors: list[int], room: int) -> list[int] | None:
+    """Column widths that fit `room` (two spaces between columns), narrowing the widest first but
+    none below its floor; None when even the floors do not fit."""
+    sep = 2 * (len(widths) - 1)
+    if sum(floors) + sep > room:
+        return None
+    widths = list(widths)
+    while sum(widths) + sep > room:
+        widest = max(range(len(widths)), key=lambda i: (widths[i] - floors[i] > 0, widths[i]))
+        widths[widest] -= 1
+    return widths
+
+
+def table_lines(headers: list[str], rows: list[list[str]], width: int, indent: str = PROSE) -> list[str]:
+    """A text table that fits `width`: as is when it fits; else its wide columns wrap inside their
+    cells; else (too many columns) it is cut into several tables, each repeating the first column."""
+    cells = [list(headers)] + [list(r) for r in rows]
+    room = width - len(indent)
+    natural = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    floors = [min(natural[i], max(8, max(len(h) for h in headers[i].split()) if headers[i].split() else 1))
+              for i in range(len(headers))]
+    widths = fit_columns(natural, floors, room)
+    if widths is None and len(headers) > 2:
+        groups, current = [], [0]
+        for i in range(1, len(headers)):
+            trial = current + [i]
+            if fit_columns([natural[j] for j in trial], [floors[j] for j in trial], room) is None and len(current) > 1:
+                groups.append(current)
+                current = [0, i]
+            else:
+                current = trial
+        groups.append(current)
+        out = []
+        for g in groups:
+            out += table_lines([headers[j] for j in g], [[r[j] for j in g] for r in rows], width, indent) + [""]
+        return out[:-1]
+    if widths is None:
+        widths = [max(1, room // max(1, len(headers)) - 2)] * len(headers)
+    out = []
+    for n, row in enumerate(cells):
+        wrapped = [textwrap.wrap(c, w, break_long_words=True, break_on_hyphens=False) or [""]
+                   for c, w in zip(row, widths)]
+        for k in range(max(len(c) for c in wrapped)):
+            parts = [(c[k] if k < len(c) else "").ljust(w) for c, w in zip(wrapped, widths)]
+            out.append((indent + "  ".join(parts)).rstrip())
+        if n == 0:
+            out.append(indent + "  ".join("-" * w for w in widths))
+    return out
+
+
 class Console:
-    """Writes sections to a stream and keeps their plain text for the journal."""
+    """Writes sections to a stream and keeps their plain text (and their blocks) for the journal."""
 
     def __init__(self, stream=None, ascii_only: bool | None = None, colour: bool | None = None,
-                 verbose: bool = False):
+                 verbose: bool = False, width: int | None = None, brief: bool = False):
         self.stream = stream or sys.stdout
         probe = "".join(EMOJI.values()) + "".join(TRANSLIT)
         self.ascii = (not can_encode(self.stream, probe)) if ascii_only is None else ascii_only
         self.colour = wants_colour(self.stream) if colour is None else colour
         self.verbose = verbose
+        self.brief = brief  # presenter's mode: the essentials of each section only
+        self.width = width or terminal_width(self.stream)
         self.captured: dict[str, list[str]] | None = None
+        self.blocks: dict[str, list[dict]] | None = None
 
     # -- low level ---------------------------------------------------------------------------
     def text(self, s: str) -> str:
@@ -141,11 +297,44 @@ class Console:
         return f"\033[{COLOURS[style]}m{s}\033[0m"
 
     def line(self, s: str = "", style: str | None = None, section: str | None = None) -> None:
+        """One physical line, as given (the methods below fit text to the width first)."""
         s = self.text(s)
         if self.captured is not None and section:
             self.captured.setdefault(section, []).append(s)
         self.stream.write(self.paint(s, style) + "\n")
         self.stream.flush()
+
+    def block(self, section: str | None, kind: str, **content) -> dict:
+        """Record a block of a section for the journal and the handout (whatever was printed)."""
+        entry = {"kind": kind, **content}
+        if self.blocks is not None and section:
+            self.blocks.setdefault(section, []).append(entry)
+        return entry
+
+    def wrapped(self, s: str, indent: str = PROSE, hang: str | None = None, style: str | None = None,
+                section: str | None = None) -> int:
+        """One logical line reflowed to the width; returns the number of lines printed."""
+        lines = wrap(self.text(s), self.width, indent, hang)
+        for ln in lines:  # a no-break space holds "0.02 s" together while wrapping, no longer
+            self.line(ln.replace("\u00a0", " "), style, section)
+        return len(lines)
+
+    def prose(self, text: str, indent: str = PROSE, style: str | None = None, section: str | None = None,
+              first_only: bool = False) -> None:
+        """Paragraphs reflowed to the width; list items keep their hanging indent. With
+        `first_only`, only the first paragraph (the presenter's essentials)."""
+        paras = paragraphs(text)
+        for n, para in enumerate(paras[:1] if first_only else paras):
+            if n:
+                self.line("", None, section)
+            for first, hang, body in para:
+                self.wrapped(body, indent + first, indent + hang, style, section)
+
+    def code(self, text: str, indent: str = CODE, section: str | None = None) -> None:
+        """Code keeps its lines; one too wide for the terminal is wrapped with a visible marker."""
+        for src in textwrap.dedent(text).strip("\n").splitlines():
+            for ln in wrap_code(indent + self.text(src), self.width):
+                self.line(ln, "dim", section)
 
     # -- structure ---------------------------------------------------------------------------
     def label(self, section: str) -> str:
@@ -155,10 +344,13 @@ class Console:
         return ("ok" if ok else "FAIL") if self.ascii else ("✔" if ok else "✘")
 
     def header(self, text: str) -> None:
-        bar = "=" * min(78, max(20, len(text) + 4))
+        """A title between two rules as wide as the title (a long title wraps)."""
+        lines = wrap(self.text(text), self.width - 2, "  ", "  ")
+        bar = "=" * min(self.width, max(20, max(len(ln) for ln in lines) + 2))
         self.line()
         self.line(bar, "bold")
-        self.line(f"  {text}", "bold")
+        for ln in lines:
+            self.line(ln, "bold")
         self.line(bar, "bold")
 
     def section(self, name: str) -> None:
@@ -166,28 +358,39 @@ class Console:
         self.line(self.label(name), name if name in COLOURS else "bold", section=None)
 
     def table(self, headers: list[str], rows: list[list], section: str | None = None) -> None:
-        cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
-        widths = [max(len(self.text(r[i])) for r in cells) for i in range(len(headers))]
-        for n, r in enumerate(cells):
-            self.line("   " + "  ".join(self.text(c).ljust(w) for c, w in zip(r, widths)).rstrip(),
-                      section=section)
-            if n == 0:
-                self.line("   " + "  ".join("-" * w for w in widths), section=section)
+        head = [self.text(str(h)) for h in headers]
+        body = [[self.text(words(c) if c is None or isinstance(c, bool) else str(c)) for c in r] for r in rows]
+        for ln in table_lines(head, body, self.width):
+            self.line(ln, section=section)
 
     def bars(self, pairs: list[tuple[str, float]], width: int = 40, unit: str = "",
              section: str | None = None) -> None:
-        """A horizontal text bar chart: one labelled bar per value, scaled to the largest."""
+        """A horizontal text bar chart: one labelled bar per value, scaled to the largest, as long
+        as `width` where the terminal has room."""
         top = max((v for _, v in pairs), default=0) or 1
         name_w = max((len(n) for n, _ in pairs), default=0)
-        for name, value in pairs:
+        shown = [f"{v:g}" if isinstance(v, float) else str(v) for _, v in pairs]
+        room = self.width - len(PROSE) - name_w - 2 - 1 - max((len(s) for s in shown), default=0) - len(unit) - 1
+        width = max(10, min(width, room))
+        for (name, value), text in zip(pairs, shown):
             n = int(round(width * value / top))
-            shown = f"{value:g}" if isinstance(value, float) else str(value)
-            self.line(f"   {name.ljust(name_w)}  {'█' * n}{'▏' if n == 0 else ''} {shown}{unit}", section=section)
+            self.line(f"{PROSE}{name.ljust(name_w)}  {'█' * n}{'▏' if n == 0 else ''} {text}{unit}", section=section)
 
-    def exception(self, exc: BaseException, section: str | None = "error") -> None:
+    def exception(self, exc: BaseException, section: str | None = "error", brief: bool = False) -> dict:
+        """The exception's type (and SQLSTATE), its message, a trimmed traceback; with `brief`,
+        the type and the first line of the message only. Returns its block."""
         state = getattr(exc, "pgcode", None)
-        self.line(f"   {error_type(exc)}" + (f"  (SQLSTATE {state})" if state else ""), "bad", section)
-        for text_line in (str(exc).strip() or repr(exc)).splitlines()[:8]:
-            self.line(f"   | {text_line}", section=section)
-        for tb_line in trimmed_traceback(exc, self.verbose):
-            self.line("   " + tb_line, "dim", section)
+        message = [ln.replace("\t", "  ").rstrip() for ln in (str(exc).strip() or repr(exc)).splitlines()[:8]]
+        tb = trimmed_traceback(exc, self.verbose)
+        self.wrapped(f"{error_type(exc)}" + (f"  (SQLSTATE {state})" if state else ""), PROSE, PROSE + "  ",
+                     "bad", section)
+        for text_line in message[:1] if brief else message:
+            body = text_line.lstrip()
+            lead = " " * (len(text_line) - len(body))
+            self.wrapped(body, f"{PROSE}| {lead}", f"{PROSE}| {lead}  ", None, section)
+        if not brief:
+            for tb_line in tb:  # a pointer into the code: cut, not wrapped, when too wide
+                ln, cut = self.text(PROSE + tb_line), self.text("…")
+                self.line(ln if len(ln) <= self.width else ln[:self.width - len(cut)] + cut, "dim", section)
+        return self.block(section, "error", type=error_type(exc), sqlstate=state, message="\n".join(message),
+                          traceback=tb)

@@ -44,7 +44,7 @@ def run_scenario(run: Run, spec: ScenarioSpec, index: int) -> dict:
     if s.slots.mode == "control":
         console.line(f"   negative control: the naive code is back in {', '.join(s.slots.control)}; "
                      "this run must fail", "bad")
-    console.captured = {}
+    console.captured, console.blocks = {}, {}
     threads_before = {t.ident for t in threading.enumerate()}
     started = time.perf_counter()
     status, reason, interrupted = "passed", None, None
@@ -75,19 +75,26 @@ def run_scenario(run: Run, spec: ScenarioSpec, index: int) -> dict:
         status = "failed"
         reason = reason or "; ".join(
             [c.claim for c in s.checks if not c.ok] + [f"left behind: {x}" for x in leftovers]) or "no checks ran"
-    seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - started - s.paused  # waiting for Enter is the room's time
+    kept = run.args.keep and s.schema in run.kept
     marks = "  ".join(f"{name} {console.check_mark(ok)}" for name, ok in
-                      (("triggered", triggered), ("recovered", recovered), ("cleaned", cleaned)))
+                      (("triggered", triggered), ("recovered", recovered)))
+    marks += f"  kept {s.schema}" if kept else f"  cleaned {console.check_mark(cleaned)}"
     console.line()
     console.line(f"   {marks}  {seconds:.1f} s" + (f"  -- {status}: {reason}" if status != "passed" else ""),
                  "ok" if status == "passed" else "bad")
     sections = {k: "\n".join(v) for k, v in (console.captured or {}).items()}
-    console.captured = None
-    record = {"id": spec.id, "title": spec.title, "status": status, "triggered": triggered,
+    blocks = console.blocks or {}
+    console.captured = console.blocks = None
+    record = {"id": spec.id, "number": index, "title": spec.title, "status": status, "triggered": triggered,
               "recovered": recovered, "cleaned": cleaned, "observed_errors": s.observed,
               "measurements": s.measurements, "fixes": s.slots.describe(), "mode": s.slots.mode,
               "checks": [{"phase": c.phase, "ok": c.ok, "claim": c.claim} for c in s.checks],
-              "sections": {k: sections.get(k, "") for k in SECTIONS}, "seconds": round(seconds, 3)}
+              "sections": {k: sections.get(k, "") for k in SECTIONS}, "seconds": round(seconds, 3),
+              "paused_seconds": round(s.paused, 3), "blocks": {k: blocks.get(k, []) for k in SECTIONS}, "headline": headline(s),
+              "lesson": s.lesson, "questions": list(s.questions)}
+    if kept:
+        record["kept"] = s.schema
     if reason:
         record["reason"] = reason
     if interrupted is not None:
@@ -113,6 +120,9 @@ def parse_args(argv, doc: str) -> argparse.Namespace:
     p.add_argument("--pause", action="store_true", help="on a terminal, wait for Enter before each section")
     p.add_argument("--report", metavar="PATH", help="write the run as a Markdown handout to PATH")
     g = p.add_argument_group("exercises and proofs")
+    p.add_argument("--brief", action="store_true",
+                   help="presenter's mode: each section's essentials only (the error, the measured damage, "
+                        "the proof, the lesson); the handout stays complete")
     g.add_argument("--exercise", metavar="ID", help="write the exercise of scenario ID into your folder; "
                    "run the same command again to grade your code")
     g.add_argument("--exercise-dir", metavar="DIR", default="exercises",
@@ -138,7 +148,8 @@ def main(argv=None) -> None:
     stream = sys.stderr if journal_to_stdout else sys.stdout
     with contextlib.suppress(Exception):
         stream.reconfigure(errors="replace")  # never crash on a console that cannot show a character
-    console = output.Console(stream, ascii_only=True if args.ascii else None, verbose=args.verbose)
+    console = output.Console(stream, ascii_only=True if args.ascii else None, verbose=args.verbose,
+                             brief=args.brief)
     if args.list:
         for spec in _REGISTRY:
             print(f"{spec.id:24} {spec.title}" + ("  [exercise]" if spec.fixes else ""))
@@ -216,7 +227,8 @@ def _run(script: str, args, console: output.Console, selected: list[ScenarioSpec
             console.header(f"{script}: {len(selected)} scenario(s), run {run_id}")
             kind = "embedded default server (nothing configured)" if target.mode == "embedded" \
                 else f"configured by {target.mode}"
-            console.line(f"   target: {display}  [{kind}]")
+            console.wrapped(f"target: {display}", hang="           ")
+            console.wrapped(kind, "           ")
             console.line(f"   server: PostgreSQL {run.server_version}; private schemas {db.SCHEMA_PREFIX}{run_id}_*")
             if swept:
                 console.line(f"   removed {len(swept)} schema(s) left by killed runs: {', '.join(swept)}", "dim")
@@ -232,11 +244,7 @@ def _run(script: str, args, console: output.Console, selected: list[ScenarioSpec
             exit_code = 130
     if run is not None and args.keep and run.kept:
         console.line()
-        console.line("Kept for inspection (--keep):", "bold")
-        console.line("   open psql on the same server:  python code/init_schemas.py --psql")
-        for name in run.kept:
-            console.line(f"   SET search_path TO {name}; \\dt")
-        console.line(f"   drop them when done:  DROP SCHEMA {run.kept[0]} CASCADE;  (and the others)")
+        keep_hint(console, run.kept)
     for spec in selected[len(records):]:
         if exit_code == 130:
             records.append({"id": spec.id, "title": spec.title, "status": "interrupted", "triggered": False,
@@ -273,7 +281,8 @@ def summary(console: output.Console, records: list[dict], seconds: float) -> Non
     console.header("Summary")
     mark = console.check_mark
     console.table(["scenario", "triggered", "recovered", "cleaned", "status", "seconds"],
-                  [[r["id"], mark(r["triggered"]), mark(r["recovered"]), mark(r["cleaned"]), r["status"],
+                  [[r["id"], mark(r["triggered"]), mark(r["recovered"]),
+                    "kept" if r.get("kept") else mark(r["cleaned"]), r["status"],
                     f"{r['seconds']:.1f}"] for r in records])
     passed = sum(r["status"] == "passed" for r in records)
     skipped = sum(r["status"] == "skipped" for r in records)
@@ -281,3 +290,31 @@ def summary(console: output.Console, records: list[dict], seconds: float) -> Non
     console.line(f"{passed} passed, {len(records) - passed - skipped} failed" +
                  (f", {skipped} skipped" if skipped else "") + f"  ({seconds:.1f} s)",
                  "ok" if passed + skipped == len(records) else "bad")
+def keep_hint(console: output.Console, kept: list[str]) -> None:
+    """How to look at the kept schemas and how to drop each, with the interpreter that runs now."""
+    init = Path(__file__).resolve().parent.parent / "code" / "init_schemas.py"
+    console.line()
+    console.line("Kept for inspection (--keep):", "bold")
+    console.line("   open psql on the same server:")
+    console.line(f"      {output.typed_path(sys.executable)} {output.typed_path(str(init))} --psql")
+    console.line("   look inside, e.g.:")
+    console.line(f"      SET search_path TO {kept[0]}; \\dt")
+    console.line("   drop them when done:")
+    for name in kept:
+        console.line(f"      DROP SCHEMA {name} CASCADE;")
+
+
+def headline(s: Scenario) -> dict | None:
+    """The scenario's headline figure: the one it marked, else the damage it measured (a figure
+    named *_before, with its *_after when there is one), else its first figure."""
+    names = list(s.measurements)
+    if not names:
+        return None
+    name = s.headline or next((n for n in names if n.endswith("_before")), names[0])
+    after = name[:-len("_before")] + "_after" if name.endswith("_before") else None
+    figure = {"name": name, "value": output.words(s.measurements[name])}
+    if after in s.measurements:
+        figure["after"] = output.words(s.measurements[after])
+    return figure
+
+

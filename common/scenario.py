@@ -8,11 +8,13 @@ here, so that cleanup can end it.
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import inspect
 import multiprocessing
 import os
 import random
+import re
 import sys
 import tempfile
 import textwrap
@@ -97,6 +99,11 @@ class Scenario:
         self.measurements: dict[str, object] = {}
         self._section = -1
         self._step = 0
+        self._said = 0  # texts said in the current section (the presenter's mode shows the first)
+        self.paused = 0.0  # seconds spent waiting for Enter (--pause): not the scenario's time
+        self.lesson = ""  # the lesson in one line, and questions for discussion (see prevention)
+        self.questions: tuple[str, ...] = ()
+        self.headline = ""  # the figure the lab's summary shows (see measure)
         self._stack = contextlib.ExitStack()
         self._workers: list = []  # threads and processes, stopped before anything else
         self._gates: list = []  # barriers and events, released so no worker waits forever
@@ -242,20 +249,35 @@ class Scenario:
             raise RuntimeError(f"section {name!r} after {SECTIONS[self._section]!r}: sections only move forward")
         if target > self._section:
             self._section = target
+            self._said = 0
             if self.run.args.pause and sys.stdin.isatty():  # instructor mode: one section at a time
+                waited = time.perf_counter()
                 self.run.console.stream.write(self.run.console.text(f"   (Enter for {self.run.console.label(name)}) "))
                 self.run.console.stream.flush()
                 sys.stdin.readline()
+                self.paused += time.perf_counter() - waited  # the room's thinking is not the scenario's time
             self.run.console.section(name)
 
     @property
     def _current(self) -> str:
         return SECTIONS[max(self._section, 0)]
 
-    def say(self, text: str, style: str | None = None) -> None:
-        """A paragraph in the current section."""
-        for para in textwrap.dedent(text).strip("\n").split("\n"):
-            self.run.console.line("   " + para if para.strip() else "", style, self._current)
+    @property
+    def _brief(self) -> bool:
+        return bool(getattr(self.run.console, "brief", False))
+
+    def say(self, text: str, style: str | None = None, essential: bool | None = None) -> None:
+        """A paragraph in the current section, reflowed to the terminal. In the presenter's mode
+        (--brief) a section shows the first paragraph of its first text only, unless `essential`
+        says otherwise (True: show all of it; False: never in brief)."""
+        console, section = self.run.console, self._current
+        first = self._said == 0
+        self._said += 1
+        console.block(section, "prose", text=textwrap.dedent(text).strip("\n"), style=style)
+        if not self._brief:
+            console.prose(text, style=style, section=section)
+        elif essential or (essential is None and first):
+            console.prose(text, style=style, section=section, first_only=not essential)
 
     def description(self, text: str) -> None:
         self._enter("description")
@@ -269,39 +291,68 @@ class Scenario:
         self._enter("root_cause")
         self.say(text)
         if detect:
-            self.say("How to detect it:")
-            self.code(detect)
+            self.say("How to detect it:", essential=False)
+            self.code(detect, lang="sql")
 
-    def prevention(self, text: str, *code) -> None:
+    def prevention(self, text: str, *code, lesson: str | None = None, questions=()) -> None:
         """The design that prevents it, then the source of every fix slot as this run held it (what
-        the checks ran), then any `code` items: functions (their real source) or text."""
+        the checks ran), then any `code` items: functions (their real source) or text (SQL, settings).
+        `lesson` is the scenario's lesson in one line (default: the first sentence of `text`);
+        `questions` are two or three questions for discussion (the handout ends with both)."""
         self._enter("prevention")
-        self.say(text)
+        self.lesson = " ".join((lesson or first_sentence(text)).split())
+        self.questions = tuple(" ".join(q.split()) for q in questions)
+        console = self.run.console
+        if self._brief:  # the presenter's mode: the one-line lesson and where the fix is
+            self._said += 1
+            console.block("prevention", "prose", text=textwrap.dedent(text).strip("\n"))
+            console.prose(self.lesson, section="prevention")
+            names = [f"{f.slot}()" for f in self.slots.fixes]
+            if names:
+                console.prose(f"(The fix: {', '.join(names)}; the full run shows its code.)", style="dim",
+                              section="prevention")
+        else:
+            self.say(text)
         if self.slots.mode != "fixed":
             what = "the naive code" if self.slots.mode == "control" else "your code"
-            self.say(f"(This run held {what} in the fix slot(s); the lesson's fix is shown by a normal run.)")
+            self.say(f"(This run held {what} in the fix slot(s); the lesson's fix is shown by a normal run.)",
+                     essential=True)
         for source in self.slots.sources():
-            self.code(source)
+            self.code(source, lang="python")
         for item in code:
-            self.code(inspect.getsource(item) if callable(item) else item)
+            self.code(inspect.getsource(item) if callable(item) else item,
+                      lang="python" if callable(item) else None)
 
-    def code(self, text: str) -> None:
-        for line in textwrap.dedent(text).strip("\n").splitlines():
-            self.run.console.line("      " + line, "dim", self._current)
+    def code(self, text: str, lang: str | None = None) -> None:
+        """Code, shown as is (never reflowed); `lang` (python, sql) marks it in the handout, guessed
+        when not given. The presenter's mode leaves code to the full run."""
+        text = textwrap.dedent(text).strip("\n")
+        self.run.console.block(self._current, "code", text=text, lang=lang or guess_language(text))
+        if not self._brief:
+            self.run.console.code(text, section=self._current)
 
     def table(self, headers, rows) -> None:
-        self.run.console.table(list(headers), [list(r) for r in rows], self._current)
+        headers = [str(h) for h in headers]
+        rows = [[output.words(c) if c is None or isinstance(c, bool) else str(c) for c in r] for r in rows]
+        self.run.console.block(self._current, "table", headers=headers, rows=rows)
+        self.run.console.table(headers, rows, self._current)
 
     def bars(self, pairs, unit: str = "", width: int = 40) -> None:
-        self.run.console.bars(list(pairs), width=width, unit=unit, section=self._current)
+        pairs = list(pairs)
+        self.run.console.block(self._current, "bars", pairs=[[str(n), v] for n, v in pairs], unit=unit)
+        self.run.console.bars(pairs, width=width, unit=unit, section=self._current)
 
-    def measure(self, name: str, value, note: str = "", show: bool = True):
+    def measure(self, name: str, value, note: str = "", show: bool = True, headline: bool = False):
         """Record a figure (journal `measurements`) and print it, unless `show` is False (a figure
-        already on screen in a table or a sentence); returns the value."""
+        already on screen in a table or a sentence); returns the value. `headline` marks the
+        figure the lab's summary shows for this scenario (default: the damage, *_before)."""
         self.measurements[name] = value
+        if headline:
+            self.headline = name
+        self.run.console.block(self._current, "measure", name=name, value=output.words(value), note=note, shown=show)
         if show:
-            self.run.console.line(f"   {name} = {output.words(value)}" + (f"  ({note})" if note else ""),
-                                  "bold", self._current)
+            text = f"{name} = {output.words(value)}" + (f"  ({note})" if note else "")
+            self.run.console.wrapped(text, output.PROSE, output.PROSE + "  ", "bold", self._current)
         return value
 
     # -- what scenarios use: errors and checks ----------------------------------------------------
@@ -336,8 +387,8 @@ class Scenario:
         if self._section < SECTIONS.index("error"):
             self._enter("error")
         if note:
-            self.say(note)
-        self.run.console.exception(exc, self._current)
+            self.say(note, essential=False)
+        self.run.console.exception(exc, self._current, brief=self._brief)
         self.observed.append({"type": output.error_type(exc), "sqlstate": getattr(exc, "pgcode", None),
                               "message": output.redact(str(exc).strip())[:500]})
 
@@ -362,8 +413,10 @@ class Scenario:
 
     def _check(self, phase: str, ok: bool, claim: str) -> bool:
         self.checks.append(Check(phase, ok, claim))
-        mark = self.run.console.check_mark(ok)
-        self.run.console.line(f"   {mark} {claim}", "ok" if ok else "bad", self._current)
+        console = self.run.console
+        console.block(self._current, "check", ok=ok, claim=claim)
+        console.wrapped(f"{console.check_mark(ok)} {claim}", output.PROSE, output.PROSE + "  ", "ok" if ok else "bad",
+                        self._current)
         return ok
 
     @contextlib.contextmanager
@@ -371,12 +424,17 @@ class Scenario:
         """A numbered recovery step, printed as it starts, with its result when it ends."""
         self._enter("recovery")
         self._step += 1
-        self.run.console.line(f"   {self._step}. {text}", "bold", "recovery")
+        console, number = self.run.console, self._step
+        number_w = len(f"{number}. ")
+        console.wrapped(f"{number}. {text}", output.PROSE, output.PROSE + " " * number_w, "bold", "recovery")
+        block = console.block("recovery", "step", number=number, text=text)  # before what the step shows
         box = StepResult()
-        started = time.perf_counter()
+        started, paused = time.perf_counter(), self.paused
         yield box
-        took = time.perf_counter() - started
-        self.run.console.line(f"      → {box.result or 'done'}  ({took:.2f} s)", None, "recovery")
+        took = time.perf_counter() - started - (self.paused - paused)
+        block.update(result=box.result or "done", seconds=round(took, 3))
+        console.wrapped(f"→ {box.result or 'done'}  ({took:.2f}\u00a0s)", output.PROSE + " " * number_w,
+                        output.PROSE + " " * (number_w + 2), None, "recovery")
 
     @property
     def phase(self) -> str:
@@ -387,6 +445,28 @@ class Scenario:
         trig = [c.ok for c in self.checks if c.phase == "triggered"]
         rec = [c.ok for c in self.checks if c.phase == "recovered"]
         return (bool(trig) and all(trig), bool(rec) and all(rec))
+
+
+def first_sentence(text: str) -> str:
+    """The first sentence of a text's first paragraph (a period, then a capital), or all of it."""
+    para = " ".join(textwrap.dedent(text).strip().split("\n\n")[0].split())
+    end = re.search(r"(?<=[\w)\]\"'`])[.!?](?=\s+[A-Z(`\"'])", para)
+    return para[:end.end()] if end else para
+
+
+_SQL_START = re.compile(r"\s*(--|SELECT|WITH|INSERT|UPDATE|DELETE|CREATE|ALTER|DROP|BEGIN|COMMIT|SET|SHOW|"
+                        r"GRANT|REVOKE|EXPLAIN|TRUNCATE|COPY|VACUUM|ANALYZE|LOCK|DO|CALL)\b", re.IGNORECASE)
+
+
+def guess_language(text: str) -> str:
+    """python, sql or text: for the handout's fenced code blocks."""
+    if _SQL_START.match(text):
+        return "sql"
+    try:
+        ast.parse(text)
+    except (SyntaxError, ValueError):
+        return "text"
+    return "python" if re.search(r"^\s*(def|class|import|from|@|\w+\s*=|return|with|for|if)\b", text, re.M) else "text"
 
 
 class Caught:

@@ -1,4 +1,6 @@
-"""Instructor features: --pause on a terminal (and never off one), --report as a Markdown handout."""
+"""Instructor features: --pause on a terminal (and never off one), --keep, --brief, --report as a
+Markdown handout."""
+import json
 import os
 import pty
 import select
@@ -9,7 +11,7 @@ import time
 
 from markdown_it import MarkdownIt
 
-from conftest import ROOT, clean_env, run_script
+from conftest import ROOT, clean_env, lab_schemas, run_script
 
 QUICK = ["fail_checkpoint_corruption.py", "--only", "concurrent_access"]
 
@@ -18,20 +20,27 @@ def test_report_is_markdown_that_parses_into_headings_tables_and_code(embedded_p
     handout = tmp_path / "handout.md"
     result = run_script(*QUICK, "--report", str(handout), tmp_path=tmp_path)
     assert result.returncode == 0
-    tokens = MarkdownIt("commonmark").enable("table").parse(handout.read_text(encoding="utf-8"))
+    text = handout.read_text(encoding="utf-8")
+    tokens = MarkdownIt("commonmark").enable("table").parse(text)
     headings = [(t.tag, tokens[i + 1].content) for i, t in enumerate(tokens) if t.type == "heading_open"]
     assert headings[0] == ("h1", "fail_checkpoint_corruption.py")
-    assert ("h2", "1. Concurrent checkpoint access (concurrent_access)") in [(t, c.replace("`", "")) for t, c in headings]
+    assert ("h2", "3. Concurrent checkpoint access (concurrent_access)") in [(t, c.replace("`", "")) for t, c in headings]
     assert [c for t, c in headings if t == "h3"] == ["📋 Description", "⚠️ Trigger", "❌ Error", "📚 Root cause",
-                                                      "🔧 Recovery", "✅ Prevention"]
-    assert sum(t.type == "table_open" for t in tokens) == 3  # summary, errors observed, measured
+                                                      "🔧 Recovery", "✅ Prevention", "For discussion"]
+    assert sum(t.type == "table_open" for t in tokens) >= 4  # summary, errors observed, measured, the proof
     fences = [t for t in tokens if t.type == "fence"]
-    assert len(fences) == 6 and all(f.info == "text" for f in fences)
-    assert "SerializationFailure" in next(f.content for f in fences if "40001" in f.content)
+    assert {f.info for f in fences} <= {"python", "sql", "text"} and "python" in {f.info for f in fences}
+    assert "40001" in next(f.content for f in fences if "SerializationFailure" in f.content)
+    record = result.scenario("concurrent_access")
+    assert f"> **Lesson:** " in text and record["lesson"].split()[0] in text.split("> **Lesson:** ")[1]
+    items = [t for t in tokens if t.type == "list_item_open"]
+    assert items and "Which check would fail first" in text  # the discussion questions (fallback)
+    assert "| figure | value | what it means |" in text
 
 
-def drive_in_pty(args, answer: bool) -> tuple[str, int, float]:
-    """Run on a pseudo-terminal (stdin and stdout); press Enter at each prompt if `answer`."""
+def drive_in_pty(args, answer: bool, think: float = 0.0) -> tuple[str, int, float]:
+    """Run on a pseudo-terminal (stdin and stdout); press Enter at each prompt if `answer`, after
+    `think` seconds (the room thinking)."""
     leader, follower = pty.openpty()
     proc = subprocess.Popen([sys.executable, str(ROOT / args[0]), *args[1:]], env=clean_env(NO_COLOR="1"),
                             stdin=follower, stdout=follower, stderr=follower)
@@ -47,7 +56,8 @@ def drive_in_pty(args, answer: bool) -> tuple[str, int, float]:
             if not chunk:
                 break
             seen += chunk
-            if answer and chunk.rstrip().endswith(b")"):
+            if answer and seen.endswith(b") "):  # the prompt, "(Enter for ...) ", waits on its line
+                time.sleep(think)
                 os.write(leader, b"\n")
         elif proc.poll() is not None:
             break
@@ -71,3 +81,52 @@ def test_pause_waits_for_enter_before_each_section_on_a_terminal(embedded_params
 def test_pause_is_ignored_without_a_terminal(embedded_params, tmp_path):
     result = run_script(*QUICK, "--pause", tmp_path=tmp_path)  # stdin is not a terminal
     assert result.returncode == 0 and "(Enter for" not in result.stdout
+
+
+def test_time_waiting_for_enter_is_not_the_scenarios_time(embedded_params, tmp_path):
+    journal = tmp_path / "paused.json"
+    text, code, wall = drive_in_pty([*QUICK, "--pause", "--json", str(journal)], answer=True, think=1.0)
+    assert code == 0, text[-2000:]
+    record = json.loads(journal.read_text())["scenarios"][0]
+    assert text.count("(Enter for") == 6
+    assert record["paused_seconds"] >= 6 * 0.99  # six prompts, each answered a second later at the earliest
+    assert record["seconds"] <= wall - record["paused_seconds"]
+    assert "Scenario 3 of 4" in text  # --only keeps the scenario's number in the script
+
+
+def test_keep_prints_what_to_type_and_the_drop_command_of_every_kept_schema(embedded_params, tmp_path):
+    ids = "concurrent_access,corruption"
+    result = run_script("fail_checkpoint_corruption.py", "--only", ids, "--keep", tmp_path=tmp_path)
+    kept = [r["kept"] for r in result.journal["scenarios"]]
+    try:
+        assert result.returncode == 0, result.stdout[-3000:]
+        assert sorted(kept) == sorted(lab_schemas(embedded_params, result.journal["run_id"]))
+        out = result.stdout
+        for name in kept:
+            assert f"DROP SCHEMA {name} CASCADE;" in out and f"kept {name}" in out
+        assert "cleaned ✔" not in out
+        # the interpreter that runs, as typed from where the user is (tmp_path: not below it, so absolute)
+        assert f"{os.path.abspath(sys.executable)} {ROOT / 'code' / 'init_schemas.py'} --psql" in out
+    finally:
+        from common import db
+        conn = db.connect(embedded_params, autocommit=True)
+        for name in kept:
+            db.drop_schema(conn, name)
+        conn.close()
+
+
+def test_brief_shows_the_essentials_and_the_handout_stays_complete(embedded_params, tmp_path):
+    full = run_script(*QUICK, tmp_path=tmp_path)
+    handout = tmp_path / "brief.md"
+    brief = run_script(*QUICK, "--brief", "--report", str(handout), tmp_path=tmp_path)
+    assert full.returncode == brief.returncode == 0, brief.stdout[-3000:]
+    f, b = full.journal["scenarios"][0], brief.journal["scenarios"][0]
+    assert len(brief.stdout.splitlines()) < 0.6 * len(full.stdout.splitlines())
+    for section in ("description", "trigger", "error", "root_cause", "recovery", "prevention"):
+        assert b["sections"][section].strip(), section  # every section still shows something
+    shown = " ".join(brief.stdout.split())
+    assert all(" ".join(c["claim"].split()) in shown for c in b["checks"])  # the proof: every check
+    assert "SerializationFailure" in b["sections"]["recovery"] and "Traceback" not in brief.stdout
+    assert b["lesson"] and b["lesson"] in " ".join(b["sections"]["prevention"].split())
+    assert "def " not in b["sections"]["prevention"] and "def " in f["sections"]["prevention"]
+    assert "def " in handout.read_text()  # the handout keeps the code
