@@ -119,10 +119,10 @@ def parse_args(argv, doc: str) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1, help="seed for every random choice (default 1)")
     p.add_argument("--pause", action="store_true", help="on a terminal, wait for Enter before each section")
     p.add_argument("--report", metavar="PATH", help="write the run as a Markdown handout to PATH")
-    g = p.add_argument_group("exercises and proofs")
     p.add_argument("--brief", action="store_true",
                    help="presenter's mode: each section's essentials only (the error, the measured damage, "
                         "the proof, the lesson); the handout stays complete")
+    g = p.add_argument_group("exercises and proofs")
     g.add_argument("--exercise", metavar="ID", help="write the exercise of scenario ID into your folder; "
                    "run the same command again to grade your code")
     g.add_argument("--exercise-dir", metavar="DIR", default="exercises",
@@ -275,21 +275,6 @@ def _run(script: str, args, console: output.Console, selected: list[ScenarioSpec
     return exit_code
 
 
-def summary(console: output.Console, records: list[dict], seconds: float) -> None:
-    if not records:
-        return
-    console.header("Summary")
-    mark = console.check_mark
-    console.table(["scenario", "triggered", "recovered", "cleaned", "status", "seconds"],
-                  [[r["id"], mark(r["triggered"]), mark(r["recovered"]),
-                    "kept" if r.get("kept") else mark(r["cleaned"]), r["status"],
-                    f"{r['seconds']:.1f}"] for r in records])
-    passed = sum(r["status"] == "passed" for r in records)
-    skipped = sum(r["status"] == "skipped" for r in records)
-    console.line()
-    console.line(f"{passed} passed, {len(records) - passed - skipped} failed" +
-                 (f", {skipped} skipped" if skipped else "") + f"  ({seconds:.1f} s)",
-                 "ok" if passed + skipped == len(records) else "bad")
 def keep_hint(console: output.Console, kept: list[str]) -> None:
     """How to look at the kept schemas and how to drop each, with the interpreter that runs now."""
     init = Path(__file__).resolve().parent.parent / "code" / "init_schemas.py"
@@ -318,3 +303,18 @@ def headline(s: Scenario) -> dict | None:
     return figure
 
 
+def summary(console: output.Console, records: list[dict], seconds: float) -> None:
+    if not records:
+        return
+    console.header("Summary")
+    mark = console.check_mark
+    console.table(["scenario", "triggered", "recovered", "cleaned", "status", "seconds"],
+                  [[r["id"], mark(r["triggered"]), mark(r["recovered"]),
+                    "kept" if r.get("kept") else mark(r["cleaned"]), r["status"],
+                    f"{r['seconds']:.1f}"] for r in records])
+    passed = sum(r["status"] == "passed" for r in records)
+    skipped = sum(r["status"] == "skipped" for r in records)
+    console.line()
+    console.line(f"{passed} passed, {len(records) - passed - skipped} failed" +
+                 (f", {skipped} skipped" if skipped else "") + f"  ({seconds:.1f} s)",
+                 "ok" if passed + skipped == len(records) else "bad")
