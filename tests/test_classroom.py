@@ -1,8 +1,13 @@
 """A classroom on one server: runs take turns for their connection shares, and never take the
 last slots. Against a private server with few slots (no timing is asserted: only order, counts
 and outcomes)."""
+import signal
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import psycopg2
@@ -11,6 +16,7 @@ import pytest
 from bench import classroom
 from common import budget, db
 from common.scenario import Skipped
+from conftest import ROOT, clean_env
 
 
 class Handle:
@@ -177,6 +183,36 @@ def test_a_run_that_dies_gives_its_turn_back(handles):
         assert n == 16
 
 
+WAITER = """
+import sys, time
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
+from test_classroom import Handle
+from common import budget
+h = Handle(dict(host="127.0.0.1", port=int(sys.argv[2]), dbname="postgres", user="postgres"), "waiter")
+h.say = lambda text: print(text, flush=True)
+try:
+    with budget.share(h, 16):
+        print("admitted", flush=True)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+"""
+
+
+def test_ctrl_c_ends_a_wait_and_leaves_no_place_in_line(small_server, handles):
+    holder, = handles("holder")
+    with budget.share(holder, 16):
+        proc = subprocess.Popen([sys.executable, "-c", WAITER, str(ROOT), str(small_server["port"])],
+                                stdout=subprocess.PIPE, text=True)
+        first = proc.stdout.readline()
+        assert first.startswith("Waiting for the classroom server"), first
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    assert out.strip().splitlines()[-1] == "interrupted"
+    later, = handles("later")
+    with budget.share(later, 16, limit=30) as n:  # the interrupted waiter is not ahead of anyone
+        assert n == 16 and not later.said
+
+
 def test_a_role_that_may_not_read_all_stats_counts_every_session(small_server):
     superuser = db.connect(small_server, autocommit=True)
     outsider = db.connect({**small_server, "user": classroom.OUTSIDER}, autocommit=True)
@@ -186,3 +222,15 @@ def test_a_role_that_may_not_read_all_stats_counts_every_session(small_server):
     finally:
         superuser.close()
         outsider.close()
+
+
+def test_the_cost_of_one_student_is_measured_on_a_server_that_is_removed_afterwards():
+    before = set(Path(tempfile.gettempdir()).glob("labclass-*"))
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "classroom.py"), "--cost", "--max-connections", "100"],
+                         env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    peaks = {line.split()[0]: int(line.split()[2]) for line in out.stdout.splitlines() if line.startswith("fail_")}
+    assert set(peaks) == set(classroom.SCRIPTS)
+    assert all(p >= 2 for p in peaks.values())  # the run's admin session and its scenario's, at least
+    assert peaks["fail_retry_exhaustion.py"] > 32  # the storm's workers at once
+    assert set(Path(tempfile.gettempdir()).glob("labclass-*")) == before
