@@ -5,10 +5,11 @@ own. This command checks the connection and builds a shared copy for people who 
 
     python code/init_schemas.py                  # create schema failure_lab and its tables
     python code/init_schemas.py --schema mine    # another schema
-    python code/init_schemas.py --drop           # drop what it created
+    python code/init_schemas.py --drop           # drop it again (only a schema this command made)
     python code/init_schemas.py --psql           # open psql on the lab's server (embedded or yours)
 """
 import argparse
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -34,23 +35,59 @@ def main() -> int:
         with db.open_target(app="faillab:init_schemas") as (target, params, conn):
             where = f"{config.describe(params)} [{target.mode}]"
             if args.psql:
-                return subprocess.call([psql_binary()],
-                                       env=libpq_env(params)) if psql_binary() else _no_psql()
-            name = sql.Identifier(args.schema)
-            with conn.cursor() as cur:
-                if args.drop:
-                    cur.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(name))
-                    print(f"dropped schema {args.schema} from {where}")
-                    return 0
-                cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(name))
-                cur.execute(sql.SQL("SET search_path TO {}").format(name))
-            created = schema.create_tables(conn)
-            print(f"schema {args.schema} on {where}: {', '.join(created)} (created if missing)")
-            print(f"explore it: python code/init_schemas.py --psql, then SET search_path TO {args.schema};")
-            return 0
+                if not psql_binary():
+                    return _no_psql()
+                signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is psql's (it cancels a query)
+                return subprocess.call([psql_binary()], env=libpq_env(params))
+            return drop(conn, args.schema, where) if args.drop else create(conn, args.schema, where)
     except (config.ConfigError, db.StartupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+# The comment that marks a schema as made by this command: --drop drops nothing else.
+TAG = "pipeline-failure-lab: created by code/init_schemas.py"
+
+
+def tag_of(conn, name: str) -> str | None:
+    """The schema's comment, or None when there is no such schema."""
+    found = db.rows(conn, "SELECT coalesce(obj_description(oid, 'pg_namespace'), '') FROM pg_namespace "
+                          "WHERE nspname = %s", (name,))
+    return found[0][0] if found else None
+
+
+def create(conn, name: str, where: str) -> int:
+    tag = tag_of(conn, name)
+    if tag is not None and tag != TAG:
+        print(f"error: schema {name} already exists on {where} and was not created by this command; "
+              "choose another name with --schema", file=sys.stderr)
+        return 2
+    with conn.cursor() as cur:
+        if tag is None:
+            cur.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
+            cur.execute(sql.SQL("COMMENT ON SCHEMA {} IS %s").format(sql.Identifier(name)), (TAG,))
+        cur.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(name)))
+    created = schema.create_tables(conn)
+    print(f"schema {name} on {where}: {', '.join(created)} (created if missing)")
+    print(f"explore it: {sys.executable} code/init_schemas.py --psql, then SET search_path TO {name};")
+    return 0
+
+
+def drop(conn, name: str, where: str) -> int:
+    """Drop the schema only if this command created it (its tag says so); refuse anything else."""
+    tag = tag_of(conn, name)
+    if tag is None:
+        print(f"nothing to drop: there is no schema {name} on {where}")
+        return 0
+    if tag != TAG:
+        print(f"error: refusing to drop schema {name} on {where}: it was not created by "
+              "code/init_schemas.py (it has no lab tag); drop it yourself if you really mean to",
+              file=sys.stderr)
+        return 2
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(name)))
+    print(f"dropped schema {name} from {where}")
+    return 0
 
 
 def psql_binary() -> str | None:

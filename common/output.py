@@ -43,7 +43,19 @@ CODE = "      "  # code inside a section
 
 
 class Redactor:
-    """Masks registered secrets (passwords) wherever text is shown."""
+    """Masks passwords by structure wherever text is shown: the password of every connection URL
+    (the userinfo, up to the last '@' of the authority, so even a password libpq would misread
+    is covered; and a `password=` query parameter), of every `password=value` conninfo pair, and
+    of every `'password': value` item of a printed dict or JSON object. Never by blind substring:
+    a short password such as `0` or `postgres` must not mangle the rest of the text. Registered
+    secrets are masked as substrings only when they are long enough (LONG_SECRET characters) to
+    be a token that cannot occur in text by chance, e.g. a generated role password."""
+
+    LONG_SECRET = 16
+    _URL = re.compile(r"(?P<scheme>postgres(?:ql)?://)(?P<rest>[^\s\"'<>`]*)", re.IGNORECASE)
+    _PAIR = re.compile(r"(?P<key>\bpassword\s*=\s*)(?P<value>'(?:[^'\\]|\\.)*'|[^\s'\"&]+)", re.IGNORECASE)
+    _ITEM = re.compile(r"""(?P<key>(?P<q>['"])password(?P=q)\s*:\s*)"""
+                       r"""(?P<value>'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|[^\s,}]+)""", re.IGNORECASE)
 
     def __init__(self):
         self.secrets: set[str] = set()
@@ -53,9 +65,31 @@ class Redactor:
             self.secrets.add(str(secret))
 
     def __call__(self, text: str) -> str:
+        text = self._URL.sub(self._mask_url, text)
+        text = self._PAIR.sub(lambda m: m.group("key") + "***", text)
+        text = self._ITEM.sub(lambda m: m.group("key") + self._masked_value(m.group("value")), text)
         for secret in sorted(self.secrets, key=len, reverse=True):
-            text = text.replace(secret, "***")
+            if len(secret) >= self.LONG_SECRET:
+                text = text.replace(secret, "***")
         return text
+
+    @staticmethod
+    def _masked_value(value: str) -> str:
+        return value[0] + "***" + value[0] if value[:1] in ("'", '"') else "***"
+
+    @staticmethod
+    def _mask_url(m) -> str:
+        rest = m.group("rest")
+        query = ""
+        if "?" in rest:  # password=... in the query part is masked by _PAIR afterwards
+            rest, query = rest.split("?", 1)
+            query = "?" + query
+        at = rest.rfind("@")
+        if at >= 0:
+            userinfo, hostpart = rest[:at], rest[at:]
+            user = userinfo.split(":", 1)[0]
+            rest = (f"{user}:***" if ":" in userinfo else user) + hostpart
+        return m.group("scheme") + rest + query
 
 
 redact = Redactor()

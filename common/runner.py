@@ -17,7 +17,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from common import config, output
-from common.cleanup import SIGNALS, Interrupted, raise_interrupted, signals_deferred, teardown
+from common.cleanup import (SIGNALS, Interrupted, arm_signals, guard_standard_streams, liveness, signals_deferred,
+                            sweep, teardown)
 from common.output import SECTIONS
 from common.scenario import _REGISTRY, Check, Run, Scenario, ScenarioSpec, Skipped, Unfinished
 
@@ -141,6 +142,7 @@ def parse_args(argv, doc: str) -> argparse.Namespace:
 def main(argv=None) -> None:
     """Entry point of every fail_*.py: sys.exit with the contract's exit code."""
     config.quiet_library_warnings()
+    guard_standard_streams()  # a closed pipe, closed stdout or full disk silences output, never crashes
     module = sys.modules["__main__"]
     script = Path(getattr(module, "__file__", "fail.py")).name
     args = parse_args(sys.argv[1:] if argv is None else argv, module.__doc__)
@@ -159,7 +161,7 @@ def main(argv=None) -> None:
     if args.exercise:
         from common import exercise
         student, selected = exercise.prepare(script, args, console)  # exits when there is nothing to grade
-    if args.only:
+    if args.only is not None:  # "--only ''" names nothing, like "--only ,"
         wanted = [x.strip() for x in args.only.split(",") if x.strip()]
         unknown = [w for w in wanted if w not in {s.id for s in _REGISTRY}]
         if unknown:
@@ -173,8 +175,8 @@ def main(argv=None) -> None:
         if unknown:
             _fail_start(f"no fix slot {', '.join(unknown)} in the selected scenarios; slots: "
                         f"{', '.join(sorted(slots)) or 'none'}")
-    for sig in SIGNALS[1:]:
-        signal.signal(sig, raise_interrupted)
+    check_output_paths(args)
+    arm_signals()
     code = 0
     try:
         code = _run(script, args, console, selected, student)
@@ -183,6 +185,26 @@ def main(argv=None) -> None:
     for sig in SIGNALS:  # all is cleaned and written: a signal now must not turn the exit into a crash
         signal.signal(sig, signal.SIG_IGN)
     sys.exit(code)
+
+
+def check_output_paths(args) -> None:
+    """--json and --report must be writable before the run starts: exit 2 otherwise."""
+    for flag, value in (("--json", args.json), ("--report", args.report)):
+        if not value or value == "-":
+            continue
+        path = Path(value)
+        if path.is_dir():
+            _fail_start(f"{flag} {value} is a folder: name a file")
+        if not path.parent.is_dir():
+            _fail_start(f"{flag} {value}: the folder {path.parent} does not exist")
+        existed = path.exists()
+        try:
+            with open(path, "a", encoding="utf-8"):
+                pass
+        except OSError as exc:
+            _fail_start(f"{flag} {value} cannot be written: {exc.strerror or exc}")
+        if not existed:
+            path.unlink(missing_ok=True)
 
 
 def _fail_start(message: str) -> None:
@@ -214,10 +236,11 @@ def _run(script: str, args, console: output.Console, selected: list[ScenarioSpec
             run = Run(script, args, console, target, params, run_id, admin, student=student)
             with admin.cursor() as cur:
                 cur.execute("SET application_name = %s", (f"faillab:{run_id}",))
+            stack.enter_context(liveness(admin, run_id))  # this run is alive while its locks are held
             run.server_version = db.scalar(admin, "SHOW server_version").split()[0]
             run.server_version_num = int(db.scalar(admin, "SHOW server_version_num"))
             try:
-                swept = db.sweep_dead_runs(admin)
+                swept = sweep(admin, run_id)
                 probe = f"{db.SCHEMA_PREFIX}{run_id}_probe"
                 db.create_schema(admin, probe)
                 db.drop_schema(admin, probe)
@@ -231,7 +254,7 @@ def _run(script: str, args, console: output.Console, selected: list[ScenarioSpec
             console.wrapped(kind, "           ")
             console.line(f"   server: PostgreSQL {run.server_version}; private schemas {db.SCHEMA_PREFIX}{run_id}_*")
             if swept:
-                console.line(f"   removed {len(swept)} schema(s) left by killed runs: {', '.join(swept)}", "dim")
+                console.line(f"   removed {len(swept)} thing(s) left by killed runs: {', '.join(swept)}", "dim")
             for spec in selected:
                 records.append(run_scenario(run, spec, _REGISTRY.index(spec) + 1))
                 if student is not None:

@@ -136,7 +136,24 @@ def assert_passed(result: Result, params: dict, expected_ids: list[str]) -> None
     assert lab_schemas(params, result.journal["run_id"]) == []
 
 
+# The runs and test objects of this test session carry its prefix: lab objects are named
+# faillab_<prefix>..., objects a test makes by hand labtest_<prefix>... (a run id of its own is
+# hex, so no other run's name can start with the prefix's "t"). The catalog check compares only
+# those, so other users of the shared server at the same time cannot fail it, and it still
+# catches this session's own leaks. The server's shape (databases, configuration) no user of a
+# lab server changes is compared in full.
+SESSION_PREFIX = os.environ.setdefault(db.RUN_ID_PREFIX_VARIABLE, "t" + os.urandom(3).hex())
+OURS = (f"{db.SCHEMA_PREFIX}{SESSION_PREFIX}", f"labtest_{SESSION_PREFIX}")
+LAB_NAMED = (db.SCHEMA_PREFIX, "labtest_")
+
+
+def session_name(label: str) -> str:
+    """A name for an object a test creates by hand on a shared server (the catalog check's)."""
+    return f"labtest_{SESSION_PREFIX}_{label}"
+
+
 CATALOG_QUERIES = {
+    # query -> how to find the object's name in a row (the part the ownership test looks at)
     "databases": "SELECT datname FROM pg_database",
     "schemas": "SELECT nspname FROM pg_namespace WHERE nspname NOT LIKE 'pg_temp%' AND nspname NOT LIKE 'pg_toast_temp%'",
     "relations": "SELECT n.nspname || '.' || c.relname || ':' || c.relkind::text FROM pg_class c "
@@ -144,40 +161,51 @@ CATALOG_QUERIES = {
                  "'information_schema') AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%'",
     "roles": "SELECT rolname || ':' || rolsuper || rolcreaterole || rolcreatedb || rolcanlogin || ':' || rolconnlimit "
              "FROM pg_roles",
-    "role_settings": "SELECT setdatabase::text || ':' || setrole::text || ':' || array_to_string(setconfig, ',') "
-                     "FROM pg_db_role_setting",
+    "role_settings": "SELECT coalesce(r.rolname, '*') || ':' || coalesce(d.datname, '*') || ':' || "
+                     "array_to_string(s.setconfig, ',') FROM pg_db_role_setting s "
+                     "LEFT JOIN pg_roles r ON r.oid = s.setrole LEFT JOIN pg_database d ON d.oid = s.setdatabase",
     "settings": "SELECT name || '=' || setting FROM pg_settings WHERE source NOT IN "
                 "('default', 'session', 'client', 'override')",
     "file_settings": "SELECT name || '=' || coalesce(setting, '') FROM pg_file_settings",
 }
 
 
+def _ours_to_compare(item: str) -> bool:
+    """Compare an item unless it is a lab or test object of somebody else (another session)."""
+    return item.startswith(OURS) or not item.startswith(LAB_NAMED)
+
+
 def catalog_snapshot(url: str) -> dict:
-    """Databases, schemas, relations, roles and settings of a server, for before/after comparison."""
+    """Databases, schemas, relations, roles and settings of a server, for before/after
+    comparison: all of it except the lab and test objects of other sessions."""
     conn = psycopg2.connect(url, connect_timeout=3)
     try:
         with conn.cursor() as cur:
             snap = {}
             for name, query in CATALOG_QUERIES.items():
                 cur.execute(query)
-                snap[name] = sorted(str(r[0]) for r in cur.fetchall())
+                snap[name] = sorted(str(r[0]) for r in cur.fetchall() if _ours_to_compare(str(r[0])))
         return snap
     finally:
         conn.close()
 
 
+def catalog_changes(before: dict, after: dict) -> dict:
+    return {k: {"added": sorted(set(after[k]) - set(before[k])), "removed": sorted(set(before[k]) - set(after[k]))}
+            for k in before if before[k] != after[k]}
+
+
 @pytest.fixture(scope="session", autouse=True)
 def shared_server_untouched():
     """The whole suite may create and drop only its own private schemas on the shared server:
-    its catalog (databases, schemas, tables, roles, settings) is the same before and after."""
+    what it could have made (its lab and test objects) and the server's shape are the same
+    before and after, whatever other users of the server do meanwhile."""
     if not server_reachable():
         yield
         return
     before = catalog_snapshot(SERVER_URL)
     yield
-    after = catalog_snapshot(SERVER_URL)
-    changed = {k: {"added": sorted(set(after[k]) - set(before[k])), "removed": sorted(set(before[k]) - set(after[k]))}
-               for k in before if before[k] != after[k]}
+    changed = catalog_changes(before, catalog_snapshot(SERVER_URL))
     assert not changed, f"the suite changed the shared server's catalog: {changed}"
 
 

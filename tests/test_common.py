@@ -1,5 +1,6 @@
 """The plumbing in common/: configuration, masking, output, the proxy, the runner's exit codes."""
 import io
+import json
 import os
 import signal
 import subprocess
@@ -36,7 +37,83 @@ def test_db_variables_become_libpq_parameters():
 def test_password_is_masked_everywhere():
     t = config.resolve({"DATABASE_URL": "postgresql://alice:Sup3rS3cret@db.example:5432/shop"})
     assert "Sup3rS3cret" not in t.display and t.display == "postgresql://alice:***@db.example:5432/shop"
-    assert output.redact("error for Sup3rS3cret") == "error for ***"
+    shown = {
+        "url in text: postgresql://alice:Sup3rS3cret@db:5432/shop, then": "url in text: postgresql://alice:***@db:5432/shop, then",
+        "postgresql://alice@db/shop?sslmode=require&password=Sup3rS3cret": "postgresql://alice@db/shop?sslmode=require&password=***",
+        "host=db password=Sup3rS3cret user=alice": "host=db password=*** user=alice",
+        "password='Sup 3r' dbname=shop": "password=*** dbname=shop",
+        "{'host': 'db', 'password': 'Sup3rS3cret'}": "{'host': 'db', 'password': '***'}",
+        '{"password": "Sup3rS3cret", "user": "alice"}': '{"password": "***", "user": "alice"}',
+        "postgresql://alice:p@ss@db/shop": "postgresql://alice:***@db/shop",  # a '@' libpq misreads
+    }
+    for text, masked in shown.items():
+        assert output.redact(text) == masked
+
+
+@pytest.mark.parametrize("password", ["0", "e", "postgres", "1", "s", ":", "true"])
+def test_a_short_password_never_corrupts_output_or_the_journal(password):
+    """Masking is by structure: a password that is also a common substring changes nothing else."""
+    config.resolve({"DATABASE_URL": f"postgresql://postgres:{password}@127.0.0.1:5432/postgres"})
+    journal = json.dumps({"script": "fail_x.py", "seconds": 0.561, "exit_code": 0, "scenarios": [{"id": "e0"}],
+                          "database": {"target": f"postgresql://postgres:{password}@127.0.0.1:5432/postgres"}})
+    masked = output.redact(journal)
+    data = json.loads(masked)
+    assert data["seconds"] == 0.561 and data["scenarios"] == [{"id": "e0"}] and data["exit_code"] == 0
+    assert data["database"]["target"] == "postgresql://postgres:***@127.0.0.1:5432/postgres"
+    assert output.redact("postgresql:// 0 passed, 1 failed (0.5 s) true") == "postgresql:// 0 passed, 1 failed (0.5 s) true"
+
+
+@pytest.mark.parametrize("url, password", [
+    ("postgresql://u:p%40ss@h/d", "p@ss"),
+    ("postgresql://u:p%2Fss@h/d", "p/ss"),
+    ("postgresql://u:p%23ss@h/d", "p#ss"),
+    ("postgresql://u:p#ss@h/d", "p#ss"),  # libpq keeps a raw '#' (a URL parser would cut there)
+    ("postgresql://u:p?ss@h/d", "p?ss"),
+    ("postgresql://u:p%3Ass@h:5433/d", "p:ss"),
+    ("postgresql://u@h/d?password=p%26ss", "p&ss"),
+    ("postgres://u:p%20ss@h/d", "p ss"),
+])
+def test_urls_are_read_by_libpqs_own_parser(url, password):
+    target = config.resolve({"DATABASE_URL": url})
+    assert target.params["password"] == password and target.params["host"] == "h"
+    assert target.display.startswith("postgresql://u:***@h")
+
+
+@pytest.mark.parametrize("url, fragments", [
+    ("postgresql://u:Tr0ub@4dor@h/d", ["Tr0ub", "4dor"]),  # a raw '@': libpq cuts at the first one
+    ("postgresql://u:Tr0ub/4dor@h/d", ["Tr0ub", "4dor"]),  # a raw '/': no user info at all
+    ("postgresql://u:4411/Tr0ub@h/d", ["4411", "Tr0ub"]),  # ... and a numeric "port"
+    ("postgresql://u:Tr0ub%zz@h/d", ["Tr0ub"]),            # a bad percent-escape
+    ("postgresql://u:Tr0ub4dor@h:port/d", ["Tr0ub4dor"]),
+])
+def test_urls_libpq_misreads_are_refused_without_a_fragment_of_the_password(url, fragments):
+    with pytest.raises(config.ConfigError) as err:
+        config.resolve({"DATABASE_URL": url})
+    assert "malformed" in str(err.value) and "%40" in str(err.value)
+    assert not [f for f in fragments if f in str(err.value)]
+
+
+def test_a_missing_role_is_named_with_what_to_do():
+    from common import db
+
+    exc = psycopg2.OperationalError('connection to server at "h" (1.2.3.4), port 5432 failed: '
+                                    'FATAL:  role "alice" does not exist')
+    text = db.explain_connect_error(exc, "postgresql://alice@h:5432/d")
+    assert "role alice does not exist" in text and "CREATE ROLE alice LOGIN" in text
+    assert "host and port" not in text
+
+
+def test_a_stream_whose_reader_is_gone_goes_quiet():
+    from common.cleanup import SafeStream
+
+    class Gone(io.StringIO):
+        def write(self, s):
+            raise BrokenPipeError(32, "Broken pipe")
+    stream = SafeStream(Gone())
+    assert stream.write("x\n") == 2 and stream.broken
+    stream.write("more")  # nothing raised
+    stream.flush()
+    assert SafeStream(None).write("to a closed stdout") == len("to a closed stdout")
 
 
 @pytest.mark.parametrize("url", ["mysql://u:Hunter2x@h/d", "postgresql://u:Hunter2x@h:notaport/d"])
@@ -135,8 +212,12 @@ def test_unreachable_database_exits_2_fast_with_one_masked_message(tmp_path):
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
-def test_bad_arguments_exit_2(tmp_path):
-    assert run_script(BROKEN, "--only", "no_such_id", tmp_path=tmp_path).returncode == 2
+@pytest.mark.parametrize("args", [["--only", "no_such_id"], ["--only", ","], ["--only", ""], ["--only", " , "],
+                                  ["--seed", "x"], ["--control", "no_such_slot", "--only", "passes"]])
+def test_bad_arguments_exit_2(tmp_path, args):
+    result = run_script(BROKEN, *args, tmp_path=tmp_path)
+    assert result.returncode == 2 and result.journal is None, result.stdout[-1000:]
+    assert "Traceback" not in result.stderr and result.stderr.strip()
 
 
 def test_a_scenario_that_did_not_demonstrate_its_failure_fails_the_run(embedded_params, tmp_path):
