@@ -1,7 +1,9 @@
-"""fail_idempotency_break.py: end to end on both targets, plus its helpers on their own."""
+"""fail_idempotency_break.py: end to end on both targets, its negative controls and wrong
+exercise solutions through the command line, plus its helpers on their own."""
 from __future__ import annotations
 
 import random
+import re
 from decimal import Decimal
 
 import psycopg2
@@ -9,7 +11,9 @@ import pytest
 from psycopg2 import sql
 
 from common import db
-from conftest import assert_passed, run_script
+from common.fixes import source_of
+from common.scenario import _REGISTRY
+from conftest import assert_control_fails, assert_passed, grade, run_script, write_solution
 
 import fail_idempotency_break as lab
 
@@ -23,6 +27,22 @@ def journal_run(target, tmp_path_factory):
     name, env, params = target
     result = run_script(SCRIPT, env=env, tmp_path=tmp_path_factory.mktemp(f"idem-{name}"))
     return result, params
+
+
+@pytest.fixture
+def private_schema(target):
+    """A connection into a private schema of its own on the target, dropped afterwards."""
+    _, _, params = target
+    admin = db.connect(params, autocommit=True)
+    schema = f"{db.SCHEMA_PREFIX}{db.new_run_id()}_idemtest"
+    db.create_schema(admin, schema)
+    conn = db.connect(params, schema=schema)
+    try:
+        yield conn
+    finally:
+        conn.close()
+        db.drop_schema(admin, schema)
+        admin.close()
 
 
 def measured(result, scenario_id: str) -> dict:
@@ -65,18 +85,21 @@ def test_duplicate_detection_measures_each_cause(journal_run):
     expected_form = lab.unique_key_ddl(major * 10000).form
     assert m["constraint_form"] == expected_form
     assert m["server_version_num"] // 10000 == major
+    recovery = result.scenario("duplicate_detection")["sections"]["recovery"]
+    assert f"removed {lab.ORDERS} rows from orders_v1 and {web_shop + lab.RETYPED} from orders_v2" \
+        in " ".join(recovery.split())                             # a sentence, not a dict
 
 
-def test_partial_failure_commits_a_prefix_then_recovers(journal_run):
+def test_partial_failure_commits_a_prefix_then_a_lost_connection_leaves_nothing(journal_run):
     result, _ = journal_run
     m = measured(result, "partial_failure")
     assert result.error_types("partial_failure") == ["psycopg2.errors.CheckViolation",
-                                                     "psycopg2.errors.UniqueViolation"]
-    assert result.sqlstates("partial_failure") == ["23514", "23505"]
-    first_error, rerun_error = messages(result, "partial_failure")
-    assert "ORD-01234" in first_error and "ORD-00001" in rerun_error  # stopped at line 1234; re-run at line 1
-    assert m["committed_before_error"] == 1200 == m["rows_after_naive_rerun"]
+                                                     "psycopg2.OperationalError"]
+    assert result.sqlstates("partial_failure") == ["23514"]
+    assert "ORD-01234" in messages(result, "partial_failure")[0]    # stopped at line 1234
+    assert m["committed_before_error"] == 1200
     assert m["rolled_back_in_open_batch"] == 33
+    assert m["rows_after_lost_connection"] == 1200                 # the killed one-commit load left nothing
     assert m["staged_rowcount"] == lab.ORDERS - 1200              # the committed prefix is not written again
     assert m["quarantined"] == 2
     assert m["expected_rows"] == lab.ORDERS - 2
@@ -88,23 +111,27 @@ def test_constraint_violation_shows_each_sqlstate(journal_run):
     m = measured(result, "constraint_violation")
     assert result.error_types("constraint_violation") == ["psycopg2.errors.CardinalityViolation",
                                                           "psycopg2.errors.UniqueViolation",
-                                                          "psycopg2.errors.ForeignKeyViolation"]
+                                                          "psycopg2.errors.ForeignKeyViolation",
+                                                          "psycopg2.OperationalError"]
     assert result.sqlstates("constraint_violation") == ["21000", "23505", "23503"]
-    cardinality, invoice, customer = messages(result, "constraint_violation")
+    cardinality, invoice, customer, _ = messages(result, "constraint_violation")
     assert "cannot affect row a second time" in cardinality
     assert "orders_invoice_no_key" in invoice and "orders_customer_fkey" in customer
     assert m["rows_blocked"] == 3 * 20 + 2 + 1 + 1                # three deltas of 20 edits, plus their bad rows
     assert m["rejects"] == 2
+    assert m["rows_written"] == m["rows_blocked"] - 2 - 1          # rejects and ORD-00007's older edit
     assert m["expected_rows"] == lab.ORDERS                       # 2,002 orders sent, 2 set aside
     assert m["duplicates_after"] == 0 and m["rerun_rowcount"] == 0
+    recovery = " ".join(result.scenario("constraint_violation")["sections"]["recovery"].split())
+    assert "(64 = 61 + 2 + 1)" in recovery                        # every figure reconciles on screen
 
 
 def test_data_drift_measures_the_damage(journal_run):
     result, _ = journal_run
     m = measured(result, "data_drift")
-    assert result.sqlstates("data_drift") == ["42703"]
-    assert result.error_types("data_drift") == ["psycopg2.errors.UndefinedColumn"]
-    assert 'column "currency"' in messages(result, "data_drift")[0]
+    assert result.sqlstates("data_drift") == ["42601"]
+    assert result.error_types("data_drift") == ["psycopg2.errors.SyntaxError"]
+    assert "more expressions than target columns" in messages(result, "data_drift")[0]
     assert m["hash_key_extra_rows"] == 80 and m["hash_key_overcount"] > 0
     assert m["stale_rows"] == 80 and m["stale_total_gap"] > 0       # corrections only raise amounts here
     assert m["drift_changed_newer"] == 80
@@ -115,8 +142,130 @@ def test_data_drift_measures_the_damage(journal_run):
     assert m["duplicates_after"] == 0 and m["rerun_rowcount"] == 0
 
 
+def test_human_output_holds_no_python_repr(journal_run):
+    result, _ = journal_run
+    for scenario_id in IDS:
+        sections = result.scenario(scenario_id)["sections"]
+        lines = "\n".join(v for k, v in sections.items() if k != "prevention").splitlines()  # not code
+        shown = [ln for n, ln in enumerate(lines) if not ln.strip().startswith('File "')
+                 and not (n and lines[n - 1].strip().startswith('File "'))]  # nor traceback frames
+        for line in shown:
+            assert not re.search(r"\{'|\['|\bNone\b|Decimal\(|datetime\.", line), (scenario_id, line)
+
+
+# -- negative controls: the naive code back in each slot, under the same fault -------------------
+CONTROLS = [
+    ("duplicate_detection", "unique_key_ddl", "nothing inserted, web-shop orders included"),
+    ("duplicate_detection", "stage", "re-typed keys land on their canonical orders"),
+    ("partial_failure", "load_extract", "nothing of the interrupted load is visible"),
+    ("constraint_violation", "load_delta", "delta 1 loads without an error"),
+    ("data_drift", "upsert_from_staging", "exactly the 80 + 40 corrections"),
+    ("data_drift", "as_values", "exactly the 80 + 40 corrections"),
+]
+
+
+@pytest.mark.parametrize("scenario_id, slot, claim", CONTROLS, ids=[f"{c[0]}-{c[1]}" for c in CONTROLS])
+def test_negative_control_fails_with_the_claim_it_breaks(scenario_id, slot, claim, target, tmp_path):
+    _, env, params = target
+    result = run_script(SCRIPT, "--only", scenario_id, "--control", slot, env=env, tmp_path=tmp_path)
+    assert_control_fails(result, params, scenario_id, claim)
+    naive = next(f.naive for spec in _REGISTRY if spec.id == scenario_id for f in spec.fixes if f.slot == slot)
+    assert result.scenario(scenario_id)["fixes"][slot].endswith("." + naive.__name__)
+
+
+def test_every_slot_has_a_control():
+    declared = {(spec.id, f.slot) for spec in _REGISTRY
+                if spec.fn.__module__ == lab.__name__ for f in spec.fixes}
+    assert declared == {(c[0], c[1]) for c in CONTROLS}
+
+
+def test_slot_code_fits_the_projector():
+    """Prevention prints each slot's code indented by 6: every line fits in 80 columns."""
+    for spec in _REGISTRY:
+        if spec.fn.__module__ != lab.__name__:
+            continue
+        for f in spec.fixes:
+            for fn in (f.naive, f.fixed):
+                wide = [ln for ln in source_of(fn).splitlines() if len(ln) > 74]
+                assert not wide, (fn.__name__, wide)
+            assert len(f.hints) == 2, f.slot
+
+
+# -- plausible wrong solutions, graded as a student runs them ------------------------------------
+WRONG = {
+    # a NULL-safe index, but ON CONFLICT still names the bare columns: no index matches them
+    "index not named as the arbiter": ("duplicate_detection", '''
+def unique_key_ddl(server_version_num, table="orders"):
+    return BusinessKey(
+        "unique index on (coalesce(store_id, 0), order_ref)",
+        sql.SQL("CREATE UNIQUE INDEX {} ON {} ((coalesce(store_id, 0)), order_ref)").format(
+            sql.Identifier(table + "_business_key"), sql.Identifier(table)),
+        sql.SQL("(store_id, order_ref)"))
+''', "re-typed keys land on their canonical orders"),
+    # one transaction per chunk: the lost connection leaves the committed chunks behind
+    "a load that commits per chunk": ("partial_failure", '''
+def load_extract(conn, rows, key):
+    changed = 0
+    with conn.cursor() as cur:
+        stage(cur, rows)
+        for line in range(1, len(rows) + 1):
+            try:
+                changed += move(cur, key, line, line)
+            except REFUSED as exc:
+                cur.execute("INSERT INTO load_rejects SELECT order_ref, %s, %s FROM staging_orders "
+                            "WHERE line = %s", (exc.pgcode, exc.diag.message_primary, line))
+                changed += cur.rowcount
+            if line % 100 == 0:
+                conn.commit()
+    conn.commit()
+    return changed
+''', "nothing of the interrupted load is visible"),
+    # stage, validate and load, but a commit after each step: the rejects outlive the lost load
+    "a commit per step": ("constraint_violation", '''
+def load_delta(conn, rows, key):
+    with conn.cursor() as cur:
+        stage(cur, rows)
+        cur.execute(UNKNOWN_CUSTOMER)
+        cur.execute(INVOICE_OF_ANOTHER_ORDER)
+        conn.commit()
+        written = upsert_from_staging(cur, "orders", key)
+    conn.commit()
+    return written
+''', "nothing of delta 2 is visible"),
+    # DO UPDATE without "WHERE newer": corrections land, and a late replay undoes them
+    "DO UPDATE without WHERE newer": ("data_drift", '''
+def upsert_from_staging(cur, table, key, where=sql.SQL("true"), args=None):
+    cur.execute(sql.SQL("""
+        INSERT INTO {} (store_id, order_ref, customer_id, invoice_no, amount, updated_at)
+        SELECT DISTINCT ON (store_id, order_ref) store_id, order_ref, customer_id, invoice_no,
+               amount, updated_at
+          FROM staging_orders WHERE {} ORDER BY store_id, order_ref, updated_at DESC
+            ON CONFLICT {} DO UPDATE SET customer_id = excluded.customer_id,
+               invoice_no = excluded.invoice_no, amount = excluded.amount,
+               updated_at = excluded.updated_at""").format(
+        sql.Identifier(table), where, key.conflict_target), args)
+    return cur.rowcount
+''', "the replay wrote nothing"),
+}
+
+
+@pytest.mark.parametrize("name", list(WRONG))
+def test_a_wrong_solution_fails_with_the_claim_it_breaks(name, target, tmp_path):
+    _, env, params = target
+    scenario_id, code, claim = WRONG[name]
+    write_solution(tmp_path, SCRIPT, scenario_id, code)
+    result = grade(SCRIPT, scenario_id, tmp_path, env)
+    record = result.scenario(scenario_id)
+    assert result.returncode == 1 and record["mode"] == "exercise", result.stdout[-3000:]
+    assert record["triggered"] is True and record["cleaned"] is True and record["recovered"] is False
+    failed = [c["claim"] for c in record["checks"] if not c["ok"]]
+    assert any(claim in c for c in failed), failed
+    assert "NOT YET" in result.stdout
+
+
 # -- the version-dependent business key ----------------------------------------------------------
 @pytest.mark.parametrize("version, form, marker", [
+    (130000, "unique index on (coalesce(store_id, 0), order_ref)", "CREATE UNIQUE INDEX"),
     (140000, "unique index on (coalesce(store_id, 0), order_ref)", "CREATE UNIQUE INDEX"),
     (150000, "UNIQUE NULLS NOT DISTINCT", "UNIQUE NULLS NOT DISTINCT"),
     (180004, "UNIQUE NULLS NOT DISTINCT", "UNIQUE NULLS NOT DISTINCT"),
@@ -131,34 +280,69 @@ def test_unique_key_ddl_picks_the_form_the_server_supports(version, form, marker
         conn.close()
     assert marker in ddl and '"orders_business_key"' in ddl
     assert ("coalesce" in target) == (version < 150000)
+    assert ("store_id <> 0" in ddl) == (version < 150000)  # 0 stands for the web shop there
 
 
 @pytest.mark.parametrize("version", [140000, 150000])
-def test_each_key_form_rejects_a_second_null_store_row(version, target):
-    """Run both forms on the real server: a second (NULL, key) row is refused, and ON CONFLICT
-    with the form's conflict target updates the one row instead."""
-    _, _, params = target
-    admin = db.connect(params, autocommit=True)
-    schema = f"{db.SCHEMA_PREFIX}{db.new_run_id()}_keyform"
-    db.create_schema(admin, schema)
-    conn = db.connect(params, schema=schema)
-    try:
-        key = lab.unique_key_ddl(version, "orders")
-        with conn.cursor() as cur:
-            cur.execute("CREATE TABLE orders (store_id integer, order_ref text NOT NULL, amount numeric)")
-            cur.execute(key.ddl)
-            cur.execute("INSERT INTO orders VALUES (NULL, 'ORD-00001', 1)")
-            cur.execute(sql.SQL("INSERT INTO orders VALUES (NULL, 'ORD-00001', 2) "
-                                "ON CONFLICT {} DO UPDATE SET amount = excluded.amount").format(key.conflict_target))
-            cur.execute("SELECT count(*), max(amount) FROM orders")
-            assert cur.fetchone() == (1, Decimal(2))
-            with pytest.raises(psycopg2.errors.UniqueViolation):
-                cur.execute("INSERT INTO orders VALUES (NULL, 'ORD-00001', 3)")
-        conn.rollback()
-    finally:
-        conn.close()
-        db.drop_schema(admin, schema)
-        admin.close()
+def test_each_key_form_rejects_a_second_null_store_row(version, private_schema):
+    """Run both forms on the real server: a second (NULL, key) row is refused, ON CONFLICT with
+    the form's conflict target updates the one row instead, and the pre-15 form refuses store 0."""
+    conn = private_schema
+    key = lab.unique_key_ddl(version, "orders")
+    with conn.cursor() as cur:
+        cur.execute("CREATE TABLE orders (store_id integer, order_ref text NOT NULL, amount numeric)")
+        cur.execute(key.ddl)
+        cur.execute("INSERT INTO orders VALUES (NULL, 'ORD-00001', 1), (1, 'ORD-00001', 1)")
+        cur.execute(sql.SQL("INSERT INTO orders VALUES (NULL, 'ORD-00001', 2) "
+                            "ON CONFLICT {} DO UPDATE SET amount = excluded.amount").format(key.conflict_target))
+        cur.execute("SELECT store_id, amount FROM orders ORDER BY store_id NULLS FIRST")
+        assert cur.fetchall() == [(None, Decimal(2)), (1, Decimal(1))]
+        cur.execute("SAVEPOINT s")
+        with pytest.raises(psycopg2.errors.UniqueViolation):
+            cur.execute("INSERT INTO orders VALUES (NULL, 'ORD-00001', 3)")
+        cur.execute("ROLLBACK TO SAVEPOINT s")
+        if version < 150000:
+            with pytest.raises(psycopg2.errors.CheckViolation):
+                cur.execute("INSERT INTO orders VALUES (0, 'ORD-00002', 1)")
+    conn.rollback()
+
+
+# -- what the drift query and the shape check say --------------------------------------------------
+def test_drift_labels_say_what_happened(private_schema):
+    conn = private_schema
+    at = lab.DAY1
+    target = [(1, "ORD-1", 5, "I1", Decimal(1), at), (1, "ORD-2", 5, "I2", Decimal(1), at),
+              (1, "ORD-3", 5, "I3", Decimal(1), at), (1, "ORD-4", 5, "I4", Decimal(1), at)]
+    staged = [(1, "ORD-1", 5, "I1", Decimal(1), at),                        # same content
+              (1, "ORD-2", 5, "I2", Decimal(2), at + lab.timedelta(hours=1)),  # newer
+              (1, "ORD-3", 5, "I3", Decimal(2), at),                        # same updated_at, other amount
+              (1, "ORD-4", 5, "I4", Decimal(2), at - lab.timedelta(hours=1)),  # older
+              (None, "ORD-5", 5, "I5", Decimal(1), at)]                     # new
+    with conn.cursor() as cur:
+        cur.execute(lab.SHARED_DDL)
+        cur.execute(lab.ORDERS_DDL)
+        cur.executemany("INSERT INTO orders VALUES (%s, %s, %s, %s, %s, %s)", target)
+        cur.executemany("INSERT INTO staging_orders VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                        [(n, *r) for n, r in enumerate(staged, 1)])
+        cur.execute(lab.DRIFT)
+        assert dict(cur.fetchall()) == {"unchanged": 1, "changed, newer": 1, "changed, same updated_at": 1,
+                                        "changed, older (late)": 1, "new": 1}
+    conn.rollback()
+
+
+def test_shape_check_reads_columns_and_types_from_the_catalog(private_schema):
+    conn = private_schema
+    with conn.cursor() as cur:
+        cur.execute(lab.ORDERS_DDL)
+        cur.execute("ALTER TABLE orders DROP COLUMN invoice_no")
+    conn.commit()
+    row = {**lab.make_orders(random.Random(1), 1)[0], "store_id": 1, "currency": "EUR"}
+    row["updated_at"] = row["updated_at"].replace(tzinfo=None)  # a local time where the table has timestamptz
+    shape = {field: (needs, has) for field, needs, has in lab.shape_check(conn, [row])}
+    assert shape["currency"] == ("text", "-")                     # a field the table lacks
+    assert shape["invoice_no"] == ("text", "-")                   # a column the table lost
+    assert shape["updated_at"] == ("timestamp without time zone", "timestamp with time zone")
+    assert shape["amount"] == ("numeric", "numeric") and shape["store_id"] == ("integer", "integer")
 
 
 # -- the fixture data ----------------------------------------------------------------------------
@@ -180,12 +364,13 @@ def test_retype_keys_touches_only_store_orders_and_stays_canonically_equal():
     assert all(a["store_id"] is not None and b["order_ref"].strip().upper() == a["order_ref"] for a, b in differ)
 
 
-def test_as_values_maps_columns_by_name():
+def test_as_values_maps_columns_by_name_and_the_naive_map_by_position():
     row = {**lab.make_orders(random.Random(1), 1)[0], "currency": "EUR"}
     in_insert_order = (row["store_id"], row["order_ref"], row["customer_id"], row["invoice_no"],
                        row["amount"], row["updated_at"])
     assert lab.as_values([row]) == [in_insert_order]                   # extra field ignored
     assert lab.as_values([dict(reversed(row.items()))]) == [in_insert_order]  # by name, not by position
+    assert lab.as_values_naive([row]) == [(*in_insert_order, "EUR")]   # the naive map takes it along
     del row["amount"]
     with pytest.raises(KeyError):
         lab.as_values([row])  # a missing field is loud
