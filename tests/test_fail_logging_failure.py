@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import contextvars
+import inspect
 import json
+import re
 import logging
 import subprocess
 import sys
@@ -14,7 +16,7 @@ from decimal import Decimal
 
 import pytest
 
-from conftest import ROOT, assert_passed, run_script
+from conftest import ROOT, assert_control_fails, assert_passed, grade, run_script, write_solution
 
 import fail_logging_failure as flf
 
@@ -38,16 +40,18 @@ EVENTS_PER_RUN = 2 + flf.RECORDS // flf.EVENT_EVERY                  # 'job star
 STORED_BEFORE_OUTAGE = 1 + (flf.OUTAGE_AT - 1) // flf.EVENT_EVERY    # 'job started' + progress before the outage
 EVENTS_PER_OVERLAPPING_RUN = 2 + flf.CHUNKS * flf.EVENTS_PER_CHUNK
 POOL_EVENTS = 2 * flf.CHUNKS * flf.EVENTS_PER_CHUNK                   # both runs' events logged in pool threads
+LEAK_EVENTS = 2 * flf.EVENTS_PER_CHUNK                                # run A's task, then run B's, one pool thread
 STORM_ERRORS = flf.STORM_RECORDS * 4 // 5
 STORM_DISTINCT_ERRORS = 3                                             # ValueError, KeyError, ZeroDivisionError
 TRICKY_EVENTS = Counter(flf.TRICKY[(i // 10) % len(flf.TRICKY)][0] for i in range(10, flf.FEED_EVENTS + 1, 10))
+INHERITS_CONTEXT = getattr(sys.flags, "thread_inherit_context", 0)
 
 
 def test_storage_loses_events_silently_and_then_kills_the_job(result):
     record = result.scenario("storage")
     m = record["measurements"]
     assert m["emitted_before"] == EVENTS_PER_RUN
-    assert m["stored_before"] == STORED_BEFORE_OUTAGE
+    assert m["stored_before"] == STORED_BEFORE_OUTAGE  # the stall delays events, the outage loses them
     assert m["lost_before"] == EVENTS_PER_RUN - STORED_BEFORE_OUTAGE
     assert m["fallback_file_dropped"] == EVENTS_PER_RUN  # /dev/full refused every event
     # one '--- Logging error ---' block on stderr per record dropped, by either sink
@@ -60,51 +64,177 @@ def test_storage_loses_events_silently_and_then_kills_the_job(result):
     assert all("No space left on device" in e["message"] for e in record["observed_errors"] if e["type"] == "OSError")
 
 
-def test_storage_replays_every_event_exactly_once(result):
+def test_storage_replays_every_event_exactly_once_and_the_figures_reconcile(result):
     m = result.scenario("storage")["measurements"]
     assert m["emitted_after"] == m["stored_after"] == EVENTS_PER_RUN and m["lost_after"] == 0
     # every event emitted after the outage began can only have reached the store through the spool
     assert m["spooled_after"] >= EVENTS_PER_RUN - STORED_BEFORE_OUTAGE
+    assert m["stored_live_after"] + m["spooled_after"] - m["spooled_already_stored"] == m["stored_after"]
     assert m["second_replay_inserted"] == 0
+    assert m["stall_waiting_sessions"] >= 1  # the stall met a writer: the fault landed
 
 
-def test_correlation_counts_both_kinds_of_mislabelled_rows(result):
+def test_correlation_counts_every_kind_of_mislabelled_row(result):
     m = result.scenario("correlation")["measurements"]
     assert m["global_other_runs_id"] == EVENTS_PER_OVERLAPPING_RUN  # one whole run relabelled by the other
     assert m["thread_local_no_run_id"] == POOL_EVENTS
-    if not getattr(sys.flags, "thread_inherit_context", 0):
+    assert m["emitted_before"] == 3 * 2 * EVENTS_PER_OVERLAPPING_RUN + LEAK_EVENTS  # every row of the table
+    if not INHERITS_CONTEXT:
         assert m["contextvar_plain_no_run_id"] == POOL_EVENTS
-    assert m["lost_before"] == EVENTS_PER_OVERLAPPING_RUN + POOL_EVENTS
+        assert m["contextvar_leaked_other_runs_id"] == flf.EVENTS_PER_CHUNK  # run B's task, run A's id
+        assert m["lost_before"] == EVENTS_PER_OVERLAPPING_RUN + 2 * POOL_EVENTS + flf.EVENTS_PER_CHUNK
     assert m["emitted_after"] == m["stored_after"] == 2 * EVENTS_PER_OVERLAPPING_RUN and m["lost_after"] == 0
+    assert m["leaked_after"] == 0
 
 
-def test_volume_fixed_design_is_faster_and_keeps_true_counts(result):
+def test_volume_fixed_design_batches_and_keeps_true_counts(result):
     m = result.scenario("volume")["measurements"]
-    assert m["naive_rows"] == STORM_ERRORS
+    assert m["naive_rows"] == m["naive_insert_statements"] == STORM_ERRORS  # one round trip per error
     assert m["redundant_rows_before"] == STORM_ERRORS - STORM_DISTINCT_ERRORS * flf.KEEP_PER_ERROR
-    assert m["naive_logging_share_pct"] > 50
     # the kept samples, plus one summary per distinct error
     assert m["fixed_rows"] == STORM_DISTINCT_ERRORS * (flf.KEEP_PER_ERROR + 1)
+    assert m["fixed_insert_statements"] * 3 <= m["fixed_rows"]
+    assert m["stall_waiting_sessions"] >= 1
     assert m["redundant_rows_after"] == 0 and m["errors_miscounted_after"] == 0
     assert m["fixed_bytes"] * 10 < m["naive_bytes"]
-    assert m["fixed_job_seconds"] < m["naive_job_seconds"]
-    assert m["naive_job_seconds"] < 4  # the storm stays small enough for a workshop
 
 
 def test_structured_parsing_loses_each_tricky_kind_for_its_own_reason(result):
     assert result.error_types("structured_parsing") == [
-        "TypeError", "json.decoder.JSONDecodeError", "psycopg2.errors.InvalidTextRepresentation"]
-    assert result.sqlstates("structured_parsing") == ["22P02"]
+        "TypeError", "json.decoder.JSONDecodeError", "psycopg2.errors.InvalidTextRepresentation",
+        "psycopg2.errors.UntranslatableCharacter"]
+    assert result.sqlstates("structured_parsing") == ["22P02", "22P05"]
     m = result.scenario("structured_parsing")["measurements"]
     assert m["emitted_before"] == flf.FEED_EVENTS
     assert m["lost_in_formatter"] == TRICKY_EVENTS["not_serializable"]  # TypeError on the Decimal
-    assert m["rows_rejected_before"] == TRICKY_EVENTS["nan"]  # jsonb refuses NaN
+    refused_by_jsonb = TRICKY_EVENTS["nan"] + TRICKY_EVENTS["infinity"] + TRICKY_EVENTS["nul"]
+    assert m["rows_rejected_before"] == refused_by_jsonb  # 22P02 for NaN and Infinity, 22P05 for \u0000
     # quotes, newlines, backslashes and raw tracebacks break the line; unicode alone survives
     broken = sum(TRICKY_EVENTS[k] for k in ("quote", "newline", "backslash", "traceback"))
     assert m["lines_unparseable_before"] > broken  # a newline or a traceback breaks one event into several lines
-    assert m["lost_before"] == broken + TRICKY_EVENTS["not_serializable"] + TRICKY_EVENTS["nan"]
-    assert m["lines_unparseable_after"] == 0 and m["rows_rejected_after"] == 0
+    assert m["lost_before"] == broken + TRICKY_EVENTS["not_serializable"] + refused_by_jsonb
+    assert m["lines_unparseable_after"] == 0 and m["rows_rejected_after"] == 0 and m["dropped_after"] == 0
     assert m["emitted_after"] == m["stored_after"] == flf.FEED_EVENTS and m["lost_after"] == 0
+
+
+# -- negative controls: the naive code back in each slot, under the same fault ------------------
+CONTROLS = [
+    ("storage", "store_handler", "did not hold the job up"),
+    ("correlation", "run_id_holder", "overlapping runs:"),
+    ("correlation", "submit_task", "nothing a task set reached the next run"),
+    ("volume", "store_handler", "batched:"),
+    ("volume", "storm_filter", "no redundant traceback row"),
+    ("structured_parsing", "format_event", "one event per line"),
+    ("structured_parsing", "read_lines", "read past its bad lines"),
+]
+
+
+@pytest.mark.parametrize("scenario_id, slot, claim", CONTROLS, ids=[f"{c[0]}-{c[1]}" for c in CONTROLS])
+def test_negative_control_fails_with_the_claim_it_breaks(scenario_id, slot, claim, target, tmp_path):
+    name, env, params = target
+    result = run_script(SCRIPT, "--only", scenario_id, "--control", slot, env=env, tmp_path=tmp_path)
+    assert_control_fails(result, params, scenario_id, claim)
+    assert result.scenario(scenario_id)["fixes"][slot].endswith("." + NAIVE[slot])
+
+
+NAIVE = {f.slot: f.naive.__name__ for f in [flf.STORE_HANDLER, *flf.CORRELATION_FIXES, *flf.VOLUME_FIXES,
+                                            *flf.PARSING_FIXES]}
+
+
+def test_every_slot_has_a_control_and_prints_within_74_columns():
+    """Prevention prints the slot functions indented by 6: each line fits 80 columns."""
+    assert {slot for _, slot, _ in CONTROLS} == set(NAIVE)
+    for f in [flf.STORE_HANDLER, *flf.CORRELATION_FIXES, *flf.VOLUME_FIXES, *flf.PARSING_FIXES]:
+        assert f.contract and len(f.hints) == 2, f.slot
+        for fn in (f.naive, f.fixed):
+            wide = [ln for ln in inspect.getsource(fn).splitlines() if len(ln) > 74]
+            assert not wide, (fn.__name__, wide)
+
+
+def test_human_output_has_no_python_repr(result):
+    for record in result.journal["scenarios"]:
+        for name, text in record["sections"].items():
+            if name == "prevention":
+                continue  # code
+            lines = text.splitlines()
+            for n, line in enumerate(lines):
+                if line.startswith("      ") or line.strip().startswith(("|", 'File "')) or \
+                        (n and lines[n - 1].strip().startswith('File "')):
+                    continue  # code, an exception's own message, a traceback frame
+                assert not re.search(r"\{'|\['|\bNone\b|\bTrue\b|\bFalse\b", line), (record["id"], line)
+
+
+# -- plausible wrong solutions, graded through the command line as a student runs them ----------
+WRONG = {
+    "a handler that blocks the job": ("storage", """
+def store_handler(connect, spool):
+    # retries and spools, but writes each record in the job's own thread
+    return BatchingDatabaseHandler(connect, spool=spool, batch_size=1)
+""", "did not hold the job up"),
+    "a queue in front of a sink that does not batch": ("volume", """
+def store_handler(connect, spool):
+    records = queue.SimpleQueue()
+    handler = ListenedQueueHandler(records)
+    handler.setFormatter(JsonFormatter())
+    sink = DatabaseHandler(connect)  # one INSERT and one COMMIT per record
+    sink.setFormatter(logging.Formatter("%(message)s"))
+    handler.listener = logging.handlers.QueueListener(records, sink)
+    handler.listener.start()
+    return handler
+
+
+def storm_filter(keep):
+    return ErrorStormFilter(keep=keep)
+""", "batched:"),
+    "a thread-local instead of a contextvar": ("correlation", """
+def run_id_holder():
+    return ThreadLocalRunId()
+
+
+def submit_task(pool, fn, *args):
+    return pool.submit(contextvars.copy_context().run, fn, *args)
+""", "overlapping runs:"),
+    "json.dumps without a default for what JSON cannot encode": ("structured_parsing", """
+def format_event(record):
+    return json.dumps({"time": event_time(record), "level": record.levelname, "logger": record.name,
+                       "message": record.getMessage(),
+                       "correlation_id": getattr(record, "correlation_id", None),
+                       "fields": event_fields(record)})
+
+
+def read_lines(path):
+    return read_lines_tolerant(path)
+""", "no record dropped by the formatter"),
+    "a reader that trusts Python's json": ("structured_parsing", """
+def format_event(record):
+    return format_event_json(record)
+
+
+def read_lines(path):
+    good, quarantine = [], []
+    for n, line in enumerate(open(path, encoding="utf-8", newline="\\n"), 1):
+        try:
+            json.loads(line)
+            good.append((n, line.rstrip("\\n")))
+        except ValueError as exc:
+            quarantine.append((n, exc, line))
+    return good, quarantine
+""", "every line the reader passed loads into jsonb"),
+}
+
+
+@pytest.mark.parametrize("wrong", list(WRONG))
+def test_a_wrong_solution_fails_with_the_claim_it_breaks(wrong, target, tmp_path):
+    name, env, params = target
+    scenario_id, code, claim = WRONG[wrong]
+    write_solution(tmp_path, SCRIPT, scenario_id, code)
+    result = grade(SCRIPT, scenario_id, tmp_path, env)
+    record = result.scenario(scenario_id)
+    assert result.returncode == 1 and record["mode"] == "exercise" and "NOT YET" in result.stdout
+    assert record["triggered"] is True and record["recovered"] is False and record["cleaned"] is True
+    failed = [c["claim"] for c in record["checks"] if not c["ok"]]
+    assert any(claim in c for c in failed), failed
+    assert not any(c.startswith("unexpected ") for c in failed), failed  # graded, not crashed
 
 
 def test_import_runs_nothing():
@@ -119,8 +249,8 @@ def test_import_runs_nothing():
 
 
 # -- the JSON formatter -------------------------------------------------------------------------------
-def make_record(message="hello", fields=None, exc_info=None, **extra):
-    record = logging.LogRecord("faillab.test", logging.INFO, __file__, 1, message, None, exc_info)
+def make_record(message="hello", fields=None, exc_info=None, args=None, **extra):
+    record = logging.LogRecord("faillab.test", logging.INFO, __file__, 1, message, args, exc_info)
     record.fields = fields or {}
     for key, value in extra.items():
         setattr(record, key, value)
@@ -132,7 +262,7 @@ def refuse(name):
 
 
 def formatted(record) -> tuple[str, dict]:
-    line = flf.JsonFormatter().format(record)
+    line = flf.format_event_json(record)
     assert "\n" not in line and "\r" not in line
     return line, json.loads(line, parse_constant=refuse)  # strict, like jsonb
 
@@ -169,8 +299,25 @@ def test_formatter_round_trips_unicode():
 
 
 def test_formatter_makes_nul_loadable():
-    _, event = formatted(make_record("a\x00b"))
-    assert "\x00" not in event["message"]
+    _, event = formatted(make_record("a\x00b", fields={"code": "AB\x00", "k\x00": ["\x00"]}))
+    assert event["message"] == "a\ufffdb"
+    assert event["fields"] == {"code": "AB\ufffd", "k\ufffd": ["\ufffd"]}
+
+
+def test_formatter_never_drops_a_record_it_cannot_format():
+    """A message whose arguments do not fit raises inside getMessage(): the event is still written."""
+    _, event = formatted(make_record("%d rows", event_id="run-1-00007", args=("many",)))
+    assert event["message"] == "%d rows" and event["fields"]["event_id"] == "run-1-00007"
+    assert event["fields"]["format_error"].startswith("TypeError")
+
+
+def test_allow_nan_false_is_a_tripwire_whose_firing_loses_nothing(monkeypatch):
+    """Without json_safe a NaN reaches json.dumps: allow_nan=False raises, and the formatter
+    writes the event with the error instead of letting logging drop it."""
+    monkeypatch.setattr(flf, "json_safe", lambda value: value)
+    _, event = formatted(make_record(fields={"ratio": float("nan")}, event_id="run-1-00008"))
+    assert event["fields"]["event_id"] == "run-1-00008"
+    assert event["fields"]["format_error"].startswith("ValueError: Out of range float values")
 
 
 def test_formatter_puts_the_exception_in_a_field():
@@ -189,12 +336,14 @@ def test_formatter_puts_the_exception_in_a_field():
 
 
 def test_naive_formatter_really_breaks():
-    naive = flf.ConcatJsonFormatter()
+    naive = flf.format_event_concat
     with pytest.raises(json.JSONDecodeError):
-        json.loads(naive.format(make_record('customer "ACME"')))
+        json.loads(naive(make_record('customer "ACME"')))
     with pytest.raises(TypeError):
-        naive.format(make_record(fields={"amount": Decimal("1")}))
-    assert "NaN" in naive.format(make_record(fields={"ratio": float("nan")}))
+        naive(make_record(fields={"amount": Decimal("1")}))
+    assert "NaN" in naive(make_record(fields={"ratio": float("nan")}))
+    assert "Infinity" in naive(make_record(fields={"rate": float("inf")}))
+    assert json.loads(naive(make_record(fields={"code": "A\x00"})))["fields"]["code"] == "A\x00"  # jsonb refuses it
 
 
 # -- the correlation filter across threads ----------------------------------------------------------
@@ -253,6 +402,19 @@ def test_copied_context_reaches_pool_threads(captured):
     if not getattr(sys.flags, "thread_inherit_context", 0):
         assert [r.correlation_id for r in handler.records] == [None] * 4
     assert flf.CORRELATION_ID.get() is None  # nothing leaked into this thread
+
+
+def test_a_pool_thread_shares_its_context_between_tasks():
+    """What pool.submit really does: each task runs in the worker thread's own context, so a value
+    one task sets is there for the next; a copied context keeps it in the task."""
+    var = contextvars.ContextVar("probe", default=None)
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(var.set, "A").result()
+        assert pool.submit(var.get).result() == "A"  # leaked into a later task
+    with ThreadPoolExecutor(1) as pool:
+        flf.submit_in_context(pool, var.set, "A").result()
+        assert flf.submit_in_context(pool, var.get).result() is None
+    assert var.get() is None
 
 
 def in_another_thread(fn):
@@ -330,11 +492,13 @@ def test_storm_filter_caps_distinct_errors():
 
 def test_tolerant_reader_quarantines_bad_lines_with_numbers(tmp_path):
     path = tmp_path / "log.jsonl"
-    path.write_text('{"a": 1}\n{"broken\n\n{"ratio": NaN}\n{"b": 2}\n', encoding="utf-8")
+    path.write_text('{"a": 1}\n{"broken\n\n{"ratio": NaN}\n{"b": 2}\n{"c": ["\\u0000"]}\n'
+                    '{"d": "C:\\\\u0000"}\n', encoding="utf-8")
     good, quarantine = flf.read_lines_tolerant(path)
-    assert [n for n, _ in good] == [1, 5]
-    assert [n for n, _, _ in quarantine] == [2, 4]
-    lenient_good, lenient_bad = flf.read_lines_tolerant(path, strict=False)
-    assert [n for n, _ in lenient_good] == [1, 4, 5] and len(lenient_bad) == 1
+    assert [n for n, _ in good] == [1, 5, 7]  # line 7 holds a backslash and the text u0000, not a NUL
+    assert [n for n, _, _ in quarantine] == [2, 4, 6]
+    parsed, unparseable = flf.python_parses(path)  # what Python's json accepts
+    assert [n for n, _ in parsed] == [1, 4, 5, 6, 7] and unparseable == [2]
     with pytest.raises(json.JSONDecodeError):
         flf.read_lines_naive(path)
+
