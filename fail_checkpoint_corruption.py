@@ -10,33 +10,44 @@ Run: python fail_checkpoint_corruption.py [--only ID] [--json PATH] [--keep] [--
 """
 from __future__ import annotations
 
+import common  # noqa: F401  first: the signal handlers are installed from the first instant
+
+import builtins
+import hashlib
 import json
+import multiprocessing
 import os
+import re
+import signal
 import socket
+import sys
+import threading
 import time
 from pathlib import Path
 
-import psutil
 import psycopg2
 import psycopg2.errors
+import psycopg2.extensions
 from psycopg2 import sql
-from tenacity import (Retrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential)
+from tenacity import (Retrying, retry_if_exception_type, stop_after_attempt,
+                      wait_random_exponential)
 
 from common import db, main, scenario, schema
-from common.faults import SlowDisk
+from common.fixes import fix
+from common.output import words
 
 SOURCE_ROWS = 3_000
 BATCH = 500
 JOB = "orders_copy"
-LEASE_S = 0.3  # production: 30 s to 5 min, a few heartbeats long
+LEASE_S = 1.0  # production: 30 s to 5 min, a few heartbeats long
+WAIT_S = 15.0  # the longest the lab waits for anything it set up; then the step fails, it never hangs
 
 
 # -- the pipeline, shared by every scenario ----------------------------------------------------
-def copy_batch(cur, after_id: int, table: str = "target_rows") -> int | None:
+def copy_batch(cur, after_id: int) -> int | None:
     """Copy the next batch after `after_id`; return the last id copied (None when done)."""
-    cur.execute(sql.SQL("INSERT INTO {} (id, payload, amount) SELECT id, payload, amount FROM source_rows "
-                        "WHERE id > %s ORDER BY id LIMIT %s RETURNING id").format(sql.Identifier(table)),
-                (after_id, BATCH))
+    cur.execute("INSERT INTO target_rows (id, payload, amount) SELECT id, payload, amount "
+                "FROM source_rows WHERE id > %s ORDER BY id LIMIT %s RETURNING id", (after_id, BATCH))
     ids = [r[0] for r in cur.fetchall()]
     return max(ids) if ids else None
 
@@ -48,7 +59,7 @@ def prefix_checksum(cur, table: str, last_id: int) -> str:
     return cur.fetchone()[0]
 
 
-def set_checkpoint(cur, last_id: int, **extra) -> None:
+def set_checkpoint(cur, last_id: int) -> None:
     """Move the checkpoint row and append the move to checkpoint_history."""
     cur.execute("SELECT count(*) FROM source_rows WHERE id <= %s", (last_id,))
     rows_done = cur.fetchone()[0]
@@ -59,68 +70,190 @@ def set_checkpoint(cur, last_id: int, **extra) -> None:
                 (JOB, last_id, rows_done, checksum))
     cur.execute("INSERT INTO checkpoint_history (job, last_id, rows_done, checksum) VALUES (%s, %s, %s, %s)",
                 (JOB, last_id, rows_done, checksum))
-    for column, value in extra.items():
-        cur.execute(sql.SQL("UPDATE checkpoints SET {} = %s WHERE job = %s").format(sql.Identifier(column)),
-                    (value, JOB))
 
 
 def read_checkpoint(conn) -> int:
     return db.scalar(conn, "SELECT coalesce(max(last_id), 0) FROM checkpoints WHERE job = %s", (JOB,)) or 0
 
 
-def fresh_pipeline(s, sink: str = "target_rows") -> None:
+def gap_free_until(cur) -> int:
+    """The last id of the longest prefix of source_rows that target_rows holds completely."""
+    cur.execute("SELECT coalesce((SELECT min(id) - 1 FROM source_rows s WHERE NOT EXISTS "
+                "(SELECT 1 FROM target_rows t WHERE t.id = s.id)), (SELECT coalesce(max(id), 0) FROM source_rows))")
+    return cur.fetchone()[0]
+
+
+def fresh_pipeline(s, keyed: bool = True) -> None:
     """The known starting state: 3,000 source rows, an empty target, no checkpoint."""
     s.tables("source_rows", "target_rows", "checkpoints", "checkpoint_history")
     with s.conn.cursor() as cur:
+        if not keyed:  # an append-only table with no key, as many warehouse tables are
+            cur.execute("ALTER TABLE target_rows DROP CONSTRAINT IF EXISTS target_rows_pkey")
         cur.execute("TRUNCATE target_rows, checkpoints, checkpoint_history")
-        if sink != "target_rows":  # an append-only sink with no key, as many warehouse tables are
-            cur.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} (id integer, payload text, amount numeric(12,2))")
-                        .format(sql.Identifier(sink)))
-            cur.execute(sql.SQL("TRUNCATE {}").format(sql.Identifier(sink)))
     s.conn.commit()
     if not db.scalar(s.conn, "SELECT count(*) FROM source_rows"):
         schema.seed_source(s.conn, SOURCE_ROWS)
 
 
-def damage(conn, table: str = "target_rows") -> dict:
+def restart_job(s) -> None:
+    """An empty target and a fresh checkpoint row at 0."""
+    s.conn.rollback()
+    with s.conn.cursor() as cur:
+        cur.execute("TRUNCATE target_rows, checkpoints, checkpoint_history")
+        cur.execute("INSERT INTO checkpoints (job) VALUES (%s)", (JOB,))
+    s.conn.commit()
+
+
+def damage(conn) -> dict:
     """What is wrong with the copy, by query: ids missing, ids present more than once."""
-    with conn.cursor() as cur:
-        cur.execute(sql.SQL("SELECT (SELECT count(*) FROM source_rows s WHERE NOT EXISTS "
-                            "   (SELECT 1 FROM {t} t WHERE t.id = s.id)), "
-                            "(SELECT coalesce(sum(n - 1), 0) FROM (SELECT count(*) n FROM {t} GROUP BY id) d)")
-                    .format(t=sql.Identifier(table)))
-        missing, duplicated = cur.fetchone()
-    return {"missing": missing, "duplicated": int(duplicated)}
+    found = db.rows(conn, "SELECT (SELECT count(*) FROM source_rows s WHERE NOT EXISTS "
+                          "(SELECT 1 FROM target_rows t WHERE t.id = s.id)), "
+                          "(SELECT coalesce(sum(n - 1), 0) FROM (SELECT count(*) n FROM target_rows GROUP BY id) d)")
+    conn.rollback()
+    return {"missing": found[0][0], "duplicated": int(found[0][1])}
 
 
-def prove_exactly_once(s, table: str = "target_rows") -> None:
+def exactly_once(conn) -> bool:
+    """Same count and checksum as the source, no id missing, none twice."""
+    conn.rollback()
+    same = (db.fingerprint(conn, "source_rows", "id", ["id", "payload", "amount"])
+            == db.fingerprint(conn, "target_rows", "id", ["id", "payload", "amount"]))
+    conn.rollback()
+    return same and damage(conn) == {"missing": 0, "duplicated": 0}
+
+
+def prove_exactly_once(s) -> None:
     """The proof every scenario ends with: same count and checksum as the source, no gap, no duplicate."""
     s.conn.rollback()
     source = db.fingerprint(s.conn, "source_rows", "id", ["id", "payload", "amount"])
-    target = db.fingerprint(s.conn, table, "id", ["id", "payload", "amount"])
-    found = damage(s.conn, table)
-    s.table(["", "rows", "checksum (md5)"], [["source_rows", source[0], source[1]], [table, target[0], target[1]]])
-    s.recovered_if(source == target, f"{table} equals source_rows by count and checksum")
+    target = db.fingerprint(s.conn, "target_rows", "id", ["id", "payload", "amount"])
+    found = damage(s.conn)
+    s.table(["", "rows", "checksum (md5)"], [["source_rows", source[0], source[1]], ["target_rows", target[0], target[1]]])
+    s.recovered_if(source == target, "target_rows equals source_rows by count and checksum")
     s.recovered_if(found == {"missing": 0, "duplicated": 0},
                    f"every id exactly once (missing {found['missing']}, duplicated {found['duplicated']})")
 
 
+def wait_until(condition, seconds: float = WAIT_S, every: float = 0.01) -> bool:
+    """Poll `condition` until it holds or `seconds` pass; return whether it held."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(every)
+    return True
+
+
+def backend_alive(conn, pid: int | None) -> bool:
+    return bool(pid) and bool(db.scalar(conn, "SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)))
+
+
+def ranges(numbers: list[int]) -> str:
+    """1, 2, 3, 5 -> '1-3, 5'."""
+    out, run = [], []
+    for n in numbers:
+        if run and n != run[-1] + 1:
+            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+            run = []
+        run.append(n)
+    if run:
+        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ", ".join(out) or "none"
+
+
+# -- the lab's instrumentation: it wraps what the code under test is handed, never the code ---------
+class Hooks:
+    """What the lab sees of a connection it hands to the code under test (all no-ops here)."""
+
+    def opened(self, conn) -> None: ...
+    def before_execute(self, conn, text: str) -> None: ...
+    def after_execute(self, conn, text: str) -> None: ...
+    def before_commit(self, conn) -> None: ...
+    def after_end(self, conn, committed: bool) -> None: ...
+    def failed(self, conn, exc: Exception) -> None: ...
+
+
+class HookedCursor(psycopg2.extensions.cursor):
+    """A real cursor that reports each statement to the connection's hooks."""
+    hooks: Hooks = Hooks()
+
+    def execute(self, query, vars=None):
+        text = query.as_string(self) if isinstance(query, sql.Composable) else (
+            query.decode() if isinstance(query, bytes) else str(query))
+        self.hooks.before_execute(self.connection, text)
+        try:
+            result = super().execute(query, vars)
+        except psycopg2.Error as exc:
+            self.hooks.failed(self.connection, exc)
+            raise
+        self.hooks.after_execute(self.connection, text)
+        return result
+
+
+class Instrumented:
+    """A connection as the lab hands it over: every call goes to the real psycopg2 connection;
+    its statements and commits are reported to `hooks` (from outside the code under test)."""
+
+    def __init__(self, conn, hooks: Hooks):
+        self._conn, self._hooks = conn, hooks
+        conn.cursor_factory = type("Cursor", (HookedCursor,), {"hooks": hooks})
+        hooks.opened(conn)
+
+    def __getattr__(self, name):
+        return getattr(self._conn, name)
+
+    def commit(self) -> None:
+        self._hooks.before_commit(self._conn)
+        try:
+            self._conn.commit()
+        except psycopg2.Error as exc:
+            self._hooks.failed(self._conn, exc)
+            raise
+        self._hooks.after_end(self._conn, True)
+
+    def rollback(self) -> None:
+        self._conn.rollback()
+        self._hooks.after_end(self._conn, False)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc) -> bool:
+        self.commit() if exc_type is None else self.rollback()
+        return False
+
+
+def is_data_insert(text: str) -> bool:
+    return re.match(r'\s*insert\s+into\s+"?target_rows"?\W', text, re.IGNORECASE) is not None
+
+
+def is_checkpoint_write(text: str) -> bool:
+    return (re.match(r"\s*(insert|update|delete)\b", text, re.IGNORECASE) is not None
+            and re.search(r'\bcheckpoints\b', text, re.IGNORECASE) is not None)
+
+
+def is_checkpoint_read(text: str) -> bool:
+    return (re.match(r"\s*select\b", text, re.IGNORECASE) is not None
+            and re.search(r'\bcheckpoints\b', text, re.IGNORECASE) is not None)
+
+
 # -- 1. corruption --------------------------------------------------------------------------------
-def save_checkpoint_naive(path: Path, state: dict, slow: float = 0.0) -> None:
-    """Overwrites the file in place: between open() and the last write, there is no valid checkpoint."""
+def save_checkpoint_in_place(path: Path, state: dict) -> None:
+    """Overwrite the checkpoint file in place."""
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(state, SlowDisk(f, slow) if slow else f)
+        json.dump(state, f)
 
 
-def save_checkpoint_atomic(path: Path, state: dict, slow: float = 0.0) -> None:
-    """Write a temp file, fsync it, then os.replace: readers see the old file or the new, never half."""
+def save_checkpoint_atomic(path: Path, state: dict) -> None:
+    """Write a temp file, fsync it, then os.replace: a reader sees the old
+    file or the new one, never part of one."""
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(state, SlowDisk(f, slow) if slow else f)
+        json.dump(state, f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
+    os.replace(tmp, path)  # atomic, on POSIX and on Windows
+    if hasattr(os, "O_DIRECTORY"):  # make the rename durable (POSIX)
         fd = os.open(path.parent, os.O_DIRECTORY)
         try:
             os.fsync(fd)
@@ -128,61 +261,224 @@ def save_checkpoint_atomic(path: Path, state: dict, slow: float = 0.0) -> None:
             os.close(fd)
 
 
-def write_checkpoint_worker(saver_name: str, path: str, state: dict) -> None:
-    """Runs in a child process that the scenario kills mid-write."""
-    globals()[saver_name](Path(path), state, slow=0.01)
+def resume_point_trusting(conn, text: str) -> int:
+    """Resume after the last_id that the checkpoint file names."""
+    return json.loads(text)["last_id"]
 
 
-def kill_mid_write(s, saver, path: Path, state: dict) -> int:
-    """Start a process that saves a checkpoint to a slow disk, SIGKILL it halfway; return the
-    bytes it had written (the file it was writing is left as the kill found it)."""
-    proc = s.spawn(write_checkpoint_worker, saver.__name__, str(path), state)
-    watched = path.with_suffix(".tmp") if saver is save_checkpoint_atomic else path
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if watched.exists() and watched.stat().st_size > 40:
+def resume_point_validated(conn, text: str) -> int:
+    """Trust the checkpoint only once checked: it parses, it has the
+    right shape, and the target holds every row up to it (the same
+    checksum as the source). Otherwise resume where the data proves."""
+    try:
+        state = json.loads(text)
+    except ValueError:  # torn or empty
+        state = None
+    last_id = state.get("last_id") if isinstance(state, dict) else None
+    shaped = (isinstance(state, dict) and state.get("job") == JOB
+              and type(last_id) is int and last_id >= 0)
+    with conn.cursor() as cur:
+        if shaped and (prefix_checksum(cur, "target_rows", last_id)
+                       == prefix_checksum(cur, "source_rows", last_id)):
+            return last_id
+        return gap_free_until(cur)  # the data itself says how far it got
+
+
+class CrashPoints:
+    """In a child process: SIGKILL itself just before its `kill_at`-th file operation in
+    `folder`. The operations: opening a file (and, for writing, right after it is open: "w" has
+    truncated it), each write (flushed to the OS at once, so a kill leaves what was written, as a
+    disk that shows every write would), renaming, removing, copying. Python's audit hooks report
+    the os-level ones; a wrapper around builtins.open reports the writes."""
+
+    EVENTS = {"open", "os.rename", "os.remove", "os.truncate", "os.link", "os.symlink",
+              "shutil.copyfile", "shutil.copymode", "shutil.copystat", "os.rmdir", "os.chmod"}
+
+    def __init__(self, folder: Path, kill_at: int):
+        self.folder, self.kill_at, self.seen = os.path.abspath(folder), kill_at, 0
+
+    def point(self) -> None:
+        self.seen += 1
+        if self.seen == self.kill_at:
+            os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))  # no finally, no flush
+
+    def inside(self, value) -> bool:
+        try:
+            path = os.path.abspath(os.fsdecode(os.fspath(value)))
+        except TypeError:  # a file descriptor, None
+            return False
+        return path == self.folder or path.startswith(self.folder + os.sep)
+
+    def install(self) -> None:
+        real_open, points = builtins.open, self
+
+        def audit(event, args):
+            if event in self.EVENTS and any(self.inside(a) for a in args[:2]):
+                self.point()
+
+        def watched_open(file, mode="r", *args, **kwargs):
+            f = real_open(file, mode, *args, **kwargs)
+            if self.inside(file) and any(c in mode for c in "wax+"):
+                points.point()  # open, perhaps truncated, nothing written yet
+                return PointedFile(f, points)
+            return f
+
+        sys.addaudithook(audit)
+        builtins.open = watched_open
+
+
+class PointedFile:
+    """A file whose every write is a crash point and reaches the OS at once."""
+
+    def __init__(self, f, points: CrashPoints):
+        self._f, self._points = f, points
+
+    def write(self, data):
+        self._points.point()
+        n = self._f.write(data)
+        self._f.flush()
+        return n
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+        return False
+
+
+def save_and_get_killed(saver, path: str, state: dict, kill_at: int) -> None:
+    """Child process: run saver(path, state), killed just before its kill_at-th file operation."""
+    CrashPoints(Path(path).parent, kill_at).install()
+    saver(Path(path), state)
+
+
+def read_back(path: Path, old: dict, new: dict) -> tuple[str, str]:
+    """What a restarted job finds: ("old" | "new" | "torn" | "other" | "missing", the text)."""
+    if not path.exists():
+        return "missing", ""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        state = json.loads(text)
+    except ValueError:
+        return "torn", text
+    return ("old" if state == old else "new" if state == new else "other"), text
+
+
+KILL_OUTCOMES = {"old": "the old checkpoint, whole", "new": "the new checkpoint, whole",
+                 "torn": "torn: does not parse", "other": "parses, but is neither",
+                 "missing": "no checkpoint file at all"}
+
+
+def kill_sweep(s, saver, old: dict, new: dict) -> dict:
+    """Save `new` over `old` with `saver` in a child process killed (SIGKILL) just before its 1st
+    file operation, then in a new child before its 2nd, and so on, until a child finishes; read
+    the file back after each. Returns the outcome of every kill point and of the finished save."""
+    folder = s.tmpdir / "kills"
+    path = folder / "checkpoint.json"
+    found = {"points": {}, "finished": None, "torn_text": "", "crashed": None}
+    for kill_at in range(1, 61):
+        folder.mkdir(exist_ok=True)
+        for leftover in folder.iterdir():
+            leftover.unlink()
+        path.write_text(json.dumps(old), encoding="utf-8")
+        proc = s.spawn(save_and_get_killed, saver, str(path), new, kill_at)
+        proc.join(WAIT_S)
+        if proc.is_alive():  # the saver hangs: kill it, and stop here
+            proc.kill()
+            proc.join(5)
+            found["crashed"] = "did not return"
             break
-        time.sleep(0.005)
-    proc.kill()  # SIGKILL: no finally, no flush, no atexit; what is on disk is what stays
-    proc.join(5)
-    return watched.stat().st_size if watched.exists() else 0
+        outcome, text = read_back(path, old, new)
+        if proc.exitcode == 0:  # fewer operations than kill_at: the save ran to its end
+            found["finished"] = outcome
+            break
+        if proc.exitcode != -getattr(signal, "SIGKILL", 15):
+            found["crashed"] = f"exited with {proc.exitcode} (it raised)"
+            break
+        found["points"][kill_at] = outcome
+        if outcome == "torn" and len(text) > len(found["torn_text"]):
+            found["torn_text"] = text  # the longest torn file: the most convincing one
+    return found
+
+
+def show_sweep(s, sweep: dict) -> None:
+    by_outcome: dict[str, list[int]] = {}
+    for point, outcome in sweep["points"].items():
+        by_outcome.setdefault(outcome, []).append(point)
+    s.table(["checkpoint.json after the kill", "kills", "killed before operation"],
+            [[KILL_OUTCOMES[o], len(p), ranges(p)] for o, p in by_outcome.items()])
 
 
 def run_naive_file_job(s, path: Path) -> None:
-    """Saves the file checkpoint BEFORE the batch commits; the batch holding poison_id fails."""
+    """Saves the file checkpoint BEFORE the batch commits; the batch holding the poison row fails."""
     last_id = 0
     with s.conn.cursor() as cur:
-        while True:
+        while last_id < SOURCE_ROWS:
             next_id = min(last_id + BATCH, SOURCE_ROWS)
-            if last_id >= SOURCE_ROWS:
-                break
-            save_checkpoint_naive(path, {"job": JOB, "last_id": next_id})  # too early
+            save_checkpoint_in_place(path, {"job": JOB, "last_id": next_id})  # too early
             copy_batch(cur, last_id)  # raises for the poisoned batch
             s.conn.commit()
             last_id = next_id
 
 
-@scenario("corruption", "Checkpoint corruption")
+@scenario("corruption", "Checkpoint corruption", fixes=[
+    fix("save_checkpoint", naive=save_checkpoint_in_place, fixed=save_checkpoint_atomic,
+        contract="""
+        Save `state` (a dict) as JSON to the file `path`, replacing the checkpoint that is there.
+        A process can be killed (SIGKILL) at any instant of the save, and the job restarts and
+        reads the file. The grader kills your function just before each of its file operations in
+        turn (every open, write, rename, copy, remove), then reads the file back: after every kill
+        it must hold a whole checkpoint, the old one or the new one, never a torn or missing one;
+        and a save that is not killed must leave the new one.""",
+        hints=("open(path, 'w') empties the only copy before the first byte of the new one is written. "
+               "Where else could the new checkpoint be written first?",
+               "Write the whole new checkpoint to a temp file next to it, flush and os.fsync it, then "
+               "os.replace(tmp, path): a rename replaces the file in one step. Copying the temp file "
+               "over the checkpoint is not one step.")),
+    fix("resume_point", naive=resume_point_trusting, fixed=resume_point_validated,
+        contract="""
+        Return the last id after which a restarted job may resume, given `text`, the content of
+        the checkpoint file, and `conn`, a connection to the job's tables (source_rows and
+        target_rows, with the helpers prefix_checksum(cur, table, last_id) and gap_free_until(cur)).
+        The file may be torn, may name another job, may have the wrong types, or may run ahead of
+        the data. The grader gives it four such files while target_rows holds ids 1-1000 and
+        1501-3000: each time the answer must be 1000, the last id up to which the target provably
+        holds every row; a valid checkpoint's own last_id is the answer when the target holds
+        everything up to it.""",
+        hints=("Parsing is only the first check. What else must be true before last_id is worth "
+               "anything, and what does the target itself say?",
+               "Check the shape (a dict, job == JOB, an int last_id >= 0), then compare "
+               "prefix_checksum of target_rows and source_rows up to last_id; when any check fails, "
+               "return gap_free_until(cur)."))])
 def corruption(s):
     fresh_pipeline(s)
     path = s.tmpdir / "checkpoint.json"
+    old, new = {"job": JOB, "last_id": 1000}, {"job": JOB, "last_id": 1500}
     s.description(f"""
         A batch job copies {SOURCE_ROWS:,} rows in batches of {BATCH} and keeps its checkpoint in a JSON
         file, {{"job": ..., "last_id": ...}}. On restart it resumes after last_id. The checkpoint must
         describe data that is really committed, and must survive a crash at any instant.""")
     s.trigger("""
-        (a) A process saving the checkpoint is killed (SIGKILL) halfway through writing the file,
-            which it overwrites in place. Then the job restarts and reads it.
+        (a) A process overwriting the checkpoint file in place is killed (SIGKILL) just before its
+            1st file operation; a new one just before its 2nd; and so on, until one finishes. After
+            each kill the file is read back, as the restarted job would.
         (b) The job saves the checkpoint before the batch commits. A row violating a CHECK constraint
             makes batch 3 fail; an operator fixes the row and restarts the job from the checkpoint.""")
 
-    # (a) torn write: a real kill, a real half-written file, a real parse error
-    save_checkpoint_naive(path, {"job": JOB, "last_id": 1000})
-    big_state = {"job": JOB, "last_id": 1500, "batches": [[i, i + BATCH] for i in range(0, SOURCE_ROWS, BATCH)] * 4}
-    torn = kill_mid_write(s, save_checkpoint_naive, path, big_state)
-    s.measure("torn_file_bytes", torn, f"of {len(json.dumps(big_state))}")
+    # (a) torn writes: real kills, real half-written files, a real parse error
+    sweep = kill_sweep(s, save_checkpoint_in_place, old, new)
+    torn = [p for p, o in sweep["points"].items() if o != "old"]
+    s.say(f"After one of the kills, checkpoint.json holds: {sweep['torn_text'] or '(nothing: 0 bytes)'}")
     with s.expect(json.JSONDecodeError):
-        json.loads(path.read_text(encoding="utf-8"))
+        json.loads(sweep["torn_text"])
+    show_sweep(s, sweep)
+    s.measure("kills_torn_before", len(torn), show=False)
+    s.triggered_if(len(torn) == len(sweep["points"]) - 1,
+                   f"{len(torn)} of {len(sweep['points'])} kills left no valid checkpoint at all")
 
     # (b) valid JSON, wrong content: the checkpoint ran ahead of the data
     with s.conn.cursor() as cur:
@@ -194,269 +490,547 @@ def corruption(s):
     s.conn.rollback()
     with s.conn.cursor() as cur:
         cur.execute("UPDATE source_rows SET amount = -amount WHERE id = 1203")  # the operator's fix
+        cur.execute("ALTER TABLE target_rows DROP CONSTRAINT amount_not_negative")
     s.conn.commit()
-    resume_from = json.loads(path.read_text(encoding="utf-8"))["last_id"]
-    s.say(f"The checkpoint parses fine and says last_id = {resume_from}. The job resumes from there.")
+    ran_ahead = path.read_text(encoding="utf-8")
+    resume_from = json.loads(ran_ahead)["last_id"]
+    s.say(f"The checkpoint parses and says last_id = {resume_from}. The job resumes from there.")
     with s.conn.cursor() as cur:
         last = resume_from
         while (last := copy_batch(cur, last)) is not None:
             pass
     s.conn.commit()
     found = damage(s.conn)
-    gap = db.scalar(s.conn, "SELECT min(id) || '-' || max(id) FROM source_rows s "
-                            "WHERE NOT EXISTS (SELECT 1 FROM target_rows t WHERE t.id = s.id)")
-    s.measure("rows_missing_before", found["missing"], f"ids {gap}, silently skipped")
+    s.measure("rows_missing_before", found["missing"], f"ids 1001-1500, silently skipped")
     s.triggered_if(found["missing"] == BATCH, f"the resumed job finished 'successfully' with {BATCH} rows missing")
 
     s.root_cause("""
-        (a) open(path, "w") truncates the file first; until the last write lands there is no valid
-            checkpoint on disk at all, so any crash in that window destroys the only copy.
+        (a) open(path, "w") empties the file first; until the last write lands there is no valid
+            checkpoint on disk at all, so a crash in that window destroys the only copy.
         (b) The checkpoint claimed rows that were never committed. A checkpoint written outside the
             transaction of the data it describes can run ahead of it (rows skipped) or fall behind
             it (rows copied twice).""", detect="""
-        -- a checkpoint is valid only if the target really holds what it claims (checksum up to last_id)
-        SELECT last_id, checksum = (SELECT md5(string_agg(id || ':' || amount, ',' ORDER BY id))
-                                    FROM target_rows WHERE id <= last_id) AS valid
+        -- valid only if the target holds what it claims, up to last_id
+        SELECT last_id, checksum = (
+                 SELECT md5(string_agg(id || ':' || amount, ','
+                                       ORDER BY id))
+                 FROM target_rows WHERE id <= last_id) AS valid
         FROM checkpoint_history ORDER BY seq DESC;""")
 
-    with s.step("Validate the file checkpoint against the target (shape, then checksum)") as st:
+    with s.conn.cursor() as cur:
+        valid_id = gap_free_until(cur)
+    s.conn.rollback()
+    files = [("torn by a kill", sweep["torn_text"]), ("saved before its batch committed", ran_ahead),
+             ("another job's, restored by mistake", json.dumps({"job": "refunds_copy", "last_id": 2500})),
+             ("last_id written as text", json.dumps({"job": JOB, "last_id": "1500"}))]
+    with s.step("Ask resume_point() where to resume, for four checkpoint files (parse, shape, checksum)") as st:
+        answers = []
+        for label, text in files:
+            try:
+                answers.append(s.fix("resume_point")(s.conn, text))
+            except Exception as exc:  # the function under test may raise: that is its answer
+                answers.append(f"raised {type(exc).__name__}")
+            s.conn.rollback()
+        s.table(["checkpoint file", "content", "resume_point() returned"],
+                [[label, text or "(empty)", words(answer)] for (label, text), answer in zip(files, answers)])
+        right = sum(1 for a in answers if type(a) is int and a == valid_id)
+        st.result = f"{right} of {len(files)} answers are {valid_id}, where the target's rows stop being complete"
+        s.recovered_if(right == len(files), f"resume_point() said {valid_id} for every bad file "
+                                            f"(the target holds ids 1-{valid_id} and 1501-3000)")
+    resume = answers[1]
+    s.require(type(resume) is int, "resume_point() gave an id to resume from")
+    with s.step(f"Rewind: delete target rows after {resume} and store that checkpoint, in one transaction") as st:
         with s.conn.cursor() as cur:
-            claimed = prefix_checksum(cur, "source_rows", resume_from)
-            actual = prefix_checksum(cur, "target_rows", resume_from)
-        st.result = f"last_id {resume_from}: checksum {'matches' if claimed == actual else 'does NOT match'} the target"
-        s.recovered_if(claimed != actual, "validation rejects the checkpoint that ran ahead of the data")
-    with s.step("Derive the last valid checkpoint from the target itself (longest gap-free prefix)") as st:
-        valid_id = db.scalar(s.conn, "SELECT coalesce(min(s.id) - 1, max(s.id)) FROM source_rows s "
-                                     "WHERE NOT EXISTS (SELECT 1 FROM target_rows t WHERE t.id = s.id)")
-        st.result = f"last valid last_id = {valid_id}"
-    with s.step(f"Rewind: delete target rows after {valid_id} and store that checkpoint, in one transaction") as st:
-        with s.conn.cursor() as cur:
-            cur.execute("DELETE FROM target_rows WHERE id > %s", (valid_id,))
+            cur.execute("DELETE FROM target_rows WHERE id > %s", (resume,))
             st.result = f"{cur.rowcount} rows removed"
-            set_checkpoint(cur, valid_id)
+            set_checkpoint(cur, resume)
         s.conn.commit()
-    with s.step("Re-run with the checkpoint committed in the same transaction as each batch") as st:
-        batches = run_job_transactional(s.conn)
+    with s.step("Re-run the job: each batch commits in one transaction with its checkpoint") as st:
+        batches = 0
+        while copy_batch_one_commit(s.conn) is not None:
+            batches += 1
         st.result = f"{batches} batches"
     prove_exactly_once(s)
-    with s.step("Kill the atomic saver mid-write too: the previous checkpoint must survive") as st:
-        save_checkpoint_atomic(path, {"job": JOB, "last_id": 1000})
-        torn = kill_mid_write(s, save_checkpoint_atomic, path, big_state)
-        survived = json.loads(path.read_text(encoding="utf-8"))
-        st.result = (f"killed with {torn} of {len(json.dumps(big_state))} bytes in checkpoint.tmp; "
-                     f"checkpoint.json still parses: last_id = {survived['last_id']}")
-        s.recovered_if(0 < torn < len(json.dumps(big_state)) and survived["last_id"] == 1000,
-                       "killed mid-write, the atomic saver left the previous checkpoint intact")
-    s.measure("rows_missing_after", damage(s.conn)["missing"])
+    with s.step("Kill save_checkpoint() the same way: before each of its file operations") as st:
+        sweep = kill_sweep(s, s.fix("save_checkpoint"), old, new)
+        bad = [p for p, o in sweep["points"].items() if o not in ("old", "new")]
+        show_sweep(s, sweep)
+        st.result = (f"{len(sweep['points'])} kills, {len(bad)} left a bad file; not killed, it left "
+                     f"{KILL_OUTCOMES.get(sweep['finished'], sweep['crashed'] or 'nothing')}")
+        s.measure("kills_torn_after", len(bad), show=False)
+        s.recovered_if(sweep["points"] and not bad and not sweep["crashed"],
+                       f"killed at each of its {len(sweep['points'])} file operations, save_checkpoint() "
+                       "always left a whole checkpoint, old or new")
+        s.recovered_if(sweep["finished"] == "new", "not killed, save_checkpoint() saved the new checkpoint")
+    s.measure("rows_missing_after", damage(s.conn)["missing"], show=False)
 
     s.prevention("""
-        Keep the checkpoint in the database, in the same transaction as the batch it describes: both
-        commit or neither does. When it must be a file, never overwrite in place: temp file, fsync,
-        os.replace. On resume, validate before trusting, and fall back to what the data proves.""",
-                 run_job_transactional, save_checkpoint_atomic)
-
-
-def run_job_transactional(conn, after_commit=lambda last_id: None) -> int:
-    """The fixed job: each batch and its checkpoint commit together, so they can never disagree."""
-    batches = 0
-    with conn.cursor() as cur:
-        while (last_id := copy_batch(cur, read_checkpoint(conn))) is not None:
-            set_checkpoint(cur, last_id)
-            conn.commit()  # batch + checkpoint: one atomic step
-            batches += 1
-            after_commit(last_id)
-    conn.commit()
-    return batches
+        Keep the checkpoint in the database, in the same transaction as the batch it describes
+        (scenario db_down proves it). When it must be a file, never overwrite in place: temp file,
+        fsync, os.replace. On resume, validate before trusting, and fall back to what the data
+        proves.""")
 
 
 # -- 2. db_down -------------------------------------------------------------------------------------
-def run_job_naive_store(data_conn, store_conn, sink: str, after_data_commit=lambda last_id: None) -> None:
-    """Data on one connection, checkpoint on another: two commits, two separate fates."""
-    with data_conn.cursor() as data, store_conn.cursor() as store:
-        last_id = read_checkpoint(store_conn)
-        while (new_last := copy_batch(data, last_id, sink)) is not None:
-            data_conn.commit()
-            after_data_commit(new_last)  # the fault-injection point
-            set_checkpoint(store, new_last)
-            store_conn.commit()  # fails if the store went down after the data commit
-            last_id = new_last
+def copy_batch_two_commits(conn) -> int | None:
+    """Copy the batch after the checkpoint and commit it; then move the
+    checkpoint and commit that."""
+    with conn.cursor() as cur:
+        last_id = copy_batch(cur, read_checkpoint(conn))
+        conn.commit()  # the data is in
+        if last_id is not None:
+            set_checkpoint(cur, last_id)
+        conn.commit()  # and now its checkpoint
+    return last_id
 
 
-@scenario("db_down", "Checkpoint store down")
+def copy_batch_one_commit(conn) -> int | None:
+    """Copy the batch after the checkpoint and move the checkpoint, in
+    one transaction: both are committed, or neither is."""
+    with conn.cursor() as cur:
+        last_id = copy_batch(cur, read_checkpoint(conn))
+        if last_id is not None:
+            set_checkpoint(cur, last_id)
+    conn.commit()  # batch + checkpoint: one atomic step
+    return last_id
+
+
+def run_job_once(connect, copy_next_batch) -> None:
+    """Run the job to its end on one connection."""
+    conn = connect()
+    try:
+        while copy_next_batch(conn) is not None:
+            pass
+    finally:
+        conn.close()
+
+
+def run_job_resilient(connect, copy_next_batch) -> None:
+    """Run the job to its end. On a lost connection, reconnect (bounded,
+    jittered backoff) and resume from the committed checkpoint."""
+    retrying = Retrying(
+        retry=retry_if_exception_type(psycopg2.OperationalError),
+        stop=stop_after_attempt(20),  # then page someone; never a loop
+        wait=wait_random_exponential(multiplier=0.01, max=0.2),
+        reraise=True)  # production: waits of 0.5 s up to 30 s
+    for attempt in retrying:
+        with attempt:
+            conn = connect()
+            try:
+                while copy_next_batch(conn) is not None:
+                    pass
+            finally:
+                conn.close()
+
+
+FAULTS = {  # where the job's connection drops in batch 3 (ids 1001-1500): short name, what happens
+    "write": ("before the checkpoint write", "after batch 3's data, before its checkpoint is written"),
+    "commit": ("COMMIT never arrives", "while batch 3's COMMIT is on its way: the server never gets it"),
+    "reply": ("reply to COMMIT lost", "after the server committed batch 3, before its reply arrives"),
+}
+
+
+class Outage(Hooks):
+    """The database goes away (the proxy drops every connection and refuses new ones) at one point
+    of batch 3, once; it comes back as soon as the server has let go of the dropped session.
+    "write": just before the first checkpoint write after batch 3's data; "commit": just before
+    the COMMIT of a transaction that wrote batch 3's checkpoint (the server never gets it);
+    "reply": while the server is committing that transaction, which a deferred trigger holds on a
+    lock of the lab's (standing in for a slow disk), so the server commits but the reply is lost."""
+
+    def __init__(self, s, proxy, point: str):
+        self.s, self.proxy, self.point = s, proxy, point
+        self.watch = s.connect(autocommit=True)
+        self.data_inserts, self.wrote_checkpoint, self.armed = 0, False, True
+        self.errors: list[Exception] = []
+        self.landed = False
+        self.over = s.event()
+        self.stop = s.event()  # set by teardown: no lab thread waits past the scenario
+
+    # the hooks, called from the job's own connection
+    def opened(self, conn) -> None:
+        self.wrote_checkpoint = False
+
+    def before_execute(self, conn, text: str) -> None:
+        if self.point == "write" and self.armed and self.data_inserts >= 3 and is_checkpoint_write(text):
+            self.drop(conn.info.backend_pid)
+
+    def after_execute(self, conn, text: str) -> None:
+        self.data_inserts += is_data_insert(text)
+        self.wrote_checkpoint |= is_checkpoint_write(text)
+
+    def before_commit(self, conn) -> None:
+        if self.point == "commit" and self.armed and self.data_inserts >= 3 and self.wrote_checkpoint:
+            self.drop(conn.info.backend_pid)
+
+    def after_end(self, conn, committed: bool) -> None:
+        self.wrote_checkpoint = False
+
+    def failed(self, conn, exc: Exception) -> None:
+        if not self.armed and isinstance(exc, psycopg2.OperationalError):
+            self.landed = True
+            self.errors.append(exc)
+
+    # the outage itself
+    def drop(self, pid: int) -> None:
+        self.armed = False
+        self.proxy.down()
+        self.s.thread(self.restore_when_gone, pid)
+
+    def restore_when_gone(self, pid: int) -> None:
+        wait_until(lambda: self.stop.is_set() or not backend_alive(self.watch, pid))
+        self.proxy.up()
+        self.over.set()
+
+    def hold_commit(self):
+        """For "reply": hold every COMMIT that writes checkpoint 1500 until the lab lets go, and
+        drop the connection while one waits. Returns the watching thread."""
+        key = schema_lock_key(self.s.schema)
+        self.holder = self.s.connect(autocommit=True)
+        db.scalar(self.holder, "SELECT pg_advisory_lock(%s)", (key,))
+        with self.s.conn.cursor() as cur:
+            cur.execute(sql.SQL("CREATE OR REPLACE FUNCTION hold_commit() RETURNS trigger LANGUAGE plpgsql AS "
+                                "$$ BEGIN PERFORM pg_advisory_xact_lock_shared({}); RETURN NULL; END $$")
+                        .format(sql.Literal(key)))
+            cur.execute("DROP TRIGGER IF EXISTS slow_commit ON checkpoints")
+            cur.execute("CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT OR UPDATE ON checkpoints "
+                        "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (NEW.last_id = 1500) "
+                        "EXECUTE FUNCTION hold_commit()")
+        self.s.conn.commit()
+        return self.s.thread(self.drop_during_commit, key)
+
+    def drop_during_commit(self, key: int) -> None:
+        app = self.s.app
+        waiting = []
+
+        def held():
+            waiting[:] = [r[0] for r in db.rows(self.watch, "SELECT pid FROM pg_stat_activity WHERE application_name = %s "
+                                                "AND wait_event_type = 'Lock' AND wait_event = 'advisory'", (app,))]
+            return bool(waiting) or self.stop.is_set()
+
+        if wait_until(held) and waiting:
+            self.armed = False
+            self.proxy.down()  # the COMMIT is in the server, waiting: its reply will find no client
+        db.scalar(self.holder, "SELECT pg_advisory_unlock(%s)", (key,))  # the server finishes the commit
+        if waiting:
+            wait_until(lambda: self.stop.is_set() or not backend_alive(self.watch, waiting[0]))
+        self.proxy.up()
+        self.over.set()
+
+
+def schema_lock_key(name: str) -> int:
+    """An advisory lock key of this scenario's own (a signed 64-bit hash of its schema name)."""
+    return int.from_bytes(hashlib.blake2b(f"faillab-commit:{name}".encode(), digest_size=8).digest(), "big", signed=True)
+
+
+def job_under(s, proxy, outage: Outage):
+    """connect() for the job: through the proxy, instrumented by the outage; it notes what a
+    reconnecting job finds (checkpoint, rows) the first time it connects after the drop."""
+    seen = {"attempts": 0, "after": None}
+
+    def connect():
+        seen["attempts"] += 1
+        conn = Instrumented(s.connect(s.via(proxy)), outage)
+        if outage.landed and seen["after"] is None:
+            seen["after"] = (read_checkpoint(s.conn),
+                             db.scalar(s.conn, "SELECT count(*) FROM target_rows"))
+            s.conn.rollback()
+        return conn
+    return connect, seen
+
+
+@scenario("db_down", "Checkpoint store down", fixes=[
+    fix("copy_next_batch", naive=copy_batch_two_commits, fixed=copy_batch_one_commit,
+        contract="""
+        Copy the next batch after the committed checkpoint into target_rows (copy_batch(cur,
+        after_id) does it) and move the checkpoint to its last id (set_checkpoint(cur, last_id));
+        return that id, or None when nothing is left. `conn` is the job's connection to the
+        database that holds both. The connection can drop at any instant: between the data and
+        the checkpoint, before a COMMIT reaches the server, or after the server committed but
+        before its reply arrives. The grader drops it at each of those points in batch 3 (ids
+        1001-1500); after each, a reconnecting job must find a checkpoint that says exactly where
+        the data is (checkpoint = rows in target_rows), and the job must end with every id exactly
+        once (target_rows has no key to stop a duplicate).""",
+        hints=("Count the COMMITs in one call. What does the database hold if the connection drops "
+               "right after the first one?",
+               "Do the copy and set_checkpoint in one transaction and commit once: whatever happens "
+               "to that COMMIT, data and checkpoint share its fate.")),
+    fix("run_job", naive=run_job_once, fixed=run_job_resilient,
+        contract="""
+        Run the job to its end: call copy_next_batch(conn) until it returns None, on a connection
+        from connect(), and close the connection. The database can go away for a moment; a lost
+        connection raises psycopg2.OperationalError (from the statement or from COMMIT, whose
+        outcome is then unknown). The grader drops the connection three times in batch 3, for
+        well under a second each: the job must reconnect on its own, with bounded attempts and a
+        backoff, resume from the committed checkpoint and finish.""",
+        hints=("When the connection is lost, what does a new connection need to know to carry on?",
+               "Retry the whole run with tenacity (retry on OperationalError, stop_after_attempt, "
+               "wait_random_exponential), on a new connection each time: copy_next_batch reads the "
+               "committed checkpoint, so each attempt resumes where the data is."))])
 def db_down(s):
-    fresh_pipeline(s, sink="sink_rows")
+    fresh_pipeline(s, keyed=False)
     proxy = s.proxy()
     s.description("""
-        The job writes data to the warehouse and its checkpoint to a checkpoint store (here: the
-        same PostgreSQL, reached through a fault-injecting proxy). If the store goes away, the job
-        must neither lose its place nor copy anything twice.""")
+        The job copies batches into target_rows and keeps its checkpoint in the same database,
+        reached over the network (here through a fault-injecting proxy). target_rows has no key,
+        as many warehouse tables have none. If the connection drops, the job must neither lose its
+        place nor copy anything twice.""")
     s.trigger("""
-        After batch 3 commits its data, the proxy drops every connection and refuses new ones. The
-        naive job's checkpoint write fails. The store comes back; the job is restarted.""")
-    data_conn = s.connect()
-    store_conn = s.connect(s.via(proxy))
-
-    def outage_after_batch_3(last_id):  # the store disappears between data commit and checkpoint write
-        if last_id == 3 * BATCH:
-            proxy.down()
-
+        The naive job commits each batch, then its checkpoint. Right after batch 3's data is
+        committed, the proxy drops every connection and refuses new ones. The database comes back
+        at once; an operator restarts the job.""")
+    outage = Outage(s, proxy, "write")
+    connect, _ = job_under(s, proxy, outage)
     with s.expect(psycopg2.OperationalError):
-        run_job_naive_store(data_conn, store_conn, "sink_rows", after_data_commit=outage_after_batch_3)
-    proxy.up()
-    store_conn = s.connect(s.via(proxy))
-    s.say(f"The store is back. The last checkpoint it holds: last_id = {read_checkpoint(store_conn)}. Restarting.")
-    run_job_naive_store(data_conn, store_conn, "sink_rows")
-    found = damage(s.conn, "sink_rows")
+        run_job_once(connect, copy_batch_two_commits)
+    s.require(outage.landed, "the connection dropped between the data and its checkpoint")
+    s.require(outage.over.wait(WAIT_S), "the database came back")
+    restart_ck = read_checkpoint(s.conn)
+    s.conn.rollback()
+    s.say(f"The database is back. The committed checkpoint says last_id = {restart_ck}. Restarting.")
+    run_job_once(lambda: s.connect(s.via(proxy)), copy_batch_two_commits)
+    found = damage(s.conn)
     s.measure("rows_duplicated_before", found["duplicated"])
     s.triggered_if(found["duplicated"] == BATCH, f"the restart copied batch 3 ({BATCH} rows) a second time")
 
     s.root_cause("""
         Data and checkpoint were committed separately. The data commit succeeded; the checkpoint
         commit never happened. The restart trusted the older checkpoint and re-copied a batch that
-        was already in. Any process can die between two commits; only one commit is atomic.""", detect="""
-        SELECT id, count(*) FROM sink_rows GROUP BY id HAVING count(*) > 1;      -- duplicates
-        SELECT max(id) FROM sink_rows;  -- vs checkpoints.last_id: data ahead of its checkpoint""")
+        was already in. A connection can drop between any two statements, and around a COMMIT the
+        client cannot even tell whether it landed; only one commit is atomic.""", detect="""
+        SELECT id, count(*) FROM target_rows
+        GROUP BY id HAVING count(*) > 1;            -- duplicates
+        SELECT (SELECT max(id) FROM target_rows) AS data_up_to,
+               (SELECT last_id FROM checkpoints) AS checkpoint;""")
 
-    with s.step("Remove the duplicates: keep one row per id, in one transaction") as st:
+    with s.step("Repair: keep one row per id, in one transaction") as st:
         with s.conn.cursor() as cur:
-            cur.execute("DELETE FROM sink_rows a USING sink_rows b WHERE a.id = b.id AND a.ctid > b.ctid")
+            cur.execute("DELETE FROM target_rows a USING target_rows b WHERE a.id = b.id AND a.ctid > b.ctid")
             st.result = f"{cur.rowcount} duplicate rows deleted"
         s.conn.commit()
-    prove_exactly_once(s, "sink_rows")
-    with s.step("Start over the right way: target with a key, checkpoint in the data's transaction") as st:
-        with s.conn.cursor() as cur:
-            cur.execute("TRUNCATE target_rows, checkpoints")
-        s.conn.commit()
-        st.result = "empty target_rows, no checkpoint"
-    def outage_for_300ms(last_id):
-        if last_id == 3 * BATCH:
-            proxy.down()
-            s.thread(restore_after, proxy, 0.3)
-
-    with s.step("Run the fixed job through the proxy; the store fails after batch 3, for 0.3 s") as st:
-        attempts = run_job_resilient(lambda: s.connect(s.via(proxy)), after_commit=outage_for_300ms)
-        st.result = (f"finished after {attempts} connection attempts; "
-                     f"{proxy.count('down')} refused by the outage")
-        s.measure("reconnect_attempts", attempts)
-        s.recovered_if(attempts > 1, "the job reconnected (tenacity) and resumed instead of dying")
+        s.recovered_if(exactly_once(s.conn), "after the repair, target_rows equals source_rows again")
+    results = []
+    for point, (label, story) in FAULTS.items():
+        with s.step(f"From an empty target, run_job(): the connection drops {story}") as st:
+            restart_job(s)
+            outage = Outage(s, proxy, point)
+            watcher = outage.hold_commit() if point == "reply" else None
+            connect, seen = job_under(s, proxy, outage)
+            died = None
+            try:
+                s.fix("run_job")(connect, s.fix("copy_next_batch"))
+            except Exception as exc:  # the code under test gave up: that is its result
+                died = exc
+            if watcher is not None:
+                watcher.join(WAIT_S)
+            s.require(outage.landed, f"the connection dropped ({label})")
+            outage.over.wait(WAIT_S)
+            found = damage(s.conn)
+            after = seen["after"] or ("-", "-")
+            results.append([label, seen["attempts"] if died is None else f"gave up ({type(died).__name__})",
+                            after[0], after[1], found["missing"], found["duplicated"]])
+            st.result = (f"{type(outage.errors[0]).__name__}; " +
+                         (f"finished after {seen['attempts']} connections" if died is None
+                          else f"the job gave up with {type(died).__name__}"))
+            s.measure(f"connections_{point}", seen["attempts"], show=False)
+            s.measure(f"after_reconnect_{point}", {"checkpoint": after[0], "rows": after[1]}, show=False)
+            s.recovered_if(died is None, f"{label}: the job reconnected on its own and finished")
+            s.recovered_if(after[0] == after[1] != "-" and exactly_once(s.conn),
+                           f"{label}: the checkpoint matched the data after reconnecting "
+                           f"({after[0]} = {after[1]} rows), every id exactly once at the end")
+    s.say("What the job found when it reconnected (checkpoint, rows in the target), and the copy at the end:")
+    s.table(["connection lost", "connections", "checkpoint", "rows", "missing", "duplicated"], results)
+    s.say("1000 = 1000: the batch was lost with its checkpoint. 1500 = 1500: the server committed both, "
+          "though the client never heard. Either way the checkpoint says where the data is.")
     prove_exactly_once(s)
     s.prevention("""
         One transaction per batch for data and checkpoint, and on any connection error: reconnect with
         bounded, jittered backoff (tenacity) and resume from the committed checkpoint. Whether the
-        lost COMMIT landed or not, the checkpoint read after reconnecting says exactly where the data is.""",
-                 run_job_resilient)
-
-
-def run_job_resilient(connect, after_commit=lambda last_id: None) -> int:
-    """Reconnect and resume from the committed checkpoint; data and checkpoint commit together."""
-    retrying = Retrying(retry=retry_if_exception_type(psycopg2.OperationalError),
-                        stop=stop_after_attempt(20),  # bounded: an outage longer than that is a page, not a loop
-                        wait=wait_random_exponential(multiplier=0.01, max=0.2),  # prod: ~0.5 s up to 30 s
-                        reraise=True)
-    for attempt in retrying:
-        with attempt:
-            conn = connect()
-            try:
-                run_job_transactional(conn, after_commit)  # resumes from the committed checkpoint
-            finally:
-                conn.close()
-    return attempt.retry_state.attempt_number
-
-
-def restore_after(proxy, seconds: float) -> None:
-    time.sleep(seconds)
-    proxy.up()
+        lost COMMIT landed or not, the checkpoint read after reconnecting says exactly where the data
+        is.""")
 
 
 # -- 3. concurrent_access -------------------------------------------------------------------------
-def worker_naive(params, sink, start, proceed, name):
-    """Read the checkpoint, copy the next batch, write the checkpoint: three steps, no lock."""
-    conn = psycopg2.connect(**params)
-    try:
-        with conn.cursor() as cur:
+def worker_unlocked(conn, batches: int) -> None:
+    """Copy up to `batches` batches: read the checkpoint, copy the next
+    batch, move the checkpoint, commit."""
+    with conn.cursor() as cur:
+        for _ in range(batches):
             last_id = read_checkpoint(conn)
-            conn.commit()
-            start.wait()  # both workers have read the same checkpoint
-            if name == "B":
-                proceed.wait(30)  # B is the slow one: it writes after A has moved on
-            new_last = copy_batch(cur, last_id, sink)
+            new_last = copy_batch(cur, last_id)
+            if new_last is None:
+                break
             set_checkpoint(cur, new_last)
             conn.commit()
-            if name == "A":  # A, fast, takes one more batch before B finishes
-                new_last = copy_batch(cur, read_checkpoint(conn), sink)
-                set_checkpoint(cur, new_last)
-                conn.commit()
-                proceed.set()
-    finally:
-        conn.close()
+    conn.commit()
 
 
-def worker_locked(params, sink, start, batches):
-    """SELECT ... FOR UPDATE: claim the checkpoint row, copy, move it, commit; the other worker waits."""
-    conn = psycopg2.connect(**params)
-    try:
-        start.wait()
-        with conn.cursor() as cur:
-            for _ in range(batches):
-                cur.execute("SELECT last_id FROM checkpoints WHERE job = %s FOR UPDATE", (JOB,))
-                new_last = copy_batch(cur, cur.fetchone()[0], sink)
-                set_checkpoint(cur, new_last)
-                conn.commit()
-    finally:
-        conn.close()
-
-
-def worker_compare_and_set(params, sink, start, batches, losses):
-    """Optimistic: read last_id and version, copy, and move the checkpoint only if the version is unchanged."""
-    conn = psycopg2.connect(**params)
-    try:
-        with conn.cursor() as cur:
-            for _ in range(batches):
-                for attempt in Retrying(retry=retry_if_exception_type(LostRace), stop=stop_after_attempt(20),
-                                        wait=wait_random_exponential(multiplier=0.002, max=0.02), reraise=True):
-                    with attempt:
-                        cur.execute("SELECT last_id, version FROM checkpoints WHERE job = %s", (JOB,))
-                        last_id, version = cur.fetchone()
-                        if version == 0:  # the race, every run: neither writes before both have read
-                            start.wait()
-                        new_last = copy_batch(cur, last_id, sink)
-                        cur.execute("UPDATE checkpoints SET last_id = %s, version = version + 1 "
-                                    "WHERE job = %s AND version = %s", (new_last, JOB, version))
-                        if cur.rowcount == 0:  # someone moved it first: undo our copy and try again
-                            conn.rollback()
-                            losses.append(1)
-                            raise LostRace()
-                        conn.commit()
-    finally:
-        conn.close()
+def worker_locked(conn, batches: int) -> None:
+    """Pessimistic: SELECT ... FOR UPDATE holds the checkpoint row from
+    the read to the commit; a second worker waits for it, then reads the
+    moved checkpoint."""
+    with conn.cursor() as cur:
+        for _ in range(batches):
+            cur.execute("SELECT last_id FROM checkpoints WHERE job = %s "
+                        "FOR UPDATE", (JOB,))
+            new_last = copy_batch(cur, cur.fetchone()[0])
+            if new_last is None:
+                break
+            set_checkpoint(cur, new_last)
+            conn.commit()
+    conn.commit()
 
 
 class LostRace(Exception):
-    """Compare-and-set found a newer version: our batch was rolled back and will be retried."""
+    """Compare-and-set found a newer version: the batch was rolled back."""
 
 
-@scenario("concurrent_access", "Concurrent checkpoint access")
+def worker_compare_and_set(conn, batches: int) -> None:
+    """Optimistic: remember the checkpoint's version, copy, and move the
+    checkpoint only if the version is unchanged; else roll the batch
+    back and retry from a fresh read."""
+    retry = Retrying(
+        retry=retry_if_exception_type(LostRace),
+        stop=stop_after_attempt(20), reraise=True,
+        wait=wait_random_exponential(multiplier=0.002, max=0.02))
+    for _ in range(batches):
+        for attempt in retry:
+            with attempt, conn.cursor() as cur:
+                cur.execute("SELECT last_id, version FROM checkpoints "
+                            "WHERE job = %s", (JOB,))
+                last_id, version = cur.fetchone()
+                new_last = copy_batch(cur, last_id)
+                if new_last is None:
+                    conn.commit()
+                    return
+                cur.execute("UPDATE checkpoints SET last_id = %s, "
+                            "version = version + 1 WHERE job = %s "
+                            "AND version = %s", (new_last, JOB, version))
+                if cur.rowcount == 0:  # someone moved it first
+                    conn.rollback()  # undo our copy of the batch
+                    raise LostRace()
+                conn.commit()
+
+
+class Race(Hooks):
+    """Makes the race certain without touching the workers: after its first read of the
+    checkpoint, each worker waits until the other has read it too, and B, the slow one, then waits
+    until A has committed twice. A wait also ends when the other worker is blocked on a lock
+    (then it waits for us: the fix at work) or has finished."""
+
+    def __init__(self, s):
+        self.watch = s.connect(autocommit=True)
+        self.watch_lock = threading.Lock()
+        self.reads = {"A": 0, "B": 0}
+        self.commits = {"A": 0, "B": 0}
+        self.rollbacks = 0
+        self.done = {"A": False, "B": False}
+        self.pids: dict[str, int] = {}
+        self.stop = s.event()
+
+    def worker(self, name: str) -> "Hooks":
+        race = self
+
+        class Seat(Hooks):
+            def opened(self, conn):
+                race.pids[name] = conn.info.backend_pid
+
+            def after_execute(self, conn, text):
+                if is_checkpoint_read(text):
+                    race.read(name)
+
+            def after_end(self, conn, committed):
+                if committed:
+                    race.commits[name] += 1
+                else:
+                    race.rollbacks += 1
+        return Seat()
+
+    def blocked(self, name: str) -> bool:
+        with self.watch_lock:
+            return bool(db.scalar(self.watch, "SELECT count(*) FROM pg_stat_activity WHERE pid = %s "
+                                  "AND wait_event_type = 'Lock'", (self.pids.get(name),)))
+
+    def read(self, name: str) -> None:
+        self.reads[name] += 1
+        other = "B" if name == "A" else "A"
+        if self.reads[name] != 1:
+            return
+        wait_until(lambda: self.stop.is_set() or self.reads[other] >= 1 or self.done[other] or self.blocked(other))
+        if name == "B":
+            wait_until(lambda: self.stop.is_set() or self.commits["A"] >= 2 or self.done["A"] or self.blocked("A"))
+
+
+def race_workers(s, worker, batches: dict[str, int]) -> tuple[Race, list[Exception]]:
+    """Run `worker` as A and B, each in its own thread on its own connection, under the Race."""
+    race, errors = Race(s), []
+    conns = {name: Instrumented(s.connect(), race.worker(name)) for name in batches}
+
+    def run(name):
+        try:
+            worker(conns[name], batches[name])
+        except Exception as exc:  # the code under test failed: shown by the scenario, not lost
+            errors.append(exc)
+            conns[name].rollback()
+        finally:
+            race.done[name] = True
+
+    for t in [s.thread(run, name, name=f"worker-{name}") for name in batches]:
+        t.join(WAIT_S * 3)
+    return race, errors
+
+
+@scenario("concurrent_access", "Concurrent checkpoint access", fixes=[
+    fix("worker_locked", naive=worker_unlocked, fixed=worker_locked,
+        contract="""
+        Copy up to `batches` batches on the connection `conn`, each with its checkpoint in one
+        transaction: the checkpoint row (checkpoints, job = JOB) says where the next batch starts;
+        copy_batch(cur, after_id) copies it and returns its last id (None when nothing is left);
+        set_checkpoint(cur, last_id) moves the checkpoint. Another worker runs the same code at the
+        same time, on its own connection. Make it pessimistic: hold the checkpoint row from the
+        read to the commit. The grader starts two workers of 3 batches each so that both read the
+        checkpoint at the same moment: every id of source_rows must end up in target_rows exactly
+        once (it has no key), and the checkpoint at 3000.""",
+        hints=("Between your read of the checkpoint and your commit, what stops the other worker from "
+               "reading the same value?",
+               "SELECT last_id FROM checkpoints WHERE job = %s FOR UPDATE: the row stays locked until "
+               "COMMIT, and the other worker's SELECT ... FOR UPDATE waits, then reads the new value.")),
+    fix("worker_compare_and_set", naive=worker_unlocked, fixed=worker_compare_and_set,
+        contract="""
+        The same job as worker_locked, optimistic this time: take no lock when reading; instead
+        make the write of the checkpoint succeed only if nobody moved it since your read (the
+        checkpoints row has a `version` column), and when it fails, roll your batch back and try
+        again from a fresh read. The grader runs the same race: every id exactly once, checkpoint
+        at 3000, and at least one write must have lost the race and been retried.""",
+        hints=("How can the UPDATE of the checkpoint tell you that someone else moved it first?",
+               "UPDATE checkpoints SET last_id = %s, version = version + 1 WHERE job = %s AND version "
+               "= %s (the version you read); rowcount 0 means you lost: rollback() and retry (tenacity)."))])
 def concurrent_access(s):
-    fresh_pipeline(s, sink="sink_rows")
+    fresh_pipeline(s, keyed=False)
     s.description("""
         Two workers share one job and one checkpoint, each with its own connection (a scheduler
         started the job twice, or a deploy overlapped). Each batch must be copied by exactly one
-        worker, and the checkpoint must only move forward.""")
+        worker, and the checkpoint must only move forward. target_rows has no key to catch a
+        duplicate.""")
     s.trigger("""
-        Both workers read the checkpoint at the same moment (a barrier makes the race happen every
-        run), both copy "the next batch", both write the checkpoint. Worker A is fast and takes a
-        second batch; worker B, slower, writes its checkpoint last.""")
-    start, proceed = s.barrier(2), s.event()
-    _join([s.thread(worker_naive, s.params, "sink_rows", start, proceed, name) for name in ("A", "B")])
-    found = damage(s.conn, "sink_rows")
+        Both workers read the checkpoint at the same moment (the lab holds each one after its first
+        read until the other has read too), both copy "the next batch", both write the checkpoint.
+        Worker A is fast and takes a second batch; worker B, slower, writes its checkpoint last.""")
+    restart_job(s)
+    race, errors = race_workers(s, worker_unlocked, {"A": 2, "B": 1})
+    for exc in errors:
+        s.observe(exc)
+    found = damage(s.conn)
     moves = [r[0] for r in db.rows(s.conn, "SELECT last_id FROM checkpoint_history ORDER BY seq")]
+    s.conn.rollback()
     backwards = sum(1 for a, b in zip(moves, moves[1:]) if b < a)
     s.measure("rows_duplicated", found["duplicated"], "both workers copied batch 1")
     s.measure("checkpoint_moves", " -> ".join(map(str, moves)))
-    s.measure("checkpoint_moved_backwards", backwards)
+    s.measure("checkpoint_moved_backwards", backwards, show=False)
     s.triggered_if(found["duplicated"] == BATCH, f"batch 1 was copied twice ({BATCH} duplicate rows)")
     s.triggered_if(backwards == 1 and read_checkpoint(s.conn) == BATCH,
                    f"lost update: the checkpoint went back from {2 * BATCH} to {BATCH}")
+    s.conn.rollback()
 
     s.root_cause("""
         Read-modify-write without a lock: both workers decided from the same snapshot. The database
@@ -465,26 +1039,30 @@ def concurrent_access(s):
         SELECT seq, last_id, last_id < lag(last_id) OVER (ORDER BY seq) AS moved_backwards
         FROM checkpoint_history WHERE job = 'orders_copy' ORDER BY seq;""")
 
-    batches = SOURCE_ROWS // BATCH // 2
-    with s.step("Fix 1, pessimistic: SELECT ... FOR UPDATE on the checkpoint row, same race") as st:
-        _reset(s)
-        start = s.barrier(2)
-        _join([s.thread(worker_locked, s.params, "sink_rows", start, batches) for _ in range(2)])
-        found = damage(s.conn, "sink_rows")
-        st.result = f"missing {found['missing']}, duplicated {found['duplicated']}, checkpoint {read_checkpoint(s.conn)}"
-        s.recovered_if(found == {"missing": 0, "duplicated": 0} and read_checkpoint(s.conn) == SOURCE_ROWS,
-                       "row lock: each batch copied exactly once, checkpoint at the end")
-    with s.step("Fix 2, optimistic: compare-and-set on checkpoints.version, same race") as st:
-        _reset(s)
-        start, losses = s.barrier(2), []
-        _join([s.thread(worker_compare_and_set, s.params, "sink_rows", start, batches, losses) for _ in range(2)])
-        found = damage(s.conn, "sink_rows")
-        s.measure("compare_and_set_conflicts", len(losses), "each one rolled back and retried")
-        st.result = f"missing {found['missing']}, duplicated {found['duplicated']}, {len(losses)} lost races retried"
-        s.recovered_if(found == {"missing": 0, "duplicated": 0} and len(losses) >= 1,
-                       "compare-and-set: the loser noticed, rolled back its batch and retried")
+    per_worker = SOURCE_ROWS // BATCH // 2
+    rows = []
+    for number, (slot, label) in enumerate((("worker_locked", "row lock (FOR UPDATE)"),
+                                            ("worker_compare_and_set", "compare-and-set on version")), 1):
+        with s.step(f"Fix {number}, {label}: two workers of {per_worker} batches, the same race") as st:
+            restart_job(s)
+            race, errors = race_workers(s, s.fix(slot), {"A": per_worker, "B": per_worker})
+            for exc in errors:
+                s.observe(exc)
+            found = damage(s.conn)
+            checkpoint = read_checkpoint(s.conn)
+            s.conn.rollback()
+            rows.append([label, found["missing"], found["duplicated"], checkpoint, race.rollbacks])
+            st.result = f"missing {found['missing']}, duplicated {found['duplicated']}, checkpoint {checkpoint}"
+            s.measure(f"{slot}_damage", found, show=False)
+            ok = not errors and exactly_once(s.conn) and checkpoint == SOURCE_ROWS
+            s.recovered_if(ok, f"{label}: each batch copied exactly once, checkpoint at {SOURCE_ROWS}")
+            if slot == "worker_compare_and_set":
+                s.measure("compare_and_set_conflicts", race.rollbacks, show=False)
+                s.recovered_if(race.rollbacks >= 1, "compare-and-set: the loser noticed, rolled back its "
+                                                    f"batch and retried ({race.rollbacks} lost races)")
+    s.table(["fix", "missing", "duplicated", "checkpoint", "rolled back"], rows)
     with s.step("Fix 3, let the database refuse: REPEATABLE READ, two writers of one row") as st:
-        _reset(s)
+        restart_job(s)
         first, second = s.connect(), s.connect()
         for c in (first, second):
             c.set_session(isolation_level="REPEATABLE READ")
@@ -497,164 +1075,264 @@ def concurrent_access(s):
                 set_checkpoint(cur, BATCH)
         second.rollback()
         st.result = "the second writer got 40001; it must retry from a fresh snapshot"
-    with s.step("Run the whole job with two locked workers racing into target_rows") as st:
-        _reset(s)
-        start = s.barrier(2)
-        _join([s.thread(worker_locked, s.params, "target_rows", start, batches) for _ in range(2)])
-        st.result = f"checkpoint at {read_checkpoint(s.conn)}"
-    prove_exactly_once(s)
     s.prevention("""
         Make "read checkpoint, do batch, move checkpoint" one transaction that holds the checkpoint
         row (FOR UPDATE, or an advisory lock per job), or check the version when you write it, or run
-        it at REPEATABLE READ/SERIALIZABLE and retry 40001. Never two unguarded writers.""",
-                 worker_locked, worker_compare_and_set)
-
-
-def _reset(s) -> None:
-    with s.conn.cursor() as cur:
-        cur.execute("TRUNCATE sink_rows, target_rows, checkpoints, checkpoint_history")
-        cur.execute("INSERT INTO checkpoints (job) VALUES (%s)", (JOB,))
-    s.conn.commit()
-
-
-def _join(threads) -> None:
-    for t in threads:
-        t.join(60)
+        it at REPEATABLE READ/SERIALIZABLE and retry 40001. Never two unguarded writers.""")
 
 
 # -- 4. interrupted_recovery ----------------------------------------------------------------------
-def claim_naive(conn, owner: str) -> bool:
-    """Start only if nobody is running: a dead owner blocks the job forever."""
+def claim_if_idle(conn, owner: str, lease_s: float) -> int | None:
+    """Start only if nobody is running the job. Returns the claim's
+    fencing token (the row's new version), or None."""
     with conn.cursor() as cur:
-        cur.execute("UPDATE checkpoints SET status = 'in_progress', owner = %s, heartbeat = now() "
-                    "WHERE job = %s AND status <> 'in_progress'", (owner, JOB))
-        claimed = cur.rowcount == 1
+        cur.execute(
+            "UPDATE checkpoints SET status = 'in_progress', owner = %s, "
+            "heartbeat = clock_timestamp(), version = version + 1 "
+            "WHERE job = %s AND status <> 'in_progress' "
+            "RETURNING version", (owner, JOB))
+        row = cur.fetchone()
     conn.commit()
-    return claimed
+    return row[0] if row else None
 
 
-def claim_with_lease(conn, owner: str, lease_s: float) -> bool:
-    """Take the job if it is free, or if its owner's lease expired; compare-and-set on version."""
+def claim_with_lease(conn, owner: str, lease_s: float) -> int | None:
+    """Take the job if it is idle, or if its owner's heartbeat is older
+    than the lease (by the server's clock): one atomic UPDATE, so of two
+    restarters only one wins. Returns the new fencing token, or None."""
     with conn.cursor() as cur:
-        cur.execute("SELECT status, owner, heartbeat < now() - make_interval(secs => %s), version "
-                    "FROM checkpoints WHERE job = %s", (lease_s, JOB))
-        status, old_owner, expired, version = cur.fetchone()
-        if status == "in_progress" and not expired and owner_alive(old_owner):
-            conn.commit()
-            return False
-        cur.execute("UPDATE checkpoints SET status = 'in_progress', owner = %s, heartbeat = now(), "
-                    "version = version + 1 WHERE job = %s AND version = %s", (owner, JOB, version))
-        claimed = cur.rowcount == 1  # 0: another restarter won the takeover
+        cur.execute(
+            "UPDATE checkpoints SET status = 'in_progress', owner = %s, "
+            "heartbeat = clock_timestamp(), version = version + 1 "
+            "WHERE job = %s AND (status <> 'in_progress' OR heartbeat "
+            "< clock_timestamp() - make_interval(secs => %s)) "
+            "RETURNING version", (owner, JOB, lease_s))
+        row = cur.fetchone()
     conn.commit()
-    return claimed
+    return row[0] if row else None
 
 
-def owner_alive(owner: str | None) -> bool:
-    """owner is "host:pid:start-time"; a pid alone could have been reused by another process."""
-    try:
-        host, pid, stamp = owner.split(":", 2)
-        return host == socket.gethostname() and repr(psutil.Process(int(pid)).create_time()) == stamp
-    except (AttributeError, ValueError, psutil.Error):
-        return False
+class LeaseLost(Exception):
+    """Our lease was taken over: the write was refused and rolled back."""
+
+
+def write_batch_unfenced(conn, token: int) -> int | None:
+    """Copy the next batch, move the checkpoint and renew the heartbeat,
+    in one transaction. Returns the batch's last id, None when done."""
+    with conn.cursor() as cur:
+        last_id = copy_batch(cur, read_checkpoint(conn))
+        if last_id is not None:
+            cur.execute("UPDATE checkpoints SET last_id = %s, "
+                        "heartbeat = clock_timestamp() WHERE job = %s",
+                        (last_id, JOB))
+    conn.commit()
+    return last_id
+
+
+def write_batch_fenced(conn, token: int) -> int | None:
+    """Copy the next batch, move the checkpoint and renew the heartbeat,
+    in one transaction, only while `token` is still the lease's version:
+    an owner whose lease was taken over gets its write refused."""
+    with conn.cursor() as cur:
+        last_id = copy_batch(cur, read_checkpoint(conn))
+        if last_id is not None:
+            cur.execute("UPDATE checkpoints SET last_id = %s, "
+                        "heartbeat = clock_timestamp() "
+                        "WHERE job = %s AND version = %s",
+                        (last_id, JOB, token))
+            if cur.rowcount == 0:  # fenced off: someone took over
+                conn.rollback()
+                raise LeaseLost(f"lease {token} was taken over")
+    conn.commit()
+    return last_id
 
 
 def owner_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{psutil.Process().create_time()!r}"
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def leased_worker(params) -> None:
-    """The job as a real process: claims the job, copies batches with heartbeats; batch 3 is slow."""
-    conn = psycopg2.connect(**params)
-    with conn.cursor() as cur:
-        # Without this, a backend whose client died sleeps on, holding its locks, until it next
-        # talks to the client (PostgreSQL 14+ checks the socket at this interval).
-        cur.execute("SET client_connection_check_interval = '50ms'")
-    claim_naive(conn, owner_id())
-    with conn.cursor() as cur:
-        while (last_id := read_checkpoint(conn)) < SOURCE_ROWS:
-            new_last = copy_batch(cur, last_id)
-            if last_id == 2 * BATCH:
-                cur.execute("SELECT pg_sleep(30)")  # batch 3 is slow: the scenario kills us in here
-            set_checkpoint(cur, new_last)
-            cur.execute("UPDATE checkpoints SET heartbeat = now() WHERE job = %s", (JOB,))
-            conn.commit()
+class PauseAfterInsert(Hooks):
+    """In a job process: after its n-th batch of data is inserted (before the batch's checkpoint is
+    written), tell the lab and wait, idle in the open transaction, until the lab says go: a stall
+    (a long GC pause, a frozen VM) or, when the lab kills the process there, a crash mid-batch."""
+
+    def __init__(self, n: int, report, go):
+        self.n, self.report, self.go, self.inserts = n, report, go, 0
+
+    def after_execute(self, conn, text: str) -> None:
+        if is_data_insert(text):
+            self.inserts += 1
+            if self.inserts == self.n:
+                self.report.send(("paused", conn.info.backend_pid))
+                self.go.wait(WAIT_S * 2)  # the client sleeps; its backend waits for the next statement
 
 
-def worker_backends(s) -> int:
-    """Backends of this scenario that are sleeping inside batch 3 (the worker's)."""
-    return db.scalar(s.conn, "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
-                             "AND pid <> pg_backend_pid() AND query LIKE 'SELECT pg_sleep%%'", (s.app,))
+def job_process(params: dict, claim, write_batch, pause_after: int, report, go) -> None:
+    """A job as its own process: claim the job, then write batches until done (or refused)."""
+    conn = Instrumented(db.connect(params), PauseAfterInsert(pause_after, report, go))
+    token = claim(conn, owner_id(), LEASE_S)
+    report.send(("claimed", token))
+    if token is None:
+        return
+    try:
+        while write_batch(conn, token) is not None:
+            pass
+        report.send(("finished", None))
+    except Exception as exc:  # refused (or broken): the lab reports it
+        report.send(("raised", f"{type(exc).__name__}: {exc}"))
 
 
-def wait_for(s, condition, seconds: float) -> bool:
+def next_report(pipe, kind: str, seconds: float = WAIT_S):
+    """The next report of `kind` from a job process (skipping others), or None after `seconds`."""
     deadline = time.monotonic() + seconds
-    while True:
-        s.conn.rollback()  # a new transaction sees fresh pg_stat_activity
-        if condition() or time.monotonic() > deadline:
-            s.conn.rollback()
-            return condition()
-        time.sleep(0.02)
+    while pipe.poll(max(0.0, deadline - time.monotonic())):
+        got, value = pipe.recv()
+        if got == kind or (kind == "end" and got in ("finished", "raised")):
+            return got, value
+    return None
 
 
-@scenario("interrupted_recovery", "Recovery of an interrupted run")
+def lease_row(s) -> dict:
+    s.conn.rollback()
+    row = db.rows(s.conn, "SELECT status, owner, last_id, version, "
+                          "extract(epoch FROM clock_timestamp() - heartbeat)::float8 "
+                          "FROM checkpoints WHERE job = %s", (JOB,))[0]
+    s.conn.rollback()
+    return dict(zip(("status", "owner", "last_id", "token", "heartbeat_age"), row))
+
+
+def heartbeat_older_than_lease(s) -> bool:
+    return lease_row(s)["heartbeat_age"] > LEASE_S
+
+
+@scenario("interrupted_recovery", "Recovery of an interrupted run", fixes=[
+    fix("claim_job", naive=claim_if_idle, fixed=claim_with_lease,
+        contract="""
+        Claim the job for `owner` on the connection `conn` (commit before returning) and return a
+        fencing token (an int that changes with each claim: the checkpoints row's version), or
+        None when the job is not yours to take. The checkpoints row (job = JOB) holds status,
+        owner, heartbeat and version; an owner renews its heartbeat with every batch it writes. A
+        claim must succeed when the job is idle or when its owner's heartbeat is older than
+        `lease_s` seconds by the server's clock (the owner is dead or stalled), and must fail while
+        the owner's heartbeat is fresh. The grader kills an owner, has a new worker claim the job
+        and resume, tries to take the job from that live worker, then stalls it until its lease
+        expires and claims again: exactly one owner at a time, every id exactly once.""",
+        hints=("A status that only its owner can clear outlives the owner. What tells a restarter "
+               "that the owner is gone, without asking the owner?",
+               "Take over in one UPDATE whose WHERE accepts an idle job or a heartbeat older than the "
+               "lease: heartbeat < clock_timestamp() - make_interval(secs => lease_s); bump the "
+               "version and return it (RETURNING version).")),
+    fix("write_batch", naive=write_batch_unfenced, fixed=write_batch_fenced,
+        contract="""
+        Copy the next batch after the committed checkpoint (copy_batch(cur, read_checkpoint(conn)))
+        and, in the same transaction, move the checkpoint to its last id and renew the heartbeat
+        (heartbeat = clock_timestamp()); return the last id, or None when nothing is left. `token`
+        is what claim_job returned to this owner. An owner can stall past its lease and wake up
+        after another one took the job over: its write must then be refused and its batch rolled
+        back (raise an exception to stop it). The grader wakes such an owner in the middle of a
+        batch, after the new owner finished: the checkpoint must stay at 3000 and every id exactly
+        once (target_rows has no key).""",
+        hints=("When the stalled owner wakes up, what in the database has changed that its write "
+               "could check?",
+               "Fence the write: UPDATE checkpoints ... WHERE job = %s AND version = %s (your token); "
+               "rowcount 0 means the lease is someone else's: rollback() and raise."))])
 def interrupted_recovery(s):
-    fresh_pipeline(s)
-    with s.conn.cursor() as cur:
-        cur.execute("INSERT INTO checkpoints (job) VALUES (%s)", (JOB,))
-    s.conn.commit()
-    s.description("""
+    fresh_pipeline(s, keyed=False)
+    restart_job(s)
+    s.description(f"""
         The job runs as its own process and marks its run in the checkpoint row: status
-        'in_progress', its owner, a heartbeat. Batches commit with their checkpoint. A restart after
-        a crash must resume where the dead run stopped: not refuse, not start over.""")
+        'in_progress', its owner, a heartbeat renewed with each batch. Batches commit with their
+        checkpoint. A restart after a crash must resume where the dead run stopped: not refuse, not
+        start over; and never take the job from an owner that is still alive. The lease here is
+        {LEASE_S:g} s (minutes in production).""")
     s.trigger("The job process is killed with SIGKILL in the middle of batch 3 (no cleanup can run).")
-    proc = s.spawn(leased_worker, s.params)
-    s.require(wait_for(s, lambda: worker_backends(s) == 1, 20), "the worker process is inside batch 3")
+    ctx = multiprocessing.get_context("spawn")
+    watch = s.connect(autocommit=True)
+    reports, report = ctx.Pipe(duplex=False)
+    go = ctx.Event()
+    proc = s.spawn(job_process, s.params, claim_if_idle, write_batch_unfenced, 3, report, go)
+    paused = next_report(reports, "paused", WAIT_S * 2)
+    s.require(paused is not None, "the job process is inside batch 3 (its data in, not committed)")
     proc.kill()  # SIGKILL on POSIX, TerminateProcess on Windows
     proc.join(5)
     s.measure("worker_exit_code", proc.exitcode, "negative: killed by that signal")
-    s.require(wait_for(s, lambda: worker_backends(s) == 0, 5),
-              "the server noticed the dead client and rolled back its open batch")
-    with s.conn.cursor() as cur:
-        cur.execute("SELECT status, owner, last_id FROM checkpoints WHERE job = %s", (JOB,))
-        status, owner, last_id = cur.fetchone()
-    s.conn.commit()
-    s.table(["status", "owner (dead)", "last_id"], [[status, owner.rsplit(":", 1)[0], last_id]])
-    s.triggered_if(status == "in_progress" and not owner_alive(owner), "the run is left 'in_progress', held by a dead owner")
-    claimed = claim_naive(s.conn, owner_id())
-    s.measure("naive_restart_claimed", claimed)
-    s.triggered_if(not claimed, "naive restart refuses: 'already running', forever")
-    with s.expect(psycopg2.errors.UniqueViolation, sqlstate="23505", label="forced restart from zero: UniqueViolation"):
-        with s.conn.cursor() as cur:
-            copy_batch(cur, 0)  # "just start over": batch 1 is already in
+    s.require(wait_until(lambda: not backend_alive(watch, paused[1])),
+              "the server saw the client go and rolled back its open batch at once")
     s.conn.rollback()
+    row = lease_row(s)
+    s.table(["status", "owner (killed)", "last_id", "rows in target"],
+            [[row["status"], row["owner"], row["last_id"], db.scalar(s.conn, "SELECT count(*) FROM target_rows")]])
+    s.conn.rollback()
+    s.triggered_if(row["status"] == "in_progress" and proc.exitcode != 0,
+                   "the run is left 'in_progress', held by a dead owner")
+    claimed = claim_if_idle(s.conn, owner_id(), LEASE_S)
+    s.measure("naive_restart_claimed", claimed is not None, show=False)
+    s.triggered_if(claimed is None, "the naive restart refuses: 'already running', forever")
 
     s.root_cause("""
         A lease without an expiry is a lock that dies with its holder. The killed process could not
-        clear 'in_progress'. Starting over ignores the committed checkpoint (rows 1-1000 are in), and
-        only the primary key stopped it from duplicating them.""", detect="""
-        SELECT job, owner, heartbeat, now() - heartbeat AS silent_for FROM checkpoints
-        WHERE status = 'in_progress' AND heartbeat < now() - interval '5 minutes';  -- stale lease""")
+        clear 'in_progress', and nothing else ever will. The fix has two halves: a lease that
+        expires when the heartbeat stops, and a fencing token, so that an owner who only stalled
+        (and lost its lease) cannot write over the one who took over.""", detect="""
+        SELECT job, owner, heartbeat, clock_timestamp() - heartbeat AS silent_for FROM checkpoints
+        WHERE status = 'in_progress' AND heartbeat < clock_timestamp() - interval '5 minutes';""")
 
-    with s.step(f"Wait until the heartbeat is older than the lease ({LEASE_S} s here; minutes in production)") as st:
-        time.sleep(LEASE_S)
-        st.result = f"owner alive: {owner_alive(owner)}"
-    with s.step("Take the run over with compare-and-set on the version") as st:
-        won = claim_with_lease(s.conn, owner_id(), LEASE_S)
-        st.result = f"claimed: {won}"
-        s.recovered_if(won, "stale lease detected and taken over")
-    with s.step("Resume from the last committed checkpoint") as st:
-        resumed_from = read_checkpoint(s.conn)
-        batches = run_job_transactional(s.conn)
-        with s.conn.cursor() as cur:
-            cur.execute("UPDATE checkpoints SET status = 'done', owner = NULL WHERE job = %s", (JOB,))
-        s.conn.commit()
-        st.result = f"resumed after id {resumed_from}, {batches} batches copied"
-        s.recovered_if(resumed_from == 2 * BATCH, f"resumed at {2 * BATCH}: batch 3 was rolled back with the process")
+    with s.step(f"Wait until the dead owner's heartbeat is older than the lease ({LEASE_S:g} s)") as st:
+        s.require(wait_until(lambda: heartbeat_older_than_lease(s), WAIT_S), "the heartbeat aged past the lease")
+        st.result = f"heartbeat {lease_row(s)['heartbeat_age']:.1f} s old"
+    reports, report = ctx.Pipe(duplex=False)
+    go = ctx.Event()
+    with s.step("Worker 2 (a new process) runs claim_job(), then write_batch() from the checkpoint") as st:
+        worker = s.spawn(job_process, s.params, s.fix("claim_job"), s.fix("write_batch"), 2, report, go)
+        claim = next_report(reports, "claimed", WAIT_S * 2)
+        token2 = claim[1] if claim else None
+        st.result = f"claimed: {words(token2 is not None)}"
+        s.require(token2 is not None, "worker 2 took over the dead owner's expired lease")
+        paused = next_report(reports, "paused", WAIT_S)
+        s.require(paused is not None, "worker 2 copied batch 3 and is inside batch 4")
+        row = lease_row(s)
+        rows_in = db.scalar(s.conn, "SELECT count(*) FROM target_rows")
+        s.conn.rollback()
+        st.result = f"token {token2}; it resumed after id 1000, checkpoint now {row['last_id']}, {rows_in} rows"
+        s.recovered_if(row["last_id"] == 3 * BATCH and rows_in == 3 * BATCH,
+                       "worker 2 resumed after id 1000: batch 3 was rolled back with the killed process")
+    with s.step("While worker 2 is alive, a third restart runs claim_job()") as st:
+        age = lease_row(s)["heartbeat_age"]
+        third = s.fix("claim_job")(s.conn, owner_id(), LEASE_S)
+        s.conn.rollback()
+        st.result = f"worker 2's heartbeat is {age:.2f} s old; claimed: {words(third is not None)}"
+        s.require(third is None, "a live owner's lease is not taken (its heartbeat is fresh)")
+    with s.step("Worker 2 stalls inside batch 4 (a long GC pause); when its lease has expired, "
+                "the restart claims the job and finishes it") as st:
+        s.require(wait_until(lambda: heartbeat_older_than_lease(s), WAIT_S), "worker 2's lease expired")
+        token3 = s.fix("claim_job")(s.conn, owner_id(), LEASE_S)
+        s.conn.rollback()
+        s.require(token3 is not None, "the stalled owner's expired lease was taken over")
+        batches = 0
+        while s.fix("write_batch")(s.conn, token3) is not None:
+            batches += 1
+        st.result = f"token {token3}; {batches} batches, checkpoint {lease_row(s)['last_id']}"
+    with s.step("Worker 2 wakes up and finishes batch 4 with its old token") as st:
+        go.set()
+        end = next_report(reports, "end", WAIT_S)
+        worker.join(WAIT_S)
+        row = lease_row(s)
+        found = damage(s.conn)
+        st.result = f"worker 2: {end[1] if end and end[1] else (end[0] if end else 'no answer')}"
+        s.measure("late_write", {"checkpoint": row["last_id"], "duplicated": found["duplicated"]}, show=False)
+        s.recovered_if(row["last_id"] == SOURCE_ROWS and found["duplicated"] == 0,
+                       f"the stalled owner's late write was refused: checkpoint still {row['last_id']}, "
+                       f"{found['duplicated']} duplicates")
+    with s.conn.cursor() as cur:
+        cur.execute("UPDATE checkpoints SET status = 'done', owner = NULL WHERE job = %s", (JOB,))
+    s.conn.commit()
     prove_exactly_once(s)
     s.prevention("""
         Leases expire: record owner and heartbeat, renew the heartbeat with each batch, and let a
-        restart take over a lease that is stale or whose owner is gone, atomically (compare-and-set).
-        Resume from the checkpoint committed with the data, never from zero.""", claim_with_lease)
+        restart take over a lease whose heartbeat is older than the lease, atomically, by the
+        server's clock. Every claim gets a new fencing token, and every write checks it, so an owner
+        that only stalled cannot write after the takeover. Resume from the checkpoint committed with
+        the data, never from zero.""")
 
 
 if __name__ == "__main__":
