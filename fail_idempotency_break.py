@@ -420,10 +420,12 @@ def repair_duplicates(conn, table: str, key: BusinessKey) -> int:
         Work on the server_version_num given (UNIQUE NULLS NOT DISTINCT exists from 150000 on).
         Graded: after the repair, the naive ON CONFLICT DO NOTHING load of day 1 inserts 0 rows,
         and each table equals the newest source version of every order, with no key twice.""",
-        hints=("Which rows of day 1 does the repaired orders_v1 still take twice? Look at store_id.",
-               "UNIQUE NULLS NOT DISTINCT (store_id, order_ref) from PostgreSQL 15; before it, a "
-               "unique index on ((coalesce(store_id, 0)), order_ref), named the same way in the "
-               "conflict target.")),
+        hints=("""
+            Which rows of day 1 does the repaired orders_v1 still take twice?
+            Look at their store_id.""", """
+            UNIQUE NULLS NOT DISTINCT (store_id, order_ref) from PostgreSQL 15;
+            before it, a unique index on ((coalesce(store_id, 0)), order_ref),
+            with that same expression in the conflict target.""")),
     fix("stage", naive=stage_as_is, fixed=stage,
         contract="""
         Land `rows` (mapped by `values`) in staging_orders, numbered from 1 in the column `line`,
@@ -431,9 +433,12 @@ def repair_duplicates(conn, table: str, key: BusinessKey) -> int:
         case, without surrounding blanks (' ord-00042' is ORD-00042). The target refuses any
         other spelling (CHECK). Graded: the fixed load of day 2, whose CRM export re-typed 60
         keys, updates the canonical orders: no error, no new row.""",
-        hints=("What does the CHECK orders_v1_canonical_ref say about ' ord-00042'?",
-               "After the INSERT into staging_orders: UPDATE staging_orders SET order_ref = "
-               "upper(btrim(order_ref)) WHERE order_ref <> upper(btrim(order_ref))."))])
+        hints=("""
+            What does the CHECK orders_v1_canonical_ref say about ' ord-00042'?""", """
+            After landing the rows: UPDATE staging_orders
+            SET order_ref = upper(btrim(order_ref))
+            WHERE order_ref <> upper(btrim(order_ref)).""")),
+])
 def duplicate_detection(s):
     setup(s, V1_V2_DDL, orders=False)
     s.description("""
@@ -490,8 +495,8 @@ def duplicate_detection(s):
     s.measure("constraint_form", keys["orders_v1"].form, show=False)
     s.measure("server_version_num", s.server_version_num, show=False)
     s.recovered_if(removed == {"orders_v1": surrogate, "orders_v2": null_store + spelling},
-                   f"one copy removed per key held twice: {surrogate} = {surrogate}, "
-                   f"{null_store + spelling} = {null_store} + {spelling}")
+                   f"one copy removed per key held twice: {surrogate} from orders_v1, "
+                   f"{null_store} + {spelling} from orders_v2")
 
     with s.step("Re-run the naive v1 load of day 1 against the repaired orders_v1") as st:
         inserted = s.measure("naive_rerun_inserted", load_v1_naive(s.conn, day1), show=False)
@@ -610,13 +615,16 @@ def load_staged(conn, rows: list[dict], key: BusinessKey) -> int:
         the same version, are not written again.
         Graded: the server ends the first run's connection at line {ENDED_AT}: orders and
         load_rejects must look exactly as before it; the next run writes the
-        {ORDERS} - 1200 missing rows (2 of them as rejects: lines 1500 and 1800), and a run
+        {ORDERS - 1200} missing rows (2 of them as rejects: lines 1500 and 1800), and a run
         after that writes nothing.""",
-        hints=("Count the COMMITs: what does a reader see after the server ends the connection "
-               "between two of them? And what happens to the whole batch at the first bad row?",
-               "Stage the extract, then one transaction with a single commit at the end. Move the "
-               "rows in chunks under a SAVEPOINT; in a chunk that fails, retry row by row, each "
-               "under its own savepoint, and INSERT a refused row into load_rejects."))])
+        hints=("""
+            Count the COMMITs: what does a reader see when the server ends the
+            connection between two of them? And at the first bad row?""", """
+            Stage the extract, then one transaction with one commit at the end.
+            Move the rows in chunks, each under a SAVEPOINT; in a chunk that
+            fails, retry row by row, each under its own savepoint, and INSERT a
+            refused row into load_rejects.""")),
+])
 def partial_failure(s):
     key = setup(s)
     extract = arrive(s, with_bad_rows(make_orders(s.rng)))
@@ -768,11 +776,14 @@ def load_checked(conn, rows: list[dict], key: BusinessKey) -> int:
         between its validation and its upsert, and nothing of delta 2 may be visible; the
         re-booked order and the unknown customer are set aside; ORD-00007 holds its newest
         version; orders equals the newest source versions.""",
-        hints=("ON CONFLICT covers one case only. Which three rows make the single INSERT fail, "
-               "and what happens to the 20 good rows of each delta?",
-               "Stage the delta; move the rows with an unknown customer, or with an invoice_no "
-               "of another order, into load_rejects (DELETE ... RETURNING feeding an INSERT); "
-               "then upsert_from_staging (DISTINCT ON, newest first). One commit at the end."))])
+        hints=("""
+            ON CONFLICT covers one case only. Which three rows make the single
+            INSERT fail, and what happens to the 20 good rows of each delta?""", """
+            Stage the delta; move the rows with an unknown customer, or with the
+            invoice_no of another order, into load_rejects (DELETE ... RETURNING
+            feeding an INSERT); then upsert_from_staging (DISTINCT ON, newest
+            first). One commit at the end, for the rows and the rejects.""")),
+])
 def constraint_violation(s):
     key = setup(s, sql.SQL(CONSTRAINTS_DDL).format(customers=sql.Literal(CUSTOMERS)))
     s.description(f"""
@@ -947,11 +958,13 @@ def detect_drift(conn, rows: list[dict]) -> dict[str, int]:
         Graded: loading days 2 and 3 writes exactly the 80 + 40 corrections and the 100 new
         orders; a late replay of day 1 writes 0 rows; orders equals the newest source version of
         every order.""",
-        hints=("DO NOTHING makes a re-send harmless, and a correction too. What should win when "
-               "the key is already there?",
-               "ON CONFLICT ... DO UPDATE SET ... = excluded.... WHERE excluded.updated_at > "
-               "t.updated_at (alias the target AS t); DISTINCT ON (store_id, order_ref) ... "
-               "ORDER BY ..., updated_at DESC for the batch.")),
+        hints=("""
+            DO NOTHING makes a re-send harmless, and a correction too. What
+            should win when the key is already there?""", """
+            ON CONFLICT ... DO UPDATE SET ... = excluded.... WHERE
+            excluded.updated_at > t.updated_at (the target aliased AS t), and
+            DISTINCT ON (store_id, order_ref) ... ORDER BY ..., updated_at DESC
+            for a key twice in the batch.""")),
     fix("as_values", naive=as_values_naive, fixed=as_values,
         contract="""
         Turn extract rows (dicts) into tuples in the order of ORDER_COLUMNS (store_id,
@@ -959,8 +972,11 @@ def detect_drift(conn, rows: list[dict]) -> dict[str, int]:
         the extract's fields come in and whatever fields it adds. A missing field is an error.
         Graded: day 3, whose extract adds a field currency, loads: 40 corrections and 100 new
         orders written, the currency not loaded.""",
-        hints=("What does tuple(row.values()) give when the export adds a field?",
-               "tuple(row[c] for c in ORDER_COLUMNS): by name, from the target's column list."))])
+        hints=("""
+            What does tuple(row.values()) give when the export adds a field?""", """
+            tuple(row[c] for c in ORDER_COLUMNS): by name, in the order of the
+            target's column list.""")),
+])
 def data_drift(s):
     key = setup(s, HASH_DDL)
     fixes, late_fixes, new_orders = 80, 40, 100  # corrections on day 2, corrections and new orders on day 3
@@ -1013,8 +1029,8 @@ def data_drift(s):
     s.root_cause("""
         A row hash identifies a version, not an order: a correction is a new hash, so it is
         stored next to the old one. DO NOTHING makes a re-send harmless by ignoring it,
-        corrections included. And values taken in the extract's field order break (or worse,
-        shift into the wrong columns) the day the source adds a field. Detect it by reconciling
+        corrections included. And values taken in the extract's field order break the day the
+        source adds a field. Detect it by reconciling
         against the target: the shape (fields and types against the catalog), then the content
         (by business key and row hash), then the totals.""", detect=DRIFT)
     with s.step("Day 2 against orders: compare row hashes by business key") as st:
