@@ -10,7 +10,7 @@ cleaning. Until the runner arms its own handlers, a later signal exits 130 at on
 reason. Only the script's own process gets these handlers: not a test suite importing common,
 not a worker process started by a scenario.
 """
-import signal as _signal
+import _signal  # the C module: importing `signal` takes long enough to be interrupted itself
 import sys as _sys
 
 _pending: list[int] = []
@@ -19,10 +19,6 @@ _SIGNALS = [_signal.SIGINT, _signal.SIGTERM] + ([_signal.SIGHUP] if hasattr(_sig
 
 def _imported_by_a_script() -> bool:
     """True when the module running as __main__ imports us from its top level (a script)."""
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return False
     mp = _sys.modules.get("multiprocessing")
     if mp is not None and mp.parent_process() is not None:
         return False
@@ -47,12 +43,14 @@ def exit_if_interrupted() -> None:
         raise SystemExit(130)
 
 
+_guarded = False
 if _imported_by_a_script():
-    for _sig in _SIGNALS:
-        _signal.signal(_sig, _record)
-    _guarded = True
-else:
-    _guarded = False
+    try:
+        for _sig in _SIGNALS:
+            _signal.signal(_sig, _record)
+        _guarded = True
+    except ValueError:  # not the main thread: signals are not this import's to handle
+        pass
 
 # The heavy imports, while a signal is only recorded: psycopg2 (C init), psutil, tenacity.
 import psycopg2  # noqa: E402,F401

@@ -79,17 +79,13 @@ class Redactor:
 
     @staticmethod
     def _mask_url(m) -> str:
-        rest = m.group("rest")
-        query = ""
-        if "?" in rest:  # password=... in the query part is masked by _PAIR afterwards
-            rest, query = rest.split("?", 1)
-            query = "?" + query
-        at = rest.rfind("@")
+        rest = m.group("rest")  # a password=... query parameter is masked by _PAIR afterwards
+        at = rest.rfind("@")  # the last '@': a raw '@', '/', '?' or '#' in the password stays inside
         if at >= 0:
             userinfo, hostpart = rest[:at], rest[at:]
             user = userinfo.split(":", 1)[0]
             rest = (f"{user}:***" if ":" in userinfo else user) + hostpart
-        return m.group("scheme") + rest + query
+        return m.group("scheme") + rest
 
 
 redact = Redactor()

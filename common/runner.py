@@ -290,12 +290,23 @@ def _run(script: str, args, console: output.Console, selected: list[ScenarioSpec
         if args.json == "-":
             sys.stdout.write(text + "\n")
         else:
-            Path(args.json).write_text(text + "\n", encoding="utf-8")
+            exit_code = _write_output("--json", args.json, text + "\n", exit_code)
     if args.report:
         from common import report
-        Path(args.report).write_text(output.redact(report.render(journal)), encoding="utf-8")
-        console.line(f"handout written to {args.report}")
+        exit_code = _write_output("--report", args.report, output.redact(report.render(journal)), exit_code)
+        if exit_code != 2:
+            console.line(f"handout written to {args.report}")
     return exit_code
+
+
+def _write_output(flag: str, path: str, text: str, exit_code: int) -> int:
+    """Write the journal or handout; a disk that fails now (full, gone) is one line and exit 2."""
+    try:
+        Path(path).write_text(text, encoding="utf-8")
+        return exit_code
+    except OSError as exc:
+        sys.stderr.write(f"error: {flag} {path} could not be written: {exc.strerror or exc}\n")
+        return 2
 
 
 def keep_hint(console: output.Console, kept: list[str]) -> None:
@@ -312,13 +323,19 @@ def keep_hint(console: output.Console, kept: list[str]) -> None:
         console.line(f"      DROP SCHEMA {name} CASCADE;")
 
 
+DAMAGE = ("lost", "missing", "duplicat", "refused", "rejected", "wrong", "extra", "skipped", "blocked", "twice",
+          "torn", "over", "no_run_id", "unparseable")  # words of a figure that measures damage
+
+
 def headline(s: Scenario) -> dict | None:
     """The scenario's headline figure: the one it marked, else the damage it measured (a figure
     named *_before, with its *_after when there is one), else its first figure."""
     names = list(s.measurements)
     if not names:
         return None
-    name = s.headline or next((n for n in names if n.endswith("_before")), names[0])
+    damage = [n for n in names if any(w in n for w in DAMAGE)]
+    name = s.headline or next((n for n in damage if n.endswith("_before")), None) or \
+        next(iter(damage), None) or next((n for n in names if n.endswith("_before")), names[0])
     after = name[:-len("_before")] + "_after" if name.endswith("_before") else None
     figure = {"name": name, "value": output.words(s.measurements[name])}
     if after in s.measurements:

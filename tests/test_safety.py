@@ -16,9 +16,11 @@ from pathlib import Path
 import psutil
 import pytest
 
+import conftest
+import psycopg2
 import pwserver
 from conftest import ROOT, SERVER_URL, clean_env, lab_schemas, run_script, server_reachable
-from common import embedded
+from common import db, embedded
 
 SCRIPTS = sorted(p.name for p in ROOT.glob("fail_*.py"))
 BROKEN = "tests/fixtures/fail_broken.py"
@@ -304,3 +306,248 @@ def test_libpq_pg_variables_select_the_server(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.journal["database"]["mode"] == "PG*"
     assert "[configured by PG*]" in result.stdout and f"@{p['host']}:{p.get('port', '5432')}/" in result.stdout
+
+
+# -- 7. signals from the first import -------------------------------------------------------------
+EARLY_OFFSETS = [0.02, 0.03, 0.04, 0.06, 0.08, 0.1, 0.13, 0.16, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 1.0, 1.5]
+EARLY_SCRIPTS = [s for s in SCRIPTS if "\nimport common" in (ROOT / s).read_text()] + [BROKEN]
+
+
+def _died_before_python_ran_it(returncode: int, sig: int, err: str) -> bool:
+    """The signal landed while the interpreter itself was starting (site, .pth files), before the
+    script's first line: the interpreter's default action, and no frame of the project."""
+    if str(ROOT) in err:
+        return False
+    return returncode == -sig or (sig == signal.SIGINT and returncode == 1 and err.strip().endswith("KeyboardInterrupt"))
+
+
+@pytest.mark.parametrize("script", EARLY_SCRIPTS)
+def test_a_signal_in_the_first_fraction_of_a_second_exits_130_and_leaves_nothing(script, embedded_params,
+                                                                                 tmp_path):
+    args = [script] + (["--only", "sleeps"] if script == BROKEN else [])
+    report = []
+    for n, offset in enumerate(EARLY_OFFSETS):
+        sig = (signal.SIGINT, signal.SIGTERM)[n % 2]
+        journal = tmp_path / f"j{n}.json"
+        proc = start(args, clean_env(), journal)
+        time.sleep(offset)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)  # a bound for a hang, not a timing claim
+        report.append((offset, sig.name, proc.returncode))
+        if _died_before_python_ran_it(proc.returncode, sig, err):
+            continue
+        data = json.loads(journal.read_text()) if journal.exists() and journal.read_text().strip() else None
+        finished = proc.returncode == 0 and data is not None and data["exit_code"] == 0  # it ended first
+        assert proc.returncode == 130 or finished, f"offset {offset} {sig.name}: exit {proc.returncode}\n{err[-2000:]}"
+        assert "Traceback" not in err, err[-2000:]
+        if data and data["run_id"]:
+            assert lab_schemas(embedded_params, data["run_id"]) == [] and run_dirs(data["run_id"]) == []
+    assert sum(code == 130 for _, _, code in report) >= len(EARLY_OFFSETS) // 2, report  # not vacuous
+    print(f"\n{script}: (offset s, signal, exit) {report}")
+
+
+# -- 8. liveness that cannot collide --------------------------------------------------------------
+def _unshare_works() -> bool:
+    try:
+        return subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True,
+                              timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def _python_child(proc: subprocess.Popen) -> psutil.Process:
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        if "python" in child.name():
+            return child
+    raise AssertionError("no python under unshare")
+
+
+@pytest.mark.skipif(not server_reachable(), reason=f"no PostgreSQL at {SERVER_URL}")
+def test_a_run_in_its_own_pid_namespace_is_never_swept_but_a_killed_one_is(tmp_path):
+    if not _unshare_works():
+        pytest.skip("unshare --pid --fork --mount-proc is not permitted here (needs root or user namespaces)")
+    from psycopg2.extensions import parse_dsn
+
+    env = clean_env(DATABASE_URL=SERVER_URL)
+    params = parse_dsn(SERVER_URL)
+    contained = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, str(ROOT / BROKEN),
+                                  "--only", "sleeps"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True)
+    victim = start([BROKEN, "--only", "sleeps"], env)
+    try:
+        contained_schema, contained_dir = wait_ready(contained)
+        victim_schema, victim_dir = wait_ready(victim)
+        # Same host name, and the pid in its tag means nothing out here: only its lock says it lives.
+        victim.kill()
+        victim.wait()
+        sweeper = run_script(BROKEN, "--only", "passes", env=env, tmp_path=tmp_path)
+        assert sweeper.returncode == 0, sweeper.stderr[-2000:]
+        schemas = lab_schemas(params)
+        assert contained_schema in schemas and os.path.isdir(contained_dir)
+        assert victim_schema not in schemas and not os.path.exists(victim_dir)  # swept: schema and folder
+        inner = _python_child(contained)
+        inner.send_signal(signal.SIGINT)
+        contained.communicate(timeout=30)
+        assert contained.returncode == 130
+        assert contained_schema not in lab_schemas(params) and not os.path.exists(contained_dir)
+    finally:
+        for p in (contained, victim):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def _dead_tag(run_id: str, dbname: str) -> str:
+    return json.dumps({"faillab": db.TAG_VERSION, "run": run_id, "db": dbname})
+
+
+def _fake_run_id() -> str:
+    return conftest.SESSION_PREFIX + os.urandom(3).hex()  # this session's, so the catalog check sees it
+
+
+def test_dead_debris_the_role_may_not_drop_is_skipped_not_a_startup_error(pw_server, tmp_path):
+    from psycopg2 import sql
+
+    run_id = _fake_run_id()
+    schema, role = f"faillab_{run_id}_foreign", f"faillab_{run_id}_role"
+    admin = psycopg2.connect(host=pw_server["host"], port=pw_server["port"], dbname=pw_server["dbname"],
+                             user="postgres", password=pwserver.SUPERUSER_PASSWORD)
+    admin.autocommit = True
+    try:
+        with admin.cursor() as cur:  # debris of a dead run, but owned by the superuser
+            cur.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+            cur.execute(sql.SQL("COMMENT ON SCHEMA {} IS %s").format(sql.Identifier(schema)),
+                        (_dead_tag(run_id, pw_server["dbname"]),))
+            cur.execute(sql.SQL("CREATE ROLE {}").format(sql.Identifier(role)))
+            cur.execute(sql.SQL("COMMENT ON ROLE {} IS %s").format(sql.Identifier(role)),
+                        (_dead_tag(run_id, pw_server["dbname"]),))
+        result = run_script(BROKEN, "--only", "passes", env=clean_env(DATABASE_URL=pwserver.url(pw_server)),
+                            tmp_path=tmp_path)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "cannot create a schema" not in result.stderr and "Traceback" not in result.stderr
+        assert db.schema_exists(admin, schema)  # skipped: not this role's to drop
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+            cur.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+        admin.close()
+
+
+def test_dead_debris_someone_holds_a_lock_on_is_skipped_then_swept_once_free(target, tmp_path):
+    from psycopg2 import sql
+
+    _, env, params = target
+    run_id = _fake_run_id()
+    schema = f"faillab_{run_id}_locked"
+    admin = db.connect(params, autocommit=True)
+    holder = db.connect(params)
+    try:
+        with admin.cursor() as cur:
+            cur.execute(sql.SQL("CREATE SCHEMA {s}; CREATE TABLE {s}.t (id int)").format(s=sql.Identifier(schema)))
+            cur.execute(sql.SQL("COMMENT ON SCHEMA {} IS %s").format(sql.Identifier(schema)),
+                        (_dead_tag(run_id, db.scalar(admin, "SELECT current_database()")),))
+        with holder.cursor() as cur:  # another session reads the table and keeps its transaction open
+            cur.execute(sql.SQL("LOCK TABLE {}.t IN ACCESS SHARE MODE").format(sql.Identifier(schema)))
+        result = run_script(BROKEN, "--only", "passes", env=env, tmp_path=tmp_path)
+        everything = result.stdout + result.stderr
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "LockNotAvailable" not in everything and "Traceback" not in result.stderr
+        assert db.schema_exists(admin, schema)
+        holder.rollback()
+        again = run_script(BROKEN, "--only", "passes", env=env, tmp_path=tmp_path)
+        assert again.returncode == 0 and not db.schema_exists(admin, schema)  # (or another run swept it)
+    finally:
+        holder.close()
+        with admin.cursor() as cur:
+            cur.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+        admin.close()
+
+
+def test_a_live_runs_temp_folder_is_kept_and_a_killed_ones_is_swept(embedded_params, tmp_path):
+    alive = start([BROKEN, "--only", "sleeps"], clean_env())
+    victim = start([BROKEN, "--only", "sleeps"], clean_env())
+    try:
+        _, alive_dir = wait_ready(alive)
+        _, victim_dir = wait_ready(victim)
+        victim.kill()
+        victim.wait()
+        from common import cleanup
+
+        removed = cleanup.sweep_dead_folders()
+        assert not os.path.exists(victim_dir) and os.path.isdir(alive_dir)
+        assert f"folder {Path(victim_dir).name}" in removed or not os.path.exists(victim_dir)
+    finally:
+        alive.send_signal(signal.SIGINT)
+        alive.communicate(timeout=30)
+    assert alive.returncode == 130 and not os.path.exists(alive_dir)
+
+
+# -- 9. only what the lab made --------------------------------------------------------------------
+def init_schemas(*args, env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "code" / "init_schemas.py"), *args], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.skipif(not server_reachable(), reason=f"no PostgreSQL at {SERVER_URL}")
+def test_init_schemas_drops_only_a_schema_it_created():
+    from psycopg2 import sql
+
+    env = clean_env(DATABASE_URL=SERVER_URL)
+    foreign, made, absent = conftest.session_name("foreign"), conftest.session_name("made"), conftest.session_name("absent")
+    admin = psycopg2.connect(SERVER_URL)
+    admin.autocommit = True
+    try:
+        with admin.cursor() as cur:  # somebody's schema, with a table in it: no lab tag
+            cur.execute(sql.SQL("CREATE SCHEMA {s}; CREATE TABLE {s}.precious (id int)").format(s=sql.Identifier(foreign)))
+        refused = init_schemas("--schema", foreign, "--drop", env=env)
+        assert refused.returncode == 2 and "refusing to drop" in refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1 and db.schema_exists(admin, foreign)
+        into = init_schemas("--schema", foreign, env=env)  # nor does it build into somebody's schema
+        assert into.returncode == 2 and "not created by this command" in into.stderr
+        assert db.scalar(admin, "SELECT count(*) FROM pg_tables WHERE schemaname = %s", (foreign,)) == 1
+        nothing = init_schemas("--schema", absent, "--drop", env=env)
+        assert nothing.returncode == 0 and "nothing to drop" in nothing.stdout
+        assert init_schemas("--schema", made, env=env).returncode == 0 and db.schema_exists(admin, made)
+        dropped = init_schemas("--schema", made, "--drop", env=env)
+        assert dropped.returncode == 0 and "dropped schema" in dropped.stdout and not db.schema_exists(admin, made)
+    finally:
+        with admin.cursor() as cur:
+            for name in (foreign, made):
+                cur.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+        admin.close()
+
+
+def test_init_schemas_refuses_to_drop_public(pw_server):
+    """On a private server only: `public` is never at risk of the shared server's."""
+    env = clean_env(DATABASE_URL=pwserver.url(pw_server, user="postgres", password=pwserver.SUPERUSER_PASSWORD))
+    result = init_schemas("--schema", "public", "--drop", env=env)
+    assert result.returncode == 2 and "refusing to drop schema public" in result.stderr
+    conn = psycopg2.connect(pwserver.url(pw_server, user="postgres", password=pwserver.SUPERUSER_PASSWORD))
+    try:
+        assert db.schema_exists(conn, "public")
+    finally:
+        conn.close()
+
+
+@pytest.mark.skipif(not server_reachable(), reason=f"no PostgreSQL at {SERVER_URL}")
+def test_the_catalog_check_ignores_other_users_but_catches_our_own_leaks():
+    from psycopg2 import sql
+
+    other = f"faillab_{os.urandom(4).hex()}_someone"  # another user's run: a plain hex run id
+    ours = f"faillab_{conftest.SESSION_PREFIX}{os.urandom(3).hex()}_leak"
+    conn = psycopg2.connect(SERVER_URL)
+    conn.autocommit = True
+    try:
+        before = conftest.catalog_snapshot(SERVER_URL)
+        with conn.cursor() as cur:
+            cur.execute(sql.SQL("CREATE SCHEMA {s}; CREATE TABLE {s}.t (id int)").format(s=sql.Identifier(other)))
+        assert conftest.catalog_changes(before, conftest.catalog_snapshot(SERVER_URL)) == {}
+        with conn.cursor() as cur:
+            cur.execute(sql.SQL("CREATE SCHEMA {s}; CREATE TABLE {s}.t (id int)").format(s=sql.Identifier(ours)))
+        changed = conftest.catalog_changes(before, conftest.catalog_snapshot(SERVER_URL))
+        assert changed["schemas"]["added"] == [ours] and f"{ours}.t:r" in changed["relations"]["added"]
+    finally:
+        with conn.cursor() as cur:
+            for name in (other, ours):
+                cur.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+        conn.close()
