@@ -585,7 +585,9 @@ def storage(s: Scenario):
         Put a QueueHandler in front of the store so the job only enqueues; let a listener thread write
         batches with retries, spool what still fails to a local file checked at start-up, and replay
         the spool idempotently (a unique event id + ON CONFLICT DO NOTHING). Alert on the sink's
-        `dropped` counter and on runs whose stored count differs from the count they announced.""",
+        `dropped` counter and on runs whose stored count differs from the count they announced.
+        The queue here is unbounded, so a long outage costs memory: production code bounds it, and
+        then a full queue drops a record through handleError, which the same alerts must see.""",
                  ListenedQueueHandler, BatchingQueueListener, BatchingDatabaseHandler, replay_spool)
 
 
@@ -833,7 +835,7 @@ def correlation(s: Scenario):
 # == 3. volume ======================================================================================
 STORM_RECORDS = 1_250    # records in the error storm, 4 in 5 of them bad (1,000 errors)
 KEEP_PER_ERROR = 3       # full samples (with traceback) kept per distinct error
-STORM_STALL_S = 0.5      # in the fixed run the store also stalls this long, from the first record
+STORM_STALL_S = STALL_S  # in the fixed run the store also stalls, from the first record
 
 
 def parse_amount(i: int) -> float:
@@ -1048,7 +1050,7 @@ def volume(s: Scenario):
     s.measure("errors_miscounted_after", miscounted, show=False)
     redundant_after = s.measure("redundant_rows_after", redundant_rows(s.conn, fixed.run_id), show=False)
     s.recovered_if(fixed.slowest_log_s < STORM_STALL_S / 4 and stall.waiting >= 1,
-                   f"the stalled store did not hold the job up: an INSERT waited {STORM_STALL_S:g} s, the job's "
+                   f"the stalled store did not hold the job up: an INSERT waited on the {STORM_STALL_S:g} s stall, the job's "
                    f"slowest logging call {1000 * fixed.slowest_log_s:.1f} ms")
     s.recovered_if(fixed.seconds < naive.seconds,
                    f"the job ran faster than the naive one: {fixed.seconds:.3f} s vs {naive.seconds:.2f} s")
@@ -1326,8 +1328,9 @@ PARSING_FIXES = [
             Read a JSON Lines file and return (good, quarantine): good is a list of (line number,
             text) for the lines that can be loaded, quarantine a list of (line number, error,
             text) for the ones that cannot. Skip blank lines.
-            It must guarantee: a bad line never stops the read; a line is good only if jsonb will
-            accept it (PostgreSQL refuses NaN, Infinity and \\u0000, which Python's json accepts).
+            It must guarantee: a bad line never stops the read; a line is good only if jsonb
+            will accept it (jsonb refuses NaN, Infinity and the NUL character, which Python's
+            json accepts).
             The grader reads a file with broken lines and checks that exactly the lines json.loads
             or jsonb refuse are quarantined, by number, and that every good line loads.""",
         hints=("""
