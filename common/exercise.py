@@ -80,7 +80,7 @@ def grade(console: output.Console, record: dict) -> None:
     if not record.get("cleaned", True):
         console.line(f"   {console.check_mark(False)} cleanup: {record.get('reason', '')}", "bad")
     if record.get("measurements"):
-        console.line("   measured: " + "; ".join(f"{k} {v}" for k, v in record["measurements"].items()))
+        console.line("   measured: " + "; ".join(f"{k} {output.words(v)}" for k, v in record["measurements"].items()))
 
 
 def _exit(code: int, text: str = "", stream=None) -> None:
