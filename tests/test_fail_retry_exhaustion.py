@@ -383,12 +383,12 @@ def test_the_bounded_policy_worst_case_fits_the_deadline():
     def always_fails():
         raise psycopg2.OperationalError("server closed the connection unexpectedly")
 
-    run = lab.drive(lab.backoff_policy_bounded(lab.TopOfWindow()), always_fails)
+    run = lab.drive(lab.backoff_bounded(lab.TopOfWindow()), always_fails)
     assert isinstance(run["raised"], psycopg2.OperationalError)  # reraise: the real error, not a RetryError
     assert run["attempts"] == lab.ATTEMPTS
     assert run["sleeps"] == [1, 2, 4, 8, 16] + [lab.CAP_S] * (lab.ATTEMPTS - 6)
     assert sum(run["sleeps"]) <= lab.DEADLINE_S
-    naive = lab.drive(lab.backoff_policy_naive(lab.TopOfWindow()), always_fails)
+    naive = lab.drive(lab.backoff_naive(lab.TopOfWindow()), always_fails)
     assert naive["attempts"] == lab.RUNAWAY_ATTEMPTS  # it never stops: the lab's own bound ended it
 
 
