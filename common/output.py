@@ -264,9 +264,13 @@ def table_lines(headers: list[str], rows: list[list[str]], width: int, indent: s
     cells = [list(headers)] + [list(r) for r in rows]
     room = width - len(indent)
     natural = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    floors = [min(natural[i], max(8, max(len(h) for h in headers[i].split()) if headers[i].split() else 1))
-              for i in range(len(headers))]
-    widths = fit_columns(natural, floors, room)
+    columns = range(len(headers))
+    words_ = [max((len(w) for r in cells for w in r[i].split()), default=1) for i in columns]
+    heads = [max((len(w) for w in headers[i].split()), default=1) for i in columns]
+    # first try to wrap between words only; then let the widest words break
+    floors = [min(natural[i], max(8, heads[i])) for i in columns]
+    widths = fit_columns(natural, [min(natural[i], max(heads[i], min(words_[i], 30))) for i in columns], room) or \
+        fit_columns(natural, floors, room)
     if widths is None and len(headers) > 2:
         groups, current = [], [0]
         for i in range(1, len(headers)):

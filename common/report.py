@@ -142,7 +142,7 @@ def questions_of(record: dict) -> list[str]:
 
 def _scenario(record: dict, number: str, level: int) -> list[str]:
     h = "#" * level
-    out = [f'<a id="{record["id"]}"></a>', "", f"{h} {number}. {_escape(record['title'])} (`{record['id']}`)", ""]
+    out = [f'<a id="{_anchor(record)}"></a>', "", f"{h} {number}. {_escape(record['title'])} (`{record['id']}`)", ""]
     verdicts = ", ".join(f"{name} {_yes(record[name])}" for name in ("triggered", "recovered", "cleaned"))
     out += [f"**{record['status']}**: {verdicts}; {record['seconds']:.2f} s.", ""]
     if record.get("reason"):
@@ -168,17 +168,25 @@ def _scenario(record: dict, number: str, level: int) -> list[str]:
     return out
 
 
+def _anchor(record: dict) -> str:
+    return record.get("_anchor") or record["id"]
+
+
 def _summary(records: list[dict], script_column: bool = False) -> list[str]:
-    headers = (["script"] if script_column else []) + ["scenario", "status", "triggered", "recovered", "cleaned",
-                                                        "seconds", "headline figure"]
+    """One row per scenario: verdicts as marks (✔ triggered, recovered, cleaned), seconds, headline."""
+    headers = (["script"] if script_column else []) + ["scenario", "status", "verdicts", "seconds",
+                                                        "headline figure"]
     rows = []
     for r in records:
+        marks = " ".join("kept" if v == "cleaned" and r.get("kept") else ("✔" if r[v] else "✘")
+                         for v in ("triggered", "recovered", "cleaned"))
         row = ([r.get("_script", "")] if script_column else []) + [
-            f"[{_escape(r['title'])}](#{r['id']})", r["status"], _yes(r["triggered"]), _yes(r["recovered"]),
-            _yes(r["cleaned"]), f"{r['seconds']:.2f}", _cell(headline_text(r))]
+            f"[{_escape(r['title'])}](#{_anchor(r)})", r["status"] if r["status"] == "passed" else f"**{r['status']}**",
+            marks, f"{r['seconds']:.2f}", _cell(headline_text(r))]
         rows.append(row)
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows] + [""]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows] + \
+        ["", "Verdicts: triggered, recovered, cleaned (✔ yes, ✘ no).", ""]
 
 
 def headline_text(record: dict) -> str:
@@ -187,7 +195,7 @@ def headline_text(record: dict) -> str:
     if not h:
         return ""
     name = h["name"][:-len("_before")] if "after" in h and h["name"].endswith("_before") else h["name"]
-    return f"{name} {h['value']}" + (f" → {h['after']}" if "after" in h else "")
+    return f"{name.replace('_', ' ')}: {h['value']}" + (f" → {h['after']}" if "after" in h else "")
 
 
 def _run_line(journal: dict) -> str:
@@ -209,13 +217,20 @@ def render_lab(lab: dict) -> str:
     out = ["# Pipeline failure lab", "",
            f"{len(lab['scripts'])} scripts, {sum(len(j['scenarios']) for j in lab['scripts'])} scenarios, "
            f"{lab['seconds']:.1f} s, exit code {lab['exit_code']}, started {lab['started_at']}.", ""]
-    records = [dict(r, _script=f"`{j['script']}`") for j in lab["scripts"] for r in j["scenarios"]]
-    out += _summary(records, script_column=True)
-    for j in lab["scripts"]:
+    named = [[dict(r, _script=_short(j["script"]), _anchor=f"{_short(j['script'])}-{r['id']}") for r in j["scenarios"]]
+             for j in lab["scripts"]]
+    out += _summary([r for records in named for r in records], script_column=True)
+    for j, records in zip(lab["scripts"], named):
         out += [f"## {j['script']}", "", _run_line(j), ""]
-        for n, r in enumerate(j["scenarios"], 1):
+        for n, r in enumerate(records, 1):
             out += _scenario(r, str(r.get("number") or n), 3)
     return "\n".join(out) + "\n"
+
+
+def _short(script: str) -> str:
+    """fail_checkpoint_corruption.py -> checkpoint"""
+    stem = script.rsplit(".", 1)[0]
+    return stem.split("_")[1] if stem.startswith("fail_") and stem.count("_") >= 1 else stem
 
 
 def _yes(flag: bool) -> str:

@@ -1,0 +1,162 @@
+"""The whole lab in one command: every fail_*.py in order, each as a subprocess with its own
+journal, then one summary of all scenarios, one exit status, and optionally one combined journal
+(--json) and one combined handout (--report).
+
+Each script runs exactly as `python fail_X.py` would (same interpreter, the terminal passed
+through, so --pause works), so the lab adds nothing a script does not already do; it reads the
+scripts' journals, never their text.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from common import output
+
+ROOT = Path(__file__).resolve().parent.parent
+ORDER = ("fail_checkpoint_corruption.py", "fail_idempotency_break.py", "fail_retry_exhaustion.py",
+         "fail_logging_failure.py")  # the README's order: checkpoints, loads, retries, logging
+PASSED_ON = ("--seed", "--ascii", "--verbose", "--keep", "--pause", "--brief")  # flags every script takes
+
+
+def scripts(root: Path = ROOT) -> list[Path]:
+    """The lesson scripts: the README's four in its order, then any other fail_*.py by name."""
+    found = {p.name: p for p in root.glob("fail_*.py")}
+    return [found[n] for n in ORDER if n in found] + [found[n] for n in sorted(found) if n not in ORDER]
+
+
+def parse_args(argv) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="lab.py", description="Run the whole failure lab: every fail_*.py in order, "
+                                "then one summary of all scenarios.")
+    p.add_argument("--list", action="store_true", help="print each script's scenarios; needs no database")
+    p.add_argument("--only", metavar="SCRIPT[,SCRIPT...]",
+                   help="run only these scripts (a name like retry matches fail_retry_exhaustion.py)")
+    p.add_argument("--json", metavar="PATH", help="write one combined journal (the scripts' journals) to PATH")
+    p.add_argument("--report", metavar="PATH", help="write one Markdown handout of the whole lab to PATH")
+    p.add_argument("--seed", type=int, help="passed to every script")
+    for flag, what in (("--ascii", "ASCII labels"), ("--verbose", "full stack traces"),
+                       ("--keep", "keep the private schemas"), ("--pause", "wait for Enter before each section"),
+                       ("--brief", "presenter's mode: the essentials of each section")):
+        p.add_argument(flag, action="store_true", help=f"passed to every script: {what}")
+    return p.parse_args(argv)
+
+
+def selected(args) -> list[Path]:
+    every = scripts()
+    if not args.only:
+        return every
+    wanted = [w.strip() for w in args.only.split(",") if w.strip()]
+    chosen = [s for s in every if any(w == s.name or w == s.stem or w in s.stem for w in wanted)]
+    unknown = [w for w in wanted if not any(w == s.name or w == s.stem or w in s.stem for s in every)]
+    if unknown or not chosen:
+        sys.stderr.write(f"error: no script matches {', '.join(unknown) or args.only}; scripts: "
+                         f"{', '.join(s.name for s in every)}\n")
+        sys.exit(2)
+    return chosen
+
+
+def passed_on(args) -> list[str]:
+    out = []
+    for flag in PASSED_ON:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is True:
+            out.append(flag)
+        elif value not in (None, False):
+            out += [flag, str(value)]
+    return out
+
+
+def run_one(script: Path, flags: list[str], folder: Path) -> tuple[int, dict | None]:
+    """Run one script as a user would, with its journal in `folder`; (exit code, journal)."""
+    journal = folder / f"{script.stem}.json"
+    proc = subprocess.Popen([sys.executable, str(script), *flags, "--json", str(journal)], cwd=os.getcwd())
+    while True:
+        try:
+            code = proc.wait()
+            break
+        except KeyboardInterrupt:  # the script got the same Ctrl-C: let it clean up and exit 130
+            continue
+    data = None
+    with contextlib.suppress(OSError, ValueError):
+        data = json.loads(journal.read_text(encoding="utf-8"))
+    return code, data
+
+
+def lab_exit_code(codes: list[int]) -> int:
+    """One status for the lab: interrupted, else could not start, else some scenario failed, else 0."""
+    for worst in (130, 2, 1):
+        if worst in codes:
+            return worst
+    return 1 if any(codes) else 0
+
+
+def main(argv=None) -> None:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    chosen = selected(args)
+    if args.list:
+        for script in chosen:
+            print(script.name)
+            listing = subprocess.run([sys.executable, str(script), "--list"], capture_output=True, text=True)
+            sys.stdout.write("".join(f"   {ln}\n" for ln in listing.stdout.splitlines()))
+        sys.exit(0)
+    console = output.Console(sys.stdout, ascii_only=True if args.ascii else None)
+    started_at, t0 = datetime.now(timezone.utc), time.perf_counter()
+    flags = passed_on(args)
+    journals, codes = [], []
+    with tempfile.TemporaryDirectory(prefix="faillab-lab-") as folder:
+        for n, script in enumerate(chosen, 1):
+            console.header(f"Lab {n} of {len(chosen)}: {script.name}")
+            code, journal = run_one(script, flags, Path(folder))
+            codes.append(code)
+            if journal is not None:
+                journals.append(journal)
+            if code in (2, 130):  # no database, bad flags, or Ctrl-C: the next script would fare no better
+                break
+    exit_code = lab_exit_code(codes)
+    seconds = time.perf_counter() - t0
+    summary(console, journals, seconds, skipped=[s.name for s in chosen[len(codes):]])
+    lab = {"lab": True, "started_at": started_at.strftime("%Y-%m-%dT%H:%M:%SZ"), "seconds": round(seconds, 3),
+           "exit_code": exit_code, "scripts": journals}
+    if args.json:
+        text = output.redact(json.dumps(lab, indent=2, default=str))
+        if args.json == "-":
+            sys.stdout.write(text + "\n")
+        else:
+            Path(args.json).write_text(text + "\n", encoding="utf-8")
+    if args.report:
+        from common import report
+        Path(args.report).write_text(output.redact(report.render_lab(lab)), encoding="utf-8")
+        console.line(f"handout of the whole lab written to {args.report}")
+    sys.exit(exit_code)
+
+
+def summary(console: output.Console, journals: list[dict], seconds: float, skipped: list[str]) -> None:
+    """All scenarios of the lab in one table: verdicts, seconds, the headline figure of each."""
+    from common.report import headline_text
+
+    mark = console.check_mark
+    rows = []
+    for j in journals:
+        for r in j["scenarios"]:
+            verdicts = " ".join(mark(r[v]) if not (v == "cleaned" and r.get("kept")) else "kept"
+                                for v in ("triggered", "recovered", "cleaned"))
+            rows.append([Path(j["script"]).stem.split("_")[1], r["id"], verdicts, r["status"],
+                         f"{r['seconds']:.1f}", headline_text(r)])
+    console.header(f"Lab summary: {len(rows)} scenario(s) in {len(journals)} script(s)")
+    console.table(["script", "scenario", "t r c", "status", "s", "headline figure"], rows)
+    passed = sum(r[3] == "passed" for r in rows)
+    skips = sum(r[3] == "skipped" for r in rows)
+    console.line()
+    console.line("   t r c: triggered, recovered, cleaned")
+    for name in skipped:
+        console.line(f"   not run: {name}", "bad")
+    console.line(f"{passed} passed, {len(rows) - passed - skips} failed" + (f", {skips} skipped" if skips else "") +
+                 f"  ({seconds:.1f} s)", "ok" if passed + skips == len(rows) and not skipped else "bad")

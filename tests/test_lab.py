@@ -1,0 +1,104 @@
+"""The whole lab in one command (lab.py): the four scripts in order, one summary of all 16
+scenarios, one exit status, one combined journal and one combined handout, and the handout as a
+reader sees it in a real browser."""
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+from markdown_it import MarkdownIt
+
+from conftest import ROOT, clean_env, lab_schemas
+
+from common.lab import ORDER, lab_exit_code
+
+sys.path.insert(0, str(Path(__file__).parent))
+import browser  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def lab(embedded_params, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("lab")
+    proc = subprocess.run([sys.executable, str(ROOT / "lab.py"), "--json", str(folder / "lab.json"),
+                           "--report", str(folder / "lab.md")], env=clean_env(), cwd=str(folder),
+                          capture_output=True, text=True, timeout=480, encoding="utf-8", errors="replace")
+    journal = json.loads((folder / "lab.json").read_text(encoding="utf-8"))
+    return proc, journal, folder / "lab.md"
+
+
+def test_one_command_runs_the_four_scripts_in_order_with_one_summary_and_one_status(lab, embedded_params):
+    proc, journal, _ = lab
+    assert proc.returncode == 0 == journal["exit_code"], proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert [j["script"] for j in journal["scripts"]] == list(ORDER)
+    records = [r for j in journal["scripts"] for r in j["scenarios"]]
+    assert len(records) == 16 and all(r["status"] == "passed" for r in records)
+    summary = proc.stdout.split("Lab summary: 16 scenario(s) in 4 script(s)")[1]
+    assert all(r["id"] in summary for r in records) and "16 passed, 0 failed" in summary
+    assert sum(bool(r.get("headline")) for r in records) == 16  # the headline figure of each
+    for j in journal["scripts"]:  # each script ran with its own journal, and left nothing
+        assert j["run_id"] and lab_schemas(embedded_params, j["run_id"]) == []
+
+
+def test_the_lab_handout_holds_every_scenario_with_its_lesson_and_questions(lab):
+    _, journal, handout = lab
+    text = handout.read_text(encoding="utf-8")
+    tokens = MarkdownIt("commonmark").enable("table").parse(text)
+    heads = [(t.tag, tokens[i + 1].content) for i, t in enumerate(tokens) if t.type == "heading_open"]
+    assert heads[0] == ("h1", "Pipeline failure lab")
+    assert [c for t, c in heads if t == "h2"] == list(ORDER)
+    assert sum(t == "h3" for t, _ in heads) == 16
+    assert sum(c == "For discussion" for _, c in heads) == 16 and text.count("> **Lesson:** ") == 16
+    langs = {t.info for t in tokens if t.type == "fence"}
+    assert {"python", "sql"} <= langs <= {"python", "sql", "text"}
+    for j in journal["scripts"]:  # the summary's links lead to their scenario
+        short = j["script"].split("_")[1]
+        for r in j["scenarios"]:
+            assert f"(#{short}-{r['id']})" in text and f'<a id="{short}-{r["id"]}"></a>' in text
+
+
+def test_lab_exit_status_is_the_worst_of_its_scripts():
+    assert lab_exit_code([0, 0, 0, 0]) == 0
+    assert lab_exit_code([0, 1, 0, 0]) == 1
+    assert lab_exit_code([0, 2]) == 2 and lab_exit_code([1, 130]) == 130
+
+
+def test_an_unknown_script_is_a_clear_start_error():
+    proc = subprocess.run([sys.executable, str(ROOT / "lab.py"), "--only", "nosuch"], env=clean_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "no script matches nosuch" in proc.stderr
+
+
+def _png_pixels_vary(png: bytes) -> tuple[int, int, int]:
+    """(width, height, distinct byte values of the image data): a blank page has very few."""
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", png[16:24])
+    data, at = b"", 8
+    while at < len(png):
+        length, kind = struct.unpack(">I4s", png[at:at + 8])
+        if kind == b"IDAT":
+            data += png[at + 8:at + 8 + length]
+        at += 12 + length
+    return width, height, len(set(zlib.decompress(data)))
+
+
+def test_the_handout_renders_in_a_real_browser(lab, tmp_path):
+    chromium, why = browser.chromium()
+    if chromium is None:
+        pytest.skip(why)
+    _, _, handout = lab
+    page, png = tmp_path / "lab.html", tmp_path / "lab.png"
+    page.write_text(browser.to_html(handout.read_text(encoding="utf-8")), encoding="utf-8")
+    dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                          "--disable-component-update", "--disable-sync", "--no-first-run",
+                          f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", page.as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    assert dom.count("<table>") >= 16 and 'class="language-python"' in dom and 'class="language-sql"' in dom
+    assert "<blockquote>" in dom and dom.count("<h3>") == 16
+    browser.screenshot(page, png)
+    width, height, distinct = _png_pixels_vary(png.read_bytes())
+    assert (width, height) == (1100, 2400) and distinct > 40, distinct  # a rendered page, not a blank one
