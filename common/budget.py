@@ -34,6 +34,7 @@ MARKER_KEY = LAB_KEY + 1  # second key: turn << 16 | the run's peak sessions (on
 WAITING_KEY = LAB_KEY + 2  # second key: the waiting session's pid (a waiting run opens nothing)
 RUN_PEAK = 5             # most sessions a lab run holds outside a share (measured: 5, checkpoints)
 POLL_S = 0.25
+STUCK_S = 10.0           # a line that cannot move for this long loses its last run
 STALE_S = 10.0           # a waiter whose last poll is older than this is not in the line any more
 SAY_EVERY_S = 15.0
 WAIT_LIMIT_S = 300.0
@@ -97,6 +98,9 @@ def headroom(conn, app: str, ticket: int | None = None) -> dict:
             "unopened": unopened, "growth": growth, "free": lab_slots - in_use - unopened - growth,
             "storms": len(admitted) - (app in admitted),
             "ahead": sum(1 for name, t in waiting.items() if name != app and (ticket is None or t < ticket)),
+            "behind": sum(1 for name, t in waiting.items() if name != app and ticket is not None and t > ticket),
+            # what the waiting runs would give back if all but the first in line left
+            "held_behind": sum(sessions.get(name, 0) for name in sorted(waiting, key=waiting.get)[1:]),
             "next_ticket": max(waiting.values(), default=0) + 1}
 
 
@@ -114,6 +118,7 @@ class Share:
         self.granted, self.room = 0, {}
         self.ticket: int | None = None
         self.held: list[tuple[int, int]] = []
+        self.stuck_since: float | None = None
 
     def try_admit(self) -> bool:
         """Under the gate: take a turn if this run is first in line, a turn is free and there is
@@ -133,9 +138,25 @@ class Share:
             if self.ticket is None:
                 self.ticket = room["next_ticket"]
                 self._take(WAITING_KEY, self.ticket)
+            self._watch_for_deadlock(room)
             return False
         finally:
             _unlock(self.conn, LAB_KEY, GATE)
+
+    def _watch_for_deadlock(self, room: dict) -> None:
+        """The line is stuck when no share runs, no other lab run is busy, and what the waiting
+        runs hold themselves is what leaves too little for the first in line: nothing can change
+        but a waiter leaving. Then the last in line is the one to leave (see `stuck_for`)."""
+        stuck = (room["storms"] == 0 and room["unopened"] == 0 and room["growth"] == 0
+                 and room["free"] < self.least <= room["free"] + room["held_behind"]
+                 and room["ahead"] > 0 and room["behind"] == 0)
+        if not stuck:
+            self.stuck_since = None
+        elif self.stuck_since is None:
+            self.stuck_since = time.monotonic()
+
+    def stuck_for(self) -> float:
+        return 0.0 if self.stuck_since is None else time.monotonic() - self.stuck_since
 
     def _take(self, key: int, sub: int) -> bool:
         if _lock(self.conn, key, sub):
@@ -156,10 +177,10 @@ class Share:
 @contextlib.contextmanager
 def share(s, connections: int, least: int | None = None, limit: float = WAIT_LIMIT_S):
     """Wait for this run's turn to open `connections` extra connections at once on the server;
-    yields how many it may open (at most `connections`, at least `least`, by default an eighth).
+    yields how many it may open (at most `connections`, at least `least`, by default a quarter).
     Released on exit. After `limit` seconds without a turn the scenario is skipped, with figures.
     Runs that wait are served in the order they came."""
-    least = max(1, min(connections, least if least is not None else max(2, connections // 8)))
+    least = max(1, min(connections, least if least is not None else max(2, connections // 4)))
     place = Share(s.run.admin, s.app, connections, least)
     started, said_at = time.monotonic(), None
     try:
@@ -171,6 +192,10 @@ def share(s, connections: int, least: int | None = None, limit: float = WAIT_LIM
             if waited >= limit:
                 s.skip(f"no turn on the classroom server after {waited:.0f} s ({_figures(place.room)}); "
                        "run it again when fewer runs share the server")
+            if place.stuck_for() >= STUCK_S:
+                s.skip(f"the classroom server is full of runs waiting for a turn, and what they hold leaves "
+                       f"too little for the first in line ({_figures(place.room)}); this run, the last in line, "
+                       f"gave its place up after {waited:.0f} s so that the others can run: run it again later")
             time.sleep(POLL_S)
         waited = time.monotonic() - started
         if said_at is not None or place.granted < connections:

@@ -165,6 +165,39 @@ def test_runs_that_wait_are_served_in_the_order_they_came(handles):
     assert "1 run(s) ahead in line" in late.said[0]
 
 
+def test_a_line_that_cannot_move_loses_its_last_run_and_then_moves(small_server, handles, monkeypatch):
+    monkeypatch.setattr(budget, "STUCK_S", 1.0)
+    head, tail = handles("head", "tail")
+    held = head.open(4) + tail.open(4)  # each waiter holds 5 sessions, as a run in its scenario does
+    fillers = [psycopg2.connect(**small_server, application_name="another client") for _ in range(10)]
+    events, results = [], {}
+
+    def wait_for_turn(h):
+        try:
+            with budget.share(h, 32, least=8) as n:
+                events.append(f"{h.app} runs")
+                results[h.app] = n
+        except Skipped as exc:
+            events.append(f"{h.app} gives up")
+            results[h.app] = str(exc)
+            close_all(held[4:] + [h.run.admin])  # the run ends: its sessions close
+
+    try:
+        threads = []
+        for h in (head, tail):
+            threads.append(threading.Thread(target=wait_for_turn, args=(h,)))
+            threads[-1].start()
+            while not h.said and threads[-1].is_alive():
+                time.sleep(0.05)
+        for t in threads:
+            t.join(60)
+    finally:
+        close_all(fillers + held)
+    assert events == [f"{tail.app} gives up", f"{head.app} runs"]
+    assert "full of runs waiting for a turn" in results[tail.app] and "the last in line" in results[tail.app]
+    assert results[head.app] >= 8
+
+
 def test_a_turn_that_never_comes_ends_as_a_skip_with_the_figures(handles):
     holder, late = handles("holder", "late")
     with budget.share(holder, 16):
