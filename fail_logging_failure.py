@@ -588,7 +588,12 @@ def storage(s: Scenario):
         `dropped` counter and on runs whose stored count differs from the count they announced.
         The queue here is unbounded, so a long outage costs memory: production code bounds it, and
         then a full queue drops a record through handleError, which the same alerts must see.""",
-                 ListenedQueueHandler, BatchingQueueListener, BatchingDatabaseHandler, replay_spool)
+                 ListenedQueueHandler, BatchingQueueListener, BatchingDatabaseHandler, replay_spool,
+                 lesson="Logging must never stop or slow the job: the job only enqueues; batch, retry and spool "
+                        "behind the queue, and count what is stored against what the run announced.",
+                 questions=("Run 1 exited 0. What would have told you that events were missing, and when?",
+                            "Why is a handler that re-raises worse than one that drops?",
+                            "What does the unbounded queue cost in a long outage, and how would you bound it?"))
 
 
 # == 2. correlation =================================================================================
@@ -829,7 +834,12 @@ def correlation(s: Scenario):
     s.prevention("""
         Keep the run id in a ContextVar, set it where the run starts, let a Filter on the logger copy it
         into every record (so it runs in the thread that logs, even in front of a QueueHandler), and
-        submit pool work through contextvars.copy_context().run.""", CorrelationFilter)
+        submit pool work through contextvars.copy_context().run.""", CorrelationFilter,
+                 lesson="Keep the run id in a ContextVar and run every pool task in a copy of its "
+                        "submitter's context.",
+                 questions=("Under each naive design, which rows would the query for run A's story miss?",
+                            "Why does setting the id inside the task not fix it, and what does it break?",
+                            "Which APIs copy the context for you, and which do not?"))
 
 
 # == 3. volume ======================================================================================
@@ -1066,7 +1076,12 @@ def volume(s: Scenario):
         Keep the job's logging cost constant: hand records to a QueueHandler, write them in batches from
         a listener thread (the store_handler of the storage lesson), and let a filter on the logger keep
         a few samples of each distinct error (by type and raising line) and count the rest, published as
-        one summary per window.""", ErrorStormFilter)
+        one summary per window.""", ErrorStormFilter,
+                 lesson="An error storm must cost neither the job's time nor the store's space: queue, batch, "
+                        "and keep a few samples of each distinct error with its true count.",
+                 questions=("How would a fourth, new error stand out in this store, and in the naive one?",
+                            "What is lost when 997 copies of an error are only counted?",
+                            "What decides the size of a batch here, and when it is written?"))
 
 
 # == 4. structured_parsing ==========================================================================
@@ -1458,7 +1473,13 @@ def structured_parsing(s: Scenario):
         and if it did fire, format() would raise inside the handler and logging would drop the record
         (handleError), the very loss this lesson is about: so the formatter catches any error and
         writes the event with a format_error field instead. Read with a tolerant reader that
-        quarantines a bad line (and what jsonb would refuse) and goes on.""", json_safe, json_fallback, refuse_constant, refuse_nul)
+        quarantines a bad line (and what jsonb would refuse) and goes on.""", json_safe, json_fallback, refuse_constant, refuse_nul,
+                 lesson="Build log lines with json.dumps only, make what jsonb refuses text first, never let "
+                        "the formatter raise, and read with a reader that quarantines bad lines and goes on.",
+                 questions=("Python reads NaN back; PostgreSQL refuses it. Where else do two JSON readers "
+                            "disagree?",
+                            "Why must a formatter never raise, and what should it write instead?",
+                            "What should happen to a quarantined line afterwards, and who is told?"))
 
 
 # -- plumbing: dedicated loggers, run ids, captured stderr -----------------------------------------------

@@ -16,7 +16,7 @@ from decimal import Decimal
 
 import pytest
 
-from conftest import ROOT, assert_control_fails, assert_passed, grade, run_script, write_solution
+from conftest import ROOT, assert_control_fails, assert_passed, clean_env, grade, lab_schemas, run_script, write_solution
 
 import fail_logging_failure as flf
 
@@ -502,3 +502,14 @@ def test_tolerant_reader_quarantines_bad_lines_with_numbers(tmp_path):
     with pytest.raises(json.JSONDecodeError):
         flf.read_lines_naive(path)
 
+
+
+def test_a_fault_that_does_not_land_fails_fast_with_its_claim(embedded_params, tmp_path):
+    """FAILLAB_NO_FAULTS=1 makes the proxy's outage a no-op: storage must stop on the claim that
+    the store refused events, not pass and not hang."""
+    result = run_script(SCRIPT, "--only", "storage", env=clean_env(FAILLAB_NO_FAULTS="1"), tmp_path=tmp_path,
+                        timeout=90)
+    record = result.scenario("storage")
+    assert result.returncode == 1 and record["status"] == "failed" and record["cleaned"] is True
+    assert record["reason"] == "stopped early: run 1: the log store refused events"
+    assert lab_schemas(embedded_params, result.journal["run_id"]) == []
