@@ -294,11 +294,12 @@ class CrashPoints:
     EVENTS = {"open", "os.rename", "os.remove", "os.truncate", "os.link", "os.symlink",
               "shutil.copyfile", "shutil.copymode", "shutil.copystat", "os.rmdir", "os.chmod"}
 
-    def __init__(self, folder: Path, kill_at: int):
-        self.folder, self.kill_at, self.seen = os.path.abspath(folder), kill_at, 0
+    def __init__(self, folder: Path, kill_at: int, log):
+        self.folder, self.kill_at, self.seen, self.log = os.path.abspath(folder), kill_at, 0, log
 
-    def point(self) -> None:
+    def point(self, what: str) -> None:
         self.seen += 1
+        self.log.send(what)  # the lab's record of the operation, through a pipe (not a file)
         if self.seen == self.kill_at:
             os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))  # no finally, no flush
 
@@ -309,18 +310,24 @@ class CrashPoints:
             return False
         return path == self.folder or path.startswith(self.folder + os.sep)
 
+    def name(self, value) -> str:
+        path = os.path.abspath(os.fsdecode(os.fspath(value)))
+        return "the folder" if path == self.folder else os.path.basename(path)
+
     def install(self) -> None:
         real_open, points = builtins.open, self
 
         def audit(event, args):
-            if event in self.EVENTS and any(self.inside(a) for a in args[:2]):
-                self.point()
+            paths = args[:1] if event == "open" else args[:2]  # open's 2nd is the mode
+            if event in self.EVENTS and any(self.inside(a) for a in paths):
+                names = [self.name(a) for a in paths if isinstance(a, (str, bytes, os.PathLike))]
+                self.point(f"{event.split('.')[-1]} {' to '.join(names)}")
 
         def watched_open(file, mode="r", *args, **kwargs):
             f = real_open(file, mode, *args, **kwargs)
             if self.inside(file) and any(c in mode for c in "wax+"):
-                points.point()  # open, perhaps truncated, nothing written yet
-                return PointedFile(f, points)
+                points.point(f"{self.name(file)} open{', empty' if 'w' in mode else ''}")
+                return PointedFile(f, points, self.name(file))
             return f
 
         sys.addaudithook(audit)
@@ -330,11 +337,11 @@ class CrashPoints:
 class PointedFile:
     """A file whose every write is a crash point and reaches the OS at once."""
 
-    def __init__(self, f, points: CrashPoints):
-        self._f, self._points = f, points
+    def __init__(self, f, points: CrashPoints, name: str):
+        self._f, self._points, self._name = f, points, name
 
     def write(self, data):
-        self._points.point()
+        self._points.point(f"write to {self._name}")
         n = self._f.write(data)
         self._f.flush()
         return n
@@ -350,10 +357,25 @@ class PointedFile:
         return False
 
 
-def save_and_get_killed(saver, path: str, state: dict, kill_at: int) -> None:
+def save_and_get_killed(saver, path: str, state: dict, kill_at: int, log) -> None:
     """Child process: run saver(path, state), killed just before its kill_at-th file operation."""
-    CrashPoints(Path(path).parent, kill_at).install()
+    CrashPoints(Path(path).parent, kill_at, log).install()
     saver(Path(path), state)
+
+
+def drain_until_exit(proc, pipe, seconds: float = WAIT_S) -> list:
+    """Everything a child sends until it ends (or `seconds` pass), so it never blocks on a full pipe."""
+    got, deadline = [], time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if pipe.poll(0.05):
+            try:
+                got.append(pipe.recv())
+            except EOFError:  # every writer is gone: the child ended
+                break
+        elif not proc.is_alive():
+            break
+    proc.join(max(0.0, deadline - time.monotonic()))
+    return got
 
 
 def read_back(path: Path, old: dict, new: dict) -> tuple[str, str]:
@@ -379,14 +401,17 @@ def kill_sweep(s, saver, old: dict, new: dict) -> dict:
     the file back after each. Returns the outcome of every kill point and of the finished save."""
     folder = s.tmpdir / "kills"
     path = folder / "checkpoint.json"
-    found = {"points": {}, "finished": None, "torn_text": "", "crashed": None}
+    found = {"points": {}, "finished": None, "torn_text": "", "crashed": None, "operations": []}
     for kill_at in range(1, 61):
+        operations, log = multiprocessing.get_context("spawn").Pipe(duplex=False)
         folder.mkdir(exist_ok=True)
         for leftover in folder.iterdir():
             leftover.unlink()
         path.write_text(json.dumps(old), encoding="utf-8")
-        proc = s.spawn(save_and_get_killed, saver, str(path), new, kill_at)
-        proc.join(WAIT_S)
+        proc = s.spawn(save_and_get_killed, saver, str(path), new, kill_at, log)
+        log.close()
+        ops = drain_until_exit(proc, operations)
+        operations.close()
         if proc.is_alive():  # the saver hangs: kill it, and stop here
             proc.kill()
             proc.join(5)
@@ -394,7 +419,7 @@ def kill_sweep(s, saver, old: dict, new: dict) -> dict:
             break
         outcome, text = read_back(path, old, new)
         if proc.exitcode == 0:  # fewer operations than kill_at: the save ran to its end
-            found["finished"] = outcome
+            found["finished"], found["operations"] = outcome, ops
             break
         if proc.exitcode != -getattr(signal, "SIGKILL", 15):
             found["crashed"] = f"exited with {proc.exitcode} (it raised)"
@@ -411,6 +436,14 @@ def show_sweep(s, sweep: dict) -> None:
         by_outcome.setdefault(outcome, []).append(point)
     s.table(["checkpoint.json after the kill", "kills", "killed before operation"],
             [[KILL_OUTCOMES[o], len(p), ranges(p)] for o, p in by_outcome.items()])
+    grouped: list[list] = []  # consecutive equal operations as one range: "3-11 write to x"
+    for number, what in enumerate(sweep["operations"], 1):
+        if grouped and grouped[-1][1] == what:
+            grouped[-1][0].append(number)
+        else:
+            grouped.append([[number], what])
+    if grouped:
+        s.say("The operations, in order: " + "; ".join(f"{ranges(n)} {w}" for n, w in grouped) + ".")
 
 
 def run_naive_file_job(s, path: Path) -> None:
@@ -477,8 +510,8 @@ def corruption(s):
         json.loads(sweep["torn_text"])
     show_sweep(s, sweep)
     s.measure("kills_torn_before", len(torn), show=False)
-    s.triggered_if(len(torn) == len(sweep["points"]) - 1,
-                   f"{len(torn)} of {len(sweep['points'])} kills left no valid checkpoint at all")
+    s.triggered_if(torn and len(torn) == len(sweep["points"]) - 1,
+                   "every kill after the file was opened left no valid checkpoint at all")
 
     # (b) valid JSON, wrong content: the checkpoint ran ahead of the data
     with s.conn.cursor() as cur:
@@ -502,7 +535,7 @@ def corruption(s):
     s.conn.commit()
     found = damage(s.conn)
     s.measure("rows_missing_before", found["missing"], f"ids 1001-1500, silently skipped")
-    s.triggered_if(found["missing"] == BATCH, f"the resumed job finished 'successfully' with {BATCH} rows missing")
+    s.triggered_if(found["missing"] == BATCH, "the resumed job finished 'successfully', with rows missing")
 
     s.root_cause("""
         (a) open(path, "w") empties the file first; until the last write lands there is no valid
@@ -534,7 +567,7 @@ def corruption(s):
         s.table(["checkpoint file", "content", "resume_point() returned"],
                 [[label, text or "(empty)", words(answer)] for (label, text), answer in zip(files, answers)])
         right = sum(1 for a in answers if type(a) is int and a == valid_id)
-        st.result = f"{right} of {len(files)} answers are {valid_id}, where the target's rows stop being complete"
+        st.result = f"{right} of {len(files)} right"
         s.recovered_if(right == len(files), f"resume_point() said {valid_id} for every bad file "
                                             f"(the target holds ids 1-{valid_id} and 1501-3000)")
     resume = answers[1]
@@ -555,11 +588,11 @@ def corruption(s):
         sweep = kill_sweep(s, s.fix("save_checkpoint"), old, new)
         bad = [p for p, o in sweep["points"].items() if o not in ("old", "new")]
         show_sweep(s, sweep)
-        st.result = (f"{len(sweep['points'])} kills, {len(bad)} left a bad file; not killed, it left "
-                     f"{KILL_OUTCOMES.get(sweep['finished'], sweep['crashed'] or 'nothing')}")
+        st.result = (f"not killed, it left {KILL_OUTCOMES[sweep['finished']]}" if sweep["finished"]
+                     else f"the save {sweep['crashed'] or 'never finished'}")
         s.measure("kills_torn_after", len(bad), show=False)
         s.recovered_if(sweep["points"] and not bad and not sweep["crashed"],
-                       f"killed at each of its {len(sweep['points'])} file operations, save_checkpoint() "
+                       "killed before any of its file operations, save_checkpoint() "
                        "always left a whole checkpoint, old or new")
         s.recovered_if(sweep["finished"] == "new", "not killed, save_checkpoint() saved the new checkpoint")
     s.measure("rows_missing_after", damage(s.conn)["missing"], show=False)
@@ -790,7 +823,7 @@ def db_down(s):
     s.say(f"The database is back. The committed checkpoint says last_id = {restart_ck}. Restarting.")
     run_job_once(lambda: s.connect(s.via(proxy)), copy_batch_two_commits)
     found = damage(s.conn)
-    s.measure("rows_duplicated_before", found["duplicated"])
+    s.measure("rows_duplicated_before", found["duplicated"], show=False)
     s.triggered_if(found["duplicated"] == BATCH, f"the restart copied batch 3 ({BATCH} rows) a second time")
 
     s.root_cause("""
@@ -829,15 +862,14 @@ def db_down(s):
             after = seen["after"] or ("-", "-")
             results.append([label, seen["attempts"] if died is None else f"gave up ({type(died).__name__})",
                             after[0], after[1], found["missing"], found["duplicated"]])
-            st.result = (f"{type(outage.errors[0]).__name__}; " +
-                         (f"finished after {seen['attempts']} connections" if died is None
-                          else f"the job gave up with {type(died).__name__}"))
+            st.result = (f"the job saw {type(outage.errors[0]).__name__}, then " +
+                         ("finished" if died is None else f"gave up ({type(died).__name__})"))
             s.measure(f"connections_{point}", seen["attempts"], show=False)
             s.measure(f"after_reconnect_{point}", {"checkpoint": after[0], "rows": after[1]}, show=False)
             s.recovered_if(died is None, f"{label}: the job reconnected on its own and finished")
             s.recovered_if(after[0] == after[1] != "-" and exactly_once(s.conn),
-                           f"{label}: the checkpoint matched the data after reconnecting "
-                           f"({after[0]} = {after[1]} rows), every id exactly once at the end")
+                           f"{label}: the checkpoint matched the data after reconnecting, "
+                           "and every id ended up exactly once")
     s.say("What the job found when it reconnected (checkpoint, rows in the target), and the copy at the end:")
     s.table(["connection lost", "connections", "checkpoint", "rows", "missing", "duplicated"], results)
     s.say("1000 = 1000: the batch was lost with its checkpoint. 1500 = 1500: the server committed both, "
@@ -1024,23 +1056,23 @@ def concurrent_access(s):
     moves = [r[0] for r in db.rows(s.conn, "SELECT last_id FROM checkpoint_history ORDER BY seq")]
     s.conn.rollback()
     backwards = sum(1 for a, b in zip(moves, moves[1:]) if b < a)
-    s.measure("rows_duplicated", found["duplicated"], "both workers copied batch 1")
+    s.measure("rows_duplicated", found["duplicated"], show=False)
     s.measure("checkpoint_moves", " -> ".join(map(str, moves)))
     s.measure("checkpoint_moved_backwards", backwards, show=False)
     s.triggered_if(found["duplicated"] == BATCH, f"batch 1 was copied twice ({BATCH} duplicate rows)")
     s.triggered_if(backwards == 1 and read_checkpoint(s.conn) == BATCH,
-                   f"lost update: the checkpoint went back from {2 * BATCH} to {BATCH}")
+                   "lost update: B's write took the checkpoint back over A's")
     s.conn.rollback()
 
     s.root_cause("""
         Read-modify-write without a lock: both workers decided from the same snapshot. The database
         did what each asked; nothing made the second writer notice the first (a lost update).""",
                  detect="""
-        SELECT seq, last_id, last_id < lag(last_id) OVER (ORDER BY seq) AS moved_backwards
+        SELECT seq, last_id,
+               last_id < lag(last_id) OVER (ORDER BY seq) AS moved_back
         FROM checkpoint_history WHERE job = 'orders_copy' ORDER BY seq;""")
 
     per_worker = SOURCE_ROWS // BATCH // 2
-    rows = []
     for number, (slot, label) in enumerate((("worker_locked", "row lock (FOR UPDATE)"),
                                             ("worker_compare_and_set", "compare-and-set on version")), 1):
         with s.step(f"Fix {number}, {label}: two workers of {per_worker} batches, the same race") as st:
@@ -1051,16 +1083,15 @@ def concurrent_access(s):
             found = damage(s.conn)
             checkpoint = read_checkpoint(s.conn)
             s.conn.rollback()
-            rows.append([label, found["missing"], found["duplicated"], checkpoint, race.rollbacks])
-            st.result = f"missing {found['missing']}, duplicated {found['duplicated']}, checkpoint {checkpoint}"
+            st.result = (f"missing {found['missing']}, duplicated {found['duplicated']}, checkpoint "
+                         f"{checkpoint}, {race.rollbacks} batches rolled back")
             s.measure(f"{slot}_damage", found, show=False)
             ok = not errors and exactly_once(s.conn) and checkpoint == SOURCE_ROWS
             s.recovered_if(ok, f"{label}: each batch copied exactly once, checkpoint at {SOURCE_ROWS}")
             if slot == "worker_compare_and_set":
                 s.measure("compare_and_set_conflicts", race.rollbacks, show=False)
                 s.recovered_if(race.rollbacks >= 1, "compare-and-set: the loser noticed, rolled back its "
-                                                    f"batch and retried ({race.rollbacks} lost races)")
-    s.table(["fix", "missing", "duplicated", "checkpoint", "rolled back"], rows)
+                                                    "batch and retried")
     with s.step("Fix 3, let the database refuse: REPEATABLE READ, two writers of one row") as st:
         restart_job(s)
         first, second = s.connect(), s.connect()
@@ -1274,8 +1305,9 @@ def interrupted_recovery(s):
         clear 'in_progress', and nothing else ever will. The fix has two halves: a lease that
         expires when the heartbeat stops, and a fencing token, so that an owner who only stalled
         (and lost its lease) cannot write over the one who took over.""", detect="""
-        SELECT job, owner, heartbeat, clock_timestamp() - heartbeat AS silent_for FROM checkpoints
-        WHERE status = 'in_progress' AND heartbeat < clock_timestamp() - interval '5 minutes';""")
+        SELECT job, owner, clock_timestamp() - heartbeat AS silent_for
+        FROM checkpoints WHERE status = 'in_progress'
+          AND heartbeat < clock_timestamp() - interval '5 minutes';""")
 
     with s.step(f"Wait until the dead owner's heartbeat is older than the lease ({LEASE_S:g} s)") as st:
         s.require(wait_until(lambda: heartbeat_older_than_lease(s), WAIT_S), "the heartbeat aged past the lease")
@@ -1293,7 +1325,7 @@ def interrupted_recovery(s):
         row = lease_row(s)
         rows_in = db.scalar(s.conn, "SELECT count(*) FROM target_rows")
         s.conn.rollback()
-        st.result = f"token {token2}; it resumed after id 1000, checkpoint now {row['last_id']}, {rows_in} rows"
+        st.result = f"token {token2}; checkpoint now {row['last_id']}, {rows_in} rows in the target"
         s.recovered_if(row["last_id"] == 3 * BATCH and rows_in == 3 * BATCH,
                        "worker 2 resumed after id 1000: batch 3 was rolled back with the killed process")
     with s.step("While worker 2 is alive, a third restart runs claim_job()") as st:
@@ -1318,11 +1350,12 @@ def interrupted_recovery(s):
         worker.join(WAIT_S)
         row = lease_row(s)
         found = damage(s.conn)
-        st.result = f"worker 2: {end[1] if end and end[1] else (end[0] if end else 'no answer')}"
+        refused = end is not None and end[0] == "raised"
+        st.result = f"worker 2: {end[1] if refused else (end[0] if end else 'no answer')}"
         s.measure("late_write", {"checkpoint": row["last_id"], "duplicated": found["duplicated"]}, show=False)
-        s.recovered_if(row["last_id"] == SOURCE_ROWS and found["duplicated"] == 0,
-                       f"the stalled owner's late write was refused: checkpoint still {row['last_id']}, "
-                       f"{found['duplicated']} duplicates")
+        s.recovered_if(refused and row["last_id"] == SOURCE_ROWS and found["duplicated"] == 0,
+                       f"the stalled owner's late write was refused: worker 2 "
+                       f"{'stopped' if refused else 'wrote on'}, {found['duplicated']} duplicate rows")
     with s.conn.cursor() as cur:
         cur.execute("UPDATE checkpoints SET status = 'done', owner = NULL WHERE job = %s", (JOB,))
     s.conn.commit()
