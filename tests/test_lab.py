@@ -102,3 +102,18 @@ def test_the_handout_renders_in_a_real_browser(lab, tmp_path):
     browser.screenshot(page, png)
     width, height, distinct = _png_pixels_vary(png.read_bytes())
     assert (width, height) == (1100, 2400) and distinct > 40, distinct  # a rendered page, not a blank one
+
+
+def test_the_facilitators_guide_covers_every_scenario_by_number_id_and_title():
+    import re
+
+    guide = (ROOT / "docs" / "FACILITATOR.md").read_text(encoding="utf-8")
+    listed = re.findall(r"^#### (\d+)\. `(\w+)`: (.+)$", guide, re.M)
+    expected = []
+    for script in ORDER:
+        out = subprocess.run([sys.executable, str(ROOT / script), "--list"], capture_output=True, text=True,
+                             timeout=60, env=clean_env()).stdout
+        for n, line in enumerate(out.splitlines(), 1):
+            sid, rest = line.split(None, 1)
+            expected.append((str(n), sid, rest.replace("[exercise]", "").strip()))
+    assert listed == expected
