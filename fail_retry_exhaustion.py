@@ -180,20 +180,18 @@ def replay_dead_letters(conn) -> list[str]:
         done.append(row[0])
 
 
-class TerminatedBetweenWorkAndMark:
-    """The replay's connection, wrapped from outside: once one half of a replay has run (the work:
-    INSERT INTO target_rows or unit_runs; the mark: UPDATE or DELETE of dead_letter), its session
-    is ended with pg_terminate_backend just before the other half's first statement, once. A
-    statement that does both halves at once leaves nothing in between (`one_statement`)."""
+class WatchedReplay:
+    """A replay's connection, wrapped from outside: each statement is sorted into what it does to
+    the dead letters (the read: SELECT from dead_letter; the work: INSERT INTO target_rows or
+    unit_runs; the mark: UPDATE or DELETE of dead_letter), and subclasses act before or after it."""
 
-    WORK = re.compile(r"\bINSERT\s+INTO\s+(target_rows|unit_runs)\b", re.I)
-    MARK = re.compile(r"\b(UPDATE|DELETE\s+FROM)\s+dead_letter\b", re.I)
+    KINDS = (("read", re.compile(r"\bSELECT\b.*\bFROM\s+dead_letter\b", re.I | re.S)),
+             ("work", re.compile(r"\bINSERT\s+INTO\s+(target_rows|unit_runs)\b", re.I)),
+             ("mark", re.compile(r"\b(UPDATE|DELETE\s+FROM)\s+dead_letter\b", re.I)))
 
-    def __init__(self, conn, admin):
-        self._conn, self._admin = conn, admin
-        self.seen: list[str] = []
-        self.landed_before: str | None = None  # the half that never got to run
-        self.one_statement = False
+    def __init__(self, conn):
+        self._conn = conn
+        self.done: list[str] = []  # the kinds of the statements that ran, in order
 
     def __getattr__(self, name):
         return getattr(self._conn, name)
@@ -206,29 +204,21 @@ class TerminatedBetweenWorkAndMark:
         return self._conn.__exit__(*exc)
 
     def cursor(self, *args, **kwargs):
-        return _FaultyCursor(self, self._conn.cursor(*args, **kwargs))
+        return _WatchedCursor(self, self._conn.cursor(*args, **kwargs))
 
-    def before(self, statement) -> None:
+    def kinds(self, statement) -> set[str]:
         text = statement if isinstance(statement, str) else statement.as_string(self._conn)
-        halves = [h for h, pattern in (("work", self.WORK), ("mark", self.MARK)) if pattern.search(text)]
-        if len(halves) == 2:
-            self.one_statement = True
-        if len(halves) != 1:
-            return
-        half = halves[0]
-        if self.landed_before is None and self.seen and half not in self.seen:
-            pid = self._conn.get_backend_pid()
-            db.scalar(self._admin, "SELECT pg_terminate_backend(%s)", (pid,))
-            deadline = time.monotonic() + 5  # wait until the backend is gone (pg_terminate_backend signals)
-            while time.monotonic() < deadline and db.scalar(
-                    self._admin, "SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)):
-                time.sleep(0.01)
-            self.landed_before = half
-        self.seen.append(half)
+        return {kind for kind, pattern in self.KINDS if pattern.search(text)}
+
+    def before(self, kinds: set[str]) -> None:
+        pass
+
+    def after(self, kinds: set[str]) -> None:
+        self.done += sorted(kinds)
 
 
-class _FaultyCursor:
-    def __init__(self, owner: TerminatedBetweenWorkAndMark, cur):
+class _WatchedCursor:
+    def __init__(self, owner: WatchedReplay, cur):
         self._owner, self._cur = owner, cur
 
     def __getattr__(self, name):
@@ -244,8 +234,57 @@ class _FaultyCursor:
         return iter(self._cur)
 
     def execute(self, query, args=None):
-        self._owner.before(query)
-        return self._cur.execute(query, args)
+        kinds = self._owner.kinds(query)
+        self._owner.before(kinds)
+        result = self._cur.execute(query, args)
+        self._owner.after(kinds)
+        return result
+
+
+class TerminatedBetweenWorkAndMark(WatchedReplay):
+    """Once one half of a replay (the work or the mark) has run, its session is ended with
+    pg_terminate_backend just before the other half's first statement, once. A statement that
+    does both halves at once leaves nothing in between (`one_statement`)."""
+
+    def __init__(self, conn, admin):
+        super().__init__(conn)
+        self._admin = admin
+        self.landed_before: str | None = None  # the half that never got to run
+        self.one_statement = False
+
+    def before(self, kinds: set[str]) -> None:
+        halves = kinds & {"work", "mark"}
+        self.one_statement |= len(halves) == 2
+        if len(halves) != 1 or self.landed_before is not None:
+            return
+        ran = {"work", "mark"} & set(self.done)
+        if ran and not ran & halves:
+            pid = self._conn.get_backend_pid()
+            db.scalar(self._admin, "SELECT pg_terminate_backend(%s)", (pid,))
+            deadline = time.monotonic() + 5  # wait until the backend is gone (pg_terminate_backend signals)
+            while time.monotonic() < deadline and db.scalar(
+                    self._admin, "SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)):
+                time.sleep(0.01)
+            self.landed_before = halves.pop()
+
+
+class ReplayersMeet(WatchedReplay):
+    """Two replayers started together: each, once its first read of dead_letter has returned, waits
+    before its first work for the other's first read (at most `patience` seconds: a read that
+    waits for a lock the first one holds returns only after its commit)."""
+
+    def __init__(self, conn, mine, theirs, patience: float = 3.0):
+        super().__init__(conn)
+        self.mine, self.theirs, self.patience = mine, theirs, patience
+
+    def before(self, kinds: set[str]) -> None:
+        if "work" in kinds and "work" not in self.done:
+            self.theirs.wait(self.patience)
+
+    def after(self, kinds: set[str]) -> None:
+        super().after(kinds)
+        if "read" in kinds:
+            self.mine.set()
 
 
 EXHAUSTION_FIXES = [
@@ -267,9 +306,9 @@ EXHAUSTION_FIXES = [
             Replay every unit of JOB parked in dead_letter with replayed_at NULL: run
             load_batch(cur, unit) and set replayed_at; return the units replayed, in order.
             Each unit must run exactly once, however the replay is interrupted. The grader ends
-            the replay's session (pg_terminate_backend) between the work and the mark, then runs
-            the replay twice more: the unit must then be loaded, have run exactly once
-            (unit_runs), and have no dead letter pending.""",
+            the replay's session (pg_terminate_backend) between the work and the mark, then starts
+            two replays at once, then one more: the unit must then be loaded, have run exactly
+            once (unit_runs), been replayed by one of the two, and have no dead letter pending.""",
         hints=("What is left if the session dies after the batch committed but before the dead\n"
                "letter was marked? What does the next replay do then?",
                "Do the work and the UPDATE of replayed_at in the same transaction, one commit after\n"
@@ -355,8 +394,9 @@ def exhaustion(s):
     if faulty.one_statement and faulty.landed_before is None:
         s.recovered_if(True, "the replay does the work and the mark in one statement: no moment between them")
     else:
-        landed = (f"ended after the {faulty.seen[0]} and before the {faulty.landed_before}" if faulty.landed_before
-                  else f"never ended: the replay ran {words(faulty.seen) if faulty.seen else 'nothing'}")
+        ran = [k for k in faulty.done if k != "read"]
+        landed = (f"ended after the {ran[0]} and before the {faulty.landed_before}" if faulty.landed_before
+                  else f"never ended: the replay ran {words(ran) if ran else 'no work and no mark'}")
         s.recovered_if(faulty.landed_before is not None, f"the fault landed: the replay's session was {landed}")
     loaded, runs = batch_state(s.conn, unit)
     pending = db.scalar(s.conn, "SELECT count(*) FROM dead_letter WHERE replayed_at IS NULL")
@@ -364,11 +404,22 @@ def exhaustion(s):
     s.recovered_if((runs, pending) in ((0, 1), (1, 0)),
                    f"the ended replay left {unit} done and marked, or neither: ran {runs} time(s), "
                    f"{pending} dead letter(s) pending")
-    with s.step("the scheduler runs the replay again, twice") as st:
-        replay_conn = s.connect(params)
-        second = s.fix("replay_dead_letters")(replay_conn)
-        third = s.fix("replay_dead_letters")(replay_conn)
-        st.result = f"replayed {words(second)}; then {words(third)} (nothing left to do)"
+    with s.step("the scheduler runs the replay again: two replayers at once, then one more") as st:
+        a_read, b_read, replayed = s.event(), s.event(), {}
+
+        def replayer(name: str, conn) -> None:
+            replayed[name] = s.fix("replay_dead_letters")(conn)
+
+        pair = [s.thread(replayer, "a", ReplayersMeet(s.connect(params), a_read, b_read)),
+                s.thread(replayer, "b", ReplayersMeet(s.connect(params), b_read, a_read))]
+        for w in pair:
+            w.join(30)
+        third = s.fix("replay_dead_letters")(s.connect(params))
+        st.result = f"then {words(third)} (nothing left to do)"
+    between = [u for name in ("a", "b") for u in replayed.get(name, [])]
+    s.recovered_if(len(replayed) == 2 and between == [unit],
+                   f"two replayers at once replayed {unit} once between them: a {words(replayed.get('a', 'failed'))}, "
+                   f"b {words(replayed.get('b', 'failed'))}")
     loaded, runs = batch_state(s.conn, unit)
     pending = db.scalar(s.conn, "SELECT count(*) FROM dead_letter WHERE replayed_at IS NULL")
     s.conn.commit()
@@ -383,7 +434,8 @@ def exhaustion(s):
         connection that bypasses the proxy; in production often a separate database or queue),
         and exit with a status the scheduler understands. Replay marks the dead letter in the
         same transaction as the work: a session ended between the two leaves neither, and a
-        second replay finds nothing left to do.""")
+        second replay finds nothing left to do. Its read locks the dead letter it takes (FOR
+        UPDATE SKIP LOCKED), so two replayers at once never take the same unit.""")
 
 
 # -- 2. storm --------------------------------------------------------------------------------------

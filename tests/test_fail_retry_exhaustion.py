@@ -16,6 +16,7 @@ from common import db
 from conftest import assert_control_fails, assert_passed, grade, lab_schemas, run_script, write_solution
 
 import fail_retry_exhaustion as lab
+from common.fixes import source_of
 
 SCRIPT = "fail_retry_exhaustion.py"
 IDS = ["exhaustion", "storm", "backoff_calculation", "non_transient"]
@@ -110,13 +111,24 @@ def test_negative_control_fails(target, tmp_path, scenario_id, slot, claim):
     assert_control_fails(result, params, scenario_id, claim)
 
 
-def test_the_naive_replay_runs_the_unit_twice(target, tmp_path):
+def test_a_replay_that_waits_for_the_lock_is_right_too(target, tmp_path):
+    """FOR UPDATE without SKIP LOCKED: the second replayer waits for the first one's commit, then
+    finds nothing left to do. Slower, but exactly once: graded as passing."""
+    _, env, params = target
+    write_solution(tmp_path, SCRIPT, "exhaustion", "run_unit = run_unit_dead_letter\n\n" + source_of(
+        lab.replay_dead_letters).replace("FOR UPDATE SKIP LOCKED", "FOR UPDATE"))
+    result = grade(SCRIPT, "exhaustion", tmp_path, env)
+    assert result.returncode == 0 and result.scenario("exhaustion")["status"] == "passed", result.stdout[-3000:]
+    assert lab_schemas(params, result.journal["run_id"]) == []
+
+
+def test_the_naive_replay_runs_the_unit_again(target, tmp_path):
     """The control of the replay: the ended session left the work committed and the mark not, so
     the next replay ran the unit again."""
     _, env, params = target
     result = run_script(SCRIPT, "--only", "exhaustion", "--control", "replay_dead_letters", env=env, tmp_path=tmp_path)
     assert_control_fails(result, params, "exhaustion", "ran exactly once")
-    assert result.scenario("exhaustion")["measurements"]["unit_runs"] == 2
+    assert result.scenario("exhaustion")["measurements"]["unit_runs"] == 3  # the ended replay, then both replayers
 
 
 # -- wrong solutions a student would plausibly write, graded as a student grades them ---------------
@@ -186,6 +198,10 @@ def replay_dead_letters(conn):
         done.append(row[0])
 '''),
     ],
+    "exhaustion, concurrent": [
+        ("a replay whose read locks nothing", "two replayers at once replayed batch-0007 once",
+         "run_unit = run_unit_dead_letter\n\n" + source_of(lab.replay_dead_letters).replace(" FOR UPDATE SKIP LOCKED", "")),
+    ],
     "non_transient": [
         ("every database error retried", "the permanent error fails on its first attempt", '''
 pay_and_refresh = pay_once_retry_refresh
@@ -195,7 +211,7 @@ def is_transient(exc):
 '''),
     ],
 }
-WRONG_CASES = [(sid, name, claim, code) for sid, cases in WRONG.items() for name, claim, code in cases]
+WRONG_CASES = [(sid.split(",")[0], name, claim, code) for sid, cases in WRONG.items() for name, claim, code in cases]
 
 
 @pytest.mark.parametrize("scenario_id, name, claim, code", WRONG_CASES, ids=[f"{c[0]}: {c[1]}" for c in WRONG_CASES])
