@@ -113,22 +113,25 @@ def damage(conn) -> dict:
     return {"missing": found[0][0], "duplicated": int(found[0][1])}
 
 
+def compare_copy(conn) -> tuple[tuple, tuple, dict]:
+    """(source fingerprint, target fingerprint, damage): count and md5 of each, ids missing or twice."""
+    conn.rollback()
+    source, target = (db.fingerprint(conn, table, "id", ["id", "payload", "amount"])
+                      for table in ("source_rows", "target_rows"))
+    conn.rollback()
+    return source, target, damage(conn)
+
+
 def exactly_once(conn) -> bool:
     """Same count and checksum as the source, no id missing, none twice."""
-    conn.rollback()
-    same = (db.fingerprint(conn, "source_rows", "id", ["id", "payload", "amount"])
-            == db.fingerprint(conn, "target_rows", "id", ["id", "payload", "amount"]))
-    conn.rollback()
-    return same and damage(conn) == {"missing": 0, "duplicated": 0}
+    source, target, found = compare_copy(conn)
+    return source == target and found == {"missing": 0, "duplicated": 0}
 
 
 def prove_exactly_once(s) -> None:
     """The proof every scenario ends with: same count and checksum as the source, no gap, no duplicate."""
-    s.conn.rollback()
-    source = db.fingerprint(s.conn, "source_rows", "id", ["id", "payload", "amount"])
-    target = db.fingerprint(s.conn, "target_rows", "id", ["id", "payload", "amount"])
-    found = damage(s.conn)
-    s.table(["", "rows", "checksum (md5)"], [["source_rows", source[0], source[1]], ["target_rows", target[0], target[1]]])
+    source, target, found = compare_copy(s.conn)
+    s.table(["", "rows", "checksum (md5)"], [["source_rows", *source], ["target_rows", *target]])
     s.recovered_if(source == target, "target_rows equals source_rows by count and checksum")
     s.recovered_if(found == {"missing": 0, "duplicated": 0},
                    f"every id exactly once (missing {found['missing']}, duplicated {found['duplicated']})")

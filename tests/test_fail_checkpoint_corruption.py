@@ -46,6 +46,16 @@ def test_every_scenario_demonstrates_recovers_and_cleans(target, tmp_path):
     assert m["worker_exit_code"] == -9 and m["naive_restart_claimed"] is False
     assert m["late_write"] == {"checkpoint": 3000, "duplicated": 0}
 
+    # read on a projector: 80 columns, and no Python value outside code and tracebacks
+    assert max(len(ln) for ln in result.stdout.splitlines()) <= 80
+    for scenario_id in IDS:
+        sections = result.scenario(scenario_id)["sections"]
+        lines = "\n".join(v for k, v in sections.items() if k != "prevention").splitlines()
+        shown = [ln for n, ln in enumerate(lines) if not ln.strip().startswith('File "')
+                 and not (n and lines[n - 1].strip().startswith('File "'))]
+        for line in shown:
+            assert not re.search(r"\{'|\['|\bNone\b|\bTrue\b|\bFalse\b|Decimal\(|datetime\.", line), (scenario_id, line)
+
 
 def test_only_and_list(tmp_path):
     listed = run_script(SCRIPT, "--list", journal=False, tmp_path=tmp_path)
