@@ -298,7 +298,7 @@ def release() -> None:
             (_users() / str(os.getpid())).unlink(missing_ok=True)
             if not live_users() and watchdog_pid() is None:
                 stop_server()
-    except FileNotFoundError:
+    except OSError:  # no folder, or one this user may not write: nothing of ours to release
         pass
 
 
@@ -314,21 +314,27 @@ def _ensure_watchdog() -> None:
     if watchdog_pid() is not None:
         return
     code = ("import sys; sys.path.insert(0, sys.argv[1]); "
-            "from common.embedded import watch; watch()")
+            "from common.embedded import watch; watch(*sys.argv[2:])")
     root = str(Path(__file__).resolve().parent.parent)
+    server = server_process()  # handed over now: the folder may be gone before the watchdog looks
+    known = [str(server.pid), repr(server.create_time())] if server is not None else []
     kwargs = {"start_new_session": True} if sys.platform != "win32" else {
         "creationflags": subprocess.DETACHED_PROCESS | subprocess.CREATE_NEW_PROCESS_GROUP}
-    proc = subprocess.Popen([sys.executable, "-c", code, root], stdin=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, "-c", code, root, *known], stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
                             env={**os.environ, "FAILLAB_DATA_DIR": str(data_root())}, **kwargs)
     (data_root() / "watchdog.json").write_text(json.dumps({"pid": proc.pid, "stamp": _stamp(proc.pid)}))
 
 
-def watch() -> None:
-    """Detached loop: stop the server once no registered user has been alive for LINGER_S, then exit."""
+def watch(server_pid: str | None = None, server_stamp: str | None = None) -> None:
+    """Detached loop: stop the server once no registered user has been alive for LINGER_S, then exit.
+    It knows the postmaster by pid and start time (given at launch, then as the folder names it),
+    so a data folder moved or removed meanwhile does not leave the server running for good."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     last_seen = time.monotonic()
     known = None  # the postmaster, remembered while the folder still names it
+    if server_pid and server_stamp and _alive(int(server_pid), server_stamp):
+        known = psutil.Process(int(server_pid))
     while True:
         time.sleep(WATCH_INTERVAL_S)
         if not pgdata().is_dir():  # moved or removed: the server would run for good; stop it

