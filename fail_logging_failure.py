@@ -429,8 +429,10 @@ def run_job(log, report: JobReport, faults: dict) -> None:
 
 
 INCOMPLETE_RUNS = """
-    -- runs whose story is incomplete: no 'job finished' event, or fewer events than it announced
-    SELECT correlation_id, count(*) AS stored, max((fields->>'events_emitted')::int) AS announced
+    -- runs whose story is incomplete: no 'job finished' event,
+    -- or fewer events than it announced
+    SELECT correlation_id, count(*) AS stored,
+           max((fields->>'events_emitted')::int) AS announced
     FROM pipeline_log GROUP BY correlation_id
     HAVING max((fields->>'events_emitted')::int) IS DISTINCT FROM count(*)"""
 
@@ -575,7 +577,7 @@ def storage(s: Scenario):
                    f"the stalled store did not hold the job up: its slowest logging call took "
                    f"{1000 * fixed.slowest_log_s:.1f} ms, under {250 * STALL_S:.0f} ms (the stall lasted {STALL_S:g} s)")
     s.recovered_if(stalled_fixed.waiting >= 1,
-                   "events reached the store while the job ran: an INSERT was waiting on the stalled store")
+                   "the handler wrote while the job ran: an INSERT was waiting on the stalled store")
     s.recovered_if(stored == fixed.emitted, f"none lost: stored == emitted ({stored} of {fixed.emitted})")
     s.recovered_if(distinct == stored and second == 0, f"no duplicate: {distinct} distinct event ids in {stored} rows")
     s.recovered_if(fixed.run_id not in still_incomplete, "the detection query does not flag the fixed run")
@@ -707,12 +709,15 @@ def run_after_a_task_that_set_it(s: Scenario, design: str, holder, submit) -> in
 MISLABELLED = """
     SELECT fields->>'design' AS design, count(*) AS rows,
            count(*) FILTER (WHERE correlation_id IS NULL) AS no_run_id,
-           count(*) FILTER (WHERE correlation_id <> fields->>'run') AS other_runs_id
+           count(*) FILTER (WHERE correlation_id <> fields->>'run')
+               AS other_runs_id
     FROM pipeline_log GROUP BY 1 ORDER BY min(id)"""
 
 ONE_RUN_STORY = """
-    SELECT to_char(logged_at, 'HH24:MI:SS.MS') AS at, level, message, fields->>'chunk' AS chunk
-    FROM pipeline_log WHERE correlation_id = %s ORDER BY logged_at, id"""
+    SELECT to_char(logged_at, 'HH24:MI:SS.MS') AS at, level, message,
+           fields->>'chunk' AS chunk
+    FROM pipeline_log WHERE correlation_id = %s
+    ORDER BY logged_at, id"""
 
 CORRELATION_FIXES = [
     fix("run_id_holder", naive=run_id_holder_thread_local, fixed=run_id_holder_contextvar,
@@ -1013,8 +1018,10 @@ def volume(s: Scenario):
         stalls), and the store fills with hundreds of copies of the same three errors, burying the
         one new error an operator needs to see.""", detect="""
         -- the errors flooding the log, by type, in the last hour
-        SELECT fields->'exception'->>'type' AS error, count(*), pg_size_pretty(sum(pg_column_size(p.*)))
-        FROM pipeline_log p WHERE level = 'ERROR' AND logged_at > now() - interval '1 hour'
+        SELECT fields->'exception'->>'type' AS error, count(*),
+               pg_size_pretty(sum(pg_column_size(p.*)))
+        FROM pipeline_log p
+        WHERE level = 'ERROR' AND logged_at > now() - interval '1 hour'
         GROUP BY 1 ORDER BY 2 DESC""")
 
     fixed, statements = JobReport(new_run_id(s, "fixed")), Counter()
@@ -1046,7 +1053,7 @@ def volume(s: Scenario):
     summaries = db.scalar(s.conn, "SELECT count(*) FROM pipeline_log WHERE correlation_id = %s "
                           "AND fields ? 'suppressed'", (fixed.run_id,))
     s.say(f"The fixed run's {fixed_rows} rows: {sum(kept for _, kept, _ in recorded)} with a traceback + "
-          f"{summaries} summaries ('same error x N suppressed').")
+          f'{summaries} summaries ("same error x N suppressed").')
     on_record = {k: kept + sup for k, kept, sup in recorded}
     miscounted = sum(on_record.get(k) != n for k, n in fixed.errors.items())
     s.measure("fixed_job_seconds", round(fixed.seconds, 3), show=False)
@@ -1235,7 +1242,7 @@ def refuse_constant(name: str):
 def refuse_nul(value) -> None:
     """Raise ValueError if a string in the parsed value holds NUL."""
     if isinstance(value, str) and "\x00" in value:
-        raise ValueError("\\u0000 is not text in PostgreSQL (jsonb refuses it)")
+        raise ValueError("NUL (\\u0000) is not text (jsonb refuses it)")
     if isinstance(value, dict):
         for k, v in value.items():
             refuse_nul(k)
@@ -1354,6 +1361,13 @@ PARSING_FIXES = [
 ]
 
 
+FIND_BAD_LINES = """
+    python3 -c 'import json, sys
+    for n, line in enumerate(open(sys.argv[1]), 1):
+        try: json.loads(line, parse_constant=int)  # NaN fails too
+        except ValueError as e: print(n, e)' feed.jsonl"""
+
+
 @scenario("structured_parsing", "JSON log lines that break their readers", fixes=PARSING_FIXES)
 def structured_parsing(s: Scenario):
     s.description(f"""
@@ -1405,7 +1419,7 @@ def structured_parsing(s: Scenario):
         dropped. And json.dumps writes NaN and Infinity by default, and a NUL as \\u0000, which Python
         reads back happily but PostgreSQL's jsonb refuses (22P02, 22P05): one such line fails a whole
         batch load.""",
-                 detect='python3 -c \'import json,sys; [json.loads(l) for l in open(sys.argv[1])]\' feed.jsonl')
+                 detect=FIND_BAD_LINES)
 
     read_lines = s.fix("read_lines")
     with s.step("Read the old file with the reader (Prevention shows it): quarantine bad lines with their "
