@@ -257,6 +257,39 @@ def test_a_role_that_may_not_read_all_stats_counts_every_session(small_server):
         outsider.close()
 
 
+def test_several_students_on_one_small_server_all_pass_and_an_outsider_connects_throughout(tmp_path):
+    """Three storms (35 sessions each at full size) and another lesson on a server of 40: the
+    storms take turns, scaled to what is free, and an outside client connects all along. (The
+    storm needs 16 workers at least; a waiting run holds 3 sessions: 40 is the smallest server
+    on which three of them can wait at once and the first in line still fits.)"""
+    with classroom.private_server(max_connections=40) as server:
+        students = [classroom.Student(i) for i in range(1, 5)]
+        lessons = ["fail_retry_exhaustion.py"] * 3 + ["fail_checkpoint_corruption.py"]
+        with classroom.Sampler(server) as sampler, classroom.Probe(server) as probe:
+            threads = [threading.Thread(target=classroom.student_loop,
+                                        args=(st, server, tmp_path / str(st.number), (lesson,)))
+                       for st, lesson in zip(students, lessons)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        conn = db.connect(server, autocommit=True)
+        try:
+            lab_slots = budget.usable(conn)[1]
+        finally:
+            conn.close()
+    runs = [r for st in students for r in st.runs]
+    assert [r.script for r in runs] == lessons
+    for r in runs:
+        verdicts = [(rec["id"], rec["status"], rec.get("reason")) for rec in r.scenarios]
+        assert r.exit_code == 0 and verdicts, f"{r.script}: exit {r.exit_code}, {verdicts}\n{r.output[-2000:]}"
+        assert all(status == "passed" for _, status, _ in verdicts), f"{r.script}: {verdicts}"
+    waited = [rec["measurements"].get("share_wait_s") for r in runs for rec in r.scenarios if rec["id"] == "storm"]
+    assert any(w is not None for w in waited), waited  # no storm had its full 32 at once: scaled or waited
+    assert probe.tries >= 5 and not probe.refused, probe.refused[:3]
+    assert sampler.peak_lab <= lab_slots  # the lab never went past its slots
+
+
 def test_the_cost_of_one_student_is_measured_on_a_server_that_is_removed_afterwards():
     before = set(Path(tempfile.gettempdir()).glob("labclass-*"))
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "classroom.py"), "--cost", "--max-connections", "100"],
