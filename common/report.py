@@ -22,6 +22,12 @@ def _escape(text: str) -> str:
     return _MARKDOWN_SPECIAL.sub(r"\\\1", text)
 
 
+def _escape_but_code(text: str) -> str:
+    """Like _escape, but `backticks` stay code spans (the lesson's questions may use them)."""
+    parts = re.split(r"(`[^`]+`)", text)
+    return "".join(part if n % 2 else _escape(part) for n, part in enumerate(parts))
+
+
 def _cell(value) -> str:
     text = _escape(str(value)).replace("\n", " ")
     return text if len(text) <= 200 else text[:197] + "..."
@@ -104,10 +110,11 @@ def _figures(record: dict) -> list[str]:
                 notes[b["name"]] = b["note"]
     from common.output import words
 
-    rows = [[f"`{k}`", words(v), notes.get(k, "")] for k, v in record["measurements"].items()]
+    rows = [[f"`{k}`", _cell(words(v)), _cell(notes.get(k, ""))] for k, v in record["measurements"].items()]
+    if not notes:  # no figure says what it means: no empty column
+        return ["| figure | value |", "|---|---|"] + [f"| {r[0]} | {r[1]} |" for r in rows] + [""]
     lines = ["| figure | value | what it means |", "|---|---|---|"]
-    lines += ["| " + " | ".join([r[0], _cell(r[1]), _cell(r[2])]) + " |" for r in rows]
-    return lines + [""]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows] + [""]
 
 
 def lesson_of(record: dict) -> str:
@@ -120,10 +127,10 @@ def lesson_of(record: dict) -> str:
 
 
 def questions_of(record: dict) -> list[str]:
-    """The questions for discussion the scenario declares, else three built from what it did:
-    where it happens to you, how you would see it, and which proof the naive code would fail."""
+    """The questions for discussion (Markdown) the scenario declares, else three built from what
+    it did: where it happens to you, how you would see it, and which proof the naive code would fail."""
     if record.get("questions"):
-        return list(record["questions"])
+        return [_escape_but_code(q) for q in record["questions"]]
     slots = list(record.get("fixes") or {})  # slot -> what it held
     claims = [c["claim"] for c in record.get("checks") or [] if c["phase"] == "recovered" and c["ok"]]
     blocks = record.get("blocks") or {}
@@ -134,7 +141,7 @@ def questions_of(record: dict) -> list[str]:
     see = ("Could you run the detection query of the root cause on your own system today? What would "
            "you alert on?") if detect else \
         "Which query, metric or alert would tell you about this before a user does?"
-    proof = (f"The recovery proved: \"{claims[-1]}\". Which check would fail first if the naive code were "
+    proof = (f"The recovery proved: \"{_escape(claims[-1])}\". Which check would fail first if the naive code were "
              "put back" + (f" (`--control {slots[0]}`)" if slots else "") + ", and why?") if claims else \
         "What would convince you that the recovery really worked?"
     return [where, see, proof]
@@ -164,7 +171,7 @@ def _scenario(record: dict, number: str, level: int) -> list[str]:
     if lesson:
         out += [f"> **Lesson:** {_escape(lesson)}", ""]
     if record.get("status") != "interrupted":
-        out += [f"{h}# For discussion", ""] + [f"{n}. {_escape(q)}" for n, q in enumerate(questions_of(record), 1)] + [""]
+        out += [f"{h}# For discussion", ""] + [f"{n}. {q}" for n, q in enumerate(questions_of(record), 1)] + [""]
     return out
 
 
