@@ -67,6 +67,32 @@ def password_server():
         shutil.rmtree(root, ignore_errors=True)
 
 
+def superuser(server: dict):
+    """An autocommit connection as the server's superuser, into the lab database."""
+    import psycopg2
+
+    conn = psycopg2.connect(host=server["host"], port=server["port"], dbname=server["dbname"], user="postgres",
+                            password=SUPERUSER_PASSWORD)
+    conn.autocommit = True
+    return conn
+
+
+def add_lab_role(server: dict, name: str, password: str, **settings) -> None:
+    """A login role that may create schemas in the lab database, with ALTER ROLE ... SET settings."""
+    from psycopg2 import sql
+
+    conn = superuser(server)
+    try:
+        with conn.cursor() as cur:
+            role = sql.Identifier(name)
+            cur.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(role, sql.Literal(password)))
+            cur.execute(sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(sql.Identifier(server["dbname"]), role))
+            for setting, value in settings.items():
+                cur.execute(sql.SQL("ALTER ROLE {} SET {} = {}").format(role, sql.Identifier(setting), sql.Literal(value)))
+    finally:
+        conn.close()
+
+
 def url(server: dict, user: str = "lab_user", password: str = LAB_PASSWORD, dbname: str | None = None) -> str:
     return f"postgresql://{user}:{password}@{server['host']}:{server['port']}/{dbname or server['dbname']}"
 

@@ -409,9 +409,7 @@ def test_dead_debris_the_role_may_not_drop_is_skipped_not_a_startup_error(pw_ser
 
     run_id = _fake_run_id()
     schema, role = f"faillab_{run_id}_foreign", f"faillab_{run_id}_role"
-    admin = psycopg2.connect(host=pw_server["host"], port=pw_server["port"], dbname=pw_server["dbname"],
-                             user="postgres", password=pwserver.SUPERUSER_PASSWORD)
-    admin.autocommit = True
+    admin = pwserver.superuser(pw_server)
     try:
         with admin.cursor() as cur:  # debris of a dead run, but owned by the superuser
             cur.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
@@ -587,17 +585,8 @@ def _pieces(password: str) -> list[str]:
 @pytest.fixture(scope="module")
 def shape_roles(pw_server):
     """One login role per shape, its password set to the shape's, allowed to create schemas."""
-    from psycopg2 import sql
-
-    admin = psycopg2.connect(host=pw_server["host"], port=pw_server["port"], dbname=pw_server["dbname"],
-                             user="postgres", password=pwserver.SUPERUSER_PASSWORD)
-    admin.autocommit = True
-    with admin.cursor() as cur:
-        for n, (shape, password, _, _) in enumerate(URL_SHAPES + [(s, s, None, 0) for s in SHORT_PASSWORDS]):
-            role = sql.Identifier(f"pw_{n}")
-            cur.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(role, sql.Literal(password)))
-            cur.execute(sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(sql.Identifier(pw_server["dbname"]), role))
-    admin.close()
+    for n, (_, password, _, _) in enumerate(URL_SHAPES + [(s, s, None, 0) for s in SHORT_PASSWORDS]):
+        pwserver.add_lab_role(pw_server, f"pw_{n}", password)
     return pw_server
 
 
@@ -880,18 +869,8 @@ ROLE_SETTINGS = [
 @pytest.fixture(scope="module")
 def hostile_roles(pw_server):
     """One role per setting, ALTER ROLE ... SET to it, allowed to create schemas (private server)."""
-    from psycopg2 import sql
-
-    admin = psycopg2.connect(host=pw_server["host"], port=pw_server["port"], dbname=pw_server["dbname"],
-                             user="postgres", password=pwserver.SUPERUSER_PASSWORD)
-    admin.autocommit = True
-    with admin.cursor() as cur:
-        for name, value, _ in ROLE_SETTINGS:
-            role = sql.Identifier(f"hostile_{name}")
-            cur.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(role, sql.Literal(pwserver.LAB_PASSWORD)))
-            cur.execute(sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(sql.Identifier(pw_server["dbname"]), role))
-            cur.execute(sql.SQL("ALTER ROLE {} SET {} = {}").format(role, sql.Identifier(name), sql.Literal(value)))
-    admin.close()
+    for name, value, _ in ROLE_SETTINGS:
+        pwserver.add_lab_role(pw_server, f"hostile_{name}", pwserver.LAB_PASSWORD, **{name: value})
     return pw_server
 
 
