@@ -209,6 +209,12 @@ pay_and_refresh = pay_once_retry_refresh
 def is_transient(exc):
     return isinstance(exc, psycopg2.Error)
 '''),
+        ("a lost connection, which has no SQLSTATE, not retried", "the failed refresh retried", '''
+pay_and_refresh = pay_once_retry_refresh
+
+def is_transient(exc):
+    return isinstance(exc, psycopg2.Error) and exc.pgcode in TRANSIENT_SQLSTATES
+'''),
     ],
 }
 WRONG_CASES = [(sid.split(",")[0], name, claim, code) for sid, cases in WRONG.items() for name, claim, code in cases]
