@@ -1204,11 +1204,11 @@ class PauseAfterInsert(Hooks):
 def job_process(params: dict, claim, write_batch, pause_after: int, report, go) -> None:
     """A job as its own process: claim the job, then write batches until done (or refused)."""
     conn = Instrumented(db.connect(params), PauseAfterInsert(pause_after, report, go))
-    token = claim(conn, owner_id(), LEASE_S)
-    report.send(("claimed", token))
-    if token is None:
-        return
     try:
+        token = claim(conn, owner_id(), LEASE_S)
+        report.send(("claimed", token))
+        if token is None:
+            return
         while write_batch(conn, token) is not None:
             pass
         report.send(("finished", None))
@@ -1221,8 +1221,11 @@ def next_report(pipe, kind: str, seconds: float = WAIT_S):
     deadline = time.monotonic() + seconds
     while pipe.poll(max(0.0, deadline - time.monotonic())):
         got, value = pipe.recv()
-        if got == kind or (kind == "end" and got in ("finished", "raised")):
+        ended = got in ("finished", "raised")
+        if got == kind or (kind == "end" and ended):
             return got, value
+        if ended:  # the process is done: what we wait for will never come
+            return None
     return None
 
 
