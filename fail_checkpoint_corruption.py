@@ -718,6 +718,12 @@ class Outage(Hooks):
         self.proxy.up()
         self.over.set()
 
+    def close(self) -> None:
+        """End the lab's own sessions of this outage (a run stays within its few sessions)."""
+        for conn in (self.watch, getattr(self, "holder", None)):
+            if conn is not None:
+                conn.close()
+
     def hold_commit(self):
         """For "reply": hold every COMMIT that writes checkpoint 1500 until the lab lets go, and
         drop the connection while one waits. Returns the watching thread."""
@@ -824,6 +830,7 @@ def db_down(s):
     restart_ck = read_checkpoint(s.conn)
     s.conn.rollback()
     s.say(f"The database is back. The committed checkpoint says last_id = {restart_ck}. Restarting.")
+    outage.close()
     run_job_once(lambda: s.connect(s.via(proxy)), copy_batch_two_commits)
     found = damage(s.conn)
     s.measure("rows_duplicated_before", found["duplicated"], show=False)
@@ -861,6 +868,7 @@ def db_down(s):
                 watcher.join(WAIT_S)
             s.require(outage.landed, f"the connection dropped ({label})")
             outage.over.wait(WAIT_S)
+            outage.close()
             found = damage(s.conn)
             after = seen["after"] or ("-", "-")
             results.append([label, seen["attempts"] if died is None else f"gave up ({type(died).__name__})",
@@ -1012,6 +1020,8 @@ def race_workers(s, worker, batches: dict[str, int]) -> tuple[Race, list[Excepti
 
     for t in [s.thread(run, name, name=f"worker-{name}") for name in batches]:
         t.join(WAIT_S * 3)
+    for conn in [*conns.values(), race.watch]:  # a run stays within its few sessions
+        conn.close()
     return race, errors
 
 
@@ -1108,6 +1118,8 @@ def concurrent_access(s):
             with second.cursor() as cur:
                 set_checkpoint(cur, BATCH)
         second.rollback()
+        first.close()
+        second.close()
         st.result = "the second writer got 40001; it must retry from a fresh snapshot"
     s.prevention("""
         Make "read checkpoint, do batch, move checkpoint" one transaction that holds the checkpoint
