@@ -39,7 +39,7 @@ from psycopg2.extras import execute_values
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_fixed
 
 from common import Scenario, db, main, scenario
-from common.fixes import fix
+from common.fixes import TimeLimitExceeded, fix, time_limited
 from common.output import words
 
 # -- the fixture: one small job, the same in every run ---------------------------------------------
@@ -142,6 +142,13 @@ def counting_cursor(counts: Counter) -> type:
     return CountingCursor
 
 
+def within_call_limit(s: Scenario, fn):
+    """fn, stopped like one call of a fix slot when it overruns the run's call limit: a job whose
+    handler or filter (graded code, say) never returns is stopped and fails its claims, never left
+    hanging. Its queries are cancelled first."""
+    return time_limited(fn, s.run.args.call_limit, lambda: db.cancel_other_backends(s.run.admin))
+
+
 def run_totals(conn, run_id: str) -> tuple[int, int, int]:
     """(rows, distinct event ids, bytes) that one run has in the log store."""
     [(rows, distinct, size)] = db.rows(conn, """
@@ -181,6 +188,7 @@ def stall_store(s: Scenario, seconds: float) -> Stall:
         release.wait(seconds)  # teardown sets it: an interrupted run does not wait
         stall.waiting = int(db.scalar(locker, WAITING_ON_LOCK))
         locker.rollback()
+        locker.close()
 
     stall.thread = s.thread(hold, name="faillab-stall")
     return stall
@@ -531,11 +539,17 @@ def storage(s: Scenario):
     fixed = JobReport(new_run_id(s, "fixed"))
     with s.step(f"Run the job again with the fixed handler (Prevention shows it), the same stall at record "
                 f"{STALL_AT:,} and outage at {OUTAGE_AT:,}") as st:
+        def job_and_its_logging():
+            with job_logger("storage.fixed", s.fix("store_handler")(through_proxy, spool)) as log:
+                run_job(log, fixed, faults)
+
         started = time.perf_counter()
-        with job_logger("storage.fixed", s.fix("store_handler")(through_proxy, spool)) as log:
-            run_job(log, fixed, faults)
+        try:
+            within_call_limit(s, job_and_its_logging)()
+        except TimeLimitExceeded as exc:
+            s.observe(exc, note="The job and its logging did not end within the time limit:")
         closed = time.perf_counter() - started  # the handler's close() waits for its writes
-        stalled_fixed = stalls.pop().wait()
+        stalled_fixed = stalls.pop().wait() if stalls else Stall(STALL_S)
         stored_live, _, _ = run_totals(s.conn, fixed.run_id)
         spooled = spooled_lines(spool)
         st.result = f"the job finished in {fixed.seconds:.2f} s; its logging was closed after {closed:.2f} s"
@@ -543,6 +557,7 @@ def storage(s: Scenario):
         proxy.up()
         replay_conn = s.connect(s.via(proxy))
         first, second = replay_spool(replay_conn, spool), replay_spool(replay_conn, spool)
+        replay_conn.close()
         spool.unlink(missing_ok=True)
         st.result = f"first replay inserted {first}, second {second} (ON CONFLICT skipped them all); spool removed"
     stored, distinct, _ = run_totals(s.conn, fixed.run_id)
@@ -575,7 +590,7 @@ def storage(s: Scenario):
     s.recovered_if(fixed.finished and fixed.records_done == RECORDS, f"the job finished all {RECORDS:,} records")
     s.recovered_if(fixed.slowest_log_s < STALL_S / 4,
                    f"the stalled store did not hold the job up: its slowest logging call took "
-                   f"{1000 * fixed.slowest_log_s:.1f} ms, under {250 * STALL_S:.0f} ms (the stall lasted {STALL_S:g} s)")
+                   f"{1000 * fixed.slowest_log_s:.1f} ms (at most {250 * STALL_S:.0f}; the stall lasted {STALL_S:g} s)")
     s.recovered_if(stalled_fixed.waiting >= 1,
                    "the handler wrote while the job ran: an INSERT was waiting on the stalled store")
     s.recovered_if(stored == fixed.emitted, f"none lost: stored == emitted ({stored} of {fixed.emitted})")
@@ -1031,8 +1046,15 @@ def volume(s: Scenario):
         stall = stall_store(s, STORM_STALL_S)
         started = time.perf_counter()
         handler = s.fix("store_handler")(lambda: connect_log_store(s, statements=statements), None)
-        with job_logger("volume.fixed", handler, filters=[storm]) as log:
-            run_storm(log, fixed, storm)
+
+        def job_and_its_logging():
+            with job_logger("volume.fixed", handler, filters=[storm]) as log:
+                run_storm(log, fixed, storm)
+
+        try:
+            within_call_limit(s, job_and_its_logging)()
+        except TimeLimitExceeded as exc:
+            s.observe(exc, note="The job and its logging did not end within the time limit:")
         all_stored = time.perf_counter() - started
         stall.wait()
         fixed_rows, _, fixed_bytes = run_totals(s.conn, fixed.run_id)
@@ -1215,14 +1237,22 @@ class JsonFormatter(logging.Formatter):
 
 
 class FunctionFormatter(logging.Formatter):
-    """A Formatter whose format() is a function of the record (a fix slot)."""
+    """A Formatter whose format() is a function of the record (a fix slot). Once that function has
+    overrun its time limit, every later record fails at once with the same error: a function that
+    never returns costs one limit, not one per record."""
 
     def __init__(self, format_event):
         super().__init__()
-        self.format_event = format_event
+        self.format_event, self.overran = format_event, None
 
     def format(self, record):
-        return self.format_event(record)
+        if self.overran is not None:
+            raise self.overran
+        try:
+            return self.format_event(record)
+        except TimeLimitExceeded as exc:
+            self.overran = exc
+            raise
 
 
 def read_lines_naive(path: Path) -> tuple[list, list]:

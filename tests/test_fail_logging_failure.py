@@ -513,3 +513,59 @@ def test_a_fault_that_does_not_land_fails_fast_with_its_claim(embedded_params, t
     assert result.returncode == 1 and record["status"] == "failed" and record["cleaned"] is True
     assert record["reason"] == "stopped early: run 1: the log store refused events"
     assert lab_schemas(embedded_params, result.journal["run_id"]) == []
+
+
+def test_a_handler_that_retries_forever_is_stopped_and_graded_failed(target, tmp_path):
+    """Retrying each record until the store is back, in the job's thread: the outage lasts until
+    the job ends, so it never returns. The run's call limit stops it; the grade names the claims."""
+    name, env, params = target
+    write_solution(tmp_path, SCRIPT, "storage", """
+class Stubborn(logging.Handler):
+    def __init__(self, connect):
+        super().__init__()
+        self.inner = DatabaseHandler(connect)
+
+    def emit(self, record):
+        while True:  # until the store takes it
+            try:
+                self.inner.write([JsonFormatter().format(record)])
+                return
+            except psycopg2.Error:
+                time.sleep(0.05)
+
+    def close(self):
+        self.inner.close()
+        super().close()
+
+
+def store_handler(connect, spool):
+    return Stubborn(connect)
+""")
+    result = run_script(SCRIPT, "--exercise", "storage", "--call-limit", "3", env=env, tmp_path=tmp_path,
+                        timeout=120)
+    record = result.scenario("storage")
+    assert result.returncode == 1 and record["cleaned"] is True and record["recovered"] is False
+    assert "common.fixes.TimeLimitExceeded" in [e["type"] for e in record["observed_errors"]]
+    failed = [c["claim"] for c in record["checks"] if not c["ok"]]
+    assert any(c.startswith("the job finished all") for c in failed), failed
+    assert lab_schemas(params, result.journal["run_id"]) == []
+
+
+def test_a_formatter_that_never_returns_costs_one_limit_and_is_graded_failed(target, tmp_path):
+    name, env, params = target
+    write_solution(tmp_path, SCRIPT, "structured_parsing", """
+def format_event(record):
+    while True:
+        pass
+
+
+def read_lines(path):
+    return read_lines_tolerant(path)
+""")
+    result = run_script(SCRIPT, "--exercise", "structured_parsing", "--call-limit", "2", env=env,
+                        tmp_path=tmp_path, timeout=120)  # 350 records: one limit, not 350
+    record = result.scenario("structured_parsing")
+    assert result.returncode == 1 and record["cleaned"] is True and record["recovered"] is False
+    failed = [c["claim"] for c in record["checks"] if not c["ok"]]
+    assert any("no record dropped by the formatter" in c for c in failed), failed
+    assert record["measurements"]["dropped_after"] == flf.FEED_EVENTS
