@@ -43,8 +43,8 @@ def run_scenario(run: Run, spec: ScenarioSpec, index: int) -> dict:
     s = Scenario(run, spec, index, slots_for(run, spec))
     console.header(f"Scenario {index} of {len(_REGISTRY)}: {spec.title}  [{spec.id}]")
     if s.slots.mode == "control":
-        console.line(f"   negative control: the naive code is back in {', '.join(s.slots.control)}; "
-                     "this run must fail", "bad")
+        console.wrapped(f"negative control: the naive code is back in {', '.join(s.slots.control)}; "
+                        "this run must fail", style="bad")
     console.captured, console.blocks = {}, {}
     threads_before = {t.ident for t in threading.enumerate()}
     started = time.perf_counter()
@@ -55,7 +55,7 @@ def run_scenario(run: Run, spec: ScenarioSpec, index: int) -> dict:
         spec.fn(s)
     except Skipped as exc:
         status, reason = "skipped", str(exc)
-        console.line(f"   skipped: {exc}", "bold")
+        console.wrapped(f"skipped: {exc}", hang="     ", style="bold")
     except Unfinished as exc:
         reason = f"stopped early: {exc}"
         s.checks.append(Check(s.phase, False, reason))  # whatever passed before, this phase did not end
@@ -82,8 +82,8 @@ def run_scenario(run: Run, spec: ScenarioSpec, index: int) -> dict:
                       (("triggered", triggered), ("recovered", recovered)))
     marks += f"  kept {s.schema}" if kept else f"  cleaned {console.check_mark(cleaned)}"
     console.line()
-    console.line(f"   {marks}  {seconds:.1f} s" + (f"  -- {status}: {reason}" if status != "passed" else ""),
-                 "ok" if status == "passed" else "bad")
+    console.wrapped(f"{marks}  {seconds:.1f}\u00a0s" + (f"  -- {status}: {reason}" if status != "passed" else ""),
+                    hang="      ", style="ok" if status == "passed" else "bad")
     sections = {k: "\n".join(v) for k, v in (console.captured or {}).items()}
     blocks = console.blocks or {}
     console.captured = console.blocks = None
@@ -250,9 +250,9 @@ def _run(script: str, args, console: output.Console, selected: list[ScenarioSpec
             console.header(f"{script}: {len(selected)} scenario(s), run {run_id}")
             kind = "embedded default server (nothing configured)" if target.mode == "embedded" \
                 else f"configured by {target.mode}"
-            console.wrapped(f"target: {display}", hang="           ")
-            console.wrapped(kind, "           ")
-            console.line(f"   server: PostgreSQL {run.server_version}; private schemas {db.SCHEMA_PREFIX}{run_id}_*")
+            # the kind stays in one piece (no-break spaces), the URL breaks only if it must
+            console.wrapped(f"target: {display}  [{kind.replace(' ', chr(0xA0))}]", "", hang="        ")
+            console.line(f"server: PostgreSQL {run.server_version}; private schemas {db.SCHEMA_PREFIX}{run_id}_*")
             if swept:
                 console.line(f"   removed {len(swept)} thing(s) left by killed runs: {', '.join(swept)}", "dim")
             for spec in selected:
