@@ -429,3 +429,15 @@ def test_peak_in_window():
     assert lab.peak_in_window([0.0, 0.01, 0.02, 0.2]) == 3
     assert lab.peak_in_window([0.0, 0.05, 0.1], width=0.05) == 2  # both ends of a window count
     assert lab.peak_in_window([0.3, 0.0, 0.31, 0.32]) == 3  # order does not matter
+
+
+def test_the_histogram_adds_up_to_the_table():
+    """Rows before the outage's end hold the attempts sent while it was down, the rows after the
+    logins that reached the server, so a student can add them up to the table's columns."""
+    back = lab.STORM_OUTAGE_S + 0.001
+    run = {"back": back, "times": [0.0, 0.05, 0.2999, back - 0.0005, back, 0.35, 0.351, 0.9]}
+    rows = lab.histogram([run])
+    counts = [int(r[1].split()[-1]) for r in rows]
+    split = [n for n, r in enumerate(rows) if "(back)" in r[0]][0]
+    assert sum(counts[:split]) == 4 and sum(counts[split:]) == 4
+    assert rows[split][0].strip().startswith(f"{round(1000 * lab.STORM_OUTAGE_S)} ms")
