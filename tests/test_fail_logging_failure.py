@@ -131,7 +131,7 @@ CONTROLS = [
 
 @pytest.mark.parametrize("scenario_id, slot, claim", CONTROLS, ids=[f"{c[0]}-{c[1]}" for c in CONTROLS])
 def test_negative_control_fails_with_the_claim_it_breaks(scenario_id, slot, claim, target, tmp_path):
-    name, env, params = target
+    _, env, params = target
     result = run_script(SCRIPT, "--only", scenario_id, "--control", slot, env=env, tmp_path=tmp_path)
     assert_control_fails(result, params, scenario_id, claim)
     assert result.scenario(scenario_id)["fixes"][slot].endswith("." + NAIVE[slot])
@@ -225,7 +225,7 @@ def read_lines(path):
 
 @pytest.mark.parametrize("wrong", list(WRONG))
 def test_a_wrong_solution_fails_with_the_claim_it_breaks(wrong, target, tmp_path):
-    name, env, params = target
+    _, env, params = target
     scenario_id, code, claim = WRONG[wrong]
     write_solution(tmp_path, SCRIPT, scenario_id, code)
     result = grade(SCRIPT, scenario_id, tmp_path, env)
@@ -235,6 +235,7 @@ def test_a_wrong_solution_fails_with_the_claim_it_breaks(wrong, target, tmp_path
     failed = [c["claim"] for c in record["checks"] if not c["ok"]]
     assert any(claim in c for c in failed), failed
     assert not any(c.startswith("unexpected ") for c in failed), failed  # graded, not crashed
+    assert lab_schemas(params, result.journal["run_id"]) == []
 
 
 def test_import_runs_nothing():
@@ -518,7 +519,7 @@ def test_a_fault_that_does_not_land_fails_fast_with_its_claim(embedded_params, t
 def test_a_handler_that_retries_forever_is_stopped_and_graded_failed(target, tmp_path):
     """Retrying each record until the store is back, in the job's thread: the outage lasts until
     the job ends, so it never returns. The run's call limit stops it; the grade names the claims."""
-    name, env, params = target
+    _, env, params = target
     write_solution(tmp_path, SCRIPT, "storage", """
 class Stubborn(logging.Handler):
     def __init__(self, connect):
@@ -552,7 +553,7 @@ def store_handler(connect, spool):
 
 
 def test_a_formatter_that_never_returns_costs_one_limit_and_is_graded_failed(target, tmp_path):
-    name, env, params = target
+    _, env, params = target
     write_solution(tmp_path, SCRIPT, "structured_parsing", """
 def format_event(record):
     while True:
@@ -569,3 +570,4 @@ def read_lines(path):
     failed = [c["claim"] for c in record["checks"] if not c["ok"]]
     assert any("no record dropped by the formatter" in c for c in failed), failed
     assert record["measurements"]["dropped_after"] == flf.FEED_EVENTS
+    assert lab_schemas(params, result.journal["run_id"]) == []
