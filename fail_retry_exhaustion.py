@@ -788,7 +788,8 @@ ATTEMPTS = 12
 DEADLINE_S = 300        # the job must have succeeded or given up 5 min after a failure
 SCALE = 0.001           # real runs in this scenario: 1 s of production = 1 ms
 RETRY_DELAY_MS = 500    # a setting in milliseconds, as config files often have
-STOP_LIMIT_S, STOP_SLEEP_S = 0.15, 0.10  # attempt 2 fails at ~0.10 s, 50 ms inside the limit; a third comes at ~0.20 s
+STOP_LIMIT_S, STOP_SLEEP_S = 0.3, 0.2  # attempt 2 fails at ~0.2 s, inside the limit; its sleep ends at ~0.4 s
+STOP_TRIES = 3          # a busy machine may slow attempt 2 past the limit: measure again, at most this often
 LOCK_WAIT_MS = 40       # each slow attempt waits this long for a lock, then fails (55P03)
 RUNAWAY_ATTEMPTS = 4 * ATTEMPTS  # the lab stops a policy that is still retrying after this many
 YEAR_S = 365.25 * 86400
@@ -963,15 +964,24 @@ def backoff_calculation(s):
     s.triggered_if(asked == [RETRY_DELAY_MS], f"the setting said {RETRY_DELAY_MS} ms; between two failed attempts "
                                               f"tenacity asked to sleep {words(asked)} s: 1000x too long")
     limit, nap = STOP_LIMIT_S, STOP_SLEEP_S
-    policy = Retrying(stop=stop_after_delay(limit), wait=wait_fixed(nap), reraise=True)
-    started = time.monotonic()
-    with s.expect(psycopg2.OperationalError):
-        policy(ping_via, params)
-    took = time.monotonic() - started
-    late = s.measure("stop_after_delay_attempts", policy.statistics["attempt_number"], show=False)
-    s.measure("stop_after_delay_overshoot_s", round(took - limit, 3), show=False)
-    s.triggered_if(late == 3 and took > limit, f"stop_after_delay({limit}) with sleeps of {nap} s slept past its "
-                                               f"limit: attempt {late} came at {took:.3f} s")
+    tries = []  # (the end of the last sleep, seconds after the first attempt; attempts) per try
+    for _ in range(STOP_TRIES):
+        ends: list[float] = []  # when each sleep ends, as tenacity computes it before sleeping
+        policy = Retrying(stop=stop_after_delay(limit), wait=wait_fixed(nap), reraise=True,
+                          before_sleep=lambda rs: ends.append(rs.seconds_since_start + rs.upcoming_sleep))
+        with s.expect(psycopg2.OperationalError):
+            policy(ping_via, params)
+        tries.append((max(ends, default=0), policy.statistics["attempt_number"]))
+        if tries[-1][0] > limit:
+            break
+    else:
+        s.skip(f"inconclusive under load: in {STOP_TRIES} tries, attempt 2 never failed within {limit} s "
+               f"(the last sleeps ended at {words([round(e, 3) for e, _ in tries])} s)")
+    late_end, late = tries[-1]
+    s.measure("stop_after_delay_attempts", late, show=False)
+    s.measure("stop_after_delay_overshoot_s", round(late_end - limit, 3), show=False)
+    s.triggered_if(late_end > limit, f"stop_after_delay({limit}) with sleeps of {nap} s slept past its limit: "
+                                     f"its last sleep ended at {late_end:.3f} s, then attempt {late} ran")
 
     s.root_cause("""
         Nothing bounds base * 2 ** n: doubling 30 times is a factor of a billion. Uncapped, a loop
@@ -1019,7 +1029,9 @@ def backoff_calculation(s):
         st.result = f"tenacity asks for {words(asked)} s"
     s.recovered_if(asked == [RETRY_DELAY_MS / 1000], "the sleep is 0.5 s, as configured")
     with s.step(f"stop_before_delay({limit}): same sleeps, same outage") as st:
-        policy = Retrying(stop=stop_before_delay(limit), wait=wait_fixed(nap), reraise=True)
+        ends = []
+        policy = Retrying(stop=stop_before_delay(limit), wait=wait_fixed(nap), reraise=True,
+                          before_sleep=lambda rs: ends.append(rs.seconds_since_start + rs.upcoming_sleep))
         started = time.monotonic()
         with s.expect(psycopg2.OperationalError):
             policy(ping_via, params)
@@ -1028,7 +1040,8 @@ def backoff_calculation(s):
         st.result = f"gave up after attempt {early}, at {bounded:.3f} s: the next sleep would have crossed the limit"
     s.measure("stop_before_delay_attempts", early, show=False)
     s.measure("stop_before_delay_seconds", round(bounded, 3), show=False)
-    s.recovered_if(early == 2 and bounded <= limit, f"stop_before_delay stays within {limit} s ({bounded:.3f} s)")
+    s.recovered_if(max(ends, default=0) <= limit,
+                   f"stop_before_delay never sleeps past {limit} s: its last sleep ended at {max(ends, default=0):.3f} s")
     with s.step(f"the policy at 1:1000 against attempts that fail slowly: a job holds a lock, each attempt "
                 f"waits {LOCK_WAIT_MS} ms for it, then fails") as st:
         holder, waiter = s.connect(), s.connect()

@@ -22,10 +22,11 @@ SCRIPT = "fail_retry_exhaustion.py"
 IDS = ["exhaustion", "storm", "backoff_calculation", "non_transient"]
 
 
-def storm_inconclusive(result) -> bool:
-    """The storm may report its timing as inconclusive on a machine too busy to time it (a skip with
-    the figures), never pass or fail by luck."""
-    record = result.scenario("storm")
+def inconclusive(result, scenario_id: str) -> bool:
+    """A timing a scenario depends on (the storm's spread, a stop's overshoot) may be reported as
+    inconclusive on a machine too busy to time it (a skip with the figures), never pass or fail
+    by luck."""
+    record = result.scenario(scenario_id)
     return record["status"] == "skipped" and record["reason"].startswith("inconclusive under load")
 
 
@@ -33,9 +34,11 @@ def test_every_scenario_demonstrates_recovers_and_cleans(target, tmp_path):
     """One run per target (embedded and the shared server), read through its journal."""
     _, env, params = target
     result = run_script(SCRIPT, env=env, tmp_path=tmp_path)
-    if result.journal and storm_inconclusive(result):
+    timed = ("storm", "backoff_calculation")
+    if result.journal and any(inconclusive(result, sid) for sid in timed):
         assert result.returncode == 0, result.stdout[-3000:]
-        assert [r["status"] for r in result.journal["scenarios"]] == ["passed", "skipped", "passed", "passed"]
+        assert all(r["status"] == "passed" or (r["id"] in timed and inconclusive(result, r["id"]))
+                   for r in result.journal["scenarios"]), result.stdout[-3000:]
         assert lab_schemas(params, result.journal["run_id"]) == []
     else:
         assert_passed(result, params, IDS)
@@ -57,7 +60,7 @@ def test_every_scenario_demonstrates_recovers_and_cleans(target, tmp_path):
     storm = m["storm"]
     assert storm["planned_peak_50ms_no_jitter"] == lab.STORM_WORKERS
     assert 2 * storm["planned_peak_50ms_fix"] <= storm["planned_peak_50ms_no_jitter"]
-    if not storm_inconclusive(result):
+    if not inconclusive(result, "storm"):
         assert storm["no_jitter_peak"] > storm["no_jitter_rejected"] > 0
         assert result.error_types("storm") == ["psycopg2.OperationalError"]
         if "a role of their own" in result.scenario("storm")["sections"]["description"]:  # else the proxy's cap
@@ -76,14 +79,15 @@ def test_every_scenario_demonstrates_recovers_and_cleans(target, tmp_path):
     # backoff_calculation: time.sleep refuses an uncapped sleep, the hand-capped loop overflows at
     # attempt 1024, ms read as s, a late stop; the policy in the slot meets every bound
     backoff = m["backoff_calculation"]
-    assert result.error_types("backoff_calculation") == ["OverflowError", "OverflowError", "psycopg2.OperationalError",
-                                                         "psycopg2.OperationalError", "psycopg2.errors.LockNotAvailable"]
-    assert backoff["hand_capped_sleeps"] == 1023
-    assert backoff["ms_as_seconds_sleep_s"] == lab.RETRY_DELAY_MS
-    assert backoff["naive_worst_case_s"] > lab.DEADLINE_S >= backoff["policy_worst_case_s"]
-    assert backoff["policy_worst_attempts"] == lab.ATTEMPTS and backoff["policy_longest_sleep_s"] == lab.CAP_S
-    assert backoff["stop_after_delay_attempts"] == 3 and backoff["stop_after_delay_overshoot_s"] > 0
-    assert backoff["stop_before_delay_attempts"] == 2
+    if not inconclusive(result, "backoff_calculation"):
+        errors = result.error_types("backoff_calculation")
+        assert errors[:2] == ["OverflowError", "OverflowError"] and errors[-1] == "psycopg2.errors.LockNotAvailable"
+        assert set(errors[2:-1]) == {"psycopg2.OperationalError"}
+        assert backoff["hand_capped_sleeps"] == 1023
+        assert backoff["ms_as_seconds_sleep_s"] == lab.RETRY_DELAY_MS
+        assert backoff["naive_worst_case_s"] > lab.DEADLINE_S >= backoff["policy_worst_case_s"]
+        assert backoff["policy_worst_attempts"] == lab.ATTEMPTS and backoff["policy_longest_sleep_s"] == lab.CAP_S
+        assert backoff["stop_after_delay_overshoot_s"] > 0  # a sleep ended past the limit
 
     # non_transient: the permanent error once instead of five times; the deadlock retried to success
     fixed = m["non_transient"]
