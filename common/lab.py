@@ -74,10 +74,11 @@ def passed_on(args) -> list[str]:
     return out
 
 
-def run_one(script: Path, flags: list[str], folder: Path) -> tuple[int, dict | None]:
+def run_one(script: Path, flags: list[str], folder: Path, stdout=None) -> tuple[int, dict | None]:
     """Run one script as a user would, with its journal in `folder`; (exit code, journal)."""
     journal = folder / f"{script.stem}.json"
-    proc = subprocess.Popen([sys.executable, str(script), *flags, "--json", str(journal)], cwd=os.getcwd())
+    proc = subprocess.Popen([sys.executable, str(script), *flags, "--json", str(journal)], cwd=os.getcwd(),
+                            stdout=stdout)
     while True:
         try:
             code = proc.wait()
@@ -107,14 +108,16 @@ def main(argv=None) -> None:
             listing = subprocess.run([sys.executable, str(script), "--list"], capture_output=True, text=True)
             sys.stdout.write("".join(f"   {ln}\n" for ln in listing.stdout.splitlines()))
         sys.exit(0)
-    console = output.Console(sys.stdout, ascii_only=True if args.ascii else None)
+    shown = sys.stderr if args.json == "-" else sys.stdout  # the journal alone on stdout, when asked
+    console = output.Console(shown, ascii_only=True if args.ascii else None)
     started_at, t0 = datetime.now(timezone.utc), time.perf_counter()
     flags = passed_on(args)
     journals, codes = [], []
     with tempfile.TemporaryDirectory(prefix="faillab-lab-") as folder:
         for n, script in enumerate(chosen, 1):
             console.header(f"Lab {n} of {len(chosen)}: {script.name}")
-            code, journal = run_one(script, flags, Path(folder))
+            shown.flush()
+            code, journal = run_one(script, flags, Path(folder), stdout=sys.stderr if args.json == "-" else None)
             codes.append(code)
             if journal is not None:
                 journals.append(journal)

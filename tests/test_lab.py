@@ -117,3 +117,12 @@ def test_the_facilitators_guide_covers_every_scenario_by_number_id_and_title():
             sid, rest = line.split(None, 1)
             expected.append((str(n), sid, rest.replace("[exercise]", "").strip()))
     assert listed == expected
+
+
+def test_lab_list_needs_no_database_and_marks_the_exercises():
+    proc = subprocess.run([sys.executable, str(ROOT / "lab.py"), "--list"], capture_output=True, text=True,
+                          timeout=60, env=clean_env(DATABASE_URL="postgresql://nobody@127.0.0.1:1/none"))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert [ln for ln in lines if not ln.startswith(" ")] == list(ORDER)
+    assert sum(ln.startswith("   ") for ln in lines) == 16 and all("[exercise]" in ln for ln in lines if ln[:1] == " ")
