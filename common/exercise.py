@@ -7,6 +7,7 @@ slots (see common.fixes), and a grade line follows its verdicts.
 from __future__ import annotations
 
 import ast
+import os
 import importlib.util
 import shlex
 import sys
@@ -91,10 +92,11 @@ def _exit(code: int, text: str = "", stream=None) -> None:
 
 def _relative(path: str) -> str:
     """A path as the user would type it here: relative when it is below the current folder."""
+    absolute = Path(os.path.abspath(path))  # not resolve(): a venv's python is a symlink, keep its name
     try:
-        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+        return str(absolute.relative_to(Path(os.path.abspath(os.getcwd()))))
     except ValueError:
-        return str(Path(path).resolve())
+        return str(absolute)
 
 
 def exercise_path(folder: Path, script: str, scenario_id: str) -> Path:
