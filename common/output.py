@@ -105,6 +105,13 @@ def words(value) -> str:
     return str(value)
 
 
+
+def cell(value) -> str:
+    """A table cell: words for NULL, booleans and containers; numbers and text as they are (a
+    float keeps all its digits)."""
+    return words(value) if value is None or isinstance(value, (bool, list, tuple, dict, set, frozenset)) \
+        else str(value)
+
 def can_encode(stream, text: str) -> bool:
     encoding = getattr(stream, "encoding", None) or "ascii"
     try:
@@ -393,7 +400,7 @@ class Console:
 
     def table(self, headers: list[str], rows: list[list], section: str | None = None) -> None:
         head = [self.text(str(h)) for h in headers]
-        body = [[self.text(words(c) if c is None or isinstance(c, bool) else str(c)) for c in r] for r in rows]
+        body = [[self.text(cell(c)) for c in r] for r in rows]
         for ln in table_lines(head, body, self.width):
             self.line(ln, section=section)
 

@@ -333,7 +333,7 @@ class Scenario:
 
     def table(self, headers, rows) -> None:
         headers = [str(h) for h in headers]
-        rows = [[output.words(c) if c is None or isinstance(c, bool) else str(c) for c in r] for r in rows]
+        rows = [[output.cell(c) for c in r] for r in rows]
         self.run.console.block(self._current, "table", headers=headers, rows=rows)
         self.run.console.table(headers, rows, self._current)
 

@@ -154,8 +154,8 @@ def test_words_never_print_a_repr(value, expected):
 
 def test_table_cells_are_words():
     c, out = console()
-    c.table(["x", "y"], [[None, True]])
-    assert lines(out)[-1].split() == ["NULL", "yes"]
+    c.table(["x", "y", "z", "w"], [[None, True, ["currency"], 1234567.89]])
+    assert lines(out)[-1].split() == ["NULL", "yes", "currency", "1234567.89"]
 
 
 if __name__ == "__main__":
