@@ -1097,7 +1097,7 @@ def concurrent_access(s):
             checkpoint = read_checkpoint(s.conn)
             s.conn.rollback()
             st.result = (f"missing {found['missing']}, duplicated {found['duplicated']}, checkpoint "
-                         f"{checkpoint}, {race.rollbacks} batches rolled back")
+                         f"{checkpoint}, rolled back: {race.rollbacks}")
             s.measure(f"{slot}_damage", found, show=False)
             ok = not errors and exactly_once(s.conn) and checkpoint == SOURCE_ROWS
             s.recovered_if(ok, f"{label}: each batch copied exactly once, checkpoint at {SOURCE_ROWS}")
