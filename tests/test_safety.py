@@ -312,10 +312,11 @@ EARLY_OFFSETS = [0.02, 0.03, 0.04, 0.06, 0.08, 0.1, 0.13, 0.16, 0.2, 0.25, 0.3, 
 EARLY_SCRIPTS = [s for s in SCRIPTS if "\nimport common" in (ROOT / s).read_text()] + [BROKEN]
 
 
-def _died_before_python_ran_it(returncode: int, sig: int, err: str) -> bool:
-    """The signal landed while the interpreter itself was starting (site, .pth files), before the
-    script's first line: the interpreter's default action, and no frame of the project."""
-    if str(ROOT) in err:
+def _landed_before_common_ran(returncode: int, sig: int, err: str) -> bool:
+    """The signal came before common/__init__.py's first line could install a handler: while the
+    interpreter was starting (site, .pth files) or while the import machinery was still reading
+    common's source. The interpreter's own default action then, and no frame of common/ in it."""
+    if str(ROOT / "common") in err:
         return False
     return returncode == -sig or (sig == signal.SIGINT and returncode == 1 and err.strip().endswith("KeyboardInterrupt"))
 
@@ -333,7 +334,7 @@ def test_a_signal_in_the_first_fraction_of_a_second_exits_130_and_leaves_nothing
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)  # a bound for a hang, not a timing claim
         report.append((offset, sig.name, proc.returncode))
-        if _died_before_python_ran_it(proc.returncode, sig, err):
+        if _landed_before_common_ran(proc.returncode, sig, err):
             continue
         data = json.loads(journal.read_text()) if journal.exists() and journal.read_text().strip() else None
         finished = proc.returncode == 0 and data is not None and data["exit_code"] == 0  # it ended first
