@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -24,6 +25,7 @@ from common import output
 ROOT = Path(__file__).resolve().parent.parent
 ORDER = ("fail_checkpoint_corruption.py", "fail_idempotency_break.py", "fail_retry_exhaustion.py",
          "fail_logging_failure.py")  # the README's order: checkpoints, loads, retries, logging
+FORWARDED = (signal.SIGTERM,) + ((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ())
 PASSED_ON = ("--seed", "--ascii", "--verbose", "--keep", "--pause", "--brief")  # flags every script takes
 
 
@@ -79,12 +81,18 @@ def run_one(script: Path, flags: list[str], folder: Path, stdout=None) -> tuple[
     journal = folder / f"{script.stem}.json"
     proc = subprocess.Popen([sys.executable, str(script), *flags, "--json", str(journal)], cwd=os.getcwd(),
                             stdout=stdout)
-    while True:
-        try:
-            code = proc.wait()
-            break
-        except KeyboardInterrupt:  # the script got the same Ctrl-C: let it clean up and exit 130
-            continue
+    # SIGTERM or SIGHUP to the lab goes to the script, which cleans up and exits 130
+    forwarded = {sig: signal.signal(sig, lambda n, f: proc.send_signal(n)) for sig in FORWARDED}
+    try:
+        while True:
+            try:
+                code = proc.wait()
+                break
+            except KeyboardInterrupt:  # the script got the same Ctrl-C: let it clean up and exit 130
+                continue
+    finally:
+        for sig, handler in forwarded.items():
+            signal.signal(sig, handler)
     data = None
     with contextlib.suppress(OSError, ValueError):
         data = json.loads(journal.read_text(encoding="utf-8"))

@@ -126,3 +126,23 @@ def test_lab_list_needs_no_database_and_marks_the_exercises():
     lines = proc.stdout.splitlines()
     assert [ln for ln in lines if not ln.startswith(" ")] == list(ORDER)
     assert sum(ln.startswith("   ") for ln in lines) == 16 and all("[exercise]" in ln for ln in lines if ln[:1] == " ")
+
+
+def test_sigterm_to_the_lab_reaches_the_running_script_which_cleans_up(embedded_params, tmp_path):
+    import signal
+
+    journal = tmp_path / "lab.json"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "lab.py"), "--only", "checkpoint", "--json", str(journal)],
+                            env=clean_env(), cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    seen = []
+    for line in proc.stdout:  # the script is running once its first scenario starts
+        seen.append(line)
+        if "Scenario 1 of 4" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    out = "".join(seen) + out
+    assert proc.returncode == 130, out[-2000:] + err[-2000:]
+    (script,) = json.loads(journal.read_text())["scripts"]
+    assert script["exit_code"] == 130 and lab_schemas(embedded_params, script["run_id"]) == []
