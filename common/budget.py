@@ -17,10 +17,16 @@ each). Two rules keep such a room on its feet:
 
 A run with no room or no turn waits in line (a ticket lock, served in the order they came; a
 waiter that stops polling loses its place), and says so with the time waited; after `limit`
-seconds the scenario is skipped with the figures (never a hang; Ctrl-C ends the wait). The locks are held on
-the run's admin connection and end with its session, so a killed run never keeps its turn.
-Advisory locks belong to one database: the runs of a room share turns when they use the same
-database (the one DATABASE_URL the README gives the room).
+seconds the scenario is skipped with the figures (never a hang; Ctrl-C ends the wait). Waiting
+runs hold sessions too: when what they hold is all that keeps the first in line from its
+turn, and nothing else can change, the last in line gives its place up (skipped) after
+STUCK_S, and the line moves again. The locks are held on the run's admin connection and end
+with its session, so a killed run never keeps its turn. Advisory locks belong to one
+database: the runs of a room share turns when they use the same database (the one
+DATABASE_URL the README gives the room).
+
+Hand-written: no library offers a semaphore across clients of a plain PostgreSQL server;
+advisory locks are the server's own tool for it.
 """
 from __future__ import annotations
 
@@ -32,7 +38,7 @@ from common import db
 LAB_KEY = 0x6661696C     # 'fail': the first key of every advisory lock of the lab
 GATE, FIRST_TURN = 0, 1  # second keys under LAB_KEY: the gate, then the K turns
 MARKER_KEY = LAB_KEY + 1  # second key: turn << 16 | the run's peak sessions (one per admitted run)
-WAITING_KEY = LAB_KEY + 2  # second key: the waiting session's pid (a waiting run opens nothing)
+WAITING_KEY = LAB_KEY + 2  # second key: the waiting run's ticket (a waiting run opens nothing)
 RUN_PEAK = 5             # most sessions a lab run may hold outside a share: a scenario that
                          # opens more at once asks for a share (bench/classroom.py --cost)
 POLL_S = 0.25
