@@ -1,0 +1,44 @@
+"""Every scenario is an exercise: its untouched starting file fails, the reference passes.
+
+Run through the command line, as a student does. The wrong solutions that a student would
+plausibly write are tested next to each script's own tests."""
+import pytest
+
+from conftest import exercise_file, grade, run_script
+
+SCRIPTS = ["fail_checkpoint_corruption.py", "fail_idempotency_break.py",
+           "fail_retry_exhaustion.py", "fail_logging_failure.py"]
+
+
+def _exercises():
+    out = []
+    for script in SCRIPTS:
+        listed = run_script(script, "--list", journal=False)
+        out += [(script, ln.split()[0]) for ln in listed.stdout.splitlines() if "[exercise]" in ln]
+    return out
+
+
+EXERCISES = _exercises()
+
+
+def test_every_scenario_has_an_exercise():
+    assert len(EXERCISES) == 16, EXERCISES
+
+
+@pytest.mark.parametrize("script, scenario_id", EXERCISES)
+def test_the_starting_file_fails_and_the_reference_passes(script, scenario_id, target, tmp_path):
+    name, env, params = target
+    started = run_script(script, "--exercise", scenario_id, env=env, tmp_path=tmp_path, journal=False)
+    path = exercise_file(tmp_path, script, scenario_id)
+    assert started.returncode == 0 and path.exists(), started.stdout + started.stderr
+    untouched = grade(script, scenario_id, tmp_path, env)
+    record = untouched.scenario(scenario_id)
+    assert untouched.returncode == 1 and record["mode"] == "exercise"
+    assert record["triggered"] is True and record["recovered"] is False and record["cleaned"] is True
+    solution = run_script(script, "--exercise", scenario_id, "--solution", env=env, tmp_path=tmp_path,
+                          journal=False)
+    assert solution.returncode == 0
+    path.write_text(solution.stdout.split("\n", 2)[2])  # after the title line and the blank line
+    passed = grade(script, scenario_id, tmp_path, env)
+    assert passed.returncode == 0, passed.stdout[-3000:]
+    assert passed.scenario(scenario_id)["status"] == "passed" and "PASSED" in passed.stdout
