@@ -175,6 +175,8 @@ def sweep_dead_folders(own_run: str | None = None) -> list[str]:
         m = re.fullmatch(r"faillab-([0-9a-z]{8,16})-.+", entry.name)
         if m and entry.is_dir() and not entry.is_symlink():
             folders.setdefault(m.group(1), []).append(entry)
+        elif re.fullmatch(r"faillab-[0-9a-z]{8,16}\.lock", entry.name):  # a killed run that made no folder
+            folders.setdefault(entry.name[len("faillab-"):-len(".lock")], [])
     for run_id, paths in folders.items():
         lock_file = _run_lock_file(run_id)
         if run_id == own_run or not lock_file.is_file():

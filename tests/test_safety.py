@@ -471,9 +471,15 @@ def test_a_live_runs_temp_folder_is_kept_and_a_killed_ones_is_swept(embedded_par
         victim.wait()
         from common import cleanup
 
+        lone_dead = Path(tempfile.gettempdir()) / f"faillab-{_fake_run_id()}.lock"  # killed before any folder
+        lone_dead.write_text("")
         removed = cleanup.sweep_dead_folders()
         assert not os.path.exists(victim_dir) and os.path.isdir(alive_dir)
         assert f"folder {Path(victim_dir).name}" in removed or not os.path.exists(victim_dir)
+        victim_run = Path(victim_dir).name.split("-")[1]
+        alive_run = Path(alive_dir).name.split("-")[1]
+        assert not (Path(tempfile.gettempdir()) / f"faillab-{victim_run}.lock").exists() and not lone_dead.exists()
+        assert (Path(tempfile.gettempdir()) / f"faillab-{alive_run}.lock").exists()
     finally:
         alive.send_signal(signal.SIGINT)
         alive.communicate(timeout=30)
