@@ -185,11 +185,13 @@ class Scenario:
 
     def spawn(self, target, *args) -> multiprocessing.Process:
         """Start a worker process (spawned, so it works the same on every OS); killed at teardown."""
+        from common.cleanup import signals_deferred
         from common.fixes import unwrap_for_process
 
         proc = multiprocessing.get_context("spawn").Process(
             target=unwrap_for_process(target), args=tuple(unwrap_for_process(a) for a in args), daemon=True)
-        proc.start()
+        with signals_deferred():  # a Ctrl-C in start() would cut the pickled arguments short
+            proc.start()
         self._workers.append(proc)
         return proc
 
