@@ -1,7 +1,7 @@
 """A run's share of the server's connections, so a classroom can share one server.
 
 A room of laptops pointed at one server runs the same lessons; most scenarios hold 2 to 5
-sessions, but the retry storm opens 32 at once (`python bench/classroom.py --cost` measures
+sessions (two up to 13), but the retry storm opens 32 at once (`python bench/classroom.py --cost` measures
 each). Two rules keep such a room on its feet:
 
 - Never take the last slots. The lab leaves the reserved slots (superuser_reserved_connections,
@@ -39,8 +39,8 @@ LAB_KEY = 0x6661696C     # 'fail': the first key of every advisory lock of the l
 GATE, FIRST_TURN = 0, 1  # second keys under LAB_KEY: the gate, then the K turns
 MARKER_KEY = LAB_KEY + 1  # second key: turn << 16 | the run's peak sessions (one per admitted run)
 WAITING_KEY = LAB_KEY + 2  # second key: the waiting run's ticket (a waiting run opens nothing)
-RUN_PEAK = 5             # most sessions a lab run may hold outside a share: a scenario that
-                         # opens more at once asks for a share (bench/classroom.py --cost)
+RUN_PEAK = 13            # most sessions a lab run holds outside a share (bench/classroom.py
+                         # --cost: 13, the checkpoint lesson's concurrent_access; most hold 2-5)
 POLL_S = 0.25
 STUCK_S = 10.0           # a line that cannot move for this long loses its last run
 STALE_S = 10.0           # a waiter whose last poll is older than this is not in the line any more

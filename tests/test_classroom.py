@@ -54,8 +54,10 @@ def small_server():
 
 
 @pytest.fixture
-def handles(small_server):
-    """handles("a", "b") -> two runs' Handles on the small server, their sessions closed afterwards."""
+def handles(small_server, monkeypatch):
+    """handles("a", "b") -> two runs' Handles on the small server, their sessions closed afterwards.
+    These runs open only what the test opens: none may grow by more than one session unasked."""
+    monkeypatch.setattr(budget, "RUN_PEAK", 1)
     made = []
 
     def make(*run_ids):
@@ -95,13 +97,24 @@ def test_a_share_is_scaled_to_the_headroom_and_an_outsider_still_connects(small_
             opened = h.open(n)
             try:
                 assert outsider_connects(small_server)  # the run took all it was given, not the last slots
-                in_use = budget.headroom(h.run.admin, h.app)["in_use"]
-                assert in_use <= budget.usable(h.run.admin)[1]
+                assert budget.headroom(h.run.admin, h.app)["mine"] == 1 + n  # its admin session, and n
             finally:
                 close_all(opened)
         assert room["free"] >= 0
     finally:
         close_all(others)
+
+
+def test_what_another_running_run_may_still_open_is_not_free(handles, monkeypatch):
+    monkeypatch.setattr(budget, "RUN_PEAK", 13)
+    me, = handles("me")
+    alone = budget.headroom(me.run.admin, me.app)
+    busy, = handles("busy")  # a run in a lesson, holding 1 session now, up to RUN_PEAK soon
+    room = budget.headroom(me.run.admin, me.app)
+    assert (room["growth"], room["free"]) == (12, alone["free"] - 1 - 12)
+    opened = busy.open(4)
+    assert budget.headroom(me.run.admin, me.app)["free"] == room["free"]  # what it opened was counted
+    close_all(opened)
 
 
 def test_what_an_admitted_run_has_not_opened_yet_is_not_free_for_the_next(handles):
