@@ -294,13 +294,15 @@ def prove_idempotent(s, rerun, tables: tuple[str, ...] = ("orders",)) -> None:
     s.table(["relation", "rows", "sum(amount)", "checksum", "duplicate keys"],
             [(name, snap[0], snap[1], snap[2][:12], snap[3]) for name, snap in
              [("expected_orders", want), *before.items()]])
-    s.measure("expected_rows", want[0], show=False)
-    s.measure("expected_total", float(want[1]), show=False)
+    s.measure("expected_rows", want[0], show=False, note="rows the target must hold: expected_orders")
+    s.measure("expected_total", float(want[1]), show=False, note="sum(amount) the target must hold")
     s.recovered_if(all(before[t][:3] == want[:3] for t in tables),
                    "target equals the newest source version of every order: count, sum and checksum")
-    s.measure("duplicates_after", sum(before[t][3] for t in tables), show=False)
+    s.measure("duplicates_after", sum(before[t][3] for t in tables), show=False,
+              note="business keys held twice after the recovery")
     s.recovered_if(all(before[t][3] == 0 for t in tables), "no business key appears twice")
-    s.measure("rerun_rowcount", changed, show=False)
+    s.measure("rerun_rowcount", changed, show=False,
+              note="rows the load changed, run again over every extract")
     s.recovered_if(error is None and changed == 0 and after == before,
                    "the load run again over every extract: no error, 0 rows changed, checksum unchanged"
                    + ("" if error is None else f" (it raised {type(error).__name__})")
@@ -471,10 +473,14 @@ def duplicate_detection(s):
         ("surrogate key: ON CONFLICT sees only the id", "orders_v1", surrogate),
         ("NULL store_id rows never conflict", "orders_v2", null_store),
         (f"case or blanks: '{retyped_ref}' is another key", "orders_v2", spelling)])
-    s.measure("duplicates_surrogate_key", surrogate, show=False)
-    s.measure("duplicates_null_store", null_store, show=False)
-    s.measure("duplicates_case_whitespace", spelling, show=False)
-    s.measure("duplicates_before", surrogate + null_store + spelling, show=False)
+    s.measure("duplicates_surrogate_key", surrogate, show=False,
+              note="keys twice in orders_v1: a serial id never conflicts")
+    s.measure("duplicates_null_store", null_store, show=False,
+              note="web-shop keys (NULL store_id) twice in orders_v2")
+    s.measure("duplicates_case_whitespace", spelling, show=False,
+              note="re-typed store keys twice in orders_v2")
+    s.measure("duplicates_before", surrogate + null_store + spelling, show=False,
+              note="business keys held twice, the three causes together", headline=True)
     s.triggered_if(surrogate == ORDERS, f"orders_v1 holds every one of the {ORDERS} orders twice")
     s.triggered_if(null_store == web_shop, f"orders_v2 holds every one of the {web_shop} web-shop orders twice")
     s.triggered_if(spelling == RETYPED, f"orders_v2 holds each of the {RETYPED} re-typed store orders twice")
@@ -492,14 +498,17 @@ def duplicate_detection(s):
         removed = {t: repair_duplicates(s.conn, t, keys[t]) for t in keys}
         st.result = (f"removed {removed['orders_v1']} rows from orders_v1 and {removed['orders_v2']} "
                      f"from orders_v2; the key: {keys['orders_v1'].form}")
-    s.measure("constraint_form", keys["orders_v1"].form, show=False)
-    s.measure("server_version_num", s.server_version_num, show=False)
+    s.measure("constraint_form", keys["orders_v1"].form, show=False,
+              note="the form of business key this server got")
+    s.measure("server_version_num", s.server_version_num, show=False,
+              note="the server version, which decides that form")
     s.recovered_if(removed == {"orders_v1": surrogate, "orders_v2": null_store + spelling},
                    f"one copy removed per key held twice: {surrogate} from orders_v1, "
                    f"{null_store} + {spelling} from orders_v2")
 
     with s.step("Re-run the naive v1 load of day 1 against the repaired orders_v1") as st:
-        inserted = s.measure("naive_rerun_inserted", load_v1_naive(s.conn, day1), show=False)
+        inserted = s.measure("naive_rerun_inserted", load_v1_naive(s.conn, day1), show=False,
+                             note="rows the naive day-1 load inserted into the repaired orders_v1")
         st.result = f"{inserted} rows inserted"
     s.recovered_if(inserted == 0, "the same ON CONFLICT DO NOTHING now meets the business key: "
                                   "nothing inserted, web-shop orders included")
@@ -523,7 +532,16 @@ def duplicate_detection(s):
         Make the unique index the business key, NULL-safe and canonical, and name it as the
         arbiter. Canonicalize keys once, at the door (stage), and let a CHECK refuse any other
         spelling. The load itself is upsert_from_staging (shown in data_drift).""",
-                 stage_as_is)
+                 stage_as_is,
+                 lesson="ON CONFLICT guards only the key a unique index enforces: make that index "
+                        "the business key, NULL-safe and canonical.",
+                 questions=(
+                     "Which of your tables have a serial id as their only unique key, and what "
+                     "does ON CONFLICT DO NOTHING protect there?",
+                     "Which of your business keys has a nullable column, and what does a plain "
+                     "UNIQUE let in through it?",
+                     "What other spellings of a key (case, blanks, leading zeros) can your "
+                     "sources send, and where would you canonicalize them?"))
 
 
 # == 2. partial_failure ==========================================================================
@@ -640,8 +658,11 @@ def partial_failure(s):
         load_batches_naive(s.conn, extract, key)
     s.conn.rollback()
     first_bad = min(BAD_LINES)
-    committed = s.measure("committed_before_error", count(s.conn, "orders"), show=False)
-    lost = s.measure("rolled_back_in_open_batch", first_bad - 1 - committed, show=False)
+    committed = s.measure("committed_before_error", count(s.conn, "orders"), show=False,
+                          note="rows the naive load committed before its first bad row: a prefix",
+                          headline=True)
+    lost = s.measure("rolled_back_in_open_batch", first_bad - 1 - committed, show=False,
+                     note="good rows lost with the open batch at the first bad row")
     every_full_batch = (first_bad - 1) // COMMIT_EVERY * COMMIT_EVERY
     s.triggered_if(committed == every_full_batch,
                    f"{committed} of {ORDERS} rows are in: the {committed // COMMIT_EVERY} batches "
@@ -655,7 +676,8 @@ def partial_failure(s):
         but not finish: fixing the row you saw does not fix the rows the load never reached
         (lines {", ".join(map(str, sorted(BAD_LINES)[1:]))} are still bad), and each run that
         stops leaves a longer prefix.""",
-                 detect="SELECT count(*) FROM orders;  -- vs the extract's row count, after every run")
+                 detect="-- after every run: compare with the extract's row count\n"
+                        "SELECT count(*) FROM orders;")
     fixed = arrive(s, [{**r, "amount": -r["amount"], "updated_at": r["updated_at"] + timedelta(hours=1)}
                        if n == first_bad else r for n, r in enumerate(extract, 1)])  # the sign fixed
     load = s.fix("load_extract")
@@ -671,13 +693,15 @@ def partial_failure(s):
                          f"load_rejects {before[1]} -> {after[1]}")
         s.recovered_if(fired() and isinstance(error, psycopg2.OperationalError),
                        f"the connection was lost at line {ENDED_AT}, mid-load")
-    s.measure("rows_after_lost_connection", after[0][0], show=False)
+    s.measure("rows_after_lost_connection", after[0][0], show=False,
+              note="rows in orders after the one-commit load lost its connection")
     s.recovered_if(after == before, f"nothing of the interrupted load is visible: orders is still "
                                     f"the {committed}-row prefix, same checksum; load_rejects as before")
     with s.step("Run it again, on a new connection") as st:
         job = s.connect()
         written, error = attempt(s, job, load, job, fixed, key)
-        s.measure("staged_rowcount", written, show=False)
+        s.measure("staged_rowcount", written, show=False,
+                  note="rows the run on a new connection wrote, rejects included")
         st.result = f"{written} rows written, rejects included" if error is None else "the load failed"
     s.recovered_if(error is None and written == ORDERS - committed,
                    f"the run completes and writes the {ORDERS - committed} missing rows, not the "
@@ -685,7 +709,9 @@ def partial_failure(s):
                                                  f" (it raised {type(error).__name__})"))
     with s.step("Read load_rejects: the rows set aside, with the server's error") as st:
         rejects = show_rejects(s)
-        st.result = f"{s.measure('quarantined', len(rejects), show=False)} rows set aside"
+        quarantined = s.measure("quarantined", len(rejects), show=False,
+                                note="rows set aside in load_rejects")
+        st.result = f"{quarantined} rows set aside"
     s.recovered_if({r[:2] for r in rejects} == {("ORD-01500", "22003"), ("ORD-01800", "23514")},
                    "load_rejects names exactly lines 1500 (22003) and 1800 (23514)")
     prove_idempotent(s, lambda: load(s.conn, fixed, key))
@@ -694,7 +720,16 @@ def partial_failure(s):
         commit once; a lost connection then loses the whole run, never part of it, and the next
         run starts clean. Set refused rows aside with the server's error (a savepoint per
         chunk, per row inside a refused chunk), and upsert, so a re-run is always safe.""",
-                 move)
+                 move,
+                 lesson="Commit once per extract: a load that commits as it goes leaves a prefix "
+                        "that readers take for the day's data.",
+                 questions=(
+                     "What does a reader of your target see while a load is halfway, and after "
+                     "it stops there?",
+                     "Your load commits in batches to keep transactions short: what would one "
+                     "transaction per extract cost on your largest load?",
+                     "Who reads `load_rejects` the next morning, and what do they do with a row "
+                     "in it?"))
 
 
 # == 3. constraint_violation =====================================================================
@@ -817,7 +852,8 @@ def constraint_violation(s):
         with s.expect(error, sqlstate=state):
             load_upsert_naive(s.conn, batch, key)
         s.conn.rollback()
-    s.measure("rows_blocked", sum(sizes), show=False)
+    s.measure("rows_blocked", sum(sizes), show=False,
+              note="rows of the three deltas the naive upsert could not write", headline=True)
     s.triggered_if(snapshot(s.conn, "orders") == before,
                    f"none of the {sum(sizes)} rows was written: one bad row stops its whole batch")
     s.root_cause("""
@@ -855,7 +891,7 @@ def constraint_violation(s):
                      else "a load failed")
     s.recovered_if(not (error2 or error3), "deltas 2 and 3 load without an error")
     rejects = show_rejects(s)
-    s.measure("rejects", len(rejects), show=False)
+    s.measure("rejects", len(rejects), show=False, note="rows set aside in load_rejects")
     s.recovered_if({r[:2] for r in rejects} == {("ORD-02001", "23505"), ("ORD-02002", "23503")},
                    "the re-booked order and the unknown customer are set aside, with the reason")
     newest7 = deltas[0][-1]  # the later of ORD-00007's two edits in the first delta
@@ -863,7 +899,7 @@ def constraint_violation(s):
     s.recovered_if(held7 == [(newest7["amount"], newest7["updated_at"])],
                    f"ORD-00007 holds its newest version ({newest7['amount']}, {newest7['updated_at']:%H:%M})")
     done = None if None in written else sum(written)
-    s.measure("rows_written", done, show=False)
+    s.measure("rows_written", done, show=False, note="rows the three deltas wrote with load_checked")
     if done is not None:
         s.say(f"The {sum(sizes)} rows of the deltas: {done} written, {len(rejects)} set aside, "
               f"and ORD-00007's older edit of the hour, superseded in its own batch "
@@ -873,7 +909,16 @@ def constraint_violation(s):
         Never hand the server a batch it can refuse: dedupe it on the key (DISTINCT ON, newest
         first), validate references in staging, decide what a clash on any other unique key
         means, and commit the rejects with the rows, in one transaction.""",
-                 INVOICE_OF_ANOTHER_ORDER)
+                 INVOICE_OF_ANOTHER_ORDER,
+                 lesson="ON CONFLICT covers one conflict only: dedupe and validate the batch in "
+                        "staging, and commit the rejects with the rows.",
+                 questions=(
+                     "Which unique keys, foreign keys and CHECKs does your target have besides "
+                     "the key ON CONFLICT names?",
+                     "A row refers to a customer not synced yet: should it wait, be set aside, "
+                     "or stop the load?",
+                     "One key twice in a batch: which version must win, and what in your data "
+                     "decides it?"))
 
 
 # == 4. data_drift ===============================================================================
@@ -886,13 +931,18 @@ HASH_DDL = """
 # The staged row is hashed as the target stores it (amount numeric(10, 2): 1 and 1.00 are one value).
 DRIFT = """
     SELECT CASE WHEN t.order_ref IS NULL THEN 'new'
-                WHEN md5(row(s.customer_id, s.invoice_no, s.amount::numeric(10, 2))::text)
-                   = md5(row(t.customer_id, t.invoice_no, t.amount)::text) THEN 'unchanged'
+                WHEN md5(row(s.customer_id, s.invoice_no,
+                             s.amount::numeric(10, 2))::text)
+                   = md5(row(t.customer_id, t.invoice_no,
+                             t.amount)::text) THEN 'unchanged'
                 WHEN s.updated_at > t.updated_at THEN 'changed, newer'
-                WHEN s.updated_at = t.updated_at THEN 'changed, same updated_at'
+                WHEN s.updated_at = t.updated_at
+                     THEN 'changed, same updated_at'
                 ELSE 'changed, older (late)' END AS drift, count(*)
       FROM staging_orders s
-      LEFT JOIN orders t ON t.order_ref = s.order_ref AND t.store_id IS NOT DISTINCT FROM s.store_id
+      LEFT JOIN orders t
+             ON t.order_ref = s.order_ref
+            AND t.store_id IS NOT DISTINCT FROM s.store_id
      GROUP BY 1 ORDER BY 1"""
 
 # The target's shape as the catalog has it: what an extract's fields are checked against.
@@ -1017,10 +1067,12 @@ def data_drift(s):
         ("orders_by_hash", "sum(amount) above the source", overcount),
         ("orders", "corrections ignored by DO NOTHING", stale),
         ("orders", "sum(amount) below the source", stale_gap)])
-    s.measure("hash_key_extra_rows", hashed_extra, show=False)
-    s.measure("hash_key_overcount", float(overcount), show=False)
-    s.measure("stale_rows", stale, show=False)
-    s.measure("stale_total_gap", float(stale_gap), show=False)
+    s.measure("hash_key_extra_rows", hashed_extra, show=False,
+              note="corrected orders stored twice under the row-hash key", headline=True)
+    s.measure("hash_key_overcount", float(overcount), show=False,
+              note="sum(amount) of orders_by_hash above the source")
+    s.measure("stale_rows", stale, show=False, note="orders whose correction DO NOTHING ignored")
+    s.measure("stale_total_gap", float(stale_gap), show=False, note="sum(amount) of orders below the source")
     s.triggered_if(hashed_extra == fixes and overcount > 0,
                    f"the hash key stores each of the {fixes} corrected orders twice: the total is too high")
     s.triggered_if(stale == fixes and stale_gap > 0,
@@ -1036,7 +1088,9 @@ def data_drift(s):
     with s.step("Day 2 against orders: compare row hashes by business key") as st:
         drift = detect_drift(s.conn, day2)
         s.table(["drift", "rows"], sorted(drift.items()))
-        st.result = f"{s.measure('drift_changed_newer', drift.get('changed, newer', 0), show=False)} rows changed since loaded"
+        newer = s.measure("drift_changed_newer", drift.get("changed, newer", 0), show=False,
+                          note="day-2 rows the drift query finds changed and newer")
+        st.result = f"{newer} rows changed since loaded"
     s.recovered_if(drift == {"changed, newer": fixes, "unchanged": ORDERS - fixes},
                    f"the drift query finds exactly the {fixes} corrected orders, and nothing else")
     with s.step("Day 3's shape against the catalog (information_schema.columns of orders)") as st:
@@ -1044,7 +1098,7 @@ def data_drift(s):
         s.table(["field", "extract needs", "orders has"], shape)
         unmapped = [f for f, _, has in shape if has == "-"]
         mistyped = [f for f, needs, has in shape if "-" not in (needs, has) and needs != has]
-        s.measure("unmapped_fields", unmapped, show=False)
+        s.measure("unmapped_fields", unmapped, show=False, note="day-3 fields orders has no column for")
         st.result = (f"not in orders: {', '.join(unmapped) or 'none'}; "
                      f"type differs: {', '.join(mistyped) or 'none'}")
     s.recovered_if(unmapped == ["currency"] and not mistyped,
@@ -1055,15 +1109,15 @@ def data_drift(s):
         return load_upsert(s.conn, extract, key, upsert=load[0], values=load[1])
     with s.step("Load days 2 and 3 with the fixes: explicit column map, newest version wins") as st:
         written, error = attempt(s, s.conn, lambda: sum(map(load_fixed, (day2, day3))))
-        s.measure("upsert_rowcount", written, show=False)
+        s.measure("upsert_rowcount", written, show=False, note="rows the fixed load of days 2 and 3 wrote")
         st.result = f"{written} rows written; currency not loaded" if error is None else "the load failed"
     s.recovered_if(written == fixes + late_fixes + new_orders,
                    f"exactly the {fixes} + {late_fixes} corrections and the {new_orders} new orders were written")
     with s.step("A late replay of day 1 arrives: older versions must not overwrite newer ones") as st:
         late = s.measure("late_rows_skipped", detect_drift(s.conn, day1).get("changed, older (late)", 0),
-                         show=False)
+                         show=False, note="older versions the late replay of day 1 carried")
         replay, error = attempt(s, s.conn, load_fixed, day1)
-        s.measure("late_replay_rowcount", replay, show=False)
+        s.measure("late_replay_rowcount", replay, show=False, note="rows the late replay wrote")
         st.result = f"{late} older versions seen, {replay} rows written"
     s.recovered_if(late == len(corrected) and replay == 0,
                    f"the replay wrote nothing: all {len(corrected)} newer versions kept")
@@ -1073,7 +1127,16 @@ def data_drift(s):
         excluded.updated_at > t.updated_at, so corrections land and late replays do not undo
         them; a change with the same updated_at writes nothing, and the drift query shows it
         apart. Map columns by name (as_values), and check an extract's shape against the
-        catalog, then its content by row hash.""")
+        catalog, then its content by row hash.""",
+                 lesson="Key on the business key, not the row's content, and let the newest "
+                        "updated_at win.",
+                 questions=(
+                     "Does your source send an `updated_at` you can trust, and what would you "
+                     "order versions by if it did not?",
+                     "A correction arrives with the same `updated_at` as the stored row: what "
+                     "should the load do, and how would you notice?",
+                     "The source adds a field: should the load fail, ignore it, or add a "
+                     "column, and who decides?"))
 
 
 if __name__ == "__main__":

@@ -142,6 +142,27 @@ def test_data_drift_measures_the_damage(journal_run):
     assert m["duplicates_after"] == 0 and m["rerun_rowcount"] == 0
 
 
+HEADLINES = {  # the figure the summary shows for each scenario, as the journal gives it
+    "duplicate_detection": {"name": "duplicates_before", "after": "0"},
+    "partial_failure": {"name": "committed_before_error", "value": "1200"},
+    "constraint_violation": {"name": "rows_blocked", "value": "64"},
+    "data_drift": {"name": "hash_key_extra_rows", "value": "80"},
+}
+
+
+def test_each_scenario_gives_the_handout_its_headline_lesson_questions_and_notes(journal_run):
+    result, _ = journal_run
+    for scenario_id in IDS:
+        record = result.scenario(scenario_id)
+        assert HEADLINES[scenario_id].items() <= record["headline"].items(), scenario_id
+        prevention = " ".join(record["sections"]["prevention"].split())
+        assert record["lesson"] and not prevention.startswith(record["lesson"]), scenario_id  # its own line
+        assert 2 <= len(record["questions"]) <= 3 and all(q.endswith("?") for q in record["questions"])
+        hidden = [b for blocks in record["blocks"].values() for b in blocks
+                  if b["kind"] == "measure" and not b["shown"]]
+        assert hidden and all(b["note"] for b in hidden), [b["name"] for b in hidden if not b["note"]]
+
+
 def test_human_output_holds_no_python_repr(journal_run):
     result, _ = journal_run
     for scenario_id in IDS:
