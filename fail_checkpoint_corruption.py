@@ -151,6 +151,14 @@ def backend_alive(conn, pid: int | None) -> bool:
     return bool(pid) and bool(db.scalar(conn, "SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)))
 
 
+def backend_busy(conn, pid: int | None) -> bool:
+    """Backend `pid` is still in what its client was doing (a statement, a transaction). When the
+    client goes away, a backend of its own ends; a pooler's (PgBouncer) finishes, and once idle
+    outside a transaction it goes back to the pool for the next client: alive, but let go."""
+    return bool(pid) and bool(db.scalar(conn, "SELECT count(*) FROM pg_stat_activity WHERE pid = %s "
+                                              "AND state IS DISTINCT FROM 'idle'", (pid,)))
+
+
 def ranges(numbers: list[int]) -> str:
     """1, 2, 3, 5 -> '1-3, 5'."""
     out, run = [], []
@@ -168,7 +176,7 @@ def ranges(numbers: list[int]) -> str:
 class Hooks:
     """What the lab sees of a connection it hands to the code under test (all no-ops here)."""
 
-    def opened(self, conn) -> None: ...
+    def opened(self, conn, pid: int) -> None: ...  # pid: the server's, see Instrumented
     def before_execute(self, conn, text: str) -> None: ...
     def after_execute(self, conn, text: str) -> None: ...
     def before_commit(self, conn) -> None: ...
@@ -195,12 +203,16 @@ class HookedCursor(psycopg2.extensions.cursor):
 
 class Instrumented:
     """A connection as the lab hands it over: every call goes to the real psycopg2 connection;
-    its statements and commits are reported to `hooks` (from outside the code under test)."""
+    its statements and commits are reported to `hooks` (from outside the code under test).
+    The hooks learn its backend's pid from the server, once, before the code under test gets
+    it: libpq's own (conn.info.backend_pid) is PgBouncer's through a pooler, not the server's."""
 
     def __init__(self, conn, hooks: Hooks):
         self._conn, self._hooks = conn, hooks
+        pid = db.scalar(conn, "SELECT pg_backend_pid()")
+        conn.rollback()  # a fresh connection: end the transaction that SELECT opened, nothing else
         conn.cursor_factory = type("Cursor", (HookedCursor,), {"hooks": hooks})
-        hooks.opened(conn)
+        hooks.opened(conn, pid)
 
     def __getattr__(self, name):
         return getattr(self._conn, name)
@@ -680,16 +692,17 @@ class Outage(Hooks):
         self.data_inserts, self.wrote_checkpoint, self.armed = 0, False, True
         self.errors: list[Exception] = []
         self.landed = False
+        self.pid = 0  # the server's pid of the job's current connection
         self.over = s.event()
         self.stop = s.event()  # set by teardown: no lab thread waits past the scenario
 
     # the hooks, called from the job's own connection
-    def opened(self, conn) -> None:
-        self.wrote_checkpoint = False
+    def opened(self, conn, pid: int) -> None:
+        self.wrote_checkpoint, self.pid = False, pid
 
     def before_execute(self, conn, text: str) -> None:
         if self.point == "write" and self.armed and self.data_inserts >= 3 and is_checkpoint_write(text):
-            self.drop(conn.info.backend_pid)
+            self.drop(self.pid)
 
     def after_execute(self, conn, text: str) -> None:
         self.data_inserts += is_data_insert(text)
@@ -697,7 +710,7 @@ class Outage(Hooks):
 
     def before_commit(self, conn) -> None:
         if self.point == "commit" and self.armed and self.data_inserts >= 3 and self.wrote_checkpoint:
-            self.drop(conn.info.backend_pid)
+            self.drop(self.pid)
 
     def after_end(self, conn, committed: bool) -> None:
         self.wrote_checkpoint = False
@@ -711,10 +724,10 @@ class Outage(Hooks):
     def drop(self, pid: int) -> None:
         self.armed = False
         self.proxy.down()
-        self.s.thread(self.restore_when_gone, pid)
+        self.s.thread(self.restore_when_let_go, pid)
 
-    def restore_when_gone(self, pid: int) -> None:
-        wait_until(lambda: self.stop.is_set() or not backend_alive(self.watch, pid))
+    def restore_when_let_go(self, pid: int) -> None:
+        wait_until(lambda: self.stop.is_set() or not backend_busy(self.watch, pid))
         self.proxy.up()
         self.over.set()
 
@@ -755,7 +768,7 @@ class Outage(Hooks):
             self.proxy.down()  # the COMMIT is in the server, waiting: its reply will find no client
         db.scalar(self.holder, "SELECT pg_advisory_unlock(%s)", (key,))  # the server finishes the commit
         if waiting:
-            wait_until(lambda: self.stop.is_set() or not backend_alive(self.watch, waiting[0]))
+            wait_until(lambda: self.stop.is_set() or not backend_busy(self.watch, waiting[0]))
         self.proxy.up()
         self.over.set()
 
@@ -975,8 +988,8 @@ class Race(Hooks):
         race = self
 
         class Seat(Hooks):
-            def opened(self, conn):
-                race.pids[name] = conn.info.backend_pid
+            def opened(self, conn, pid):
+                race.pids[name] = pid
 
             def after_execute(self, conn, text):
                 if is_checkpoint_read(text):
@@ -1203,13 +1216,16 @@ class PauseAfterInsert(Hooks):
     (a long GC pause, a frozen VM) or, when the lab kills the process there, a crash mid-batch."""
 
     def __init__(self, n: int, report, go):
-        self.n, self.report, self.go, self.inserts = n, report, go, 0
+        self.n, self.report, self.go, self.inserts, self.pid = n, report, go, 0, 0
+
+    def opened(self, conn, pid: int) -> None:
+        self.pid = pid
 
     def after_execute(self, conn, text: str) -> None:
         if is_data_insert(text):
             self.inserts += 1
             if self.inserts == self.n:
-                self.report.send(("paused", conn.info.backend_pid))
+                self.report.send(("paused", self.pid))
                 self.go.wait(WAIT_S * 2)  # the client sleeps; its backend waits for the next statement
 
 

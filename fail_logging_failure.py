@@ -157,38 +157,59 @@ def run_totals(conn, run_id: str) -> tuple[int, int, int]:
     return rows, distinct, int(size)
 
 
+STALL_GRACE_S = 5.0  # a stall no writer has met yet holds on this much longer, then gives up
+
+
 @dataclass
 class Stall:
-    """A stall of the log store, measured: how long, and how many of the store's sessions were
-    waiting on it when it ended (at least one: the stall met a writer)."""
+    """A stall of the log store, measured: how long it was meant to hold, and the most of the
+    store's sessions seen waiting on it (at least one: the stall met a writer). `settled` is set
+    once a writer waits on it or it is over."""
     seconds: float
     thread: threading.Thread | None = None
     waiting: int = 0
+    settled: threading.Event = field(default_factory=threading.Event)
 
     def wait(self) -> "Stall":
         if self.thread is not None:
             self.thread.join()
         return self
 
+    def meets_a_writer(self) -> bool:
+        """Wait until a writer waits on the stall, or the stall is over; return whether one did."""
+        self.settled.wait(self.seconds + STALL_GRACE_S + 1)
+        return self.waiting >= 1
+
 
 WAITING_ON_LOCK = """
+    SELECT pg_stat_clear_snapshot();  -- read afresh: a transaction keeps its first view of it
     SELECT count(*) FROM pg_stat_activity
     WHERE application_name = current_setting('application_name') AND wait_event_type = 'Lock'"""
 
 
 def stall_store(s: Scenario, seconds: float) -> Stall:
     """The store stalls for real: another session takes a SHARE lock on pipeline_log (as a
-    migration or a REINDEX does), so every INSERT waits for it; a lab thread releases it after
-    `seconds`, first counting the store's sessions that were waiting on it."""
-    stall, locker, release = Stall(seconds), s.connect(), s.event()
+    migration or a REINDEX does), so every INSERT waits for it. A lab thread watches the store's
+    sessions waiting on it while it holds, and releases it after `seconds` once one has been
+    seen; a stall no writer has met by then holds on, STALL_GRACE_S at most, for a writer that
+    is slow to arrive (a TLS login on a busy machine), instead of giving up at one sample."""
+    stall, locker, release = Stall(seconds, settled=s.event()), s.connect(), s.event()
     with locker.cursor() as cur:
         cur.execute("LOCK TABLE pipeline_log IN SHARE MODE")
 
     def hold():
-        release.wait(seconds)  # teardown sets it: an interrupted run does not wait
-        stall.waiting = int(db.scalar(locker, WAITING_ON_LOCK))
+        started = time.monotonic()
+        while not release.is_set():  # teardown sets it: an interrupted run does not wait
+            stall.waiting = max(stall.waiting, int(db.scalar(locker, WAITING_ON_LOCK)))
+            if stall.waiting:
+                stall.settled.set()
+            held = time.monotonic() - started
+            if held >= seconds + (0 if stall.waiting else STALL_GRACE_S):
+                break
+            release.wait(0.01)
         locker.rollback()
         locker.close()
+        stall.settled.set()
 
     stall.thread = s.thread(hold, name="faillab-stall")
     return stall
@@ -456,15 +477,24 @@ def storage(s: Scenario):
     proxy = s.proxy()
     through_proxy = lambda: connect_log_store(s, proxy)  # noqa: E731  (the log store, behind the fault proxy)
     stalls: list[Stall] = []
-    faults = {STALL_AT: lambda: stalls.append(stall_store(s, STALL_S)), OUTAGE_AT: proxy.down}
+
+    def outage() -> None:
+        """The outage lands on a write the stall holds, if the stall still lasts: however slowly
+        the handler logged in, it has an INSERT in the server when its connection drops."""
+        for stall in stalls:
+            stall.meets_a_writer()
+        proxy.down()
+
+    faults = {STALL_AT: lambda: stalls.append(stall_store(s, STALL_S)), OUTAGE_AT: outage}
     store = WatchedDatabaseHandler(through_proxy)
     fallback = WatchedFile(FULL_DISK, encoding="utf-8") if FULL_DISK.exists() else None
     disk = (f"The fallback file is {FULL_DISK}: every write to it fails with a real ENOSPC." if fallback else
             f"No {FULL_DISK} on this OS: the full-disk fallback is left out here, not simulated.")
     s.trigger(f"""
         At record {STALL_AT:,} the store stalls for {STALL_S:g} s: another session holds a lock on
-        pipeline_log (as a migration does), so every INSERT waits. At record {OUTAGE_AT:,} the fault
-        proxy drops the log database's connection and refuses new ones until the job ends. {disk}
+        pipeline_log (as a migration does), so every INSERT waits. At record {OUTAGE_AT:,} (once an
+        INSERT waits on the stall, if it still lasts) the fault proxy drops the log database's
+        connection and refuses new ones until the job ends. {disk}
         Run 1: the standard library's defaults (Handler.handleError). Run 2: a handler that
         re-raises, under the outage alone.""")
 
@@ -573,9 +603,8 @@ def storage(s: Scenario):
         s.say(f"""
             Of the {fixed.emitted} events, {stored_live} were stored live + {spooled} spooled = {stored}.
             No spooled event was in the store already: the batch the outage cut had not reached its
-            COMMIT (it was waiting on the stalled store; {stalled_fixed.waiting} session(s) still waited on
-            the lock when it was released), so the server rolled it back and no COMMIT outcome was in
-            doubt.""")
+            COMMIT (it was waiting on the stalled store: at most {stalled_fixed.waiting} session(s) waited
+            on the lock at once), so the server rolled it back and no COMMIT outcome was in doubt.""")
     still_incomplete = {run for run, _, _ in db.rows(s.conn, INCOMPLETE_RUNS)}
     s.measure("fixed_job_seconds", round(fixed.seconds, 3), show=False)
     s.measure("fixed_slowest_log_s", round(fixed.slowest_log_s, 4), show=False)

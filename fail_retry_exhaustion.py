@@ -244,23 +244,29 @@ class _WatchedCursor:
 class TerminatedBetweenWorkAndMark(WatchedReplay):
     """Once one half of a replay (the work or the mark) has run, its session is ended with
     pg_terminate_backend just before the other half's first statement, once. A statement that
-    does both halves at once leaves nothing in between (`one_statement`)."""
+    does both halves at once leaves nothing in between (`one_statement`). The backend's pid is
+    asked of the server when the connection is wrapped: libpq's own (get_backend_pid()) is
+    PgBouncer's through a pooler, a pid the server never had."""
 
     def __init__(self, conn, admin):
         super().__init__(conn)
         self._admin = admin
+        self._pid = db.scalar(conn, "SELECT pg_backend_pid()")
+        conn.rollback()  # a fresh connection: end the transaction that SELECT opened, nothing else
         self.landed_before: str | None = None  # the half that never got to run
         self.one_statement = False
+        self._armed = True  # one try only
 
     def before(self, kinds: set[str]) -> None:
         halves = kinds & {"work", "mark"}
         self.one_statement |= len(halves) == 2
-        if len(halves) != 1 or self.landed_before is not None:
+        if len(halves) != 1 or not self._armed:
             return
         ran = {"work", "mark"} & set(self.done)
         if ran and not ran & halves:
-            pid = self._conn.get_backend_pid()
-            db.scalar(self._admin, "SELECT pg_terminate_backend(%s)", (pid,))
+            pid, self._armed = self._pid, False
+            if not db.scalar(self._admin, "SELECT pg_terminate_backend(%s)", (pid,)):
+                return  # no such backend: the fault did not land (the claim on landed_before says so)
             deadline = time.monotonic() + 5  # wait until the backend is gone (pg_terminate_backend signals)
             while time.monotonic() < deadline and db.scalar(
                     self._admin, "SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)):
@@ -338,6 +344,7 @@ def exhaustion(s):
     down_at = started = time.monotonic()
     with s.expect(RetryError) as caught:
         LOAD_POLICY.copy(before_sleep=timeline(s, started))(load_batch_via, params, unit)
+    s.require(caught.exc is not None, f"the outage landed: the proxy refused the job's connections to {unit}")
     policy_s = s.measure("policy_seconds", round(time.monotonic() - started, 3), show=False)
     exc = caught.exc
     cause = exc.last_attempt.exception()
@@ -602,6 +609,7 @@ def run_storm(s, admin, role: dict | None, label: str, policy_for, seeds: list[i
             "rejected": len(refusals) if role else proxy.count("over_cap", lost_at),
             "down": len(sent) - len(reached), "reached": len(reached), "times": sent, "peak": peak_in_window(reached),
             "recovered": len(out), "rows": rows, "workers": distinct,
+            "lost": sum(1 for r in out.values() if r["errors"]),
             "recovery_s": max((r["done"] for r in out.values()), default=lost_at) - lost_at}
 
 
@@ -693,6 +701,9 @@ def storm_runs(s, admin, role: dict | None, workers: int) -> None:
     for n in range(1, STORM_ROUNDS + 1):
         nj = run_storm(s, admin, role, f"no jitter {n}", storm_policy_naive, seeds, slots)
         naive_seen.append(nj)
+        if n == 1:  # a busy machine blurs the timing, never this: every connection was dropped
+            s.require(nj["lost"] == workers, f"the outage landed: the proxy dropped the connections of "
+                                             f"{nj['lost']} of the {workers} workers")
         if nj["rejected"] > 0 and nj["peak"] > slots:
             break
     else:
@@ -934,7 +945,10 @@ def backoff_calculation(s):
     proxy.down()
     naive = sleeps_requested(wait_naive, params, 35)  # 35 failed attempts: the 34 sleeps between them
     default = sleeps_requested(wait_exponential(), params, 31)
-    s.triggered_if(len(naive) == 34 and len(default) == 30 and min(naive[29], default[-1]) > YEAR_S,
+    s.require(len(naive) == 34 and len(default) == 30,
+              f"the outage landed: every attempt through the proxy failed ({len(naive)} of 34 and "
+              f"{len(default)} of 30 sleeps asked for)")
+    s.triggered_if(min(naive[29], default[-1]) > YEAR_S,
                    "after 30 failed attempts, both uncapped loops asked tenacity to sleep for years")
     for n in (10, 20, 30, 33):
         s.say(f"base * 2 ** attempt, after attempt {n}: asks to sleep {naive[n - 1]:,.0f} s = {human(naive[n - 1])}")
@@ -1247,8 +1261,8 @@ def non_transient(s):
     proxy.down()
     pay_and_refresh_naive(s.conn, report_params, 42, RETRY_EVERYTHING.copy(
         before_sleep=blip_over_before_retry(proxy, lost)))
-    if lost:
-        s.observe(lost[0], "The report's connection failed after the payment; the policy re-ran the whole scope:")
+    s.require(bool(lost), "the outage landed: the report's connection failed after the payment")
+    s.observe(lost[0], "The report's connection failed after the payment; the policy re-ran the whole scope:")
     paid = s.measure("order_42_payments", db.scalar(s.conn, "SELECT count(*) FROM payments WHERE order_id = 42"),
                      show=False)
     s.conn.commit()

@@ -171,6 +171,17 @@ def store_handler(connect, spool):
     # retries and spools, but writes each record in the job's own thread
     return BatchingDatabaseHandler(connect, spool=spool, batch_size=1)
 """, "did not hold the job up"),
+    "a queue whose sink writes only when it is closed": ("storage", """
+def store_handler(connect, spool):
+    records = queue.SimpleQueue()
+    handler = ListenedQueueHandler(records)
+    handler.setFormatter(JsonFormatter())
+    sink = BatchingDatabaseHandler(connect, spool=spool, batch_size=10 ** 6)
+    sink.setFormatter(logging.Formatter("%(message)s"))
+    handler.listener = logging.handlers.QueueListener(records, sink)  # never flushes on its own
+    handler.listener.start()
+    return handler
+""", "the handler wrote while the job ran"),
     "a queue in front of a sink that does not batch": ("volume", """
 def store_handler(connect, spool):
     records = queue.SimpleQueue()
@@ -507,12 +518,17 @@ def test_tolerant_reader_quarantines_bad_lines_with_numbers(tmp_path):
 
 def test_a_fault_that_does_not_land_fails_fast_with_its_claim(embedded_params, tmp_path):
     """FAILLAB_NO_FAULTS=1 makes the proxy's outage a no-op: storage must stop on the claim that
-    the store refused events, not pass and not hang."""
-    result = run_script(SCRIPT, "--only", "storage", env=clean_env(FAILLAB_NO_FAULTS="1"), tmp_path=tmp_path,
-                        timeout=90)
-    record = result.scenario("storage")
-    assert result.returncode == 1 and record["status"] == "failed" and record["cleaned"] is True
+    the store refused events, not pass and not hang; the other scenarios inject no switchable
+    fault (their stall is a real lock) and still pass."""
+    result = run_script(SCRIPT, env=clean_env(FAILLAB_NO_FAULTS="1"), tmp_path=tmp_path, timeout=180)
+    assert result.returncode == 1 and result.journal is not None, result.stderr[-3000:]
+    records = {r["id"]: r for r in result.journal["scenarios"]}
+    assert list(records) == IDS
+    record = records["storage"]
+    assert record["status"] == "failed" and record["triggered"] is False and record["cleaned"] is True
     assert record["reason"] == "stopped early: run 1: the log store refused events"
+    assert all(records[i]["status"] == "passed" for i in IDS if i != "storage"), \
+        {i: r.get("reason") for i, r in records.items()}
     assert lab_schemas(embedded_params, result.journal["run_id"]) == []
 
 

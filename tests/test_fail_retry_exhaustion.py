@@ -13,7 +13,7 @@ import pytest
 from tenacity import wait_exponential, wait_fixed
 
 from common import db
-from conftest import assert_control_fails, assert_passed, grade, lab_schemas, run_script, write_solution
+from conftest import assert_control_fails, assert_passed, clean_env, grade, lab_schemas, run_script, write_solution
 
 import fail_retry_exhaustion as lab
 from common.fixes import source_of
@@ -113,6 +113,33 @@ def test_negative_control_fails(target, tmp_path, scenario_id, slot, claim):
     _, env, params = target
     result = run_script(SCRIPT, "--only", scenario_id, "--control", slot, env=env, tmp_path=tmp_path)
     assert_control_fails(result, params, scenario_id, claim)
+
+
+# -- faults that do not land: FAILLAB_NO_FAULTS=1 makes the proxy's outage a no-op -------------------
+FAULT_NOT_LANDED = {  # each scenario stops on the claim that its outage landed
+    "exhaustion": "stopped early: the outage landed: the proxy refused the job's connections to batch-0007",
+    "storm": "stopped early: the outage landed: the proxy dropped the connections of 0 of the ",
+    "backoff_calculation": "stopped early: the outage landed: every attempt through the proxy failed (0 of 34",
+    "non_transient": "stopped early: the outage landed: the report's connection failed after the payment",
+}
+
+
+def test_every_scenario_whose_outage_does_not_land_fails_on_that_claim(embedded_params, tmp_path):
+    """Without its fault a scenario must neither pass, nor crash on what the fault should have
+    left (no RetryError, no sleeps), nor call the outage that never came an inconclusive timing."""
+    result = run_script(SCRIPT, env=clean_env(FAILLAB_NO_FAULTS="1"), tmp_path=tmp_path, timeout=180)
+    assert result.returncode == 1 and result.journal is not None, result.stderr[-3000:]
+    records = {r["id"]: r for r in result.journal["scenarios"]}
+    assert list(records) == IDS
+    for scenario_id, reason in FAULT_NOT_LANDED.items():
+        record = records[scenario_id]
+        assert record["cleaned"] is True, (scenario_id, record.get("reason"))
+        if scenario_id == "storm" and record["status"] == "skipped":  # the server had no room: not the fault
+            assert record["reason"].startswith("the server can spare"), record["reason"]
+            continue
+        assert record["status"] == "failed" and record["triggered"] is False, (scenario_id, record.get("reason"))
+        assert record["reason"].startswith(reason), (scenario_id, record["reason"])
+    assert lab_schemas(embedded_params, result.journal["run_id"]) == []
 
 
 def test_a_replay_that_waits_for_the_lock_is_right_too(target, tmp_path):
@@ -361,7 +388,9 @@ def test_a_terminated_session_is_transient(scratch):
     params, schema = scratch
     victim, admin = db.connect(params, schema=schema), db.connect(params, autocommit=True)
     try:
-        db.scalar(admin, "SELECT pg_terminate_backend(%s)", (victim.get_backend_pid(),))
+        pid = db.scalar(victim, "SELECT pg_backend_pid()")  # the server's (a pooler's differs)
+        victim.rollback()
+        db.scalar(admin, "SELECT pg_terminate_backend(%s)", (pid,))
         with pytest.raises(psycopg2.OperationalError) as info:
             for _ in range(50):  # the backend takes a moment to go
                 with victim.cursor() as cur:
