@@ -672,15 +672,21 @@ def storm(s):
                     "done_at timestamptz DEFAULT clock_timestamp())")
     s.conn.commit()
     admin = s.connect(autocommit=True)
-    role = s.role("w", connection_limit=STORM_WORKERS)  # None if we may not create roles
+    pooled = behind_a_pooler(admin)  # a pooler's logins never reach the server: no role limit there
+    role = None if pooled else s.role("w", connection_limit=STORM_WORKERS)  # None if we may not create roles
     with budget.share(s, STORM_WORKERS, least=STORM_MIN_WORKERS) as granted:
         if granted < STORM_MIN_WORKERS:
             s.skip(f"the server can spare {granted} connections for this run now; the storm needs "
                    f"{STORM_MIN_WORKERS} at least")
-        storm_runs(s, admin, role, granted)
+        storm_runs(s, admin, role, granted, pooled)
 
 
-def storm_runs(s, admin, role: dict | None, workers: int) -> None:
+def behind_a_pooler(conn) -> bool:
+    """libpq's backend pid is the server's, unless a pooler (PgBouncer) answers for the server."""
+    return conn.info.backend_pid != db.scalar(conn, "SELECT pg_backend_pid()")
+
+
+def storm_runs(s, admin, role: dict | None, workers: int, pooled: bool = False) -> None:
     slots = workers // 2
     if workers < STORM_WORKERS:
         s.say(f"The server is shared: this run may open {workers} connections now, so the storm is scaled\n"
@@ -689,6 +695,10 @@ def storm_runs(s, admin, role: dict | None, workers: int) -> None:
         s.say(f"The workers log in as a role of their own, {role['user']}; while the database is down\n"
               f"its CONNECTION LIMIT drops to {slots} (other clients took the free slots; PostgreSQL\n"
               "checks the limit at login only), so every login refused after the outage is a real 53300.")
+    elif pooled:
+        s.say("The workers log in through a pooler (PgBouncer), which keeps its server sessions\n"
+              "between clients: the server sees no login to refuse, so the limit of\n"
+              f"{slots} sessions is enforced by the proxy instead (max_connections): it resets the excess.")
     else:
         s.say("This role may not create roles (neither rolsuper nor rolcreaterole), so the limit of\n"
               f"{slots} sessions is enforced by the proxy instead (max_connections): it resets the excess.")
