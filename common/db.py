@@ -224,6 +224,17 @@ def open_target(app: str = "faillab:admin"):
         yield target, params, conn
 
 
+def backend_pid(conn) -> int:
+    """The pid of this connection's backend, asked of the server: libpq's own
+    (conn.info.backend_pid) is the pooler's number when PgBouncer answers for the server."""
+    return scalar(conn, "SELECT pg_backend_pid()")
+
+
+def behind_a_pooler(conn) -> bool:
+    """True when a pooler (PgBouncer) stands between this connection and the server."""
+    return conn.info.backend_pid != backend_pid(conn)
+
+
 def scalar(conn, query, args=None):
     with conn.cursor() as cur:
         cur.execute(query, args)

@@ -225,6 +225,40 @@ def assert_control_fails(result: Result, params: dict, scenario_id: str, claim: 
     assert lab_schemas(params, result.journal["run_id"]) == []
 
 
+def run_control(script: str, scenario_id: str, slot: str, claim: str, target, tmp_path: Path) -> None:
+    """Run one negative control through the command line and check it (assert_control_fails);
+    the journal must also show that the slot really held the naive code."""
+    _, env, params = target
+    result = run_script(script, "--only", scenario_id, "--control", slot, env=env, tmp_path=tmp_path)
+    assert_control_fails(result, params, scenario_id, claim)
+    naive = next(f.naive for f in declared_fixes(script) if f.slot == slot and f.scenario_id == scenario_id)
+    assert result.scenario(scenario_id)["fixes"][slot].endswith("." + naive.__name__)
+
+
+def declared_fixes(script: str) -> list:
+    """Every fix a lesson declares, each with its scenario id (imported from the script itself)."""
+    import importlib
+
+    from common.scenario import _REGISTRY
+
+    module = importlib.import_module(Path(script).stem)
+    return [_ScenarioFix(spec.id, f.slot, f.naive, f.fixed) for spec in _REGISTRY
+            if spec.fn.__module__ == module.__name__ for f in spec.fixes]
+
+
+@dataclass
+class _ScenarioFix:
+    scenario_id: str
+    slot: str
+    naive: object
+    fixed: object
+
+
+def assert_every_slot_has_a_control(script: str, controls: list[tuple[str, str, str]]) -> None:
+    declared = {(f.scenario_id, f.slot) for f in declared_fixes(script)}
+    assert declared == {(c[0], c[1]) for c in controls}
+
+
 # -- exercises, graded through the command line as a student runs them --------------------------
 def exercise_file(tmp_path: Path, script: str, scenario_id: str) -> Path:
     return tmp_path / "exercises" / script[:-3] / f"{scenario_id}.py"
