@@ -524,7 +524,8 @@ def corruption(s):
     with s.expect(json.JSONDecodeError):
         json.loads(sweep["torn_text"])
     show_sweep(s, sweep)
-    s.measure("kills_torn_before", len(torn), show=False)
+    s.measure("kills_torn_before", len(torn), show=False,
+              note="kills of the in-place save that left no valid checkpoint")
     s.triggered_if(torn and len(torn) == len(sweep["points"]) - 1,
                    "every kill after the file was opened left no valid checkpoint at all")
 
@@ -549,7 +550,8 @@ def corruption(s):
             pass
     s.conn.commit()
     found = damage(s.conn)
-    s.measure("rows_missing_before", found["missing"], f"ids 1001-1500, silently skipped")
+    s.measure("rows_missing_before", found["missing"], "ids 1001-1500, silently skipped",
+              headline=True)
     s.triggered_if(found["missing"] == BATCH, "the resumed job finished 'successfully', with rows missing")
 
     s.root_cause("""
@@ -605,18 +607,29 @@ def corruption(s):
         show_sweep(s, sweep)
         st.result = (f"not killed, it left {KILL_OUTCOMES[sweep['finished']]}" if sweep["finished"]
                      else f"the save {sweep['crashed'] or 'never finished'}")
-        s.measure("kills_torn_after", len(bad), show=False)
+        s.measure("kills_torn_after", len(bad), show=False,
+                  note="kills of save_checkpoint() that left a file neither old nor new")
         s.recovered_if(sweep["points"] and not bad and not sweep["crashed"],
                        "killed before any of its file operations, save_checkpoint() "
                        "always left a whole checkpoint, old or new")
         s.recovered_if(sweep["finished"] == "new", "not killed, save_checkpoint() saved the new checkpoint")
-    s.measure("rows_missing_after", damage(s.conn)["missing"], show=False)
+    s.measure("rows_missing_after", damage(s.conn)["missing"], show=False,
+              note="ids of source_rows missing from target_rows after the re-run")
 
     s.prevention("""
         Keep the checkpoint in the database, in the same transaction as the batch it describes
         (scenario db_down proves it). When it must be a file, never overwrite in place: temp file,
         fsync, os.replace. On resume, validate before trusting, and fall back to what the data
-        proves.""")
+        proves.""",
+                 lesson="A checkpoint is a claim about the data: write it atomically, never ahead of "
+                        "the commit, and check it against the data before you trust it.",
+                 questions=(
+                     "Where does your job keep its checkpoint, and what is on disk at the instant "
+                     "the job is killed while saving it?",
+                     "Your checkpoint parses: what would tell you it describes data that was really "
+                     "committed?",
+                     "When the checkpoint cannot be trusted, where can your job safely resume, and "
+                     "what does the target itself say?"))
 
 
 # -- 2. db_down -------------------------------------------------------------------------------------
@@ -846,7 +859,8 @@ def db_down(s):
     outage.close()
     run_job_once(lambda: s.connect(s.via(proxy)), copy_batch_two_commits)
     found = damage(s.conn)
-    s.measure("rows_duplicated_before", found["duplicated"], show=False)
+    s.measure("rows_duplicated_before", found["duplicated"], show=False,
+              note="rows of batch 3 the naive restart copied a second time", headline=True)
     s.triggered_if(found["duplicated"] == BATCH, f"the restart copied batch 3 ({BATCH} rows) a second time")
 
     s.root_cause("""
@@ -888,8 +902,10 @@ def db_down(s):
                             after[0], after[1], found["missing"], found["duplicated"]])
             st.result = (f"the job saw {type(outage.errors[0]).__name__}, then " +
                          ("finished" if died is None else f"gave up ({type(died).__name__})"))
-            s.measure(f"connections_{point}", seen["attempts"], show=False)
-            s.measure(f"after_reconnect_{point}", {"checkpoint": after[0], "rows": after[1]}, show=False)
+            s.measure(f"connections_{point}", seen["attempts"], show=False,
+                      note=f"connections run_job() opened: {label}")
+            s.measure(f"after_reconnect_{point}", {"checkpoint": after[0], "rows": after[1]},
+                      show=False, note=f"checkpoint and rows found on reconnecting: {label}")
             s.recovered_if(died is None, f"{label}: the job reconnected on its own and finished")
             s.recovered_if(after[0] == after[1] != "-" and exactly_once(s.conn),
                            f"{label}: the checkpoint matched the data after reconnecting, "
@@ -899,11 +915,21 @@ def db_down(s):
     s.say("1000 = 1000: the batch was lost with its checkpoint. 1500 = 1500: the server committed both, "
           "though the client never heard. Either way the checkpoint says where the data is.")
     prove_exactly_once(s)
+    s.measure("rows_duplicated_after", damage(s.conn)["duplicated"], show=False,
+              note="ids twice in target_rows after the last run of the fixed job")
     s.prevention("""
         One transaction per batch for data and checkpoint, and on any connection error: reconnect with
         bounded, jittered backoff (tenacity) and resume from the committed checkpoint. Whether the
         lost COMMIT landed or not, the checkpoint read after reconnecting says exactly where the data
-        is.""")
+        is.""",
+                 lesson="Commit the batch and its checkpoint in one transaction: only one commit is "
+                        "atomic, and a connection can drop between any two.",
+                 questions=(
+                     "Which of your jobs commit the data and the checkpoint (or a watermark, or a "
+                     "processed flag) separately?",
+                     "A COMMIT's reply is lost: how does your job find out whether it landed?",
+                     "Your target has no key: how would you notice a batch copied twice, and how "
+                     "would you repair it?"))
 
 
 # -- 3. concurrent_access -------------------------------------------------------------------------
@@ -1082,9 +1108,11 @@ def concurrent_access(s):
     moves = [r[0] for r in db.rows(s.conn, "SELECT last_id FROM checkpoint_history ORDER BY seq")]
     s.conn.rollback()
     backwards = sum(1 for a, b in zip(moves, moves[1:]) if b < a)
-    s.measure("rows_duplicated", found["duplicated"], show=False)
+    s.measure("rows_duplicated", found["duplicated"], show=False,
+              note="rows copied twice by the two unguarded workers", headline=True)
     s.measure("checkpoint_moves", " -> ".join(map(str, moves)))
-    s.measure("checkpoint_moved_backwards", backwards, show=False)
+    s.measure("checkpoint_moved_backwards", backwards, show=False,
+              note="writes that took the checkpoint back (a lost update)")
     s.triggered_if(found["duplicated"] == BATCH, f"batch 1 was copied twice ({BATCH} duplicate rows)")
     s.triggered_if(backwards == 1 and read_checkpoint(s.conn) == BATCH,
                    "lost update: B's write took the checkpoint back over A's")
@@ -1111,11 +1139,12 @@ def concurrent_access(s):
             s.conn.rollback()
             st.result = (f"missing {found['missing']}, duplicated {found['duplicated']}, checkpoint "
                          f"{checkpoint}, rolled back: {race.rollbacks}")
-            s.measure(f"{slot}_damage", found, show=False)
+            s.measure(f"{slot}_damage", found, show=False, note=f"ids missing and twice: {label}")
             ok = not errors and exactly_once(s.conn) and checkpoint == SOURCE_ROWS
             s.recovered_if(ok, f"{label}: each batch copied exactly once, checkpoint at {SOURCE_ROWS}")
             if slot == "worker_compare_and_set":
-                s.measure("compare_and_set_conflicts", race.rollbacks, show=False)
+                s.measure("compare_and_set_conflicts", race.rollbacks, show=False,
+                          note="batches rolled back because the version had moved")
                 s.recovered_if(race.rollbacks >= 1, "compare-and-set: the loser noticed, rolled back its "
                                                     "batch and retried")
     with s.step("Fix 3, let the database refuse: REPEATABLE READ, two writers of one row") as st:
@@ -1137,7 +1166,16 @@ def concurrent_access(s):
     s.prevention("""
         Make "read checkpoint, do batch, move checkpoint" one transaction that holds the checkpoint
         row (FOR UPDATE, or an advisory lock per job), or check the version when you write it, or run
-        it at REPEATABLE READ/SERIALIZABLE and retry 40001. Never two unguarded writers.""")
+        it at REPEATABLE READ/SERIALIZABLE and retry 40001. Never two unguarded writers.""",
+                 lesson="Read, copy and move the checkpoint in one guarded transaction: a lock, a "
+                        "version check, or an isolation level that refuses the second writer.",
+                 questions=(
+                     "What stops your scheduler from starting the same job twice, and what if it "
+                     "does anyway?",
+                     "Row lock, version check or SERIALIZABLE: which one costs your job least "
+                     "when two workers really meet?",
+                     "Would you notice a checkpoint that moved backwards? Which query would show "
+                     "it?"))
 
 
 # -- 4. interrupted_recovery ----------------------------------------------------------------------
@@ -1331,7 +1369,8 @@ def interrupted_recovery(s):
     s.triggered_if(row["status"] == "in_progress" and proc.exitcode != 0,
                    "the run is left 'in_progress', held by a dead owner")
     claimed = claim_if_idle(s.conn, owner_id(), LEASE_S)
-    s.measure("naive_restart_claimed", claimed is not None, show=False)
+    s.measure("naive_restart_claimed", claimed is not None, show=False,
+              note="the naive restart took the dead owner's job", headline=True)
     s.triggered_if(claimed is None, "the naive restart refuses: 'already running', forever")
 
     s.root_cause("""
@@ -1386,7 +1425,8 @@ def interrupted_recovery(s):
         found = damage(s.conn)
         refused = end is not None and end[0] == "raised"
         st.result = f"worker 2: {end[1] if refused else (end[0] if end else 'no answer')}"
-        s.measure("late_write", {"checkpoint": row["last_id"], "duplicated": found["duplicated"]}, show=False)
+        s.measure("late_write", {"checkpoint": row["last_id"], "duplicated": found["duplicated"]},
+                  show=False, note="checkpoint and ids twice after the stalled owner woke up")
         s.recovered_if(refused and row["last_id"] == SOURCE_ROWS and found["duplicated"] == 0,
                        f"the stalled owner's late write was refused: worker 2 "
                        f"{'stopped' if refused else 'wrote on'}, {found['duplicated']} duplicate rows")
@@ -1399,7 +1439,16 @@ def interrupted_recovery(s):
         restart take over a lease whose heartbeat is older than the lease, atomically, by the
         server's clock. Every claim gets a new fencing token, and every write checks it, so an owner
         that only stalled cannot write after the takeover. Resume from the checkpoint committed with
-        the data, never from zero.""")
+        the data, never from zero.""",
+                 lesson="A lease must expire when its heartbeat stops, and every write must carry "
+                        "the fencing token of the claim it was made under.",
+                 questions=(
+                     "How long may your job pause (GC, a slow disk, a suspended VM) before another "
+                     "run takes it over?",
+                     "Whose clock decides that a lease has expired in your system, and what if "
+                     "two clocks disagree?",
+                     "Which writes of your job check that it still owns the run, and which do "
+                     "not?"))
 
 
 if __name__ == "__main__":

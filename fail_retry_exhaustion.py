@@ -345,10 +345,12 @@ def exhaustion(s):
     with s.expect(RetryError) as caught:
         LOAD_POLICY.copy(before_sleep=timeline(s, started))(load_batch_via, params, unit)
     s.require(caught.exc is not None, f"the outage landed: the proxy refused the job's connections to {unit}")
-    policy_s = s.measure("policy_seconds", round(time.monotonic() - started, 3), show=False)
+    policy_s = s.measure("policy_seconds", round(time.monotonic() - started, 3), show=False,
+                         note="seconds from the first attempt to the RetryError")
     exc = caught.exc
     cause = exc.last_attempt.exception()
-    attempts = s.measure("attempts_before_giving_up", exc.last_attempt.attempt_number, show=False)
+    attempts = s.measure("attempts_before_giving_up", exc.last_attempt.attempt_number, show=False,
+                         note="attempts the policy made before it raised RetryError", headline=True)
     s.say(f"attempt {attempts}  t={1000 * policy_s:4.0f} ms  no sleep: stop_after_attempt(5) gives up "
           f"and raises {type(exc).__name__}")
     s.say(f"What a log line built from str(exc) shows: {exc}")
@@ -385,7 +387,8 @@ def exhaustion(s):
                    and "RetryError" not in parked[0][3],
                    f"the job exits with EX_TEMPFAIL ({EXIT_TEMPFAIL}) and {unit} is parked with its real "
                    f"error and 5 attempts ({len(parked)} dead letter(s))")
-    outage_s = s.measure("outage_seconds", round(time.monotonic() - down_at, 3), show=False)
+    outage_s = s.measure("outage_seconds", round(time.monotonic() - down_at, 3), show=False,
+                         note="seconds the database was down for the job")
     proxy.up()
     with s.step(f"the database is back after {outage_s:.2f} s: replay the dead letters; the replay's "
                 "session is ended between the work and the mark") as st:
@@ -430,7 +433,7 @@ def exhaustion(s):
     loaded, runs = batch_state(s.conn, unit)
     pending = db.scalar(s.conn, "SELECT count(*) FROM dead_letter WHERE replayed_at IS NULL")
     s.conn.commit()
-    s.measure("unit_runs", runs, show=False)
+    s.measure("unit_runs", runs, show=False, note="times the parked unit ran, every replay counted")
     s.recovered_if(loaded == BATCH_SIZE and runs == 1 and pending == 0,
                    f"{unit} ran exactly once and is loaded and marked: ran {runs} time(s), {loaded} of "
                    f"{BATCH_SIZE} rows equal to source, {pending} dead letter(s) pending")
@@ -442,7 +445,16 @@ def exhaustion(s):
         and exit with a status the scheduler understands. Replay marks the dead letter in the
         same transaction as the work: a session ended between the two leaves neither, and a
         second replay finds nothing left to do. Its read locks the dead letter it takes (FOR
-        UPDATE SKIP LOCKED), so two replayers at once never take the same unit.""")
+        UPDATE SKIP LOCKED), so two replayers at once never take the same unit.""",
+                 lesson="Plan for the retries running out: keep the real error, park the unit where "
+                        "the outage does not reach, and replay it exactly once.",
+                 questions=(
+                     "When your job's retries run out, what does the log say, and could you redo "
+                     "just the unit that failed?",
+                     "Where would your dead letters live so that the outage that made them does "
+                     "not reach them too?",
+                     "What exit status does your scheduler need to tell \"try again later\" from "
+                     "\"broken\"?"))
 
 
 # -- 2. storm --------------------------------------------------------------------------------------
@@ -744,8 +756,10 @@ def storm_runs(s, admin, role: dict | None, workers: int, pooled: bool = False) 
         planned = {name: peak_in_window(planned_first_logins(p, seeds))
                    for name, p in (("naive", storm_policy_naive), ("fix", policy_for))}
         st.result = f"computed for the {workers} workers' seeds, with no sleep and no database"
-    s.measure("planned_peak_50ms_no_jitter", planned["naive"], show=False)
-    s.measure("planned_peak_50ms_fix", planned["fix"], show=False)
+    s.measure("planned_peak_50ms_no_jitter", planned["naive"], show=False,
+              note="first logins in the busiest 50 ms, as no jitter plans them")
+    s.measure("planned_peak_50ms_fix", planned["fix"], show=False,
+              note="first logins in the busiest 50 ms, as the policy plans them")
     planned_ok = s.recovered_if(2 * planned["fix"] <= planned["naive"],
                                 f"the policy spreads the workers: its planned busiest 50 ms is at most half "
                                 f"of no jitter's ({planned['naive']} -> {planned['fix']})")
@@ -772,11 +786,14 @@ def storm_runs(s, admin, role: dict | None, workers: int, pooled: bool = False) 
     s.table(["policy", "down: attempts", "back: logins", "peak 50 ms", "refused", "all done"],
             [[name, r["down"], r["reached"], r["peak"], r["rejected"], f"{1000 * r['recovery_s']:.0f} ms"]
              for name, r in (("no jitter", nj), ("the fix", fj))])
-    for name, r in (("no_jitter", nj), ("fix", fj)):
-        for key in ("down", "reached", "peak", "rejected"):
-            s.measure(f"{name}_{key}", r[key], show=False)
-        s.measure(f"{name}_recovery_s", round(r["recovery_s"], 3), show=False)
-    s.measure("rounds", len(rounds), show=False)
+    for name, label, r in (("no_jitter", "no jitter", nj), ("fix", "the fix", fj)):
+        for key, column in (("down", "down: attempts"), ("reached", "back: logins"),
+                            ("peak", "peak 50 ms"), ("rejected", "refused")):
+            s.measure(f"{name}_{key}", r[key], show=False, note=f"{label}: {column}",
+                      headline=(name, key) == ("no_jitter", "rejected"))
+        s.measure(f"{name}_recovery_s", round(r["recovery_s"], 3), show=False,
+                  note=f"{label}: all done, in seconds")
+    s.measure("rounds", len(rounds), show=False, note="pairs of runs measured with the policy")
     s.say(f"Connection attempts per 50 ms after the loss; the database is back at {1000 * STORM_OUTAGE_S:.0f} ms:")
     s.table(["after the loss", "no jitter", "the fix"], histogram([nj, fj]))
     s.say(f"""
@@ -800,7 +817,16 @@ def storm_runs(s, admin, role: dict | None, workers: int, pooled: bool = False) 
         Jitter every backoff that many clients share: full jitter with a cap, so clients that
         failed together do not retry together. For a repeatable run (--seed), give each worker
         its own generator (the wait below). In production: 1 s doubling to 60 s, and a stop.""",
-        wait_full_jitter)
+        wait_full_jitter,
+        lesson="Jitter every backoff that many clients share: clients that failed together must "
+               "not retry together.",
+        questions=(
+            "How many of your workers, jobs or pods lose their connection in the same failover, "
+            "and when do they all come back?",
+            "What does your database do with a wall of logins: how many sessions are free, and "
+            "who gets refused?",
+            "Your backoff is jittered: is the draw really per client, or do they share one "
+            "seed?"))
 
 
 # -- 3. backoff_calculation ------------------------------------------------------------------------
@@ -975,16 +1001,19 @@ def backoff_calculation(s):
     with s.expect(OverflowError, label="OverflowError inside the hand-capped wait"):
         Retrying(wait=wait_hand_capped, sleep=forever.append, reraise=True)(ping_via, params)
     took = time.monotonic() - started
-    s.measure("hand_capped_sleeps", len(forever), show=False)
+    s.measure("hand_capped_sleeps", len(forever), show=False,
+              note="sleeps the hand-capped loop asked for before OverflowError")
     s.triggered_if(len(forever) == 1023 and max(forever) == CAP_S,
                    f"the retry-forever loop died at attempt 1024, after {len(forever)} sleeps of at most {CAP_S} s "
                    f"({human(sum(forever))} of sleeping in production; {took:.1f} s of real attempts here): "
                    "OverflowError, not the database error")
-    naive_worst = s.measure("naive_worst_case_s", sum(naive[:ATTEMPTS - 1]), show=False)
+    naive_worst = s.measure("naive_worst_case_s", sum(naive[:ATTEMPTS - 1]), show=False,
+                            note="seconds base * 2 ** attempt sleeps in its attempts", headline=True)
     s.triggered_if(naive_worst > DEADLINE_S, f"{ATTEMPTS} attempts of base * 2 ** attempt sleep {human(naive_worst)} "
                                              f"in all: past the {DEADLINE_S} s deadline")
     asked = sleeps_requested(wait_fixed(RETRY_DELAY_MS), params)  # a real run would hang here for 8 min
-    s.measure("ms_as_seconds_sleep_s", asked[0] if asked else None, show=False)
+    s.measure("ms_as_seconds_sleep_s", asked[0] if asked else None, show=False,
+              note="seconds tenacity asked to sleep for a 500 ms setting")
     s.triggered_if(asked == [RETRY_DELAY_MS], f"the setting said {RETRY_DELAY_MS} ms; between two failed attempts "
                                               f"tenacity asked to sleep {words(asked)} s: 1000x too long")
     limit, nap = STOP_LIMIT_S, STOP_SLEEP_S
@@ -1002,8 +1031,10 @@ def backoff_calculation(s):
         s.skip(f"inconclusive under load: in {STOP_TRIES} tries, attempt 2 never failed within {limit} s "
                f"(the last sleeps ended at {words([round(e, 3) for e, _ in tries])} s)")
     late_end, late = tries[-1]
-    s.measure("stop_after_delay_attempts", late, show=False)
-    s.measure("stop_after_delay_overshoot_s", round(late_end - limit, 3), show=False)
+    s.measure("stop_after_delay_attempts", late, show=False,
+              note="attempts stop_after_delay let run")
+    s.measure("stop_after_delay_overshoot_s", round(late_end - limit, 3), show=False,
+              note="seconds its last sleep ended past the limit")
     s.triggered_if(late_end > limit, f"stop_after_delay({limit}) with sleeps of {nap} s slept past its limit: "
                                      f"its last sleep ended at {late_end:.3f} s, then attempt {late} ran")
 
@@ -1034,9 +1065,12 @@ def backoff_calculation(s):
         rows.append(["all sleeps", f"{sum(naive[:shown]):,.0f}", f"{sum(w):,.1f}", f"{sum(a):,.1f}"])
         s.table(["after attempt", "base*2**n (s)", "policy, worst (s)", "policy, drawn (s)"], rows)
         st.result = f"{worst['attempts']} attempts in the worst case"
-    s.measure("policy_worst_case_s", round(sum(w), 3), show=False)
-    s.measure("policy_worst_attempts", worst["attempts"], show=False)
-    s.measure("policy_longest_sleep_s", max(w, default=0), show=False)
+    s.measure("policy_worst_case_s", round(sum(w), 3), show=False,
+              note="seconds of sleeps of the policy, every draw at the top")
+    s.measure("policy_worst_attempts", worst["attempts"], show=False,
+              note="attempts of the policy in its worst case")
+    s.measure("policy_longest_sleep_s", max(w, default=0), show=False,
+              note="the longest sleep the policy asked for")
     runaway = " (still retrying: the lab stopped it)" if worst["attempts"] >= RUNAWAY_ATTEMPTS else ""
     s.recovered_if(worst["attempts"] <= ATTEMPTS and isinstance(worst["raised"], psycopg2.OperationalError),
                    f"the policy gives up after at most {ATTEMPTS} attempts and raises the database error: "
@@ -1062,8 +1096,10 @@ def backoff_calculation(s):
         bounded = time.monotonic() - started
         early = policy.statistics["attempt_number"]
         st.result = f"gave up after attempt {early}, at {bounded:.3f} s: the next sleep would have crossed the limit"
-    s.measure("stop_before_delay_attempts", early, show=False)
-    s.measure("stop_before_delay_seconds", round(bounded, 3), show=False)
+    s.measure("stop_before_delay_attempts", early, show=False,
+              note="attempts stop_before_delay let run")
+    s.measure("stop_before_delay_seconds", round(bounded, 3), show=False,
+              note="seconds until stop_before_delay gave up")
     s.recovered_if(max(ends, default=0) <= limit,
                    f"stop_before_delay never sleeps past {limit} s: its last sleep ended at {max(ends, default=0):.3f} s")
     with s.step(f"the policy at 1:1000 against attempts that fail slowly: a job holds a lock, each attempt "
@@ -1082,7 +1118,8 @@ def backoff_calculation(s):
         holder.rollback()
         st.result = (f"gave up after {policy.statistics['attempt_number']} attempts, at {1000 * slow_s:.0f} ms; "
                      f"the last sleep ended at {1000 * max(ends, default=0):.0f} ms")
-    s.measure("slow_attempts_seconds", round(slow_s, 3), show=False)
+    s.measure("slow_attempts_seconds", round(slow_s, 3), show=False,
+              note="seconds until the policy gave up on the slow attempts")
     s.recovered_if(max(ends, default=0) <= DEADLINE_S * SCALE,
                    f"no sleep ended past the {1000 * DEADLINE_S * SCALE:.0f} ms deadline, slow attempts counted "
                    f"(the last ended at {1000 * max(ends, default=0):.0f} ms)")
@@ -1102,7 +1139,8 @@ def backoff_calculation(s):
         took = time.monotonic() - started
         fixed_attempts = policy.statistics["attempt_number"]
         st.result = f"{'succeeded' if rode else 'gave up'} on attempt {fixed_attempts} after {1000 * took:.0f} ms"
-    s.measure("fixed_policy_seconds", round(took, 3), show=False)
+    s.measure("fixed_policy_seconds", round(took, 3), show=False,
+              note="seconds the policy took to ride out the outage")
     s.recovered_if(rode and fixed_attempts > 1 and took <= DEADLINE_S * SCALE,
                    f"rode out the outage in {fixed_attempts} attempts, {1000 * took:.0f} ms, within the deadline")
 
@@ -1110,7 +1148,15 @@ def backoff_calculation(s):
         Let tenacity do the arithmetic and give it every bound: a cap on each sleep (max=), full
         jitter, a number of attempts AND a deadline that counts the next sleep (stop_before_delay).
         Carry units in names (_s, _ms) and convert once, where the setting is read.""",
-        wait_full_jitter)
+        wait_full_jitter,
+        lesson="Give every retry policy every bound: a cap per sleep, a number of attempts and a "
+               "deadline that counts the next sleep.",
+        questions=(
+            "What is the longest your retry policy can sleep in all, and does it fit the job's "
+            "deadline?",
+            "Which of your retry settings are in milliseconds, and which library reads them "
+            "as seconds?",
+            "Is your retry loop's stop checked before the next sleep, or only after it?"))
 
 
 # -- 4. non_transient --------------------------------------------------------------------------------
@@ -1263,8 +1309,10 @@ def non_transient(s):
     started = time.monotonic()
     with s.expect(psycopg2.errors.UndefinedTable, sqlstate="42P01") as permanent:
         policy(in_transaction, s.conn, read_daily_report)
-    wasted = s.measure("permanent_error_seconds_naive", round(time.monotonic() - started, 3), show=False)
-    naive_attempts = s.measure("permanent_error_attempts_naive", policy.statistics["attempt_number"], show=False)
+    wasted = s.measure("permanent_error_seconds_naive", round(time.monotonic() - started, 3), show=False,
+                       note="seconds spent retrying the missing table")
+    naive_attempts = s.measure("permanent_error_attempts_naive", policy.statistics["attempt_number"],
+                               show=False, note="attempts at the missing table, retry-everything")
     s.triggered_if(naive_attempts == 5 and codes == ["42P01"] * 4,
                    f"the same 42P01 on all {naive_attempts} attempts, {wasted} s spent, and the same error at the end")
     lost: list = []
@@ -1274,7 +1322,7 @@ def non_transient(s):
     s.require(bool(lost), "the outage landed: the report's connection failed after the payment")
     s.observe(lost[0], "The report's connection failed after the payment; the policy re-ran the whole scope:")
     paid = s.measure("order_42_payments", db.scalar(s.conn, "SELECT count(*) FROM payments WHERE order_id = 42"),
-                     show=False)
+                     show=False, note="times order 42 was charged", headline=True)
     s.conn.commit()
     s.triggered_if(paid == 2, f"order 42 was charged {paid} times: the retry re-ran the committed payment")
 
@@ -1296,7 +1344,8 @@ def non_transient(s):
     policy = RETRY_EVERYTHING.copy(retry=retry_if_exception(transient))
     with s.expect(psycopg2.errors.UndefinedTable, sqlstate="42P01"):
         policy(in_transaction, s.conn, read_daily_report)
-    fixed_attempts = s.measure("permanent_error_attempts_fixed", policy.statistics["attempt_number"], show=False)
+    fixed_attempts = s.measure("permanent_error_attempts_fixed", policy.statistics["attempt_number"],
+                               show=False, note="attempts at the missing table, is_transient")
     s.recovered_if(fixed_attempts == 1, f"the permanent error fails on its first attempt: {fixed_attempts} attempt(s), "
                                         f"{1000 * (time.monotonic() - started):.0f} ms")
     with s.step("charge order 43 with pay_and_refresh; the report's connection fails once again") as st:
@@ -1313,7 +1362,7 @@ def non_transient(s):
         proxy.up()
     paid = db.scalar(s.conn, "SELECT count(*) FROM payments WHERE order_id = 43")
     s.conn.commit()
-    s.measure("order_43_payments", paid, show=False)
+    s.measure("order_43_payments", paid, show=False, note="times order 43 was charged")
     s.recovered_if(paid == 1 and len(refreshes) == 1,
                    f"order 43 is charged exactly once, the failed refresh retried: charged {paid} time(s), "
                    f"refresh retried {len(refreshes)} time(s)")
@@ -1336,7 +1385,7 @@ def non_transient(s):
         victim = max((r["attempts"] for r in out.values()), default=0)
         st.result = (f"attempts: transfer 1->2: {words(out.get(1, {}).get('attempts'))}, "
                      f"2->1: {words(out.get(2, {}).get('attempts'))}")
-    s.measure("deadlock_attempts", victim, show=False)
+    s.measure("deadlock_attempts", victim, show=False, note="attempts of the deadlock's victim")
     balances = db.rows(s.conn, "SELECT id, balance FROM accounts ORDER BY id")
     s.conn.commit()
     s.recovered_if(victim == 2 and [e.pgcode for e in deadlocks] == ["40P01"],
@@ -1349,7 +1398,14 @@ def non_transient(s):
         unit that is safe to repeat: a whole transaction that rolled back, or an idempotent step;
         never a scope that contains a write that already committed.""",
         "TRANSIENT_SQLSTATES = {\n    " + ", ".join(f'"{c}"' for c in sorted(TRANSIENT_SQLSTATES)) + "}",
-        "RETRY_TRANSIENT = RETRY_EVERYTHING.copy(\n    retry=retry_if_exception(is_transient))")
+        "RETRY_TRANSIENT = RETRY_EVERYTHING.copy(\n    retry=retry_if_exception(is_transient))",
+        lesson="Retry only errors that can go away, and only a unit that is safe to run twice.",
+        questions=(
+            "Which errors does your retry policy retry: every exception, or a list you could "
+            "read out?",
+            "Which step inside your retry scope has already committed when a later step fails?",
+            "A deadlock victim's transaction was rolled back: what must your code run again, "
+            "and from where?"))
 
 
 if __name__ == "__main__":

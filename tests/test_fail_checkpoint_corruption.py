@@ -6,15 +6,22 @@ import pytest
 import fail_checkpoint_corruption as lab
 from common.fixes import source_of
 from common.scenario import _REGISTRY
+from test_fail_idempotency_break import assert_gives_the_handout
 from conftest import assert_control_fails, assert_passed, clean_env, grade, lab_schemas, run_script, write_solution
 
 SCRIPT = "fail_checkpoint_corruption.py"
 IDS = ["corruption", "db_down", "concurrent_access", "interrupted_recovery"]
 
 
-def test_every_scenario_demonstrates_recovers_and_cleans(target, tmp_path):
+@pytest.fixture(scope="module")
+def full_run(target, tmp_path_factory):
+    """One run of the script per target, shared by the end-to-end tests below."""
     name, env, params = target
-    result = run_script(SCRIPT, env=env, tmp_path=tmp_path)
+    return name, run_script(SCRIPT, env=env, tmp_path=tmp_path_factory.mktemp(f"checkpoint-{name}")), params
+
+
+def test_every_scenario_demonstrates_recovers_and_cleans(full_run):
+    name, result, params = full_run
     assert_passed(result, params, IDS)
     j = result.journal
     assert j["database"]["mode"] == ("embedded" if name == "embedded" else "DATABASE_URL")
@@ -55,6 +62,20 @@ def test_every_scenario_demonstrates_recovers_and_cleans(target, tmp_path):
                  and not (n and lines[n - 1].strip().startswith('File "'))]
         for line in shown:
             assert not re.search(r"\{'|\['|\bNone\b|\bTrue\b|\bFalse\b|Decimal\(|datetime\.", line), (scenario_id, line)
+
+
+HEADLINES = {  # the figure the summary shows for each scenario, as the journal gives it
+    "corruption": {"name": "rows_missing_before", "value": "500", "after": "0"},
+    "db_down": {"name": "rows_duplicated_before", "value": "500", "after": "0"},
+    "concurrent_access": {"name": "rows_duplicated", "value": "500"},
+    "interrupted_recovery": {"name": "naive_restart_claimed", "value": "no"},
+}
+
+
+def test_each_scenario_gives_the_handout_its_headline_lesson_questions_and_notes(full_run):
+    _, result, _ = full_run
+    assert list(HEADLINES) == IDS
+    assert_gives_the_handout(result, HEADLINES)
 
 
 def test_only_and_list(tmp_path):

@@ -13,6 +13,7 @@ import pytest
 from tenacity import wait_exponential, wait_fixed
 
 from common import db
+from test_fail_idempotency_break import assert_gives_the_handout
 from conftest import assert_control_fails, assert_passed, clean_env, grade, lab_schemas, run_script, write_solution
 
 import fail_retry_exhaustion as lab
@@ -30,10 +31,16 @@ def inconclusive(result, scenario_id: str) -> bool:
     return record["status"] == "skipped" and record["reason"].startswith("inconclusive under load")
 
 
-def test_every_scenario_demonstrates_recovers_and_cleans(target, tmp_path):
+@pytest.fixture(scope="module")
+def full_run(target, tmp_path_factory):
+    """One run of the script per target, shared by the end-to-end tests below."""
+    name, env, params = target
+    return run_script(SCRIPT, env=env, tmp_path=tmp_path_factory.mktemp(f"retry-{name}")), params
+
+
+def test_every_scenario_demonstrates_recovers_and_cleans(full_run):
     """One run per target (embedded and the shared server), read through its journal."""
-    _, env, params = target
-    result = run_script(SCRIPT, env=env, tmp_path=tmp_path)
+    result, params = full_run
     timed = ("storm", "backoff_calculation")
     if result.journal and any(inconclusive(result, sid) for sid in timed):
         assert result.returncode == 0, result.stdout[-3000:]
@@ -95,6 +102,21 @@ def test_every_scenario_demonstrates_recovers_and_cleans(target, tmp_path):
     assert fixed["deadlock_attempts"] == 2
     assert fixed["order_42_payments"] == 2 and fixed["order_43_payments"] == 1
     assert result.sqlstates("non_transient") == ["42P01", "42P01", "40P01"]
+
+
+HEADLINES = {  # the figure the summary shows for each scenario; the storm's refusals vary with timing
+    "exhaustion": {"name": "attempts_before_giving_up", "value": "5"},
+    "storm": {"name": "no_jitter_rejected"},
+    "backoff_calculation": {"name": "naive_worst_case_s"},
+    "non_transient": {"name": "order_42_payments", "value": "2"},
+}
+
+
+def test_each_scenario_gives_the_handout_its_headline_lesson_questions_and_notes(full_run):
+    result, _ = full_run
+    assert list(HEADLINES) == IDS
+    # an inconclusive scenario is skipped before its headline and its prevention
+    assert_gives_the_handout(result, {i: h for i, h in HEADLINES.items() if not inconclusive(result, i)})
 
 
 # -- negative controls: the naive code back in each slot must fail a named claim ---------------------
