@@ -74,14 +74,14 @@ def grade(console: output.Console, record: dict) -> None:
     failed = [c["claim"] for c in record.get("checks", []) if not c["ok"]]
     console.header("Grade: " + ("PASSED, your fix holds under the real fault" if record["status"] == "passed"
                                 else "NOT YET, the fault still breaks your code"))
-    for claim in held:
-        console.line(f"   {console.check_mark(True)} {claim}", "ok")
-    for claim in failed:
-        console.line(f"   {console.check_mark(False)} {claim}", "bad")
+    for ok, claim in [(True, c) for c in held] + [(False, c) for c in failed]:
+        console.wrapped(f"{console.check_mark(ok)} {claim}", indent="   ", hang="     ", style="ok" if ok else "bad")
     if not record.get("cleaned", True):
-        console.line(f"   {console.check_mark(False)} cleanup: {record.get('reason', '')}", "bad")
+        console.wrapped(f"{console.check_mark(False)} cleanup: {record.get('reason', '')}", indent="   ",
+                        hang="     ", style="bad")
     if record.get("measurements"):
-        console.line("   measured: " + "; ".join(f"{k} {output.words(v)}" for k, v in record["measurements"].items()))
+        console.wrapped("measured: " + "; ".join(f"{k} {output.words(v)}" for k, v in record["measurements"].items()),
+                        indent="   ", hang="     ")
 
 
 def _exit(code: int, text: str = "", stream=None) -> None:

@@ -319,11 +319,12 @@ class Scenario:
             what = "the naive code" if self.slots.mode == "control" else "your code"
             self.say(f"(This run held {what} in the fix slot(s); the lesson's fix is shown by a normal run.)",
                      essential=True)
-        for source in self.slots.sources():
-            self.code(source, lang="python")
-        for item in code:
-            self.code(inspect.getsource(item) if callable(item) else item,
-                      lang="python" if callable(item) else None)
+        shown = [(source, "python") for source in self.slots.sources()] + [
+            (inspect.getsource(item), "python") if callable(item) else (item, None) for item in code]
+        for n, (text, lang) in enumerate(shown):
+            if n and not self._brief:
+                self.run.console.line(section="prevention")  # one blank line between two pieces of code
+            self.code(text, lang=lang)
 
     def code(self, text: str, lang: str | None = None) -> None:
         """Code, shown as is (never reflowed); `lang` (python, sql) marks it in the handout, guessed
