@@ -32,7 +32,7 @@ from psycopg2 import sql
 from tenacity import (Retrying, retry_if_exception_type, stop_after_attempt,
                       wait_random_exponential)
 
-from common import db, main, scenario, schema
+from common import budget, db, main, scenario, schema
 from common.fixes import fix
 from common.output import words
 
@@ -807,6 +807,11 @@ def job_under(s, proxy, outage: Outage):
     return connect, seen
 
 
+# Sessions db_down opens beside the run's own two, at most at once: the job's through the
+# proxy, its reconnect, the outage's watcher (bench/classroom.py --cost: 5 in all).
+DB_DOWN_SESSIONS = 3
+
+
 @scenario("db_down", "Checkpoint store down", fixes=[
     fix("copy_next_batch", naive=copy_batch_two_commits, fixed=copy_batch_one_commit,
         contract="""
@@ -836,100 +841,101 @@ def job_under(s, proxy, outage: Outage):
                "wait_random_exponential), on a new connection each time: copy_next_batch reads the "
                "committed checkpoint, so each attempt resumes where the data is."))])
 def db_down(s):
-    fresh_pipeline(s, keyed=False)
-    proxy = s.proxy()
-    s.description("""
-        The job copies batches into target_rows and keeps its checkpoint in the same database,
-        reached over the network (here through a fault-injecting proxy). target_rows has no key,
-        as many warehouse tables have none. If the connection drops, the job must neither lose its
-        place nor copy anything twice.""")
-    s.trigger("""
-        The naive job commits each batch, then its checkpoint. Right after batch 3's data is
-        committed, the proxy drops every connection and refuses new ones. The database comes back
-        at once; an operator restarts the job.""")
-    outage = Outage(s, proxy, "write")
-    connect, _ = job_under(s, proxy, outage)
-    with s.expect(psycopg2.OperationalError):
-        run_job_once(connect, copy_batch_two_commits)
-    s.require(outage.landed, "the connection dropped between the data and its checkpoint")
-    s.require(outage.over.wait(WAIT_S), "the database came back")
-    restart_ck = read_checkpoint(s.conn)
-    s.conn.rollback()
-    s.say(f"The database is back. The committed checkpoint says last_id = {restart_ck}. Restarting.")
-    outage.close()
-    run_job_once(lambda: s.connect(s.via(proxy)), copy_batch_two_commits)
-    found = damage(s.conn)
-    s.measure("rows_duplicated_before", found["duplicated"], show=False,
-              note="rows of batch 3 the naive restart copied a second time", headline=True)
-    s.triggered_if(found["duplicated"] == BATCH, f"the restart copied batch 3 ({BATCH} rows) a second time")
+    with budget.share(s, DB_DOWN_SESSIONS, least=DB_DOWN_SESSIONS):
+        fresh_pipeline(s, keyed=False)
+        proxy = s.proxy()
+        s.description("""
+            The job copies batches into target_rows and keeps its checkpoint in the same database,
+            reached over the network (here through a fault-injecting proxy). target_rows has no key,
+            as many warehouse tables have none. If the connection drops, the job must neither lose its
+            place nor copy anything twice.""")
+        s.trigger("""
+            The naive job commits each batch, then its checkpoint. Right after batch 3's data is
+            committed, the proxy drops every connection and refuses new ones. The database comes back
+            at once; an operator restarts the job.""")
+        outage = Outage(s, proxy, "write")
+        connect, _ = job_under(s, proxy, outage)
+        with s.expect(psycopg2.OperationalError):
+            run_job_once(connect, copy_batch_two_commits)
+        s.require(outage.landed, "the connection dropped between the data and its checkpoint")
+        s.require(outage.over.wait(WAIT_S), "the database came back")
+        restart_ck = read_checkpoint(s.conn)
+        s.conn.rollback()
+        s.say(f"The database is back. The committed checkpoint says last_id = {restart_ck}. Restarting.")
+        outage.close()
+        run_job_once(lambda: s.connect(s.via(proxy)), copy_batch_two_commits)
+        found = damage(s.conn)
+        s.measure("rows_duplicated_before", found["duplicated"], show=False,
+                  note="rows of batch 3 the naive restart copied a second time", headline=True)
+        s.triggered_if(found["duplicated"] == BATCH, f"the restart copied batch 3 ({BATCH} rows) a second time")
 
-    s.root_cause("""
-        Data and checkpoint were committed separately. The data commit succeeded; the checkpoint
-        commit never happened. The restart trusted the older checkpoint and re-copied a batch that
-        was already in. A connection can drop between any two statements, and around a COMMIT the
-        client cannot even tell whether it landed; only one commit is atomic.""", detect="""
-        SELECT id, count(*) FROM target_rows
-        GROUP BY id HAVING count(*) > 1;            -- duplicates
-        SELECT (SELECT max(id) FROM target_rows) AS data_up_to,
-               (SELECT last_id FROM checkpoints) AS checkpoint;""")
+        s.root_cause("""
+            Data and checkpoint were committed separately. The data commit succeeded; the checkpoint
+            commit never happened. The restart trusted the older checkpoint and re-copied a batch that
+            was already in. A connection can drop between any two statements, and around a COMMIT the
+            client cannot even tell whether it landed; only one commit is atomic.""", detect="""
+            SELECT id, count(*) FROM target_rows
+            GROUP BY id HAVING count(*) > 1;            -- duplicates
+            SELECT (SELECT max(id) FROM target_rows) AS data_up_to,
+                   (SELECT last_id FROM checkpoints) AS checkpoint;""")
 
-    with s.step("Repair: keep one row per id, in one transaction") as st:
-        with s.conn.cursor() as cur:
-            cur.execute("DELETE FROM target_rows a USING target_rows b WHERE a.id = b.id AND a.ctid > b.ctid")
-            st.result = f"{cur.rowcount} duplicate rows deleted"
-        s.conn.commit()
-        s.recovered_if(exactly_once(s.conn), "after the repair, target_rows equals source_rows again")
-    results = []
-    for point, (label, story) in FAULTS.items():
-        with s.step(f"From an empty target, run_job(): the connection drops {story}") as st:
-            restart_job(s)
-            outage = Outage(s, proxy, point)
-            watcher = outage.hold_commit() if point == "reply" else None
-            connect, seen = job_under(s, proxy, outage)
-            died = None
-            try:
-                s.fix("run_job")(connect, s.fix("copy_next_batch"))
-            except Exception as exc:  # the code under test gave up: that is its result
-                died = exc
-            if watcher is not None:
-                watcher.join(WAIT_S)
-            s.require(outage.landed, f"the connection dropped ({label})")
-            outage.over.wait(WAIT_S)
-            outage.close()
-            found = damage(s.conn)
-            after = seen["after"] or ("-", "-")
-            results.append([label, seen["attempts"] if died is None else f"gave up ({type(died).__name__})",
-                            after[0], after[1], found["missing"], found["duplicated"]])
-            st.result = (f"the job saw {type(outage.errors[0]).__name__}, then " +
-                         ("finished" if died is None else f"gave up ({type(died).__name__})"))
-            s.measure(f"connections_{point}", seen["attempts"], show=False,
-                      note=f"connections run_job() opened: {label}")
-            s.measure(f"after_reconnect_{point}", {"checkpoint": after[0], "rows": after[1]},
-                      show=False, note=f"checkpoint and rows found on reconnecting: {label}")
-            s.recovered_if(died is None, f"{label}: the job reconnected on its own and finished")
-            s.recovered_if(after[0] == after[1] != "-" and exactly_once(s.conn),
-                           f"{label}: the checkpoint matched the data after reconnecting, "
-                           "and every id ended up exactly once")
-    s.say("What the job found when it reconnected (checkpoint, rows in the target), and the copy at the end:")
-    s.table(["connection lost", "connections", "checkpoint", "rows", "missing", "duplicated"], results)
-    s.say("1000 = 1000: the batch was lost with its checkpoint. 1500 = 1500: the server committed both, "
-          "though the client never heard. Either way the checkpoint says where the data is.")
-    prove_exactly_once(s)
-    s.measure("rows_duplicated_after", damage(s.conn)["duplicated"], show=False,
-              note="ids twice in target_rows after the last run of the fixed job")
-    s.prevention("""
-        One transaction per batch for data and checkpoint, and on any connection error: reconnect with
-        bounded, jittered backoff (tenacity) and resume from the committed checkpoint. Whether the
-        lost COMMIT landed or not, the checkpoint read after reconnecting says exactly where the data
-        is.""",
-                 lesson="Commit the batch and its checkpoint in one transaction: only one commit is "
-                        "atomic, and a connection can drop between any two.",
-                 questions=(
-                     "Which of your jobs commit the data and the checkpoint (or a watermark, or a "
-                     "processed flag) separately?",
-                     "A COMMIT's reply is lost: how does your job find out whether it landed?",
-                     "Your target has no key: how would you notice a batch copied twice, and how "
-                     "would you repair it?"))
+        with s.step("Repair: keep one row per id, in one transaction") as st:
+            with s.conn.cursor() as cur:
+                cur.execute("DELETE FROM target_rows a USING target_rows b WHERE a.id = b.id AND a.ctid > b.ctid")
+                st.result = f"{cur.rowcount} duplicate rows deleted"
+            s.conn.commit()
+            s.recovered_if(exactly_once(s.conn), "after the repair, target_rows equals source_rows again")
+        results = []
+        for point, (label, story) in FAULTS.items():
+            with s.step(f"From an empty target, run_job(): the connection drops {story}") as st:
+                restart_job(s)
+                outage = Outage(s, proxy, point)
+                watcher = outage.hold_commit() if point == "reply" else None
+                connect, seen = job_under(s, proxy, outage)
+                died = None
+                try:
+                    s.fix("run_job")(connect, s.fix("copy_next_batch"))
+                except Exception as exc:  # the code under test gave up: that is its result
+                    died = exc
+                if watcher is not None:
+                    watcher.join(WAIT_S)
+                s.require(outage.landed, f"the connection dropped ({label})")
+                outage.over.wait(WAIT_S)
+                outage.close()
+                found = damage(s.conn)
+                after = seen["after"] or ("-", "-")
+                results.append([label, seen["attempts"] if died is None else f"gave up ({type(died).__name__})",
+                                after[0], after[1], found["missing"], found["duplicated"]])
+                st.result = (f"the job saw {type(outage.errors[0]).__name__}, then " +
+                             ("finished" if died is None else f"gave up ({type(died).__name__})"))
+                s.measure(f"connections_{point}", seen["attempts"], show=False,
+                          note=f"connections run_job() opened: {label}")
+                s.measure(f"after_reconnect_{point}", {"checkpoint": after[0], "rows": after[1]},
+                          show=False, note=f"checkpoint and rows found on reconnecting: {label}")
+                s.recovered_if(died is None, f"{label}: the job reconnected on its own and finished")
+                s.recovered_if(after[0] == after[1] != "-" and exactly_once(s.conn),
+                               f"{label}: the checkpoint matched the data after reconnecting, "
+                               "and every id ended up exactly once")
+        s.say("What the job found when it reconnected (checkpoint, rows in the target), and the copy at the end:")
+        s.table(["connection lost", "connections", "checkpoint", "rows", "missing", "duplicated"], results)
+        s.say("1000 = 1000: the batch was lost with its checkpoint. 1500 = 1500: the server committed both, "
+              "though the client never heard. Either way the checkpoint says where the data is.")
+        prove_exactly_once(s)
+        s.measure("rows_duplicated_after", damage(s.conn)["duplicated"], show=False,
+                  note="ids twice in target_rows after the last run of the fixed job")
+        s.prevention("""
+            One transaction per batch for data and checkpoint, and on any connection error: reconnect with
+            bounded, jittered backoff (tenacity) and resume from the committed checkpoint. Whether the
+            lost COMMIT landed or not, the checkpoint read after reconnecting says exactly where the data
+            is.""",
+                     lesson="Commit the batch and its checkpoint in one transaction: only one commit is "
+                            "atomic, and a connection can drop between any two.",
+                     questions=(
+                         "Which of your jobs commit the data and the checkpoint (or a watermark, or a "
+                         "processed flag) separately?",
+                         "A COMMIT's reply is lost: how does your job find out whether it landed?",
+                         "Your target has no key: how would you notice a batch copied twice, and how "
+                         "would you repair it?"))
 
 
 # -- 3. concurrent_access -------------------------------------------------------------------------
@@ -1064,6 +1070,11 @@ def race_workers(s, worker, batches: dict[str, int]) -> tuple[Race, list[Excepti
     return race, errors
 
 
+# Sessions concurrent_access opens beside the run's own two, at most at once: two workers and
+# the race's watcher (bench/classroom.py --cost: 5 in all).
+RACE_SESSIONS = 3
+
+
 @scenario("concurrent_access", "Concurrent checkpoint access", fixes=[
     fix("worker_locked", naive=worker_unlocked, fixed=worker_locked,
         contract="""
@@ -1090,92 +1101,93 @@ def race_workers(s, worker, batches: dict[str, int]) -> tuple[Race, list[Excepti
                "UPDATE checkpoints SET last_id = %s, version = version + 1 WHERE job = %s AND version "
                "= %s (the version you read); rowcount 0 means you lost: rollback() and retry (tenacity)."))])
 def concurrent_access(s):
-    fresh_pipeline(s, keyed=False)
-    s.description("""
-        Two workers share one job and one checkpoint, each with its own connection (a scheduler
-        started the job twice, or a deploy overlapped). Each batch must be copied by exactly one
-        worker, and the checkpoint must only move forward. target_rows has no key to catch a
-        duplicate.""")
-    s.trigger("""
-        Both workers read the checkpoint at the same moment (the lab holds each one after its first
-        read until the other has read too), both copy "the next batch", both write the checkpoint.
-        Worker A is fast and takes a second batch; worker B, slower, writes its checkpoint last.""")
-    restart_job(s)
-    race, errors = race_workers(s, worker_unlocked, {"A": 2, "B": 1})
-    for exc in errors:
-        s.observe(exc)
-    found = damage(s.conn)
-    moves = [r[0] for r in db.rows(s.conn, "SELECT last_id FROM checkpoint_history ORDER BY seq")]
-    s.conn.rollback()
-    backwards = sum(1 for a, b in zip(moves, moves[1:]) if b < a)
-    s.measure("rows_duplicated", found["duplicated"], show=False,
-              note="rows copied twice by the two unguarded workers", headline=True)
-    s.measure("checkpoint_moves", " -> ".join(map(str, moves)))
-    s.measure("checkpoint_moved_backwards", backwards, show=False,
-              note="writes that took the checkpoint back (a lost update)")
-    s.triggered_if(found["duplicated"] == BATCH, f"batch 1 was copied twice ({BATCH} duplicate rows)")
-    s.triggered_if(backwards == 1 and read_checkpoint(s.conn) == BATCH,
-                   "lost update: B's write took the checkpoint back over A's")
-    s.conn.rollback()
-
-    s.root_cause("""
-        Read-modify-write without a lock: both workers decided from the same snapshot. The database
-        did what each asked; nothing made the second writer notice the first (a lost update).""",
-                 detect="""
-        SELECT seq, last_id,
-               last_id < lag(last_id) OVER (ORDER BY seq) AS moved_back
-        FROM checkpoint_history WHERE job = 'orders_copy' ORDER BY seq;""")
-
-    per_worker = SOURCE_ROWS // BATCH // 2
-    for number, (slot, label) in enumerate((("worker_locked", "row lock (FOR UPDATE)"),
-                                            ("worker_compare_and_set", "compare-and-set on version")), 1):
-        with s.step(f"Fix {number}, {label}: two workers of {per_worker} batches, the same race") as st:
-            restart_job(s)
-            race, errors = race_workers(s, s.fix(slot), {"A": per_worker, "B": per_worker})
-            for exc in errors:
-                s.observe(exc)
-            found = damage(s.conn)
-            checkpoint = read_checkpoint(s.conn)
-            s.conn.rollback()
-            st.result = (f"missing {found['missing']}, duplicated {found['duplicated']}, checkpoint "
-                         f"{checkpoint}, rolled back: {race.rollbacks}")
-            s.measure(f"{slot}_damage", found, show=False, note=f"ids missing and twice: {label}")
-            ok = not errors and exactly_once(s.conn) and checkpoint == SOURCE_ROWS
-            s.recovered_if(ok, f"{label}: each batch copied exactly once, checkpoint at {SOURCE_ROWS}")
-            if slot == "worker_compare_and_set":
-                s.measure("compare_and_set_conflicts", race.rollbacks, show=False,
-                          note="batches rolled back because the version had moved")
-                s.recovered_if(race.rollbacks >= 1, "compare-and-set: the loser noticed, rolled back its "
-                                                    "batch and retried")
-    with s.step("Fix 3, let the database refuse: REPEATABLE READ, two writers of one row") as st:
+    with budget.share(s, RACE_SESSIONS, least=RACE_SESSIONS):
+        fresh_pipeline(s, keyed=False)
+        s.description("""
+            Two workers share one job and one checkpoint, each with its own connection (a scheduler
+            started the job twice, or a deploy overlapped). Each batch must be copied by exactly one
+            worker, and the checkpoint must only move forward. target_rows has no key to catch a
+            duplicate.""")
+        s.trigger("""
+            Both workers read the checkpoint at the same moment (the lab holds each one after its first
+            read until the other has read too), both copy "the next batch", both write the checkpoint.
+            Worker A is fast and takes a second batch; worker B, slower, writes its checkpoint last.""")
         restart_job(s)
-        first, second = s.connect(), s.connect()
-        for c in (first, second):
-            c.set_session(isolation_level="REPEATABLE READ")
-            read_checkpoint(c)  # both snapshots taken
-        with first.cursor() as cur:
-            set_checkpoint(cur, BATCH)
-        first.commit()
-        with s.expect(psycopg2.errors.SerializationFailure, sqlstate="40001"):
-            with second.cursor() as cur:
+        race, errors = race_workers(s, worker_unlocked, {"A": 2, "B": 1})
+        for exc in errors:
+            s.observe(exc)
+        found = damage(s.conn)
+        moves = [r[0] for r in db.rows(s.conn, "SELECT last_id FROM checkpoint_history ORDER BY seq")]
+        s.conn.rollback()
+        backwards = sum(1 for a, b in zip(moves, moves[1:]) if b < a)
+        s.measure("rows_duplicated", found["duplicated"], show=False,
+                  note="rows copied twice by the two unguarded workers", headline=True)
+        s.measure("checkpoint_moves", " -> ".join(map(str, moves)))
+        s.measure("checkpoint_moved_backwards", backwards, show=False,
+                  note="writes that took the checkpoint back (a lost update)")
+        s.triggered_if(found["duplicated"] == BATCH, f"batch 1 was copied twice ({BATCH} duplicate rows)")
+        s.triggered_if(backwards == 1 and read_checkpoint(s.conn) == BATCH,
+                       "lost update: B's write took the checkpoint back over A's")
+        s.conn.rollback()
+
+        s.root_cause("""
+            Read-modify-write without a lock: both workers decided from the same snapshot. The database
+            did what each asked; nothing made the second writer notice the first (a lost update).""",
+                     detect="""
+            SELECT seq, last_id,
+                   last_id < lag(last_id) OVER (ORDER BY seq) AS moved_back
+            FROM checkpoint_history WHERE job = 'orders_copy' ORDER BY seq;""")
+
+        per_worker = SOURCE_ROWS // BATCH // 2
+        for number, (slot, label) in enumerate((("worker_locked", "row lock (FOR UPDATE)"),
+                                                ("worker_compare_and_set", "compare-and-set on version")), 1):
+            with s.step(f"Fix {number}, {label}: two workers of {per_worker} batches, the same race") as st:
+                restart_job(s)
+                race, errors = race_workers(s, s.fix(slot), {"A": per_worker, "B": per_worker})
+                for exc in errors:
+                    s.observe(exc)
+                found = damage(s.conn)
+                checkpoint = read_checkpoint(s.conn)
+                s.conn.rollback()
+                st.result = (f"missing {found['missing']}, duplicated {found['duplicated']}, checkpoint "
+                             f"{checkpoint}, rolled back: {race.rollbacks}")
+                s.measure(f"{slot}_damage", found, show=False, note=f"ids missing and twice: {label}")
+                ok = not errors and exactly_once(s.conn) and checkpoint == SOURCE_ROWS
+                s.recovered_if(ok, f"{label}: each batch copied exactly once, checkpoint at {SOURCE_ROWS}")
+                if slot == "worker_compare_and_set":
+                    s.measure("compare_and_set_conflicts", race.rollbacks, show=False,
+                              note="batches rolled back because the version had moved")
+                    s.recovered_if(race.rollbacks >= 1, "compare-and-set: the loser noticed, rolled back its "
+                                                        "batch and retried")
+        with s.step("Fix 3, let the database refuse: REPEATABLE READ, two writers of one row") as st:
+            restart_job(s)
+            first, second = s.connect(), s.connect()
+            for c in (first, second):
+                c.set_session(isolation_level="REPEATABLE READ")
+                read_checkpoint(c)  # both snapshots taken
+            with first.cursor() as cur:
                 set_checkpoint(cur, BATCH)
-        second.rollback()
-        first.close()
-        second.close()
-        st.result = "the second writer got 40001; it must retry from a fresh snapshot"
-    s.prevention("""
-        Make "read checkpoint, do batch, move checkpoint" one transaction that holds the checkpoint
-        row (FOR UPDATE, or an advisory lock per job), or check the version when you write it, or run
-        it at REPEATABLE READ/SERIALIZABLE and retry 40001. Never two unguarded writers.""",
-                 lesson="Read, copy and move the checkpoint in one guarded transaction: a lock, a "
-                        "version check, or an isolation level that refuses the second writer.",
-                 questions=(
-                     "What stops your scheduler from starting the same job twice, and what if it "
-                     "does anyway?",
-                     "Row lock, version check or SERIALIZABLE: which one costs your job least "
-                     "when two workers really meet?",
-                     "Would you notice a checkpoint that moved backwards? Which query would show "
-                     "it?"))
+            first.commit()
+            with s.expect(psycopg2.errors.SerializationFailure, sqlstate="40001"):
+                with second.cursor() as cur:
+                    set_checkpoint(cur, BATCH)
+            second.rollback()
+            first.close()
+            second.close()
+            st.result = "the second writer got 40001; it must retry from a fresh snapshot"
+        s.prevention("""
+            Make "read checkpoint, do batch, move checkpoint" one transaction that holds the checkpoint
+            row (FOR UPDATE, or an advisory lock per job), or check the version when you write it, or run
+            it at REPEATABLE READ/SERIALIZABLE and retry 40001. Never two unguarded writers.""",
+                     lesson="Read, copy and move the checkpoint in one guarded transaction: a lock, a "
+                            "version check, or an isolation level that refuses the second writer.",
+                     questions=(
+                         "What stops your scheduler from starting the same job twice, and what if it "
+                         "does anyway?",
+                         "Row lock, version check or SERIALIZABLE: which one costs your job least "
+                         "when two workers really meet?",
+                         "Would you notice a checkpoint that moved backwards? Which query would show "
+                         "it?"))
 
 
 # -- 4. interrupted_recovery ----------------------------------------------------------------------

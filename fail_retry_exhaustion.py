@@ -683,14 +683,13 @@ def storm(s):
         cur.execute("CREATE TABLE storm_done (policy text NOT NULL, worker int NOT NULL, attempts int NOT NULL, "
                     "done_at timestamptz DEFAULT clock_timestamp())")
     s.conn.commit()
-    admin = s.connect(autocommit=True)
-    pooled = behind_a_pooler(admin)  # a pooler's logins never reach the server: no role limit there
-    role = None if pooled else s.role("w", connection_limit=STORM_WORKERS)  # None if we may not create roles
-    with budget.share(s, STORM_WORKERS, least=STORM_MIN_WORKERS) as granted:
-        if granted < STORM_MIN_WORKERS:
-            s.skip(f"the server can spare {granted} connections for this run now; the storm needs "
-                   f"{STORM_MIN_WORKERS} at least")
-        storm_runs(s, admin, role, granted, pooled)
+    # The share counts the storm's own admin connection too: a run waiting in line holds only the
+    # sessions every run has, and opens the admin connection once its turn has come.
+    with budget.share(s, STORM_WORKERS + 1, least=STORM_MIN_WORKERS + 1) as granted:
+        admin = s.connect(autocommit=True)
+        pooled = behind_a_pooler(admin)  # a pooler's logins never reach the server: no role limit there
+        role = None if pooled else s.role("w", connection_limit=STORM_WORKERS)  # None if we may not create roles
+        storm_runs(s, admin, role, granted - 1, pooled)
 
 
 def behind_a_pooler(conn) -> bool:
