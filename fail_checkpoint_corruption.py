@@ -204,12 +204,12 @@ class HookedCursor(psycopg2.extensions.cursor):
 class Instrumented:
     """A connection as the lab hands it over: every call goes to the real psycopg2 connection;
     its statements and commits are reported to `hooks` (from outside the code under test).
-    The hooks learn its backend's pid from the server, once, before the code under test gets
-    it: libpq's own (conn.info.backend_pid) is PgBouncer's through a pooler, not the server's."""
+    The hooks learn its backend's pid from the server (db.backend_pid), once, before the code
+    under test gets it."""
 
     def __init__(self, conn, hooks: Hooks):
         self._conn, self._hooks = conn, hooks
-        pid = db.scalar(conn, "SELECT pg_backend_pid()")
+        pid = db.backend_pid(conn)
         conn.rollback()  # a fresh connection: end the transaction that SELECT opened, nothing else
         conn.cursor_factory = type("Cursor", (HookedCursor,), {"hooks": hooks})
         hooks.opened(conn, pid)

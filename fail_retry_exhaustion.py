@@ -245,13 +245,12 @@ class TerminatedBetweenWorkAndMark(WatchedReplay):
     """Once one half of a replay (the work or the mark) has run, its session is ended with
     pg_terminate_backend just before the other half's first statement, once. A statement that
     does both halves at once leaves nothing in between (`one_statement`). The backend's pid is
-    asked of the server when the connection is wrapped: libpq's own (get_backend_pid()) is
-    PgBouncer's through a pooler, a pid the server never had."""
+    asked of the server (db.backend_pid) when the connection is wrapped."""
 
     def __init__(self, conn, admin):
         super().__init__(conn)
         self._admin = admin
-        self._pid = db.scalar(conn, "SELECT pg_backend_pid()")
+        self._pid = db.backend_pid(conn)
         conn.rollback()  # a fresh connection: end the transaction that SELECT opened, nothing else
         self.landed_before: str | None = None  # the half that never got to run
         self.one_statement = False
@@ -687,14 +686,9 @@ def storm(s):
     # sessions every run has, and opens the admin connection once its turn has come.
     with budget.share(s, STORM_WORKERS + 1, least=STORM_MIN_WORKERS + 1) as granted:
         admin = s.connect(autocommit=True)
-        pooled = behind_a_pooler(admin)  # a pooler's logins never reach the server: no role limit there
+        pooled = db.behind_a_pooler(admin)  # a pooler's logins never reach the server: no role limit there
         role = None if pooled else s.role("w", connection_limit=STORM_WORKERS)  # None if we may not create roles
         storm_runs(s, admin, role, granted - 1, pooled)
-
-
-def behind_a_pooler(conn) -> bool:
-    """libpq's backend pid is the server's, unless a pooler (PgBouncer) answers for the server."""
-    return conn.info.backend_pid != db.scalar(conn, "SELECT pg_backend_pid()")
 
 
 def storm_runs(s, admin, role: dict | None, workers: int, pooled: bool = False) -> None:
