@@ -3,7 +3,6 @@ exercise solutions through the command line, plus its helpers on their own."""
 from __future__ import annotations
 
 import random
-import re
 from decimal import Decimal
 
 import psycopg2
@@ -13,7 +12,7 @@ from psycopg2 import sql
 from common import db
 from common.fixes import source_of
 from common.scenario import _REGISTRY
-from conftest import assert_control_fails, assert_passed, grade, run_script, write_solution
+from conftest import assert_every_slot_has_a_control, assert_passed, grade, run_control, run_script, write_solution
 
 import fail_idempotency_break as lab
 
@@ -173,17 +172,6 @@ def test_each_scenario_gives_the_handout_its_headline_lesson_questions_and_notes
     assert_gives_the_handout(result, HEADLINES)
 
 
-def test_human_output_holds_no_python_repr(journal_run):
-    result, _ = journal_run
-    for scenario_id in IDS:
-        sections = result.scenario(scenario_id)["sections"]
-        lines = "\n".join(v for k, v in sections.items() if k != "prevention").splitlines()  # not code
-        shown = [ln for n, ln in enumerate(lines) if not ln.strip().startswith('File "')
-                 and not (n and lines[n - 1].strip().startswith('File "'))]  # nor traceback frames
-        for line in shown:
-            assert not re.search(r"\{'|\['|\bNone\b|Decimal\(|datetime\.", line), (scenario_id, line)
-
-
 # -- negative controls: the naive code back in each slot, under the same fault -------------------
 CONTROLS = [
     ("duplicate_detection", "unique_key_ddl", "nothing inserted, web-shop orders included"),
@@ -197,17 +185,11 @@ CONTROLS = [
 
 @pytest.mark.parametrize("scenario_id, slot, claim", CONTROLS, ids=[f"{c[0]}-{c[1]}" for c in CONTROLS])
 def test_negative_control_fails_with_the_claim_it_breaks(scenario_id, slot, claim, target, tmp_path):
-    _, env, params = target
-    result = run_script(SCRIPT, "--only", scenario_id, "--control", slot, env=env, tmp_path=tmp_path)
-    assert_control_fails(result, params, scenario_id, claim)
-    naive = next(f.naive for spec in _REGISTRY if spec.id == scenario_id for f in spec.fixes if f.slot == slot)
-    assert result.scenario(scenario_id)["fixes"][slot].endswith("." + naive.__name__)
+    run_control(SCRIPT, scenario_id, slot, claim, target, tmp_path)
 
 
 def test_every_slot_has_a_control():
-    declared = {(spec.id, f.slot) for spec in _REGISTRY
-                if spec.fn.__module__ == lab.__name__ for f in spec.fixes}
-    assert declared == {(c[0], c[1]) for c in CONTROLS}
+    assert_every_slot_has_a_control(SCRIPT, CONTROLS)
 
 
 def test_slot_code_fits_the_projector():
