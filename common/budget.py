@@ -209,8 +209,10 @@ def share(s, connections: int, least: int | None = None, limit: float = WAIT_LIM
         if said_at is not None or place.granted < connections:
             s.say(f"Classroom server: this run's turn came after {waited:.1f} s, with room for {place.granted} "
                   f"of its {connections} connections ({_figures(place.room)}).")
-            s.measure("share_wait_s", round(waited, 1), show=False)
-            s.measure("share_connections", place.granted, show=False)
+            s.measure("share_wait_s", round(waited, 1), show=False,
+                      note="seconds this run waited for its turn on the shared server")
+            s.measure("share_connections", place.granted, show=False,
+                      note="connections the share granted this scenario")
         yield place.granted
     finally:
         place.leave()

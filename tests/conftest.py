@@ -259,6 +259,23 @@ def assert_every_slot_has_a_control(script: str, controls: list[tuple[str, str, 
     assert declared == {(c[0], c[1]) for c in controls}
 
 
+# -- the handout ---------------------------------------------------------------------------------
+
+
+def assert_gives_the_handout(result, headlines: dict[str, dict]) -> None:
+    """Each scenario of `headlines` gives the handout its headline figure (at least these items),
+    a lesson line of its own, two or three questions, and a note on every figure kept off screen."""
+    for scenario_id, headline in headlines.items():
+        record = result.scenario(scenario_id)
+        assert headline.items() <= (record["headline"] or {}).items(), (scenario_id, record["headline"])
+        prevention = " ".join(record["sections"]["prevention"].split())
+        assert record["lesson"] and not prevention.startswith(record["lesson"]), scenario_id  # its own line
+        assert 2 <= len(record["questions"]) <= 3 and all(q.endswith("?") for q in record["questions"])
+        hidden = [b for blocks in record["blocks"].values() for b in blocks
+                  if b["kind"] == "measure" and not b["shown"]]
+        assert hidden and all(b["note"] for b in hidden), [b["name"] for b in hidden if not b["note"]]
+
+
 # -- exercises, graded through the command line as a student runs them --------------------------
 def exercise_file(tmp_path: Path, script: str, scenario_id: str) -> Path:
     return tmp_path / "exercises" / script[:-3] / f"{scenario_id}.py"

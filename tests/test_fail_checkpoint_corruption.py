@@ -6,8 +6,7 @@ import pytest
 import fail_checkpoint_corruption as lab
 from common.fixes import source_of
 from common.scenario import _REGISTRY
-from test_fail_idempotency_break import assert_gives_the_handout
-from conftest import (assert_every_slot_has_a_control, assert_passed, clean_env, grade, lab_schemas, run_control,
+from conftest import (assert_gives_the_handout, assert_every_slot_has_a_control, assert_passed, clean_env, grade, lab_schemas, run_control,
                       run_script, write_solution)
 
 SCRIPT = "fail_checkpoint_corruption.py"

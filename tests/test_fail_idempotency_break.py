@@ -12,7 +12,8 @@ from psycopg2 import sql
 from common import db
 from common.fixes import source_of
 from common.scenario import _REGISTRY
-from conftest import assert_every_slot_has_a_control, assert_passed, grade, run_control, run_script, write_solution
+from conftest import (assert_every_slot_has_a_control, assert_gives_the_handout, assert_passed, grade, run_control,
+                      run_script, write_solution)
 
 import fail_idempotency_break as lab
 
@@ -149,22 +150,6 @@ HEADLINES = {  # the figure the summary shows for each scenario, as the journal 
 }
 
 
-SHARE_FIGURES = {"share_wait_s", "share_connections"}  # budget.share's, kept when a run waited its turn
-
-
-def assert_gives_the_handout(result, headlines: dict[str, dict]) -> None:
-    """Each scenario of `headlines` gives the handout its headline figure (at least these items),
-    a lesson line of its own, two or three questions, and a note on every figure kept off screen.
-    The other lessons' tests use it too."""
-    for scenario_id, headline in headlines.items():
-        record = result.scenario(scenario_id)
-        assert headline.items() <= (record["headline"] or {}).items(), (scenario_id, record["headline"])
-        prevention = " ".join(record["sections"]["prevention"].split())
-        assert record["lesson"] and not prevention.startswith(record["lesson"]), scenario_id  # its own line
-        assert 2 <= len(record["questions"]) <= 3 and all(q.endswith("?") for q in record["questions"])
-        hidden = [b for blocks in record["blocks"].values() for b in blocks
-                  if b["kind"] == "measure" and not b["shown"] and b["name"] not in SHARE_FIGURES]
-        assert hidden and all(b["note"] for b in hidden), [b["name"] for b in hidden if not b["note"]]
 
 
 def test_each_scenario_gives_the_handout_its_headline_lesson_questions_and_notes(journal_run):

@@ -13,8 +13,7 @@ import pytest
 from tenacity import wait_exponential, wait_fixed
 
 from common import db
-from test_fail_idempotency_break import assert_gives_the_handout
-from conftest import (assert_control_fails, assert_every_slot_has_a_control, assert_passed, clean_env, grade,
+from conftest import (assert_gives_the_handout, assert_control_fails, assert_every_slot_has_a_control, assert_passed, clean_env, grade,
                       lab_schemas, run_control, run_script, write_solution)
 
 import fail_retry_exhaustion as lab
