@@ -11,7 +11,7 @@ The proxy keeps TLS end to end: it forwards bytes, and `params()` keeps the serv
 for libpq's certificate check (`sslmode=verify-full`) while `hostaddr` routes to the proxy.
 
 `FAILLAB_NO_FAULTS=1` in the environment turns every fault here into a no-op (`down()`,
-`latency`, `max_connections`, `SlowDisk`'s stall): the proxy only forwards. It exists to prove a
+`latency`, `max_connections`): the proxy only forwards. It exists to prove a
 scenario honest: when its fault does not land, the scenario must fail fast, naming the claim
 that did not hold, instead of passing or hanging.
 """
@@ -189,23 +189,3 @@ def _reset(s: socket.socket) -> None:
         s.close()
     except OSError:
         pass
-
-
-class SlowDisk:
-    """A file wrapper whose every write is flushed to the OS and then stalls for `delay` seconds,
-    like a saturated disk. It makes a kill land in the middle of a write every run, instead of
-    once in a thousand; the kill, the torn file and the parse error that follow are all real."""
-
-    def __init__(self, fileobj, delay: float):
-        self._f = fileobj
-        self._delay = delay
-
-    def write(self, text):
-        n = self._f.write(text)
-        self._f.flush()
-        if faults_enabled():
-            time.sleep(self._delay)
-        return n
-
-    def __getattr__(self, name):
-        return getattr(self._f, name)
