@@ -1,12 +1,17 @@
 """A run's share of the server's connections, so a classroom can share one server.
 
-A room of laptops pointed at one server runs the same lessons; most scenarios hold 2 to 5
-sessions (two up to 13), but the retry storm opens 32 at once (`python bench/classroom.py --cost` measures
-each). Two rules keep such a room on its feet:
+A room of laptops pointed at one server runs the same lessons; a scenario holds 2 to 6
+sessions (RUN_PEAK) outside a share, but the retry storm opens 32 at once (`python bench/classroom.py
+--cost` measures each). Three rules keep such a room on its feet:
 
 - Never take the last slots. The lab leaves the reserved slots (superuser_reserved_connections,
-  and reserved_connections from PostgreSQL 16 on) and a margin (`margin()`) free, so a client
-  that is not part of the lab can always connect while the lab runs.
+  and reserved_connections from PostgreSQL 16 on), a margin (`margin()`) and the slots of runs
+  that are starting (STARTING) free, so a client that is not part of the lab can always connect
+  while the lab runs.
+- Look before opening. Before each scenario a run waits until the server has room for RUN_PEAK
+  sessions of its own (`room()`), in the same line as the shares. A run that connected after a
+  share was granted (a script that just started) was not counted by that grant: it waits here
+  rather than opening its scenario in the slots the share was given.
 - Take turns. A run that needs many connections at once asks for a share. Admission is decided
   under a gate, a session-level advisory lock in the lab's own key space: the run measures the
   headroom (the usable slots minus every client session now, minus what admitted runs have not
@@ -39,12 +44,15 @@ LAB_KEY = 0x6661696C     # 'fail': the first key of every advisory lock of the l
 GATE, FIRST_TURN = 0, 1  # second keys under LAB_KEY: the gate, then the K turns
 MARKER_KEY = LAB_KEY + 1  # second key: turn << 16 | the run's peak sessions (one per admitted run)
 WAITING_KEY = LAB_KEY + 2  # second key: the waiting run's ticket (a waiting run opens nothing)
-RUN_PEAK = 13            # most sessions a lab run holds outside a share (bench/classroom.py
-                         # --cost: 13, the checkpoint lesson's concurrent_access; most hold 2-5)
+RUN_PEAK = 6             # most sessions a lab run holds outside a share, its admin session
+                         # included (bench/classroom.py --cost: 2 to 6, exhaustion's two replayers)
+STARTING = 2             # lab runs that may connect (one admin session each) between a grant
+                         # and their first room check: their slots are kept out of the lab's
 POLL_S = 0.25
 STUCK_S = 10.0           # a line that cannot move for this long loses its last run
 STALE_S = 10.0           # a waiter whose last poll is older than this is not in the line any more
 SAY_EVERY_S = 15.0
+ROOM_SAY_AFTER_S = 1.0   # a room check says that it waits only when the wait is not a blink
 WAIT_LIMIT_S = 300.0
 
 
@@ -64,12 +72,12 @@ def _unlock(conn, key: int, sub: int) -> None:
 
 def usable(conn) -> tuple[int, int]:
     """(max_connections, the slots the lab may use of them: max_connections minus the reserved
-    slots minus the margin)."""
+    slots, the margin and the starting runs' slots)."""
     settings = dict(db.rows(conn, "SELECT name, setting::int FROM pg_settings WHERE name IN "
                                   "('max_connections', 'superuser_reserved_connections', 'reserved_connections')"))
     most = settings["max_connections"]
     reserved = settings.get("superuser_reserved_connections", 0) + settings.get("reserved_connections", 0)
-    return most, most - reserved - margin(most)
+    return most, most - reserved - margin(most) - STARTING
 
 
 # Client sessions of this database's server. Without pg_read_all_stats, backend_type is NULL on
@@ -119,10 +127,11 @@ def turns(lab_slots: int, connections: int) -> int:
 
 class Share:
     """One run's place in the classroom: nothing, a ticket in the line, or a turn. Every lock it
-    takes is a session lock on `conn`, released by `leave()` (or by the session's end)."""
+    takes is a session lock on `conn`, released by `leave()` (or by the session's end). Without
+    `turn` it is a room check: admitted with room for `least` and nobody ahead, without a turn."""
 
-    def __init__(self, conn, app: str, connections: int, least: int):
-        self.conn, self.app, self.connections, self.least = conn, app, connections, least
+    def __init__(self, conn, app: str, connections: int, least: int, turn: bool = True):
+        self.conn, self.app, self.connections, self.least, self.turn = conn, app, connections, least, turn
         self.granted, self.room = 0, {}
         self.ticket: int | None = None
         self.held: list[tuple[int, int]] = []
@@ -135,14 +144,16 @@ class Share:
             return False  # another run is deciding: look again at the next poll
         try:
             self.room = room = headroom(self.conn, self.app, self.ticket)
+            if not self.turn:  # room for the rest of RUN_PEAK, beside what the run holds now
+                self.least = max(0, self.connections - room["mine"])
             granted = min(self.connections, room["free"])
             if granted >= self.least and room["ahead"] == 0:
+                if not self.turn:
+                    return self._admitted(granted)
                 for turn in range(FIRST_TURN, FIRST_TURN + turns(room["lab_slots"], self.connections)):
                     if self._take(LAB_KEY, turn):
                         self._take(MARKER_KEY, turn << 16 | min(room["mine"] + granted, 0xFFFF))
-                        self.granted = granted
-                        self._give_back((WAITING_KEY, self.ticket))
-                        return True
+                        return self._admitted(granted)
             if self.ticket is None:
                 self.ticket = room["next_ticket"]
                 self._take(WAITING_KEY, self.ticket)
@@ -150,6 +161,11 @@ class Share:
             return False
         finally:
             _unlock(self.conn, LAB_KEY, GATE)
+
+    def _admitted(self, granted: int) -> bool:
+        self.granted = granted
+        self._give_back((WAITING_KEY, self.ticket))
+        return True
 
     def _watch_for_deadlock(self, room: dict) -> None:
         """The line is stuck when no share runs, no other lab run is busy, and what the waiting
@@ -182,6 +198,48 @@ class Share:
             self._give_back(lock)
 
 
+def _wait(s, place: Share, limit: float, waiting: str, say, say_after: float = 0.0) -> float | None:
+    """Poll until `place` is admitted; returns the seconds waited, or None when it never waited.
+    Says (`say`) `waiting` with the figures after `say_after` seconds and every SAY_EVERY_S; skips the
+    scenario after `limit` seconds, or when the line is stuck and this run is the last in it."""
+    started, said_at = time.monotonic(), None
+    while not place.try_admit():
+        waited = time.monotonic() - started
+        if waited >= say_after and (said_at is None or waited - said_at >= SAY_EVERY_S):
+            say(f"Waiting for the classroom server ({waited:.0f} s so far): {waiting}; {_figures(place.room)}.")
+            said_at = waited
+        if waited >= limit:
+            s.skip(f"no turn on the classroom server after {waited:.0f} s ({_figures(place.room)}); "
+                   "run it again when fewer runs share the server")
+        if place.stuck_for() >= STUCK_S:
+            s.skip(f"the classroom server is full of runs waiting for a turn, and what they hold leaves "
+                   f"too little for the first in line ({_figures(place.room)}); this run, the last in line, "
+                   f"gave its place up after {waited:.0f} s so that the others can run: run it again later")
+        time.sleep(POLL_S)
+    return None if said_at is None else time.monotonic() - started
+
+
+def room(s, limit: float = WAIT_LIMIT_S) -> None:
+    """Before a scenario: wait until the server has room for what the run may hold in it outside a
+    share (RUN_PEAK sessions, counting those it holds), in line behind the runs that wait already.
+    Silent unless the wait lasts ROOM_SAY_AFTER_S, and then said above the scenario's sections;
+    skipped with the figures after `limit` seconds."""
+    place = Share(s.run.admin, s.app, RUN_PEAK, RUN_PEAK, turn=False)
+
+    def say(text: str) -> None:
+        s.run.console.wrapped(text, hang="   ", style="dim")
+
+    try:
+        waited = _wait(s, place, limit, f"this run's next scenario needs room for up to {RUN_PEAK} sessions",
+                       say, say_after=ROOM_SAY_AFTER_S)
+        if waited is not None:
+            say(f"Classroom server: room for this scenario came after {waited:.1f} s ({_figures(place.room)}).")
+            s.measure("room_wait_s", round(waited, 1), show=False,
+                      note="seconds this run waited for room on the shared server before the scenario")
+    finally:
+        place.leave()
+
+
 @contextlib.contextmanager
 def share(s, connections: int, least: int | None = None, limit: float = WAIT_LIMIT_S):
     """Wait for this run's turn to open `connections` extra connections at once on the server;
@@ -190,26 +248,13 @@ def share(s, connections: int, least: int | None = None, limit: float = WAIT_LIM
     Runs that wait are served in the order they came."""
     least = max(1, min(connections, least if least is not None else max(2, connections // 4)))
     place = Share(s.run.admin, s.app, connections, least)
-    started, said_at = time.monotonic(), None
+    started = time.monotonic()
     try:
-        while not place.try_admit():
-            waited = time.monotonic() - started
-            if said_at is None or waited - said_at >= SAY_EVERY_S:
-                s.say(_waiting_line(place.room, connections, least, waited))
-                said_at = waited
-            if waited >= limit:
-                s.skip(f"no turn on the classroom server after {waited:.0f} s ({_figures(place.room)}); "
-                       "run it again when fewer runs share the server")
-            if place.stuck_for() >= STUCK_S:
-                s.skip(f"the classroom server is full of runs waiting for a turn, and what they hold leaves "
-                       f"too little for the first in line ({_figures(place.room)}); this run, the last in line, "
-                       f"gave its place up after {waited:.0f} s so that the others can run: run it again later")
-            time.sleep(POLL_S)
-        waited = time.monotonic() - started
-        if said_at is not None or place.granted < connections:
-            s.say(f"Classroom server: this run's turn came after {waited:.1f} s, with room for {place.granted} "
-                  f"of its {connections} connections ({_figures(place.room)}).")
-            s.measure("share_wait_s", round(waited, 1), show=False,
+        waited = _wait(s, place, limit, f"this run needs {least} to {connections} connections at once", s.say)
+        if waited is not None or place.granted < connections:
+            s.say(f"Classroom server: this run's turn came after {time.monotonic() - started:.1f} s, with room "
+                  f"for {place.granted} of its {connections} connections ({_figures(place.room)}).")
+            s.measure("share_wait_s", round(time.monotonic() - started, 1), show=False,
                       note="seconds this run waited for its turn on the shared server")
             s.measure("share_connections", place.granted, show=False,
                       note="connections the share granted this scenario")
@@ -224,8 +269,3 @@ def _figures(room: dict) -> str:
     return (f"max_connections {room['max_connections']}, {room['lab_slots']} for the lab, "
             f"{room['in_use']} in use, {room['free']} free, {room['storms']} other share(s) running, "
             f"{room['ahead']} run(s) ahead in line")
-
-
-def _waiting_line(room: dict, connections: int, least: int, waited: float) -> str:
-    return (f"Waiting for the classroom server ({waited:.0f} s so far): this run needs {least} to "
-            f"{connections} connections at once; {_figures(room)}.")

@@ -37,7 +37,7 @@ def slots_for(run: Run, spec: ScenarioSpec):
 
 
 def run_scenario(run: Run, spec: ScenarioSpec, index: int) -> dict:
-    from common import db
+    from common import budget, db
 
     console = run.console
     s = Scenario(run, spec, index, slots_for(run, spec))
@@ -50,6 +50,7 @@ def run_scenario(run: Run, spec: ScenarioSpec, index: int) -> dict:
     started = time.perf_counter()
     status, reason, interrupted = "passed", None, None
     try:
+        budget.room(s)  # on a shared server: wait until it has room for this scenario's sessions
         db.create_schema(run.admin, s.schema)
         s.conn = s.connect()
         spec.fn(s)

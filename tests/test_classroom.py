@@ -1,6 +1,7 @@
 """A classroom on one server: runs take turns for their connection shares, and never take the
 last slots. Against a private server with few slots (no timing is asserted: only order, counts
 and outcomes)."""
+import json
 import signal
 import subprocess
 import sys
@@ -20,11 +21,13 @@ from conftest import ROOT, clean_env
 
 
 class Handle:
-    """What budget.share uses of a scenario: the run's admin connection and name, say, measure, skip."""
+    """What budget.share and budget.room use of a scenario: the run's admin connection, name and
+    console, say, measure, skip."""
 
     def __init__(self, params: dict, run_id: str):
         self.app = f"faillab:{run_id}"
-        self.run = SimpleNamespace(admin=db.connect(params, autocommit=True, app=self.app))
+        self.run = SimpleNamespace(admin=db.connect(params, autocommit=True, app=self.app),
+                                   console=SimpleNamespace(wrapped=lambda text, **_: self.said.append(text)))
         self.params = db.conn_params(params, app=self.app)
         self.said: list[str] = []
         self.measurements: dict = {}
@@ -81,7 +84,8 @@ def test_the_lab_leaves_the_reserved_slots_and_a_margin(handles):
     h, = handles("usable")
     most, lab_slots = budget.usable(h.run.admin)
     assert most == 30
-    assert lab_slots == 30 - 3 - budget.margin(30) == 25  # superuser_reserved_connections = 3, margin 2
+    # superuser_reserved_connections = 3, margin 2, and 2 for lab runs that are starting
+    assert lab_slots == 30 - 3 - budget.margin(30) - budget.STARTING == 23
     assert budget.margin(100) == 5
     assert budget.turns(lab_slots, 32) == 1 and budget.turns(100 - 3 - 5, 32) == 2
 
@@ -176,6 +180,82 @@ def test_runs_that_wait_are_served_in_the_order_they_came(handles):
         t.join(60)
     assert order == [early.app, late.app]
     assert "1 run(s) ahead in line" in late.said[0]
+
+
+def test_a_run_that_connects_after_a_grant_waits_for_room_before_its_scenario(handles, monkeypatch):
+    monkeypatch.setattr(budget, "RUN_PEAK", 3)
+    monkeypatch.setattr(budget, "ROOM_SAY_AFTER_S", 0.0)
+    holder, = handles("holder")
+    order = []
+    with budget.share(holder, 32) as n:
+        opened = holder.open(n)  # all the room there was
+        late, = handles("late")  # a script that starts now: the grant could not count it
+        t = threading.Thread(target=lambda: (budget.room(late), order.append("late runs")))
+        t.start()
+        while not late.said and t.is_alive():
+            time.sleep(0.05)
+        order.append("holder done")
+        close_all(opened)
+    t.join(60)
+    assert order == ["holder done", "late runs"]
+    assert late.said[0].startswith("Waiting for the classroom server") and "room for up to 3 sessions" in late.said[0]
+    assert "room for this scenario came after" in late.said[-1] and late.measurements["room_wait_s"] >= 0
+
+
+def test_a_run_with_room_starts_its_scenario_at_once_and_silently(handles):
+    me, = handles("me")
+    budget.room(me)
+    assert not me.said and "room_wait_s" not in me.measurements
+
+
+def test_a_room_check_waits_behind_a_share_that_came_first(handles, monkeypatch):
+    monkeypatch.setattr(budget, "ROOM_SAY_AFTER_S", 0.0)
+    holder, storm, late = handles("holder", "storm", "late")
+    order = []
+
+    def storm_run():
+        with budget.share(storm, 16):
+            order.append("storm runs")
+
+    def late_run():
+        budget.room(late)  # there is room for it, but the storm waits already
+        order.append("late runs")
+
+    with budget.share(holder, 16):  # the only turn
+        threads = []
+        for h, fn in ((storm, storm_run), (late, late_run)):
+            threads.append(threading.Thread(target=fn))
+            threads[-1].start()
+            while not h.said and threads[-1].is_alive():
+                time.sleep(0.05)
+        assert budget.headroom(late.run.admin, late.app)["free"] > 0 and order == []
+    for t in threads:
+        t.join(60)
+    assert order == ["storm runs", "late runs"]
+    assert "1 run(s) ahead in line" in late.said[0]
+
+
+def test_a_script_waits_for_room_before_a_scenario_and_then_passes(small_server, handles, tmp_path):
+    holder, = handles("holder")
+    journal = tmp_path / "journal.json"
+    with budget.share(holder, 64) as n:
+        opened = holder.open(n)  # the whole room, then a student starts a script
+        proc = subprocess.Popen([sys.executable, str(ROOT / "fail_idempotency_break.py"), "--only", "data_drift",
+                                 "--json", str(journal)], env=clean_env(DATABASE_URL=classroom.url(small_server)),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if "Waiting for the classroom server" in line:
+                break
+        assert "Waiting for the classroom server" in "".join(seen), "".join(seen)
+        assert "Description" not in "".join(seen)  # nothing of the scenario ran yet
+        close_all(opened)
+    out = "".join(seen) + proc.stdout.read()
+    assert proc.wait(60) == 0, out[-2000:]
+    record, = json.loads(journal.read_text())["scenarios"]
+    assert record["status"] == "passed" and record["measurements"]["room_wait_s"] > 0, record
+    assert "room for this scenario came after" in out
 
 
 def test_a_line_that_cannot_move_loses_its_last_run_and_then_moves(small_server, handles, monkeypatch):
@@ -300,7 +380,7 @@ def test_several_students_on_one_small_server_all_pass_and_an_outsider_connects_
     waited = [rec["measurements"].get("share_wait_s") for r in runs for rec in r.scenarios if rec["id"] == "storm"]
     assert any(w is not None for w in waited), waited  # no storm had its full 32 at once: scaled or waited
     assert probe.tries >= 5 and not probe.refused, probe.refused[:3]
-    assert sampler.peak_lab <= lab_slots  # the lab never went past its slots
+    assert sampler.peak_lab <= lab_slots + budget.STARTING  # past its slots by starting runs at most
 
 
 def test_the_cost_of_one_student_is_measured_on_a_server_that_is_removed_afterwards():
