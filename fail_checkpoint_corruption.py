@@ -27,12 +27,12 @@ from pathlib import Path
 
 import psycopg2
 import psycopg2.errors
-import psycopg2.extensions
 from psycopg2 import sql
 from tenacity import (Retrying, retry_if_exception_type, stop_after_attempt,
                       wait_random_exponential)
 
 from common import budget, db, main, scenario, schema
+from common.faults import Hooks, Instrumented
 from common.fixes import fix
 from common.output import words
 
@@ -173,71 +173,7 @@ def ranges(numbers: list[int]) -> str:
 
 
 # -- the lab's instrumentation: it wraps what the code under test is handed, never the code ---------
-class Hooks:
-    """What the lab sees of a connection it hands to the code under test (all no-ops here)."""
-
-    def opened(self, conn, pid: int) -> None: ...  # pid: the server's, see Instrumented
-    def before_execute(self, conn, text: str) -> None: ...
-    def after_execute(self, conn, text: str) -> None: ...
-    def before_commit(self, conn) -> None: ...
-    def after_end(self, conn, committed: bool) -> None: ...
-    def failed(self, conn, exc: Exception) -> None: ...
-
-
-class HookedCursor(psycopg2.extensions.cursor):
-    """A real cursor that reports each statement to the connection's hooks."""
-    hooks: Hooks = Hooks()
-
-    def execute(self, query, vars=None):
-        text = query.as_string(self) if isinstance(query, sql.Composable) else (
-            query.decode() if isinstance(query, bytes) else str(query))
-        self.hooks.before_execute(self.connection, text)
-        try:
-            result = super().execute(query, vars)
-        except psycopg2.Error as exc:
-            self.hooks.failed(self.connection, exc)
-            raise
-        self.hooks.after_execute(self.connection, text)
-        return result
-
-
-class Instrumented:
-    """A connection as the lab hands it over: every call goes to the real psycopg2 connection;
-    its statements and commits are reported to `hooks` (from outside the code under test).
-    The hooks learn its backend's pid from the server (db.backend_pid), once, before the code
-    under test gets it."""
-
-    def __init__(self, conn, hooks: Hooks):
-        self._conn, self._hooks = conn, hooks
-        pid = db.backend_pid(conn)
-        conn.rollback()  # a fresh connection: end the transaction that SELECT opened, nothing else
-        conn.cursor_factory = type("Cursor", (HookedCursor,), {"hooks": hooks})
-        hooks.opened(conn, pid)
-
-    def __getattr__(self, name):
-        return getattr(self._conn, name)
-
-    def commit(self) -> None:
-        self._hooks.before_commit(self._conn)
-        try:
-            self._conn.commit()
-        except psycopg2.Error as exc:
-            self._hooks.failed(self._conn, exc)
-            raise
-        self._hooks.after_end(self._conn, True)
-
-    def rollback(self) -> None:
-        self._conn.rollback()
-        self._hooks.after_end(self._conn, False)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, *exc) -> bool:
-        self.commit() if exc_type is None else self.rollback()
-        return False
-
-
+# faults.Instrumented hands over the connection; a scenario's Hooks act at the statements these name.
 def is_data_insert(text: str) -> bool:
     return re.match(r'\s*insert\s+into\s+"?target_rows"?\W', text, re.IGNORECASE) is not None
 

@@ -34,11 +34,11 @@ from pathlib import Path
 
 import psycopg2
 import psycopg2.errors
-import psycopg2.extensions
 from psycopg2.extras import execute_values
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_fixed
 
 from common import Scenario, db, main, scenario
+from common.faults import Hooks, hooked_cursor
 from common.fixes import TimeLimitExceeded, fix, time_limited
 from common.output import words
 
@@ -124,7 +124,7 @@ def connect_log_store(s: Scenario, proxy=None, statements: Counter | None = None
     lab's timings about the design, not about this machine's disk. lock_timeout: a writer waits for a
     stalled store, never forever. `statements`, when given, counts what the connection sends, by
     first word (lab instrumentation, outside the handler: a cursor class of the lab's own)."""
-    extra = {"cursor_factory": counting_cursor(statements)} if statements is not None else {}
+    extra = {"cursor_factory": hooked_cursor(CountByFirstWord(statements))} if statements is not None else {}
     conn = s.connect(s.via(proxy) if proxy else None, **extra)
     with conn.cursor() as cur:
         cur.execute("SET synchronous_commit = off; SET lock_timeout = '10s'")
@@ -132,14 +132,14 @@ def connect_log_store(s: Scenario, proxy=None, statements: Counter | None = None
     return conn
 
 
-def counting_cursor(counts: Counter) -> type:
-    """A psycopg2 cursor class that counts each statement it sends by its first word (INSERT, SET)."""
-    class CountingCursor(psycopg2.extensions.cursor):
-        def execute(self, query, vars=None):
-            head = query[:40].decode("utf-8", "replace") if isinstance(query, bytes) else str(query)[:40]
-            counts[(head.split() or [""])[0].upper()] += 1
-            return super().execute(query, vars)
-    return CountingCursor
+class CountByFirstWord(Hooks):
+    """Counts each statement a connection sends by its first word (INSERT, SET), failed ones too."""
+
+    def __init__(self, counts: Counter):
+        self.counts = counts
+
+    def before_execute(self, conn, text: str) -> None:
+        self.counts[(text[:40].split() or [""])[0].upper()] += 1
 
 
 def within_call_limit(s: Scenario, fn):

@@ -30,6 +30,7 @@ from tenacity import (RetryCallState, RetryError, Retrying, retry_if_exception, 
                       wait_random_exponential)
 
 from common import budget, db, main, scenario, schema
+from common.faults import Hooks, Instrumented
 from common.fixes import fix
 from common.output import words
 
@@ -180,35 +181,27 @@ def replay_dead_letters(conn) -> list[str]:
         done.append(row[0])
 
 
-class WatchedReplay:
-    """A replay's connection, wrapped from outside: each statement is sorted into what it does to
-    the dead letters (the read: SELECT from dead_letter; the work: INSERT INTO target_rows or
-    unit_runs; the mark: UPDATE or DELETE of dead_letter), and subclasses act before or after it."""
+class WatchedReplay(Hooks):
+    """What the lab sees of a replay's connection (faults.Instrumented wraps it from outside): each
+    statement is sorted into what it does to the dead letters (the read: SELECT from dead_letter;
+    the work: INSERT INTO target_rows or unit_runs; the mark: UPDATE or DELETE of dead_letter), and
+    subclasses act before or after it."""
 
     KINDS = (("read", re.compile(r"\bSELECT\b.*\bFROM\s+dead_letter\b", re.I | re.S)),
              ("work", re.compile(r"\bINSERT\s+INTO\s+(target_rows|unit_runs)\b", re.I)),
              ("mark", re.compile(r"\b(UPDATE|DELETE\s+FROM)\s+dead_letter\b", re.I)))
 
-    def __init__(self, conn):
-        self._conn = conn
+    def __init__(self):
         self.done: list[str] = []  # the kinds of the statements that ran, in order
 
-    def __getattr__(self, name):
-        return getattr(self._conn, name)
-
-    def __enter__(self):
-        self._conn.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self._conn.__exit__(*exc)
-
-    def cursor(self, *args, **kwargs):
-        return _WatchedCursor(self, self._conn.cursor(*args, **kwargs))
-
-    def kinds(self, statement) -> set[str]:
-        text = statement if isinstance(statement, str) else statement.as_string(self._conn)
+    def kinds(self, text: str) -> set[str]:
         return {kind for kind, pattern in self.KINDS if pattern.search(text)}
+
+    def before_execute(self, conn, text: str) -> None:
+        self.before(self.kinds(text))
+
+    def after_execute(self, conn, text: str) -> None:
+        self.after(self.kinds(text))
 
     def before(self, kinds: set[str]) -> None:
         pass
@@ -217,44 +210,22 @@ class WatchedReplay:
         self.done += sorted(kinds)
 
 
-class _WatchedCursor:
-    def __init__(self, owner: WatchedReplay, cur):
-        self._owner, self._cur = owner, cur
-
-    def __getattr__(self, name):
-        return getattr(self._cur, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self._cur.close()
-
-    def __iter__(self):
-        return iter(self._cur)
-
-    def execute(self, query, args=None):
-        kinds = self._owner.kinds(query)
-        self._owner.before(kinds)
-        result = self._cur.execute(query, args)
-        self._owner.after(kinds)
-        return result
-
-
 class TerminatedBetweenWorkAndMark(WatchedReplay):
     """Once one half of a replay (the work or the mark) has run, its session is ended with
     pg_terminate_backend just before the other half's first statement, once. A statement that
     does both halves at once leaves nothing in between (`one_statement`). The backend's pid is
-    asked of the server (db.backend_pid) when the connection is wrapped."""
+    the server's, told to opened() when the connection is wrapped."""
 
-    def __init__(self, conn, admin):
-        super().__init__(conn)
+    def __init__(self, admin):
+        super().__init__()
         self._admin = admin
-        self._pid = db.backend_pid(conn)
-        conn.rollback()  # a fresh connection: end the transaction that SELECT opened, nothing else
+        self._pid = 0
         self.landed_before: str | None = None  # the half that never got to run
         self.one_statement = False
         self._armed = True  # one try only
+
+    def opened(self, conn, pid: int) -> None:
+        self._pid = pid
 
     def before(self, kinds: set[str]) -> None:
         halves = kinds & {"work", "mark"}
@@ -278,8 +249,8 @@ class ReplayersMeet(WatchedReplay):
     before its first work for the other's first read (at most `patience` seconds: a read that
     waits for a lock the first one holds returns only after its commit)."""
 
-    def __init__(self, conn, mine, theirs, patience: float = 3.0):
-        super().__init__(conn)
+    def __init__(self, mine, theirs, patience: float = 3.0):
+        super().__init__()
         self.mine, self.theirs, self.patience = mine, theirs, patience
 
     def before(self, kinds: set[str]) -> None:
@@ -392,9 +363,10 @@ def exhaustion(s):
     with s.step(f"the database is back after {outage_s:.2f} s: replay the dead letters; the replay's "
                 "session is ended between the work and the mark") as st:
         admin = s.connect(autocommit=True)
-        faulty = TerminatedBetweenWorkAndMark(s.connect(params), admin)
+        faulty = TerminatedBetweenWorkAndMark(admin)
+        conn = Instrumented(s.connect(params), faulty)
         try:
-            first = s.fix("replay_dead_letters")(faulty)
+            first = s.fix("replay_dead_letters")(conn)
             st.result = f"replayed {words(first)}"
         except psycopg2.Error as err:
             s.observe(err, "The replay's session, ended between the two halves:")
@@ -419,8 +391,8 @@ def exhaustion(s):
         def replayer(name: str, conn) -> None:
             replayed[name] = s.fix("replay_dead_letters")(conn)
 
-        pair = [s.thread(replayer, "a", ReplayersMeet(s.connect(params), a_read, b_read)),
-                s.thread(replayer, "b", ReplayersMeet(s.connect(params), b_read, a_read))]
+        pair = [s.thread(replayer, "a", Instrumented(s.connect(params), ReplayersMeet(a_read, b_read))),
+                s.thread(replayer, "b", Instrumented(s.connect(params), ReplayersMeet(b_read, a_read)))]
         for w in pair:
             w.join(30)
         third = s.fix("replay_dead_letters")(s.connect(params))

@@ -1,4 +1,4 @@
-"""A fault-injecting TCP proxy between the scripts and PostgreSQL.
+"""Fault injection: a TCP proxy between the scripts and PostgreSQL, and hooks on what a connection sends.
 
 Toxiproxy is the reference design, but it is a Go binary that PyPI does not ship, so this small
 threaded proxy is written by hand. It binds 127.0.0.1 only and forwards to the server's TCP port
@@ -10,10 +10,17 @@ its time, so a scenario can count exactly what the server would have seen.
 The proxy keeps TLS end to end: it forwards bytes, and `params()` keeps the server's host name
 for libpq's certificate check (`sslmode=verify-full`) while `hostaddr` routes to the proxy.
 
-`FAILLAB_NO_FAULTS=1` in the environment turns every fault here into a no-op (`down()`,
+`FAILLAB_NO_FAULTS=1` in the environment turns every fault of the proxy into a no-op (`down()`,
 `latency`, `max_connections`): the proxy only forwards. It exists to prove a
 scenario honest: when its fault does not land, the scenario must fail fast, naming the claim
 that did not hold, instead of passing or hanging.
+
+The hooks let a scenario act at an exact statement of the code under test without touching its
+code: `hooked_cursor(hooks)` is a cursor class whose cursors report each statement, by its text,
+before it runs and after it ran (or the error it raised); `Instrumented(conn, hooks)` is the
+connection the code under test is handed, whose cursors do so and whose commits and rollbacks
+are reported too. A scenario's `Hooks` subclass says what happens at which statement: the proxy
+goes down, another worker is awaited, a statement is counted.
 """
 from __future__ import annotations
 
@@ -24,6 +31,12 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
+
+import psycopg2
+import psycopg2.extensions
+from psycopg2 import sql
+
+from common import db
 
 
 def faults_enabled() -> bool:
@@ -189,3 +202,83 @@ def _reset(s: socket.socket) -> None:
         s.close()
     except OSError:
         pass
+
+
+# -- hooks on the statements a connection sends ---------------------------------------------------
+class Hooks:
+    """What the lab sees of a connection it hands to the code under test (all no-ops here); a
+    scenario's subclass acts at the points it cares about."""
+
+    def opened(self, conn, pid: int) -> None: ...  # pid: the server's (db.backend_pid), not libpq's
+    def before_execute(self, conn, text: str) -> None: ...
+    def after_execute(self, conn, text: str) -> None: ...
+    def before_commit(self, conn) -> None: ...
+    def after_end(self, conn, committed: bool) -> None: ...
+    def failed(self, conn, exc: Exception) -> None: ...  # a psycopg2.Error of a statement or a COMMIT
+
+
+def statement_text(query, cursor) -> str:
+    """The text of what execute() was given: a str, bytes, or a psycopg2.sql.Composable."""
+    if isinstance(query, sql.Composable):
+        return query.as_string(cursor)
+    return query.decode(errors="replace") if isinstance(query, bytes) else str(query)
+
+
+def hooked_cursor(hooks: Hooks, base: type = psycopg2.extensions.cursor) -> type:
+    """A cursor class (a subclass of `base`, for a cursor_factory) whose every execute() reports to
+    `hooks`: before_execute and after_execute with the statement's text, failed with its error."""
+
+    class HookedCursor(base):
+        def execute(self, query, vars=None):
+            text = statement_text(query, self)
+            hooks.before_execute(self.connection, text)
+            try:
+                result = super().execute(query, vars)
+            except psycopg2.Error as exc:
+                hooks.failed(self.connection, exc)
+                raise
+            hooks.after_execute(self.connection, text)
+            return result
+    return HookedCursor
+
+
+class Instrumented:
+    """A connection as the lab hands it over: every call goes to the real psycopg2 connection;
+    its statements (from a cursor of any class), commits and rollbacks are reported to `hooks`,
+    from outside the code under test. The hooks learn its backend's pid from the server
+    (db.backend_pid), once, before the code under test gets it."""
+
+    def __init__(self, conn, hooks: Hooks):
+        self._conn, self._hooks = conn, hooks
+        pid = db.backend_pid(conn)
+        conn.rollback()  # a fresh connection: end the transaction that SELECT opened, nothing else
+        conn.cursor_factory = hooked_cursor(hooks, conn.cursor_factory or psycopg2.extensions.cursor)
+        hooks.opened(conn, pid)
+
+    def __getattr__(self, name):
+        return getattr(self._conn, name)
+
+    def cursor(self, name=None, cursor_factory=None, *args, **kwargs):
+        if cursor_factory is not None:  # a class the caller names reports too
+            cursor_factory = hooked_cursor(self._hooks, cursor_factory)
+        return self._conn.cursor(name, cursor_factory, *args, **kwargs)
+
+    def commit(self) -> None:
+        self._hooks.before_commit(self._conn)
+        try:
+            self._conn.commit()
+        except psycopg2.Error as exc:
+            self._hooks.failed(self._conn, exc)
+            raise
+        self._hooks.after_end(self._conn, True)
+
+    def rollback(self) -> None:
+        self._conn.rollback()
+        self._hooks.after_end(self._conn, False)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc) -> bool:
+        self.commit() if exc_type is None else self.rollback()
+        return False
