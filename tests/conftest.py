@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -34,15 +33,6 @@ def clean_env(**extra) -> dict:
     env["PYTHONUNBUFFERED"] = "1"
     env.update({k: v for k, v in extra.items() if v is not None})
     return env
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on (free now; closed for anyone who connects)."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def server_reachable() -> bool:

