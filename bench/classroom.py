@@ -245,7 +245,9 @@ class Classroom:
         return [r for st in self.students for r in st.runs]
 
     def longest_wait(self) -> float:
-        return max((rec["measurements"].get("share_wait_s", 0) for _, _, rec in self.scenarios()), default=0)
+        """The longest a scenario waited for the server: for room before it, and for a share in it."""
+        return max((rec["measurements"].get("room_wait_s", 0) + rec["measurements"].get("share_wait_s", 0)
+                    for _, _, rec in self.scenarios()), default=0)
 
     def smallest_share(self) -> int | None:
         shares = [rec["measurements"]["share_connections"] for _, _, rec in self.scenarios()

@@ -23,9 +23,9 @@ sessions (RUN_PEAK) outside a share, but the retry storm opens 32 at once (`pyth
 A run with no room or no turn waits in line (a ticket lock, served in the order they came; a
 waiter that stops polling loses its place), and says so with the time waited; after `limit`
 seconds the scenario is skipped with the figures (never a hang; Ctrl-C ends the wait). Waiting
-runs hold sessions too: when what they hold is all that keeps the first in line from its
-turn, and nothing else can change, the last in line gives its place up (skipped) after
-STUCK_S, and the line moves again. The locks are held on the run's admin connection and end
+runs hold sessions too (a live run keeps its admin session): when the first in line cannot fit
+beside what the runs behind it hold, and nothing else can change, the first in line gives its
+place up (skipped) after STUCK_S, and the runs behind it go on. The locks are held on the run's admin connection and end
 with its session, so a killed run never keeps its turn. Advisory locks belong to one
 database: the runs of a room share turns when they use the same database (the one
 DATABASE_URL the README gives the room).
@@ -46,10 +46,10 @@ MARKER_KEY = LAB_KEY + 1  # second key: turn << 16 | the run's peak sessions (on
 WAITING_KEY = LAB_KEY + 2  # second key: the waiting run's ticket (a waiting run opens nothing)
 RUN_PEAK = 6             # most sessions a lab run holds outside a share, its admin session
                          # included (bench/classroom.py --cost: 2 to 6, exhaustion's two replayers)
-STARTING = 2             # lab runs that may connect (one admin session each) between a grant
-                         # and their first room check: their slots are kept out of the lab's
+STARTING = 1             # a lab run that connects (its admin session) between a grant and its
+                         # first room check: kept out of the lab's slots (the margin holds more)
 POLL_S = 0.25
-STUCK_S = 10.0           # a line that cannot move for this long loses its last run
+STUCK_S = 10.0           # a line that cannot move for this long loses its first run
 STALE_S = 10.0           # a waiter whose last poll is older than this is not in the line any more
 SAY_EVERY_S = 15.0
 ROOM_SAY_AFTER_S = 1.0   # a room check says that it waits only when the wait is not a blink
@@ -115,8 +115,6 @@ def headroom(conn, app: str, ticket: int | None = None) -> dict:
             "storms": len(admitted) - (app in admitted),
             "ahead": sum(1 for name, t in waiting.items() if name != app and (ticket is None or t < ticket)),
             "behind": sum(1 for name, t in waiting.items() if name != app and ticket is not None and t > ticket),
-            # what the waiting runs would give back if all but the first in line left
-            "held_behind": sum(sessions.get(name, 0) for name in sorted(waiting, key=waiting.get)[1:]),
             "next_ticket": max(waiting.values(), default=0) + 1}
 
 
@@ -168,12 +166,12 @@ class Share:
         return True
 
     def _watch_for_deadlock(self, room: dict) -> None:
-        """The line is stuck when no share runs, no other lab run is busy, and what the waiting
-        runs hold themselves is what leaves too little for the first in line: nothing can change
-        but a waiter leaving. Then the last in line is the one to leave (see `stuck_for`)."""
+        """The line is stuck when this run is first in it and does not fit, no share runs, no other
+        lab run is busy, and runs wait behind it: what they hold (a live run keeps its admin
+        session) changes only when they run, and they run only after it. Then this run is the one
+        to leave (see `stuck_for`); the runs behind it may need less."""
         stuck = (room["storms"] == 0 and room["unopened"] == 0 and room["growth"] == 0
-                 and room["free"] < self.least <= room["free"] + room["held_behind"]
-                 and room["ahead"] > 0 and room["behind"] == 0)
+                 and room["free"] < self.least and room["ahead"] == 0 and room["behind"] > 0)
         if not stuck:
             self.stuck_since = None
         elif self.stuck_since is None:
@@ -201,7 +199,7 @@ class Share:
 def _wait(s, place: Share, limit: float, waiting: str, say, say_after: float = 0.0) -> float | None:
     """Poll until `place` is admitted; returns the seconds waited, or None when it never waited.
     Says (`say`) `waiting` with the figures after `say_after` seconds and every SAY_EVERY_S; skips the
-    scenario after `limit` seconds, or when the line is stuck and this run is the last in it."""
+    scenario after `limit` seconds, or when the line is stuck and this run is the first in it."""
     started, said_at = time.monotonic(), None
     while not place.try_admit():
         waited = time.monotonic() - started
@@ -212,9 +210,9 @@ def _wait(s, place: Share, limit: float, waiting: str, say, say_after: float = 0
             s.skip(f"no turn on the classroom server after {waited:.0f} s ({_figures(place.room)}); "
                    "run it again when fewer runs share the server")
         if place.stuck_for() >= STUCK_S:
-            s.skip(f"the classroom server is full of runs waiting for a turn, and what they hold leaves "
-                   f"too little for the first in line ({_figures(place.room)}); this run, the last in line, "
-                   f"gave its place up after {waited:.0f} s so that the others can run: run it again later")
+            s.skip(f"the classroom server has too little room for this run beside the runs waiting behind it "
+                   f"({_figures(place.room)}, {place.room['behind']} behind); this run, the first in line, gave "
+                   f"its place up after {waited:.0f} s so that they can go on: run it again later")
         time.sleep(POLL_S)
     return None if said_at is None else time.monotonic() - started
 

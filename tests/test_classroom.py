@@ -84,8 +84,8 @@ def test_the_lab_leaves_the_reserved_slots_and_a_margin(handles):
     h, = handles("usable")
     most, lab_slots = budget.usable(h.run.admin)
     assert most == 30
-    # superuser_reserved_connections = 3, margin 2, and 2 for lab runs that are starting
-    assert lab_slots == 30 - 3 - budget.margin(30) - budget.STARTING == 23
+    # superuser_reserved_connections = 3, margin 2, and 1 for a lab run that is starting
+    assert lab_slots == 30 - 3 - budget.margin(30) - budget.STARTING == 24
     assert budget.margin(100) == 5
     assert budget.turns(lab_slots, 32) == 1 and budget.turns(100 - 3 - 5, 32) == 2
 
@@ -258,37 +258,38 @@ def test_a_script_waits_for_room_before_a_scenario_and_then_passes(small_server,
     assert "room for this scenario came after" in out
 
 
-def test_a_line_that_cannot_move_loses_its_last_run_and_then_moves(small_server, handles, monkeypatch):
+def test_a_line_that_cannot_move_loses_its_first_run_and_then_moves(small_server, handles, monkeypatch):
     monkeypatch.setattr(budget, "STUCK_S", 1.0)
     head, tail = handles("head", "tail")
-    held = head.open(4) + tail.open(4)  # each waiter holds 5 sessions, as a run in its scenario does
+    held = {head.app: head.open(4), tail.app: tail.open(4)}  # each waiter holds 5 sessions
     fillers = [psycopg2.connect(**small_server, application_name="another client") for _ in range(10)]
     events, results = [], {}
 
-    def wait_for_turn(h):
+    def wait_for_turn(h, least):
         try:
-            with budget.share(h, 32, least=8) as n:
+            with budget.share(h, 32, least=least) as n:
                 events.append(f"{h.app} runs")
                 results[h.app] = n
         except Skipped as exc:
             events.append(f"{h.app} gives up")
             results[h.app] = str(exc)
-            close_all(held[4:] + [h.run.admin])  # the run ends: its sessions close
+            close_all(held[h.app] + [h.run.admin])  # the run ends: its sessions close
 
     try:
         threads = []
-        for h in (head, tail):
-            threads.append(threading.Thread(target=wait_for_turn, args=(h,)))
+        for h, least in ((head, 8), (tail, 6)):  # 4 free: neither fits while both wait
+            threads.append(threading.Thread(target=wait_for_turn, args=(h, least)))
             threads[-1].start()
             while not h.said and threads[-1].is_alive():
                 time.sleep(0.05)
         for t in threads:
             t.join(60)
     finally:
-        close_all(fillers + held)
-    assert events == [f"{tail.app} gives up", f"{head.app} runs"]
-    assert "full of runs waiting for a turn" in results[tail.app] and "the last in line" in results[tail.app]
-    assert results[head.app] >= 8
+        close_all(fillers + [c for conns in held.values() for c in conns])
+    assert events == [f"{head.app} gives up", f"{tail.app} runs"]
+    assert "too little room for this run beside the runs waiting behind it" in results[head.app]
+    assert "the first in line" in results[head.app] and "1 behind" in results[head.app]
+    assert results[tail.app] >= 6
 
 
 def test_a_turn_that_never_comes_ends_as_a_skip_with_the_figures(handles):

