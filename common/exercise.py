@@ -7,10 +7,11 @@ slots (see common.fixes), and a grade line follows its verdicts.
 from __future__ import annotations
 
 import ast
-import os
 import importlib.util
+import os
 import shlex
 import sys
+import textwrap
 from pathlib import Path
 from typing import Callable
 
@@ -132,8 +133,12 @@ def _renamed(fn: Callable, name: str, contract: str) -> str:
     lines = src.splitlines()
     node = ast.parse(src).body[0]
     indent = " " * (node.body[0].col_offset if node.body else 4)
-    doc = [indent + '"""' + contract.splitlines()[0]] + [
-        (indent + ln if ln.strip() else "") for ln in contract.splitlines()[1:]]
+    width = output.NARROW - len(output.CODE) - len(indent)  # Prevention shows it unbroken in 80 columns
+    text = []
+    for i, paragraph in enumerate(contract.split("\n\n")):
+        text += ([""] if i else []) + textwrap.wrap(" ".join(paragraph.split()), width,
+                                                     initial_indent="" if i else '"""')
+    doc = [indent + ln if ln else "" for ln in text]
     if len(doc) > 1:
         doc.append(indent + '"""')
     else:

@@ -4,6 +4,7 @@ Run through the command line, as a student does. The wrong solutions that a stud
 plausibly write are tested next to each script's own tests."""
 import pytest
 
+from common.output import CONTINUED
 from conftest import exercise_file, grade, run_script
 
 SCRIPTS = ["fail_checkpoint_corruption.py", "fail_idempotency_break.py",
@@ -35,6 +36,9 @@ def test_the_starting_file_fails_and_the_reference_passes(script, scenario_id, t
     record = untouched.scenario(scenario_id)
     assert untouched.returncode == 1 and record["mode"] == "exercise"
     assert record["triggered"] is True and record["recovered"] is False and record["cleaned"] is True
+    functions = path.read_text().split("\n\n\n", 1)[1]  # below the file's docstring and its import
+    assert functions.startswith("def ") and max(len(ln) for ln in functions.splitlines()) <= 74
+    assert CONTINUED not in record["sections"]["prevention"]  # the student's code, shown unbroken in 80 columns
     solution = run_script(script, "--exercise", scenario_id, "--solution", env=env, tmp_path=tmp_path,
                           journal=False)
     assert solution.returncode == 0
