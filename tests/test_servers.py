@@ -121,11 +121,13 @@ def pg18():
     return servers.wheel_install()
 
 
-def test_every_script_works_through_pgbouncer_in_session_mode(embedded_params, tmp_path):
+@pytest.mark.parametrize("major", [18, 13], ids=lambda m: f"pg{m}")  # the newest and the oldest
+def test_every_script_works_through_pgbouncer_in_session_mode(major, embedded_params, tmp_path):
     with servers.needed():
-        with servers.postgres(pg18()) as server, servers.pgbouncer(server, "session") as bouncer:
+        install = pg18() if major == 18 else servers.postgres_install(major)
+        with servers.postgres(install) as server, servers.pgbouncer(server, "session") as bouncer:
             problems = run_everywhere(env_for(servers.url(bouncer)), servers.libpq(server), tmp_path,
-                                      "PgBouncer session mode")
+                                      f"PgBouncer session mode, PostgreSQL {major}")
     assert not problems, json.dumps(problems, indent=1)
 
 
@@ -154,19 +156,20 @@ def test_pgbouncer_that_does_not_keep_sessions_is_refused_at_once_with_one_line(
 
 
 # -- TLS -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("sslmode", ["require", "verify-full"])
-def test_every_script_works_on_a_server_that_requires_tls(sslmode, embedded_params, tmp_path):
+@pytest.mark.parametrize("major, sslmode", [(18, "require"), (18, "verify-full"), (13, "verify-full")],
+                         ids=lambda v: f"pg{v}" if isinstance(v, int) else v)
+def test_every_script_works_on_a_server_that_requires_tls(major, sslmode, embedded_params, tmp_path):
     """hostssl-only pg_hba: a connection without TLS is refused. verify-full checks the
     certificate against "localhost", also for the connections that go through the fault proxy."""
     with servers.needed():
-        with servers.tls_postgres(servers.postgres_install(18), tmp_path / "certs") as (server, ca):
+        with servers.tls_postgres(servers.postgres_install(major), tmp_path / "certs") as (server, ca):
             plain = servers.url(server, host="localhost", sslmode="disable")
             with pytest.raises(psycopg2.OperationalError, match="no pg_hba.conf entry|SSL off"):
                 psycopg2.connect(plain, connect_timeout=5)
             query = {"sslmode": sslmode, **({"sslrootcert": str(ca)} if sslmode == "verify-full" else {})}
             tls = servers.url(server, host="localhost", **query)
             check = psycopg2.extensions.parse_dsn(tls)
-            problems = run_everywhere(env_for(tls), check, tmp_path, f"TLS sslmode={sslmode}")
+            problems = run_everywhere(env_for(tls), check, tmp_path, f"TLS sslmode={sslmode}, PostgreSQL {major}")
     assert not problems, json.dumps(problems, indent=1)
 
 
