@@ -395,4 +395,4 @@ def test_the_cost_of_one_student_is_measured_on_a_server_that_is_removed_afterwa
     assert set(peaks) == set(classroom.scenario_ids("fail_retry_exhaustion.py")) | {"(whole"}
     assert all(p >= 2 for p in peaks.values())  # the run's admin session and its scenario's, at least
     assert peaks["storm"] > 32  # the storm's workers at once, on a server with room for them
-    assert set(Path(tempfile.gettempdir()).glob("labclass-*")) == before
+    assert set(Path(tempfile.gettempdir()).glob("labclass-*")) <= before  # nothing of its own is left
