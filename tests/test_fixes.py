@@ -67,7 +67,7 @@ def test_exercise_start_never_overwrites_and_grades_the_starting_file_failed(tmp
     path = tmp_path / "exercises" / "fail_broken" / "with_fix.py"
     assert start.returncode == 0 and str(path) in start.stdout
     text = path.read_text()
-    assert "def insert_key(conn):" in text and "exactly once, without an error" in text
+    assert "def insert_key(conn):" in text and "exactly once, without an error" in " ".join(text.split())
     assert "insert_twice" not in text  # renamed to the slot
     graded = _exercise(tmp_path)
     assert graded.returncode == 1 and "NOT YET" in graded.stdout
