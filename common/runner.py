@@ -94,7 +94,11 @@ def run_scenario(run: Run, spec: ScenarioSpec, index: int) -> dict:
               "checks": [{"phase": c.phase, "ok": c.ok, "claim": c.claim} for c in s.checks],
               "sections": {k: sections.get(k, "") for k in SECTIONS}, "seconds": round(seconds, 3),
               "paused_seconds": round(s.paused, 3), "blocks": {k: blocks.get(k, []) for k in SECTIONS}, "headline": headline(s),
-              "lesson": s.lesson, "questions": list(s.questions)}
+              "lesson": s.lesson, "questions": list(s.questions), "detection": s.detection}
+    if s.metrics.used():
+        record["metrics"] = s.metrics.series
+        if run.args.metrics:
+            s.metrics.write(Path(run.args.metrics) / Path(run.script).stem, spec.id)
     if kept:
         record["kept"] = s.schema
     if reason:
@@ -121,6 +125,9 @@ def parse_args(argv, doc: str) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1, help="seed for every random choice (default 1)")
     p.add_argument("--pause", action="store_true", help="on a terminal, wait for Enter before each section")
     p.add_argument("--report", metavar="PATH", help="write the run as a Markdown handout to PATH")
+    p.add_argument("--metrics", metavar="DIR",
+                   help="write each scenario's metrics, naive run and fixed run apart, into DIR/<script>/ "
+                        "in the format of node_exporter's textfile collector")
     p.add_argument("--brief", action="store_true",
                    help="presenter's mode: each section's essentials only (the error, the measured damage, "
                         "the proof, the lesson); the handout stays complete")
@@ -189,7 +196,16 @@ def main(argv=None) -> None:
 
 
 def check_output_paths(args) -> None:
-    """--json and --report must be writable before the run starts: exit 2 otherwise."""
+    """--json and --report must be writable before the run starts, and --metrics a folder that is
+    or can be made: exit 2 otherwise."""
+    if args.metrics:
+        folder = Path(args.metrics)
+        if folder.exists() and not folder.is_dir():
+            _fail_start(f"--metrics {args.metrics} is not a folder")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            _fail_start(f"--metrics {args.metrics} cannot be made: {exc.strerror or exc}")
     for flag, value in (("--json", args.json), ("--report", args.report)):
         if not value or value == "-":
             continue

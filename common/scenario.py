@@ -110,12 +110,31 @@ class Scenario:
         self._stopping = False  # set by teardown: from then on a worker's error is expected
         self._tmpdir: Path | None = None
         self.conn = None
+        from common.metrics import Metrics
+
+        self.metrics = Metrics()  # what the pipeline counts: the naive run's and the fixed run's apart
+        self.detector = None  # the check the root cause shows (common.detect)
+        self.detection: dict | None = None  # what it returned on the broken state, then after the fix
 
     # -- what scenarios use: the fixes --------------------------------------------------------------
     def fix(self, slot: str):
         """What the slot holds in this run: the fixed code, the naive code (a negative control) or
         a student's function (an exercise). The recovery calls the fix only through here."""
         return self.slots[slot]
+
+    # -- what scenarios use: metrics --------------------------------------------------------------
+    @property
+    def metrics_phase(self) -> str:
+        """Whose metrics the pipeline counts now: the naive run's until the recovery starts."""
+        return "naive" if self.phase == "triggered" else "fixed"
+
+    def counter(self, name: str, doc: str, labels=()):
+        """A prometheus_client Counter in the registry of the run under way (naive or fixed)."""
+        return self.metrics.metric(self.metrics_phase, "counter", name, doc, labels)
+
+    def gauge(self, name: str, doc: str, labels=()):
+        """A prometheus_client Gauge in the registry of the run under way (naive or fixed)."""
+        return self.metrics.metric(self.metrics_phase, "gauge", name, doc, labels)
 
     # -- what scenarios use: the database --------------------------------------------------------
     @property
@@ -289,18 +308,63 @@ class Scenario:
         self._enter("trigger")
         self.say(text)
 
-    def root_cause(self, text: str, detect: str | None = None) -> None:
+    def root_cause(self, text: str, detect=None) -> None:
+        """Why it happened, and how an operator finds it: `detect` is a detector (common.detect,
+        or a function of a connection). It runs now, against the broken state, and must fire; it
+        runs again at the end of the recovery, and must be quiet."""
         self._enter("root_cause")
         self.say(text)
-        if detect:
+        if detect is None:
+            return
+        if isinstance(detect, str):  # a check only shown, never run: not a proof (journal: no detection)
             self.say("How to detect it:", essential=False)
             self.code(detect, lang="sql")
+            return
+        from common import detect as detectors
+
+        self.detector = detectors.as_detector(detect)
+        text, lang = self.detector.show(self)
+        self.say(f"How to detect it ({detectors.describe(self.detector)}):", essential=False)
+        self.code(text, lang=lang)
+        self.metrics.sample("naive")
+        found = self.detector.probe(self, "naive")
+        self.detection = {"check": self.detector.name, "kind": self.detector.kind, "shown": text,
+                          "fired": bool(found), "found_broken": detectors.summary(found),
+                          "quiet_after_fix": None, "found_after_fix": None}
+        self._show_found(found)
+        self._check("triggered", bool(found), f"the detector {self.detector.name} fires on the broken state")
+
+    def detect_again(self) -> bool:
+        """Run the root cause's detector against the recovered state, as a recovery step: it must
+        be quiet. `prevention()` does this when the scenario has not."""
+        from common import detect as detectors
+
+        with self.step(f"Run the {detectors.describe(self.detector)} again") as st:
+            self.metrics.sample("fixed")
+            found = self.detector.probe(self, "fixed")
+            st.result = "quiet: it finds nothing" if not found else f"it still fires: {len(found)} found"
+        self.detection.update(quiet_after_fix=not found, found_after_fix=detectors.summary(found))
+        if found:
+            self._show_found(found)
+        return self._check("recovered", not found,
+                           f"the detector {self.detector.name} is quiet after the recovery")
+
+    def _show_found(self, found: list) -> None:
+        from common import detect as detectors
+
+        if found:
+            self.say(f"It fired: {len(found)} found.", essential=True)
+            self.code("\n".join(detectors.summary(found)), lang="text")
+        else:
+            self.say("It found nothing.", essential=True)
 
     def prevention(self, text: str, *code, lesson: str | None = None, questions=()) -> None:
         """The design that prevents it, then the source of every fix slot as this run held it (what
         the checks ran), then any `code` items: functions (their real source) or text (SQL, settings).
         `lesson` is the scenario's lesson in one line (default: the first sentence of `text`);
         `questions` are two or three questions for discussion (the handout ends with both)."""
+        if self.detection is not None and self.detection["quiet_after_fix"] is None:
+            self.detect_again()
         self._enter("prevention")
         self.lesson = " ".join((lesson or first_sentence(text)).split())
         self.questions = tuple(" ".join(q.split()) for q in questions)
@@ -416,6 +480,7 @@ class Scenario:
 
     def _check(self, phase: str, ok: bool, claim: str) -> bool:
         self.checks.append(Check(phase, ok, claim))
+        self.metrics.sample(self.metrics_phase)
         console = self.run.console
         console.block(self._current, "check", ok=ok, claim=claim)
         console.wrapped(f"{console.check_mark(ok)} {claim}", output.PROSE, output.PROSE + "  ", "ok" if ok else "bad",
@@ -436,6 +501,7 @@ class Scenario:
         yield box
         took = time.perf_counter() - started - (self.paused - paused)
         block.update(result=box.result or "done", seconds=round(took, 3))
+        self.metrics.sample(self.metrics_phase)
         console.wrapped(f"→ {box.result or 'done'}  ({took:.2f}\u00a0s)", output.PROSE + " " * number_w,
                         output.PROSE + " " * (number_w + 2), None, "recovery")
 
