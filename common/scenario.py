@@ -308,10 +308,11 @@ class Scenario:
         self._enter("trigger")
         self.say(text)
 
-    def root_cause(self, text: str, detect=None) -> None:
+    def root_cause(self, text: str, detect=None, runbook: str = "") -> None:
         """Why it happened, and how an operator finds it: `detect` is a detector (common.detect,
         or a function of a connection). It runs now, against the broken state, and must fire; it
-        runs again at the end of the recovery, and must be quiet."""
+        runs again at the end of the recovery, and must be quiet. `runbook` is the handout's entry
+        for the on-call: what the alert means and the first response."""
         self._enter("root_cause")
         self.say(text)
         if detect is None:
@@ -330,7 +331,8 @@ class Scenario:
         found = self.detector.probe(self, "naive")
         self.detection = {"check": self.detector.name, "kind": self.detector.kind, "shown": text,
                           "fired": bool(found), "found_broken": detectors.summary(found),
-                          "quiet_after_fix": None, "found_after_fix": None}
+                          "quiet_after_fix": None, "found_after_fix": None,
+                          "runbook": " ".join(textwrap.dedent(runbook).split())}
         self._show_found(found)
         self._check("triggered", bool(found), f"the detector {self.detector.name} fires on the broken state")
 
