@@ -38,8 +38,10 @@ from psycopg2.extras import execute_values
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_fixed
 
 from common import Scenario, db, main, scenario
+from common.detect import metric_alert
 from common.faults import Hooks, hooked_cursor
 from common.fixes import TimeLimitExceeded, fix, time_limited
+from common.metrics import total
 from common.output import words
 
 # -- the fixture: one small job, the same in every run ---------------------------------------------
@@ -155,6 +157,24 @@ def run_totals(conn, run_id: str) -> tuple[int, int, int]:
         SELECT count(*), count(DISTINCT fields->>'event_id'), coalesce(sum(pg_column_size(p.*)), 0)
         FROM pipeline_log p WHERE correlation_id = %s""", (run_id,))
     return rows, distinct, int(size)
+
+
+def export_run(s: Scenario, job: str, report: JobReport) -> None:
+    """What production exports once a run ends: the job's own count of the events it emitted (a
+    gauge the job sets as it exits, e.g. through a Pushgateway), and the store's count of the run's
+    rows (a gauge a SQL exporter reads from pipeline_log). Alerts compare the two."""
+    stored, _, _ = run_totals(s.conn, report.run_id)
+    s.gauge("pipeline_log_events_emitted", "Events a run of the job emitted", ["job"]).labels(job).set(report.emitted)
+    s.gauge("pipeline_log_events_stored", "Rows of a run in the log store", ["job"]).labels(job).set(stored)
+
+
+def events_lost(values: dict) -> list:
+    """The alert LogEventsLost, read from the run's metrics: emitted and not stored."""
+    lost = total(values, "pipeline_log_events_emitted") - total(values, "pipeline_log_events_stored")
+    return [("events emitted and not stored", int(lost))] if lost > 0 else []
+
+
+LOG_EVENTS_LOST = metric_alert("LogEventsLost", events_lost)
 
 
 STALL_GRACE_S = 5.0  # a stall no writer has met yet holds on this much longer, then gives up
@@ -542,6 +562,8 @@ def storage(s: Scenario):
     s.triggered_if(not strict.finished and strict.records_done == OUTAGE_AT,
                    f"run 2 died at record {strict.records_done:,} of {RECORDS:,}: a logging outage became a job outage")
 
+    export_run(s, "storage.default", default)
+    export_run(s, "storage.strict", strict)
     s.root_cause("""
         The standard library's Handler.handleError exists so that logging never crashes a program:
         it prints '--- Logging error ---' to stderr and drops the record. That is the right default,
@@ -549,7 +571,12 @@ def storage(s: Scenario):
         database is down. Re-raising is worse: the log store becomes a single point of failure of the
         job. And a synchronous handler puts every INSERT on the job's own clock: a store that stalls
         stalls the job. The local fallback shares the fate of the disk; ENOSPC drops it too.""",
-                 detect=INCOMPLETE_RUNS)
+                 detect=LOG_EVENTS_LOST, runbook="""
+        LogEventsLost: a run emitted more events than the log store holds, so its story has gaps.
+        First response: find the runs (the query below), check the log store's health and the
+        sink's spool, replay the spool; the run's own outcome is not in question, its record is.""")
+    s.say("Which runs, from the store alone (their last event announces how many they emitted):")
+    s.code(INCOMPLETE_RUNS)
     incomplete = db.rows(s.conn, INCOMPLETE_RUNS)
     s.table(["correlation_id", "stored", "announced"], [[run, n, words(said)] for run, n, said in incomplete])
     s.triggered_if({run for run, _, _ in incomplete} == {default.run_id, strict.run_id},
@@ -606,6 +633,7 @@ def storage(s: Scenario):
             COMMIT (it was waiting on the stalled store: at most {stalled_fixed.waiting} session(s) waited
             on the lock at once), so the server rolled it back and no COMMIT outcome was in doubt.""")
     still_incomplete = {run for run, _, _ in db.rows(s.conn, INCOMPLETE_RUNS)}
+    export_run(s, "storage.fixed", fixed)
     s.measure("fixed_job_seconds", round(fixed.seconds, 3), show=False)
     s.measure("fixed_slowest_log_s", round(fixed.slowest_log_s, 4), show=False)
     s.measure("stall_waiting_sessions", stalled_fixed.waiting, show=False)
@@ -719,11 +747,12 @@ def run_overlapping(s: Scenario, design: str, holder, submit) -> int:
             log_event(log, report, logging.INFO, "run started", run=run_id, design=design)
             for future in [submit(pool, chunk, report, c) for c in range(CHUNKS)]:
                 future.result()
-            log_event(log, report, logging.INFO, "run finished", run=run_id, design=design)
+            log_event(log, report, logging.INFO, "run finished", run=run_id, design=design,
+                      events=report.emitted + 1)  # this event included
             return report.emitted
 
         with ThreadPoolExecutor(2, thread_name_prefix="faillab-run") as runs:
-            return sum(runs.map(one_run, [new_run_id(s, "run-A"), new_run_id(s, "run-B")]))
+            return sum(runs.map(one_run, scheduled(s, new_run_id(s, "run-A"), new_run_id(s, "run-B"))))
 
 
 def run_after_a_task_that_set_it(s: Scenario, design: str, holder, submit) -> int:
@@ -731,7 +760,7 @@ def run_after_a_task_that_set_it(s: Scenario, design: str, holder, submit) -> in
     workaround people reach for when the id does not arrive); then run B, whose id is set where it
     starts, hands the same thread its task. Returns the events emitted (each records its true run)."""
     sink = store_handler_queued(lambda: connect_log_store(s), None)
-    run_a, run_b = JobReport(new_run_id(s, "run-A")), JobReport(new_run_id(s, "run-B"))
+    run_a, run_b = (JobReport(run_id) for run_id in scheduled(s, new_run_id(s, "run-A"), new_run_id(s, "run-B")))
     with job_logger("correlation.leak", sink, correlation=holder) as log, \
             ThreadPoolExecutor(1, thread_name_prefix="faillab-pool") as pool:
 
@@ -744,10 +773,50 @@ def run_after_a_task_that_set_it(s: Scenario, design: str, holder, submit) -> in
         def start(report: JobReport, sets_id: bool) -> None:
             holder.set(report.run_id)
             submit(pool, task, report, sets_id).result()
+            log_event(log, report, logging.INFO, "run finished", run=report.run_id, design=design,
+                      events=report.emitted + 1)
 
         contextvars.copy_context().run(start, run_a, True)
         contextvars.copy_context().run(start, run_b, False)
     return run_a.emitted + run_b.emitted
+
+
+def scheduled(s: Scenario, *run_ids: str) -> tuple[str, ...]:
+    """The scheduler's record of the runs it starts (job_runs), which the log is checked against."""
+    with s.conn.cursor() as cur:
+        cur.executemany("INSERT INTO job_runs (run_id) VALUES (%s)", [(r,) for r in run_ids])
+    s.conn.commit()
+    return run_ids
+
+
+def rows_without_run_id(conn) -> list:
+    """Naive check: log rows that carry no run id."""
+    return db.rows(conn, """
+        SELECT '(no run id)', count(*) FROM pipeline_log
+        WHERE correlation_id IS NULL HAVING count(*) > 0""")
+
+
+def runs_whose_story_breaks(conn) -> list:
+    """Every run the scheduler started whose rows in the log differ
+    from the count its 'run finished' event announced (rows missing,
+    or another run's rows), skipping acknowledged runs; then the rows
+    that belong to no run the scheduler knows."""
+    return db.rows(conn, """
+        WITH story AS (
+            SELECT r.run_id, count(l.id) AS stored,
+                   max((l.fields->>'events')::int) FILTER (
+                       WHERE l.message = 'run finished') AS announced
+            FROM job_runs r
+            LEFT JOIN pipeline_log l ON l.correlation_id = r.run_id
+            WHERE NOT r.acknowledged
+            GROUP BY r.run_id)
+        SELECT run_id, stored, announced FROM story
+        WHERE stored IS DISTINCT FROM announced
+        UNION ALL
+        SELECT '(no run id)', count(*), NULL FROM pipeline_log l
+        WHERE NOT EXISTS (SELECT FROM job_runs r
+                          WHERE r.run_id = l.correlation_id)
+        HAVING count(*) > 0""")
 
 
 MISLABELLED = """
@@ -764,6 +833,22 @@ ONE_RUN_STORY = """
     ORDER BY logged_at, id"""
 
 CORRELATION_FIXES = [
+    fix("find_broken_stories", naive=rows_without_run_id, fixed=runs_whose_story_breaks,
+        contract="""
+            The scheduled check: return one row per problem it finds in the log store (an empty
+            list when all is well), the run id first. job_runs (run_id, acknowledged) lists every
+            run the scheduler started; each run's last event, message 'run finished', announces
+            in fields->>'events' how many events the run emitted, itself included.
+            It must find: every run whose rows in pipeline_log are missing or not all its own
+            (other runs' rows carry its id), unless acknowledged, and the rows no known run can
+            claim (no run id). The grader runs it on the broken log, where it must name every
+            damaged run, and after the fix, where it must find nothing.""",
+        hints=("""
+            A row with no run id is easy to find. But which damage leaves every row with an id?
+            Compare each run's rows with what the run itself says it emitted.""", """
+            Start from job_runs (a run with no rows at all must show up: LEFT JOIN pipeline_log),
+            GROUP BY the run and compare count(l.id) with the 'run finished' event's events
+            field; add the rows whose correlation_id matches no run (UNION ALL).""")),
     fix("run_id_holder", naive=run_id_holder_thread_local, fixed=run_id_holder_contextvar,
         contract="""
             Return the object that holds the current run's id: the job calls .set(run_id) where
@@ -806,6 +891,10 @@ def correlation(s: Scenario):
         logging.Filter. Two runs overlap, as when a retry starts before the slow run ends.
         Wanted: every row in pipeline_log carries its own run's id, so one query tells one run's story.""")
     create_log_store(s)
+    with s.conn.cursor() as cur:
+        cur.execute("CREATE TABLE job_runs (run_id text PRIMARY KEY, "
+                    "acknowledged boolean NOT NULL DEFAULT false)")
+    s.conn.commit()
     s.trigger("""
         Run the two overlapping runs three times, changing only where the id lives: a global variable,
         a threading.local, and a ContextVar with tasks submitted to the pool as they are. Then, with
@@ -849,7 +938,33 @@ def correlation(s: Scenario):
         the next task, whichever run submitted it (the last row). contextvars.copy_context().run gives
         each task a copy of the submitter's context, thrown away when the task ends. (asyncio tasks
         and asyncio.to_thread copy the context; loop.run_in_executor and pool.submit do not.)""",
-                 detect=MISLABELLED)
+                 detect=s.fix("find_broken_stories"), runbook="""
+        Broken run stories: a run's rows in the log are missing or carry another run's id, so no
+        query tells that run's story. First response: the correlation id is not reaching every
+        thread (check how work is submitted to pools); acknowledge the damaged runs as a known
+        gap, and move the rows no run can claim aside, so the check watches new runs again.""")
+    flagged = {row[0] for row in s.fix("find_broken_stories")(s.conn)}
+    with s.step("Acknowledge the runs the check named (a known gap), and move the rows no run "
+                "can claim to pipeline_log_orphans") as st:
+        with s.conn.cursor() as cur:
+            cur.execute("UPDATE job_runs SET acknowledged = true WHERE run_id = ANY(%s)",
+                        (sorted(flagged),))
+            acknowledged = cur.rowcount
+            cur.execute("""
+                CREATE TABLE pipeline_log_orphans (LIKE pipeline_log);
+                WITH moved AS (DELETE FROM pipeline_log l WHERE NOT EXISTS
+                    (SELECT FROM job_runs r WHERE r.run_id = l.correlation_id) RETURNING l.*)
+                INSERT INTO pipeline_log_orphans SELECT * FROM moved""")
+            orphans = cur.rowcount
+        s.conn.commit()
+        st.result = f"{acknowledged} runs acknowledged, {orphans} rows moved"
+    unseen = db.rows(s.conn, """
+        SELECT DISTINCT l.fields->>'run'
+        FROM (SELECT * FROM pipeline_log UNION ALL SELECT * FROM pipeline_log_orphans) l
+        JOIN job_runs r ON r.run_id = l.fields->>'run' AND NOT r.acknowledged
+        WHERE l.correlation_id IS DISTINCT FROM l.fields->>'run'""")
+    s.recovered_if(not unseen, "every run whose story broke was named by the check and acknowledged "
+                               "(by each event's true run, which the lab records)")
 
     fixed, fixed_leak = "fixed, overlapping", "fixed, one pool thread"
     holder, submit = s.fix("run_id_holder")(), s.fix("submit_task")
@@ -870,7 +985,7 @@ def correlation(s: Scenario):
     s.measure("leaked_after", leak_emitted - leak_own, show=False)
     s.recovered_if(sum(design == fixed for design, *_ in per_run) == 2 and own == fixed_emitted,
                    f"overlapping runs: {own} of {fixed_emitted} rows carry their own run's id")
-    s.recovered_if(leak_own == leak_emitted == 2 * EVENTS_PER_CHUNK,
+    s.recovered_if(leak_own == leak_emitted == 2 * (EVENTS_PER_CHUNK + 1),  # and a "run finished" each
                    f"one pool thread: {leak_own} of {leak_emitted} rows carry their own run's id; "
                    "nothing a task set reached the next run")
 
@@ -989,6 +1104,25 @@ def run_storm(log, report: JobReport, storm) -> None:
                       error_key=key, suppressed=suppressed)
 
 
+def export_errors(s: Scenario, job: str, run_id: str) -> None:
+    """A SQL exporter's view of one run in the log store: rows that carry a traceback, and how
+    many distinct errors they are about."""
+    [(rows, distinct)] = db.rows(s.conn, """
+        SELECT count(*), count(DISTINCT fields->'exception'->>'type')
+        FROM pipeline_log WHERE correlation_id = %s AND fields ? 'exception'""", (run_id,))
+    s.gauge("pipeline_log_error_rows", "Log rows with a traceback, per run", ["job"]).labels(job).set(rows)
+    s.gauge("pipeline_log_distinct_errors", "Distinct errors among them", ["job"]).labels(job).set(distinct)
+
+
+def error_flood(values: dict) -> list:
+    """The alert LogErrorFlood: more than 10 traceback rows per distinct error."""
+    rows, errors = total(values, "pipeline_log_error_rows"), total(values, "pipeline_log_distinct_errors")
+    return [(f"{int(rows)} traceback rows", f"{int(errors)} distinct errors")] if rows > 10 * errors else []
+
+
+LOG_ERROR_FLOOD = metric_alert("LogErrorFlood", error_flood)
+
+
 def redundant_rows(conn, run_id: str, keep: int = KEEP_PER_ERROR) -> int:
     """Traceback rows of one run beyond the first `keep` of their error type: the flood."""
     return int(db.scalar(conn, """
@@ -1055,18 +1189,16 @@ def volume(s: Scenario):
     s.triggered_if(share > 0.5, f"the job spent {100 * share:.0f}% of its time logging "
                                 f"({naive.seconds:.2f} s vs {baseline.seconds:.3f} s without logging)")
 
+    export_errors(s, "volume.naive", naive.run_id)
     s.root_cause("""
         Logging cost is per record: format a traceback, a round trip for the INSERT, another for the
         COMMIT, all in the job's thread. In an error storm that cost multiplies by the error count, so
         the job is slowest exactly when it is already in trouble (and stops dead when the store
         stalls), and the store fills with hundreds of copies of the same three errors, burying the
-        one new error an operator needs to see.""", detect="""
-        -- the errors flooding the log, by type, in the last hour
-        SELECT fields->'exception'->>'type' AS error, count(*),
-               pg_size_pretty(sum(pg_column_size(p.*)))
-        FROM pipeline_log p
-        WHERE level = 'ERROR' AND logged_at > now() - interval '1 hour'
-        GROUP BY 1 ORDER BY 2 DESC""")
+        one new error an operator needs to see.""", detect=LOG_ERROR_FLOOD, runbook="""
+        LogErrorFlood: a run stored more than 10 traceback rows per distinct error. First response:
+        the job is failing on bad input, and its logging is likely slowing it: look at the few
+        distinct errors (one sample each), fix or quarantine the input, and check the store's size.""")
 
     fixed, statements = JobReport(new_run_id(s, "fixed")), Counter()
     with s.step(f"Same storm with the fixed handler and storm filter (Prevention shows them), and a harder "
@@ -1116,6 +1248,7 @@ def volume(s: Scenario):
     s.measure("stall_waiting_sessions", stall.waiting, show=False)
     s.measure("errors_miscounted_after", miscounted, show=False)
     redundant_after = s.measure("redundant_rows_after", redundant_rows(s.conn, fixed.run_id), show=False)
+    export_errors(s, "volume.fixed", fixed.run_id)
     s.recovered_if(fixed.slowest_log_s < STORM_STALL_S / 4 and stall.waiting >= 1,
                    f"the stalled store did not hold the job up: an INSERT waited on the {STORM_STALL_S:g} s stall, "
                    f"the job's slowest logging call stayed under {250 * STORM_STALL_S:.0f} ms")
@@ -1420,11 +1553,6 @@ PARSING_FIXES = [
 ]
 
 
-FIND_BAD_LINES = """
-    python3 -c 'import json, sys
-    for n, line in enumerate(open(sys.argv[1]), 1):
-        try: json.loads(line, parse_constant=int)  # NaN fails too
-        except ValueError as e: print(n, e)' feed.jsonl"""
 
 
 @scenario("structured_parsing", "JSON log lines that break their readers", fixes=PARSING_FIXES)
@@ -1471,6 +1599,7 @@ def structured_parsing(s: Scenario):
                    and by_state["22P02"] and by_state["22P05"],
                    f"{lost} of {naive.emitted} events never reached the store (emitted - stored)")
 
+    export_run(s, "parsing.naive", naive)
     s.root_cause("""
         JSON built by concatenation is only JSON while the text has no quote, backslash or newline; a
         message or a traceback breaks the line, and a multi-line traceback becomes several lines. Python's
@@ -1478,7 +1607,12 @@ def structured_parsing(s: Scenario):
         dropped. And json.dumps writes NaN and Infinity by default, and a NUL as \\u0000, which Python
         reads back happily but PostgreSQL's jsonb refuses (22P02, 22P05): one such line fails a whole
         batch load.""",
-                 detect=FIND_BAD_LINES)
+                 detect=LOG_EVENTS_LOST, runbook="""
+        LogEventsLost (the same alert as for a failing store): a run's events did not all reach the
+        store. Here the store is healthy: look for '--- Logging error ---' on the job's stderr (the
+        formatter dropped records) and for the loader's quarantined lines and rejects (22P02, 22P05).""")
+    s.say("Which lines: the reader of the fix (read_lines, in Prevention) names each one by number, "
+          "including what json.loads accepts and jsonb refuses.")
 
     read_lines = s.fix("read_lines")
     with s.step("Read the old file with the reader (Prevention shows it): quarantine bad lines with their "
@@ -1528,6 +1662,7 @@ def structured_parsing(s: Scenario):
     s.measure("rows_rejected_after", len(rejected_after), show=False)
     s.measure("stored_after", stored, show=False)
     s.measure("lost_after", fixed.emitted - stored, show=False)
+    export_run(s, "parsing.fixed", fixed)
     s.recovered_if(dropped_after == 0, "no record dropped by the formatter (no '--- Logging error ---')")
     s.recovered_if(len(good) == fixed.emitted and not quarantine_after,
                    f"100% of the {len(good)} lines parse, one event per line")

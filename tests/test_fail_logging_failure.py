@@ -35,12 +35,43 @@ def test_every_scenario_passes_and_cleans_up(result, target):
     assert_passed(result, target[2], IDS)
 
 
+DETECTORS = {"storage": ("metric", "LogEventsLost"), "correlation": ("python", "runs_whose_story_breaks"),
+             "volume": ("metric", "LogErrorFlood"), "structured_parsing": ("metric", "LogEventsLost")}
+
+
+@pytest.mark.parametrize("scenario_id", IDS)
+def test_every_detector_fires_on_the_failure_and_is_quiet_after_the_fix(result, scenario_id):
+    detection = result.scenario(scenario_id)["detection"]
+    assert (detection["kind"], detection["check"]) == DETECTORS[scenario_id]
+    assert detection["fired"] is True and detection["found_broken"], detection
+    assert detection["quiet_after_fix"] is True and detection["found_after_fix"] == [], detection
+    assert detection["runbook"]
+
+
+def test_the_alerts_see_what_the_store_measured(result):
+    """The metrics the alerts read are the figures the lesson measured in the store."""
+    storage, parsing = result.scenario("storage"), result.scenario("structured_parsing")
+    assert storage["detection"]["found_broken"] == [
+        f"events emitted and not stored, {storage['measurements']['lost_before'] + 1}"]  # + the strict run's last
+    assert parsing["detection"]["found_broken"] == [
+        f"events emitted and not stored, {parsing['measurements']['lost_before']}"]
+    volume = result.scenario("volume")
+    assert volume["detection"]["found_broken"] == [f"{STORM_ERRORS} traceback rows, {STORM_DISTINCT_ERRORS} distinct errors"]
+
+
+def test_the_correlation_check_names_runs_that_have_no_row_at_all(result):
+    """Under a global variable, the run that started first has not one row of its own: only a
+    check that starts from the scheduler's runs can name it."""
+    found = result.scenario("correlation")["detection"]["found_broken"]
+    assert any(line.split(", ")[1] == "0" for line in found), found
+
+
 # What the fixture dictates, worked out here independently of the script's own checks.
 EVENTS_PER_RUN = 2 + flf.RECORDS // flf.EVENT_EVERY                  # 'job started' + progress + 'job finished'
 STORED_BEFORE_OUTAGE = 1 + (flf.OUTAGE_AT - 1) // flf.EVENT_EVERY    # 'job started' + progress before the outage
 EVENTS_PER_OVERLAPPING_RUN = 2 + flf.CHUNKS * flf.EVENTS_PER_CHUNK
 POOL_EVENTS = 2 * flf.CHUNKS * flf.EVENTS_PER_CHUNK                   # both runs' events logged in pool threads
-LEAK_EVENTS = 2 * flf.EVENTS_PER_CHUNK                                # run A's task, then run B's, one pool thread
+LEAK_EVENTS = 2 * (flf.EVENTS_PER_CHUNK + 1)                        # run A's task, then run B's, one pool thread; a "run finished" each
 STORM_ERRORS = flf.STORM_RECORDS * 4 // 5
 STORM_DISTINCT_ERRORS = 3                                             # ValueError, KeyError, ZeroDivisionError
 TRICKY_EVENTS = Counter(flf.TRICKY[(i // 10) % len(flf.TRICKY)][0] for i in range(10, flf.FEED_EVENTS + 1, 10))
@@ -122,6 +153,7 @@ CONTROLS = [
     ("storage", "store_handler", "did not hold the job up"),
     ("correlation", "run_id_holder", "overlapping runs:"),
     ("correlation", "submit_task", "nothing a task set reached the next run"),
+    ("correlation", "find_broken_stories", "every run whose story broke was named by the check"),
     ("volume", "store_handler", "batched:"),
     ("volume", "storm_filter", "no redundant traceback row"),
     ("structured_parsing", "format_event", "one event per line"),
@@ -187,7 +219,31 @@ def run_id_holder():
 
 def submit_task(pool, fn, *args):
     return pool.submit(contextvars.copy_context().run, fn, *args)
+
+
+def find_broken_stories(conn):
+    return runs_whose_story_breaks(conn)
 """, "overlapping runs:"),
+    "a check that starts from the log, not from the scheduler's runs": ("correlation", """
+def run_id_holder():
+    return run_id_holder_contextvar()
+
+
+def submit_task(pool, fn, *args):
+    return submit_in_context(pool, fn, *args)
+
+
+def find_broken_stories(conn):
+    # a run with no row of its own never shows up
+    return db.rows(conn, \"\"\"
+        SELECT coalesce(l.correlation_id, '(no run id)'), count(*),
+               max((l.fields->>'events')::int)
+        FROM pipeline_log l
+        LEFT JOIN job_runs r ON r.run_id = l.correlation_id
+        WHERE NOT coalesce(r.acknowledged, false)
+        GROUP BY 1
+        HAVING count(*) IS DISTINCT FROM max((l.fields->>'events')::int)\"\"\")
+""", "every run whose story broke was named by the check"),
     "json.dumps without a default for what JSON cannot encode": ("structured_parsing", """
 def format_event(record):
     return json.dumps({"time": event_time(record), "level": record.levelname, "logger": record.name,
