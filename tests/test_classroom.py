@@ -318,11 +318,11 @@ def test_a_place_in_line_is_what_the_waiters_own_session_shows(small_server, han
     me, other = handles("me", "other")
     budget.room(other)  # busy in a lesson: counted as what it may still open
     alone = budget.headroom(me.run.admin, me.app)
-    pid = db.scalar(other.run.admin, "SELECT pg_backend_pid()")
-    forger, beater = sessions_of(small_server, classroom.OUTSIDER, 2, application_name="faillab:forger")
-    with forger.cursor() as cur:
+    forger, = sessions_of(small_server, classroom.OUTSIDER, 1, application_name="faillab:forger")
+    beater, = sessions_of(small_server, classroom.OUTSIDER, 1, application_name="faillab:beater")
+    with forger.cursor() as cur:  # a ticket, and the beater's session marked busy by the forger
         cur.execute("SELECT pg_advisory_lock(%s, 1), pg_advisory_lock(%s, %s)",
-                    (budget.WAITING_KEY, budget.ROOM_KEY, pid + 1))  # a ticket; another pid marked busy
+                    (budget.WAITING_KEY, budget.ROOM_KEY, beater.info.backend_pid))
     with beater.cursor() as cur:  # a heartbeat, moved, but in another session than the ticket
         cur.execute("SELECT pg_advisory_lock_shared(%s, (extract(epoch FROM clock_timestamp())::bigint - %s)::int)",
                     (budget.HEARTBEAT_KEY, budget.BEAT_EPOCH))
