@@ -6,6 +6,7 @@ asserts nothing (the machines are noisy).
     python bench/classroom.py --students 5 --max-connections 100
     python bench/classroom.py --cost                # what one student costs the server
     python bench/classroom.py --only fail_retry_exhaustion.py --students 3
+    python bench/classroom.py --hostile             # one lesson beside a hostile classmate's tricks
 
 The server is a private one, started from the embedded wheel's binaries and removed at the end,
 scaled down rather than the room scaled up: 5 students on max_connections = 30 press it as 30
@@ -228,6 +229,82 @@ def table(headers, rows) -> None:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
+# -- a hostile classmate -----------------------------------------------------------------------------
+HOSTILE_LESSON = ("fail_idempotency_break.py", "data_drift")
+HOSTILE_WAIT_S = "120"  # FAILLAB_ROOM_WAIT of the lesson: a stall shows as this wait and exit 1
+
+
+@contextlib.contextmanager
+def squatter(params: dict):
+    """One idle session of another role that holds every gate of the lab."""
+    from common import budget
+
+    conn = psycopg2.connect(**{**params, "user": OUTSIDER}, application_name="squatter")
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        for key, sub in budget.GATES:
+            cur.execute("SELECT pg_advisory_lock(%s, %s)", (key, sub))
+    try:
+        yield
+    finally:
+        conn.close()
+
+
+@contextlib.contextmanager
+def fake_runs(params: dict, n: int = 4):
+    """`n` idle sessions of another role named like lab runs."""
+    conns = [psycopg2.connect(**{**params, "user": OUTSIDER}, application_name=f"faillab:{i:08x}") for i in range(n)]
+    try:
+        yield
+    finally:
+        for c in conns:
+            c.close()
+
+
+@contextlib.contextmanager
+def stopped_waiter(params: dict):
+    """A run of another role that joined the line and was then stopped (Ctrl-Z, SIGSTOP)."""
+    import signal
+
+    from test_classroom import WAITER, Handle
+    from common import budget
+
+    holder = Handle(params, "holder")
+    try:
+        with budget.share(holder, 16):
+            waiter = subprocess.Popen([sys.executable, "-c", WAITER, str(ROOT), str(params["port"]), OUTSIDER],
+                                      stdout=subprocess.PIPE, text=True)
+            waiter.stdout.readline()  # it says that it waits
+            waiter.send_signal(signal.SIGSTOP)
+    finally:
+        holder.run.admin.close()
+    try:
+        yield
+    finally:
+        waiter.kill()
+        waiter.communicate()
+
+
+def hostile(max_connections: int) -> int:
+    """The short lesson alone, then beside each trick: its exit code and seconds."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))  # common, for the tricks that use the lab's own budget
+    rows = []
+    tricks = (("nothing (alone)", contextlib.nullcontext), ("a squatter holding every gate", squatter),
+              ("4 idle sessions named like lab runs", fake_runs), ("a stopped waiter of another role", stopped_waiter))
+    with private_server(max_connections) as params, tempfile.TemporaryDirectory(prefix="labclass-run-") as tmp:
+        env = {**student_env(params, Path(tmp) / "data"), "FAILLAB_ROOM_WAIT": HOSTILE_WAIT_S}
+        for name, trick in tricks:
+            with trick(*([] if trick is contextlib.nullcontext else [params])):
+                run = run_script(HOSTILE_LESSON[0], env, Path(tmp), only=HOSTILE_LESSON[1])
+            statuses = ",".join(rec["status"] for rec in run.scenarios) or "-"
+            rows.append((name, run.exit_code, statuses, f"{run.seconds:.1f}"))
+    print(f"{' '.join(HOSTILE_LESSON)} beside a hostile classmate (max_connections = {max_connections}, "
+          f"FAILLAB_ROOM_WAIT = {HOSTILE_WAIT_S} s)")
+    table(("beside", "exit", "status", "seconds"), rows)
+    return 0
+
+
 # -- a classroom -------------------------------------------------------------------------------------
 @dataclass
 class Classroom:
@@ -302,7 +379,10 @@ def main() -> int:
     parser.add_argument("--max-connections", type=int, default=30, help="the server's max_connections (30)")
     parser.add_argument("--cost", action="store_true", help="peak sessions of one run of each scenario and script")
     parser.add_argument("--only", help="comma-separated scripts (default: every fail_*.py)")
+    parser.add_argument("--hostile", action="store_true", help="one lesson beside a squatter, fake runs, a stopped waiter")
     args = parser.parse_args()
+    if args.hostile:
+        return hostile(args.max_connections)
     scripts = tuple(args.only.split(",")) if args.only else SCRIPTS
     if args.cost:
         return cost(args.max_connections, scripts)

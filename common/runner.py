@@ -48,7 +48,7 @@ def run_scenario(run: Run, spec: ScenarioSpec, index: int) -> dict:
     console.captured, console.blocks = {}, {}
     threads_before = {t.ident for t in threading.enumerate()}
     started = time.perf_counter()
-    status, reason, interrupted = "passed", None, None
+    status, reason, interrupted, cannot_wait = "passed", None, None, None
     try:
         budget.room(s)  # on a shared server: wait until it has room for this scenario's sessions
         db.create_schema(run.admin, s.schema)
@@ -57,6 +57,10 @@ def run_scenario(run: Run, spec: ScenarioSpec, index: int) -> dict:
     except Skipped as exc:
         status, reason = "skipped", str(exc)
         console.wrapped(f"skipped: {exc}", hang="     ", style="bold")
+    except budget.NoRoom as exc:  # a shared server that had no room for it: not run, and not a pass
+        reason = f"not run: {exc}"
+    except budget.CannotWait as exc:  # no wait can help on this server: cleaned, then exit 2
+        status, reason, cannot_wait = "failed", f"not run: {exc}", exc
     except Unfinished as exc:
         reason = f"stopped early: {exc}"
         s.checks.append(Check(s.phase, False, reason))  # whatever passed before, this phase did not end
@@ -70,6 +74,8 @@ def run_scenario(run: Run, spec: ScenarioSpec, index: int) -> dict:
         console.exception(exc, "error")
     finally:
         cleaned, leftovers = teardown(run, s, threads_before, interrupted=status != "passed" or reason is not None)
+    if cannot_wait is not None:
+        _fail_start(str(cannot_wait))
     triggered, recovered = s.verdicts()
     if status == "skipped" and not cleaned:
         status, reason = "failed", f"{reason}; left behind: {', '.join(leftovers)}"
@@ -371,6 +377,9 @@ def summary(console: output.Console, records: list[dict], seconds: float) -> Non
                     f"{r['seconds']:.1f}"] for r in records])
     passed = sum(r["status"] == "passed" for r in records)
     skipped = sum(r["status"] == "skipped" for r in records)
+    for r in records:
+        if (r.get("reason") or "").startswith("not run: no room"):  # a wait that failed says why here too
+            console.wrapped(f"{r['id']}: {r['reason']}", hang="   ", style="bad")
     console.line()
     console.line(f"{passed} passed, {len(records) - passed - skipped} failed" +
                  (f", {skipped} skipped" if skipped else "") + f"  ({seconds:.1f} s)",

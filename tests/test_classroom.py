@@ -17,7 +17,7 @@ import pytest
 from bench import classroom
 from common import budget, db
 from common.scenario import Skipped
-from conftest import ROOT, clean_env
+from conftest import ROOT, clean_env, run_script
 
 
 class Handle:
@@ -113,7 +113,8 @@ def test_what_another_running_run_may_still_open_is_not_free(handles, monkeypatc
     monkeypatch.setattr(budget, "RUN_PEAK", 13)
     me, = handles("me")
     alone = budget.headroom(me.run.admin, me.app)
-    busy, = handles("busy")  # a run in a lesson, holding 1 session now, up to RUN_PEAK soon
+    busy, = handles("busy")
+    budget.room(busy)  # a run in a lesson, holding 1 session now, up to RUN_PEAK soon
     room = budget.headroom(me.run.admin, me.app)
     assert (room["growth"], room["free"]) == (12, alone["free"] - 1 - 12)
     opened = busy.open(4)
@@ -270,7 +271,7 @@ def test_a_line_that_cannot_move_loses_its_first_run_and_then_moves(small_server
             with budget.share(h, 32, least=least) as n:
                 events.append(f"{h.app} runs")
                 results[h.app] = n
-        except Skipped as exc:
+        except budget.NoRoom as exc:
             events.append(f"{h.app} gives up")
             results[h.app] = str(exc)
             close_all(held[h.app] + [h.run.admin])  # the run ends: its sessions close
@@ -292,10 +293,10 @@ def test_a_line_that_cannot_move_loses_its_first_run_and_then_moves(small_server
     assert results[tail.app] >= 6
 
 
-def test_a_turn_that_never_comes_ends_as_a_skip_with_the_figures(handles):
+def test_a_turn_that_never_comes_ends_as_no_room_with_the_figures(handles):
     holder, late = handles("holder", "late")
     with budget.share(holder, 16):
-        with pytest.raises(Skipped, match="no turn on the classroom server after .*max_connections 30"):
+        with pytest.raises(budget.NoRoom, match="no room on the classroom server after .*max_connections 30"):
             with budget.share(late, 16, limit=0.5):
                 pytest.fail("the late run was admitted while the holder kept the only turn")
     with budget.share(late, 16) as n:  # nothing of the late run's wait was left behind
@@ -310,12 +311,57 @@ def test_a_run_that_dies_gives_its_turn_back(handles):
         assert n == 16
 
 
+def test_a_place_in_line_is_what_the_waiters_own_session_shows(small_server, handles, monkeypatch):
+    """A ticket counts only beside a heartbeat of the same session, and nobody marks another
+    session busy: what a classmate's session holds is judged by the session that holds it."""
+    monkeypatch.setattr(budget, "RUN_PEAK", 4)
+    me, other = handles("me", "other")
+    budget.room(other)  # busy in a lesson: counted as what it may still open
+    alone = budget.headroom(me.run.admin, me.app)
+    forger, = sessions_of(small_server, classroom.OUTSIDER, 1, application_name="faillab:forger")
+    beater, = sessions_of(small_server, classroom.OUTSIDER, 1, application_name="faillab:beater")
+    with forger.cursor() as cur:  # a ticket, and the beater's session marked busy by the forger
+        cur.execute("SELECT pg_advisory_lock(%s, 1), pg_advisory_lock(%s, %s)",
+                    (budget.WAITING_KEY, budget.ROOM_KEY, beater.info.backend_pid))
+    with beater.cursor() as cur:  # a heartbeat, moved, but in another session than the ticket
+        cur.execute("SELECT pg_advisory_lock_shared(%s, (extract(epoch FROM clock_timestamp())::bigint - %s)::int)",
+                    (budget.HEARTBEAT_KEY, budget.BEAT_EPOCH))
+    try:
+        room = budget.headroom(me.run.admin, me.app)
+        assert (room["ahead"], room["growth"]) == (0, alone["growth"]) and alone["growth"] > 0
+        assert room["in_use"] == alone["in_use"] + 2  # their sessions count, as sessions
+        with forger.cursor() as cur:  # the ticket's own session beats: now it is in line
+            cur.execute("SELECT pg_advisory_lock_shared(%s, (extract(epoch FROM clock_timestamp())::bigint - %s)::int)",
+                        (budget.HEARTBEAT_KEY, budget.BEAT_EPOCH))
+        assert budget.headroom(me.run.admin, me.app)["ahead"] == 1
+    finally:
+        close_all([forger, beater])
+
+
+def test_a_waiter_that_wakes_from_a_stop_goes_to_the_back_of_the_line(handles):
+    holder, sleeper, later = handles("holder", "sleeper", "later")
+    with budget.share(holder, 16):
+        stopped = budget.Share(sleeper.run.admin, sleeper.app, 16, 16)
+        queued = budget.Share(later.run.admin, later.app, 16, 16)
+        try:
+            assert not stopped.try_admit() and stopped.ticket is not None
+            first = stopped.ticket
+            stopped.beaten_at -= budget.STALE_S + 1  # as after Ctrl-Z: its heartbeat stood still
+            assert not queued.try_admit() and queued.ticket > first
+            assert not stopped.try_admit()
+            assert stopped.ticket > queued.ticket  # behind the run that came while it slept
+            assert budget.headroom(later.run.admin, later.app, queued.ticket)["ahead"] == 0
+        finally:
+            stopped.leave()
+            queued.leave()
+
+
 WAITER = """
 import sys, time
 sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
 from test_classroom import Handle
 from common import budget
-h = Handle(dict(host="127.0.0.1", port=int(sys.argv[2]), dbname="postgres", user="postgres"), "waiter")
+h = Handle(dict(host="127.0.0.1", port=int(sys.argv[2]), dbname="postgres", user=sys.argv[3]), "waiter")
 h.say = lambda text: print(text, flush=True)
 try:
     with budget.share(h, 16):
@@ -328,7 +374,7 @@ except KeyboardInterrupt:
 def test_ctrl_c_ends_a_wait_and_leaves_no_place_in_line(small_server, handles):
     holder, = handles("holder")
     with budget.share(holder, 16):
-        proc = subprocess.Popen([sys.executable, "-c", WAITER, str(ROOT), str(small_server["port"])],
+        proc = subprocess.Popen([sys.executable, "-c", WAITER, str(ROOT), str(small_server["port"]), "postgres"],
                                 stdout=subprocess.PIPE, text=True)
         first = proc.stdout.readline()
         assert first.startswith("Waiting for the classroom server"), first
@@ -338,6 +384,152 @@ def test_ctrl_c_ends_a_wait_and_leaves_no_place_in_line(small_server, handles):
     later, = handles("later")
     with budget.share(later, 16, limit=30) as n:  # the interrupted waiter is not ahead of anyone
         assert n == 16 and not later.said
+
+
+# -- a hostile classroom, through the command line --------------------------------------------------
+LESSON = ("fail_idempotency_break.py", "--only", "data_drift")  # one short scenario, up to RUN_PEAK sessions
+WAIT = "60"  # FAILLAB_ROOM_WAIT of the runs below: far more than any of them needs, far less than a hang
+
+
+def student(params: dict, name: str, *options: str) -> str:
+    """A login role that may create schemas in the database (a student), made once per server."""
+    conn = db.connect(params, autocommit=True)
+    try:
+        if not db.scalar(conn, "SELECT count(*) FROM pg_roles WHERE rolname = %s", (name,)):
+            with conn.cursor() as cur:
+                cur.execute(psycopg2.sql.SQL("CREATE ROLE {} LOGIN " + " ".join(options)).format(
+                    psycopg2.sql.Identifier(name)))
+                cur.execute(psycopg2.sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(
+                    psycopg2.sql.Identifier(params["dbname"]), psycopg2.sql.Identifier(name)))
+    finally:
+        conn.close()
+    return name
+
+
+def lesson(params: dict, tmp_path, user: str = "postgres", timeout: float = 150, **env):
+    """The short lesson as `user` runs it on `params`'s server, waiting FAILLAB_ROOM_WAIT at most."""
+    return run_script(*LESSON, env=clean_env(DATABASE_URL=classroom.url(params, user),
+                                             **{budget.WAIT_LIMIT_VARIABLE: WAIT, **env}),
+                      tmp_path=tmp_path, timeout=timeout)
+
+
+def passed(result) -> None:
+    assert result.returncode == 0 and result.journal, result.stdout[-2000:] + result.stderr[-2000:]
+    record, = result.journal["scenarios"]
+    assert record["status"] == "passed", record.get("reason")
+
+
+def sessions_of(params: dict, user: str, n: int, **keywords) -> list:
+    conns = [psycopg2.connect(**{**params, "user": user}, **keywords) for _ in range(n)]
+    for c in conns:
+        c.autocommit = True
+    return conns
+
+
+def test_a_session_that_squats_the_gates_does_not_stall_the_room(small_server, tmp_path):
+    squatter, = sessions_of(small_server, classroom.OUTSIDER, 1, application_name="faillab:squatter")
+    with squatter.cursor() as cur:  # every gate of the lab, held and never let go
+        for key, sub in budget.GATES:
+            cur.execute("SELECT pg_advisory_lock(%s, %s)", (key, sub))
+    try:
+        passed(lesson(small_server, tmp_path))
+    finally:
+        squatter.close()
+
+
+def test_idle_sessions_named_like_lab_runs_are_not_runs(small_server, tmp_path):
+    fakes = [psycopg2.connect(**{**small_server, "user": classroom.OUTSIDER}, application_name=f"faillab:{n:08x}")
+             for n in range(4)]  # four "runs" that may grow to RUN_PEAK each: more than the lab's slots
+    try:
+        passed(lesson(small_server, tmp_path))
+    finally:
+        close_all(fakes)
+
+
+def test_a_stopped_waiter_of_another_role_loses_its_place(small_server, handles, tmp_path):
+    """Ctrl-Z on a run of bob's that waits in line: alice cannot see bob's query_start, but the
+    server shows her bob's heartbeat, and it stops."""
+    bob, alice = student(small_server, "bob"), student(small_server, "alice")
+    holder, = handles("holder")
+    with budget.share(holder, 16):  # the only turn on this server: bob's run waits in line for it
+        waiter = subprocess.Popen([sys.executable, "-c", WAITER, str(ROOT), str(small_server["port"]), bob],
+                                  stdout=subprocess.PIPE, text=True)
+        first = waiter.stdout.readline()
+        assert first.startswith("Waiting for the classroom server"), first
+        waiter.send_signal(signal.SIGSTOP)
+    try:
+        result = lesson(small_server, tmp_path, user=alice)
+    finally:
+        waiter.kill()
+        waiter.communicate(timeout=30)
+    passed(result)
+
+
+def test_a_scenario_that_never_gets_room_is_not_run_and_fails(small_server, handles, tmp_path):
+    holder, = handles("holder")
+    with budget.share(holder, 64) as n:
+        opened = holder.open(n)  # the whole room, for longer than the run waits
+        try:
+            result = lesson(small_server, tmp_path, **{budget.WAIT_LIMIT_VARIABLE: "2"})
+        finally:
+            close_all(opened)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    record, = result.journal["scenarios"]
+    assert record["status"] == "failed" and record["cleaned"], record
+    assert record["reason"].startswith("not run: no room on the classroom server after 2 s"), record["reason"]
+    summary = result.stdout[result.stdout.index("Summary"):]
+    assert "data_drift: not run: no room on the classroom server after 2 s" in " ".join(summary.split())
+
+
+@pytest.mark.parametrize("max_connections, only, needed", [
+    (10, LESSON, "max_connections 12"),  # a lone run: its scenarios hold up to RUN_PEAK sessions
+    (20, ("fail_retry_exhaustion.py", "--only", "storm"), "max_connections 25"),  # a lone storm: 16 workers at least
+])
+def test_a_server_too_small_for_the_lesson_ends_at_once_with_the_size_it_needs(max_connections, only, needed,
+                                                                               tmp_path):
+    with classroom.private_server(max_connections=max_connections) as server:
+        result = run_script(*only, env=clean_env(DATABASE_URL=classroom.url(server), **{budget.WAIT_LIMIT_VARIABLE: WAIT}),
+                            tmp_path=tmp_path, timeout=150)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    line, = result.stderr.strip().splitlines()
+    assert line.startswith("error: the server is too small for") and needed in line, line
+    assert "Waiting for the classroom server" not in result.stdout
+
+
+@pytest.mark.parametrize("limit", ["ROLE", "DATABASE"])
+def test_a_connection_limit_under_what_a_run_needs_ends_at_once(small_server, limit, tmp_path):
+    params = small_server
+    if limit == "ROLE":
+        user = student(small_server, "carol", "CONNECTION LIMIT 3")
+    else:
+        user = student(small_server, "dave")
+        conn = db.connect(small_server, autocommit=True)
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM pg_database WHERE datname = 'limited'")
+            if not cur.fetchone()[0]:
+                cur.execute("CREATE DATABASE limited CONNECTION LIMIT 3")
+                cur.execute("GRANT CREATE ON DATABASE limited TO dave")
+        conn.close()
+        params = {**small_server, "dbname": "limited"}
+    result = lesson(params, tmp_path, user=user)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    line, = result.stderr.strip().splitlines()
+    assert f"CONNECTION LIMIT 3" in line and f"CONNECTION LIMIT {budget.RUN_PEAK} or more" in line, line
+
+
+def test_sessions_of_the_role_elsewhere_count_against_its_connection_limit(small_server, tmp_path):
+    user = student(small_server, "erin", "CONNECTION LIMIT 7")
+    own = sessions_of({**small_server, "dbname": "template1"}, user, 2)  # the student's psql, say
+    try:
+        result = lesson(small_server, tmp_path, user=user, **{budget.WAIT_LIMIT_VARIABLE: "2"})
+    finally:
+        close_all(own)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    record, = result.journal["scenarios"]
+    assert record["reason"].startswith("not run: no room on the classroom server after 2 s"), record["reason"]
+    assert "role CONNECTION LIMIT 7 (3 in use)" in record["reason"]
+    assert "too many connections" not in result.stdout + result.stderr
+    passed(lesson(small_server, tmp_path, user=user))  # once they close, it fits
 
 
 def test_a_role_that_may_not_read_all_stats_counts_every_session(small_server):
