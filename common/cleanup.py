@@ -42,7 +42,9 @@ def teardown(run: Run, s: Scenario, threads_before: set, interrupted: bool) -> t
                 leftovers.append(f"folder {s._tmpdir}")
         if not interrupted:  # the verdict needs the measurement; an interrupted run only needs to end
             leftovers += _leftovers(run, s, threads_before)
-        if run.args.keep:
+        if db.created_oid("schema", s.schema) is None:
+            pass  # never created (its name was someone else's, or the run stopped before): nothing to drop
+        elif run.args.keep:
             with contextlib.suppress(Exception):  # an untagged schema is never swept as debris
                 db.mark_kept(run.admin, s.schema)
             run.kept.append(s.schema)
@@ -50,7 +52,7 @@ def teardown(run: Run, s: Scenario, threads_before: set, interrupted: bool) -> t
             try:
                 db.end_other_backends(run.admin)  # nothing of this run may hold a lock on the schema
                 db.drop_schema(run.admin, s.schema)
-                if db.schema_exists(run.admin, s.schema):
+                if db.own_left(run.admin, "schema", s.schema):
                     leftovers.append(f"schema {s.schema}")
             except Exception as exc:
                 leftovers.append(f"schema {s.schema} ({output.error_type(exc)})")

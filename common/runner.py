@@ -62,6 +62,8 @@ def run_scenario(run: Run, spec: ScenarioSpec, index: int) -> dict:
         s.checks.append(Check(s.phase, False, reason))  # whatever passed before, this phase did not end
     except (KeyboardInterrupt, Interrupted) as exc:
         status, reason, interrupted = "interrupted", "interrupted by signal", exc
+    except db.StartupError:  # a name somebody else took: the run cannot go on (exit 2), after cleanup
+        raise
     except Exception as exc:  # an error the scenario did not expect: show it, fail the scenario
         reason = f"unexpected {output.error_type(exc)}: {output.redact(str(exc).strip())[:300]}"
         s.checks.append(Check(s.phase, False, reason))  # a crash fails its phase, whatever passed before
@@ -264,6 +266,8 @@ def _run(script: str, args, console: output.Console, selected: list[ScenarioSpec
         except _ScenarioInterrupted as stop:
             records.append(stop.record)
             exit_code = 130
+        except db.StartupError as exc:  # e.g. a name this run was about to create was taken first
+            _fail_start(str(exc))
         except (KeyboardInterrupt, Interrupted):
             exit_code = 130
     if run is not None and args.keep and run.kept:

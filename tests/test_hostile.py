@@ -1,0 +1,181 @@
+"""A hostile classmate on a shared classroom server: a role with nothing but CREATE on the
+database, who plants look-alike catalog functions and operators where a victim's search_path may
+look, squats the names other runs are about to create, and keeps debris-tagged schemas locked.
+
+Every test runs on private servers (PostgreSQL 13 and 18, tests/servers.py) and drives the lab
+through its command line, as a student or an instructor runs it.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from contextlib import closing
+
+import psycopg2
+import pytest
+from psycopg2 import sql
+
+import servers
+from conftest import ROOT, clean_env, run_script
+
+DATABASE = "classroom"
+CLASSMATE = "classmate"
+STUDENT = "student"
+INSTRUCTOR = "postgres"  # the server's superuser, as an instructor often runs the lab
+LOG = "classmate_log"
+
+# What the classmate plants: functions pg_catalog also has, each with an argument type that fits a
+# lab query's literal better than pg_catalog's own (text for a quoted literal, numeric for 1.5,
+# integer for 5), so under a search_path that reaches the classmate's schema, theirs would win.
+# Each records that it ran, tries to make its author a superuser and a member of the caller's
+# role, then returns what the real one would, so nothing looks wrong.
+PLANTED_FUNCTIONS = [
+    ("obj_description(oid, text)", "text", "pg_catalog.obj_description($1, $2::pg_catalog.name)"),
+    ("shobj_description(oid, text)", "text", "pg_catalog.shobj_description($1, $2::pg_catalog.name)"),
+    ("make_interval(secs numeric)", "interval", "pg_catalog.make_interval(secs => $1::float8)"),
+    ("make_interval(secs integer)", "interval", "pg_catalog.make_interval(secs => $1::float8)"),
+    ("pg_sleep(numeric)", "void", "pg_catalog.pg_sleep($1::float8)"),
+    ("pg_sleep(integer)", "void", "pg_catalog.pg_sleep($1::float8)"),
+    ("pg_try_advisory_lock(integer)", "boolean", "pg_catalog.pg_try_advisory_lock($1::bigint)"),
+    ("pg_advisory_unlock(integer)", "boolean", "pg_catalog.pg_advisory_unlock($1::bigint)"),
+    ("pg_advisory_lock(integer)", "void", "pg_catalog.pg_advisory_lock($1::bigint)"),
+    ("current_setting(name)", "text", "pg_catalog.current_setting($1::pg_catalog.text)"),
+    ("set_config(name, text, boolean)", "text", "pg_catalog.set_config($1::pg_catalog.text, $2, $3)"),
+    ("cat(integer, text)", "text", "pg_catalog.textcat($1::pg_catalog.text, $2)"),
+    ("like(name, character varying)", "boolean", "pg_catalog.namelike($1, $2::pg_catalog.text)"),
+]
+# Operators over those functions: `id || ':'` and `nspname LIKE '...'` would pick them.
+PLANTED_OPERATORS = [("||", "integer", "text", "cat"), ("~~", "name", "character varying", "like")]
+
+
+def _plant(cur, schema: str) -> None:
+    for signature, returns, body in PLANTED_FUNCTIONS:
+        value = "PERFORM" if returns == "void" else "RETURN"
+        cur.execute(sql.SQL(
+            "CREATE FUNCTION {s}." + signature + " RETURNS " + returns + " LANGUAGE plpgsql AS $$ BEGIN "
+            "PERFORM " + LOG + ".note(" + sql.Literal(signature).as_string(cur) + "); "
+            + value + " " + body + "; " + ("RETURN; " if returns == "void" else "") + "END $$"
+        ).format(s=sql.Identifier(schema)))
+    for op, left, right, fn in PLANTED_OPERATORS:
+        cur.execute(sql.SQL("CREATE OPERATOR {s}." + op + " (LEFTARG = " + left + ", RIGHTARG = " + right +
+                            ", FUNCTION = {s}." + fn + ")").format(s=sql.Identifier(schema)))
+
+
+NOTE = f"""
+    CREATE FUNCTION {LOG}.note(what text) RETURNS void LANGUAGE plpgsql AS $$
+    BEGIN
+        INSERT INTO {LOG}.ran (caller, what) VALUES (current_user, what);
+        BEGIN EXECUTE 'ALTER ROLE {CLASSMATE} SUPERUSER'; EXCEPTION WHEN OTHERS THEN NULL; END;
+        BEGIN EXECUTE pg_catalog.format('GRANT %I TO {CLASSMATE}', current_user);
+        EXCEPTION WHEN OTHERS THEN NULL; END;
+    END $$"""
+
+
+def superuser(server: dict, dbname: str = DATABASE):
+    conn = psycopg2.connect(**{**servers.libpq(server), "dbname": dbname})
+    conn.autocommit = True
+    return conn
+
+
+def as_role(server: dict, role: str):
+    conn = psycopg2.connect(**{**servers.libpq(server), "dbname": DATABASE, "user": role})
+    conn.autocommit = True
+    return conn
+
+
+@pytest.fixture(scope="module", params=[13, 18], ids=lambda m: f"pg{m}")
+def classroom(request):
+    """A private server whose database `classroom` the classmate and the student may each create
+    schemas in (nothing else), with the classmate's functions and operators planted in a schema
+    named after each victim, and in `public` where the server lets anyone create there (13)."""
+    major = request.param
+    with servers.needed():
+        install = servers.postgres_install(major)
+        with servers.postgres(install) as server:
+            with closing(superuser(server, "postgres")) as boot, boot.cursor() as cur:
+                cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DATABASE)))
+            with closing(superuser(server)) as admin, admin.cursor() as cur:
+                for role in (CLASSMATE, STUDENT):
+                    cur.execute(sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER NOCREATEROLE NOCREATEDB")
+                                .format(sql.Identifier(role)))
+                    cur.execute(sql.SQL("GRANT CREATE ON DATABASE {} TO {}")
+                                .format(sql.Identifier(DATABASE), sql.Identifier(role)))
+                # another run's role, so the lab's start-up sweep reads role comments too
+                cur.execute("CREATE ROLE faillab_0badc0de_other")
+            with closing(as_role(server, CLASSMATE)) as mate, mate.cursor() as cur:
+                cur.execute(f"CREATE SCHEMA {LOG}; CREATE TABLE {LOG}.ran (caller name, what text, "
+                            f"at timestamptz DEFAULT pg_catalog.clock_timestamp())")
+                cur.execute(NOTE)
+                cur.execute(f"GRANT USAGE ON SCHEMA {LOG} TO PUBLIC; GRANT INSERT ON {LOG}.ran TO PUBLIC")
+                # a schema named like another run's, so the sweep reads schema comments
+                cur.execute("CREATE SCHEMA faillab_0badc0de_bait")
+                planted = [STUDENT, INSTRUCTOR] + (["public"] if major < 15 else [])
+                for schema in planted:
+                    if schema != "public":
+                        cur.execute(sql.SQL("CREATE SCHEMA {s}; GRANT USAGE ON SCHEMA {s} TO PUBLIC")
+                                    .format(s=sql.Identifier(schema)))
+                    _plant(cur, schema)
+            yield {**server, "major": major, "planted": planted}
+
+
+def standing(server: dict) -> dict:
+    """What the classmate's code did, and what every role can do: compared before and after."""
+    with closing(superuser(server)) as conn, conn.cursor() as cur:
+        cur.execute(f"SELECT caller || ': ' || what FROM {LOG}.ran ORDER BY at")
+        ran = [r[0] for r in cur.fetchall()]
+        cur.execute("SELECT rolname, rolsuper, rolcreaterole, rolcreatedb, rolbypassrls, rolreplication "
+                    "FROM pg_roles WHERE rolname IN (%s, %s, %s) ORDER BY 1", (CLASSMATE, STUDENT, INSTRUCTOR))
+        roles = cur.fetchall()
+        cur.execute("SELECT r.rolname, m.rolname FROM pg_auth_members a JOIN pg_roles r ON r.oid = a.roleid "
+                    "JOIN pg_roles m ON m.oid = a.member WHERE m.rolname IN (%s, %s, %s) ORDER BY 1, 2",
+                    (CLASSMATE, STUDENT, INSTRUCTOR))
+        return {"ran": ran, "roles": roles, "memberships": cur.fetchall()}
+
+
+def victim_url(server: dict, victim: str) -> str:
+    return servers.url(server, user=victim, dbname=DATABASE)
+
+
+def test_the_plant_is_live(classroom):
+    """The trap works: a plain session of the student, under the role's default search_path, runs
+    the classmate's code for an unqualified catalog call. (Its traces are removed afterwards.)"""
+    before = standing(classroom)
+    with closing(as_role(classroom, STUDENT)) as conn, conn.cursor() as cur:
+        cur.execute("SELECT obj_description(oid, 'pg_namespace') FROM pg_namespace LIMIT 1")
+    after = standing(classroom)
+    assert after["ran"][len(before["ran"]):] == ["student: obj_description(oid, text)"]
+    with closing(superuser(classroom)) as conn, conn.cursor() as cur:
+        cur.execute(f"DELETE FROM {LOG}.ran")
+        if (STUDENT, CLASSMATE) in after["memberships"]:
+            cur.execute(f"REVOKE {STUDENT} FROM {CLASSMATE}")
+
+
+@pytest.mark.parametrize("victim", [STUDENT, INSTRUCTOR])
+def test_nothing_a_classmate_planted_runs_in_a_lab_run(victim, classroom, tmp_path):
+    """A real lesson (its checkpoint queries use `||`, make_interval and advisory locks) and the
+    workshop-tables command, run by a student and by a superuser instructor: none of the
+    classmate's functions or operators ran, nobody gained or lost a right."""
+    before = standing(classroom)
+    env = clean_env(DATABASE_URL=victim_url(classroom, victim))
+    result = run_script("fail_checkpoint_corruption.py", "--only", "concurrent_access,interrupted_recovery",
+                        env=env, tmp_path=tmp_path, timeout=400)
+    made = subprocess.run([sys.executable, str(ROOT / "code" / "init_schemas.py"), "--schema", f"ws_{victim}"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    dropped = subprocess.run([sys.executable, str(ROOT / "code" / "init_schemas.py"), "--schema", f"ws_{victim}",
+                              "--drop"], env=env, capture_output=True, text=True, timeout=120)
+    after = standing(classroom)
+    assert after["ran"] == before["ran"], f"the classmate's code ran as {victim}: {after['ran']}"
+    assert after["roles"] == before["roles"] and after["memberships"] == before["memberships"], after
+    assert made.returncode == 0 and dropped.returncode == 0, made.stderr + dropped.stderr
+    bad = [(r["id"], r.get("reason")) for r in (result.journal or {}).get("scenarios", []) if r["status"] != "passed"]
+    assert result.returncode == 0 and not bad, f"{bad}\n{result.stderr[-2000:]}"
+
+
+def test_every_lab_connection_trusts_only_pg_catalog_and_its_own_schema():
+    """Admin connections get pg_catalog and the session's temporary schema only; a scenario's
+    connections put its private schema first (for its tables), then pg_catalog, pg_temp last."""
+    from common import db
+
+    assert db.session_settings(180000)["search_path"] == "pg_catalog, pg_temp"
+    params = db.conn_params({}, schema='faillab_x"y')
+    assert dict(params["connection_factory"].settings)["search_path"] == '"faillab_x""y", pg_catalog, pg_temp'
