@@ -17,6 +17,7 @@ from psycopg2 import sql
 
 import servers
 from conftest import ROOT, clean_env, run_script
+from common import db
 
 DATABASE = "classroom"
 CLASSMATE = "classmate"
@@ -174,8 +175,101 @@ def test_nothing_a_classmate_planted_runs_in_a_lab_run(victim, classroom, tmp_pa
 def test_every_lab_connection_trusts_only_pg_catalog_and_its_own_schema():
     """Admin connections get pg_catalog and the session's temporary schema only; a scenario's
     connections put its private schema first (for its tables), then pg_catalog, pg_temp last."""
-    from common import db
-
     assert db.session_settings(180000)["search_path"] == "pg_catalog, pg_temp"
     params = db.conn_params({}, schema='faillab_x"y')
     assert dict(params["connection_factory"].settings)["search_path"] == '"faillab_x""y", pg_catalog, pg_temp'
+
+
+# -- names a classmate cannot pre-empt, nor lose to a teardown ------------------------------------
+HOSTILE = "tests/fixtures/fail_hostile.py"
+
+
+def start_waiting(url: str, only: str, cwd):
+    """Start the fixture's `waits` scenario (then `only`'s others); return it once it is inside
+    `waits`, with its run id and schema: its name is public from now on (application_name)."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / HOSTILE), "--only", only], env=clean_env(DATABASE_URL=url),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=str(cwd))
+    while True:
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read()
+        if line.startswith("READY"):
+            _, run_id, schema = line.split()
+            return proc, run_id, schema
+
+
+def precious_rows(server: dict, schema: str) -> int | None:
+    """Rows of the squatter's table, or None when it is gone."""
+    with closing(superuser(server)) as conn, conn.cursor() as cur:
+        cur.execute("SELECT to_regclass(%s)", (f'"{schema}".precious',))
+        if cur.fetchone()[0] is None:
+            return None
+        cur.execute(sql.SQL("SELECT count(*) FROM {}.precious").format(sql.Identifier(schema)))
+        return cur.fetchone()[0]
+
+
+def drop_as_superuser(server: dict, statement: sql.Composable) -> None:
+    with closing(superuser(server)) as conn, conn.cursor() as cur:
+        cur.execute(statement)
+
+
+def assert_one_line_exit_2(proc, err: str, *words: str) -> None:
+    lines = err.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), err
+    assert all(w in lines[0] for w in words), lines
+
+
+@pytest.mark.parametrize("squatter", [CLASSMATE, STUDENT], ids=["another_role", "the_same_role"])
+def test_a_schema_name_taken_first_stops_the_run_and_is_never_dropped(squatter, classroom, tmp_path):
+    proc, run_id, own = start_waiting(victim_url(classroom, STUDENT), "waits,passes", tmp_path)
+    taken = f"faillab_{run_id}_passes"
+    try:
+        with closing(as_role(classroom, squatter)) as conn, conn.cursor() as cur:
+            cur.execute(sql.SQL("CREATE SCHEMA {s}; CREATE TABLE {s}.precious AS SELECT 1 AS id")
+                        .format(s=sql.Identifier(taken)))
+        out, err = proc.communicate("go\n", timeout=120)
+        assert_one_line_exit_2(proc, err, taken, "already exists")
+        assert precious_rows(classroom, taken) == 1  # the squatter's schema and table are untouched
+        with closing(superuser(classroom)) as conn:
+            assert not db.schema_exists(conn, own)  # the run's own schema was cleaned up
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        drop_as_superuser(classroom, sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(taken)))
+
+
+def test_a_schema_replaced_under_the_same_name_survives_the_teardown(classroom, tmp_path):
+    """Two students share one role: while a run works, the other drops its schema and makes one of
+    the same name with a table of their own. The teardown drops what it created, by identity:
+    nothing of the other student's."""
+    proc, run_id, own = start_waiting(victim_url(classroom, STUDENT), "waits", tmp_path)
+    try:
+        with closing(as_role(classroom, STUDENT)) as conn, conn.cursor() as cur:
+            cur.execute(sql.SQL("DROP SCHEMA {s} CASCADE; CREATE SCHEMA {s}; CREATE TABLE {s}.precious AS SELECT 1 AS id")
+                        .format(s=sql.Identifier(own)))
+        out, err = proc.communicate("go\n", timeout=120)
+        assert "Traceback" not in err, err
+        assert precious_rows(classroom, own) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        drop_as_superuser(classroom, sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(own)))
+
+
+def test_a_role_name_taken_first_stops_the_run_and_is_never_dropped(classroom, tmp_path):
+    """The instructor's run makes a login role for a scenario; somebody who may create roles
+    takes its name first."""
+    proc, run_id, own = start_waiting(victim_url(classroom, INSTRUCTOR), "waits,with_role", tmp_path)
+    taken = f"faillab_{run_id}_with_role_r"
+    try:
+        drop_as_superuser(classroom, sql.SQL("CREATE ROLE {}").format(sql.Identifier(taken)))
+        out, err = proc.communicate("go\n", timeout=120)
+        assert_one_line_exit_2(proc, err, taken, "already exists")
+        with closing(superuser(classroom)) as conn, conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM pg_roles WHERE rolname = %s", (taken,))
+            assert cur.fetchone()[0] == 1
+            assert not db.schema_exists(conn, own) and not db.schema_exists(conn, f"faillab_{run_id}_with_role")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        drop_as_superuser(classroom, sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(taken)))
