@@ -286,6 +286,7 @@ def fingerprint(conn, table: str, key: str, columns: list[str] | None = None) ->
 TAG_VERSION = 2
 RUN_ID_PREFIX_VARIABLE = "FAILLAB_RUN_PREFIX"  # marks the runs of one test session (or classroom)
 SWEEP_LOCK_TIMEOUT = "200ms"  # debris someone else holds a lock on is skipped, not waited for
+SWEEP_BUDGET_S = 1.0  # all the sweep may wait on locks at one start; the rest waits for a later run
 _HELD: dict[str, int] = {}  # run id -> id() of the connection of this process that holds its lock
 
 
@@ -471,11 +472,13 @@ def schema_exists(conn, name: str) -> bool:
     return bool(scalar(conn, "SELECT count(*) FROM pg_catalog.pg_namespace WHERE nspname = %s", (name,)))
 
 
-def lab_schemas(conn) -> list[tuple[str, str | None]]:
+def lab_schemas(conn, own: bool = False) -> list[tuple[str, str | None]]:
+    """(name, comment) of the schemas named like the lab's; `own`: only those this role owns."""
     with conn.cursor() as cur:
         cur.execute("SELECT nspname, pg_catalog.obj_description(oid, 'pg_namespace'::pg_catalog.name) "
-                    "FROM pg_catalog.pg_namespace "
-                    "WHERE nspname LIKE %s ORDER BY 1", (SCHEMA_PREFIX.replace("_", r"\_") + "%",))
+                    "FROM pg_catalog.pg_namespace WHERE nspname LIKE %s AND (NOT %s OR nspowner = "
+                    "(SELECT oid FROM pg_catalog.pg_roles WHERE rolname = current_user)) ORDER BY 1",
+                    (SCHEMA_PREFIX.replace("_", r"\_") + "%", own))
         return cur.fetchall()
 
 
@@ -560,23 +563,26 @@ def _drop_quietly(conn, statements: list) -> bool:
 
 def sweep_dead_runs(conn) -> list[str]:
     """Drop the private schemas and roles of killed runs: our tag, and the run's lock is free.
-    Never raises for one object: what the role may not drop, or what another session holds a
-    lock on, is skipped; live runs, kept schemas and untagged objects are never touched."""
+    Only schemas this role owns are looked at (anyone can write a tag on a schema of their own),
+    and the waits on locks are bounded in all (SWEEP_BUDGET_S): what is held by someone is left
+    for a later run. Never raises for one object: what the role may not drop, or what another
+    session holds a lock on, is skipped; live runs, kept schemas and untagged objects are never
+    touched."""
     dropped = []
-    database = scalar(conn, "SELECT current_database()")
-    for name, comment in lab_schemas(conn):
+    database = scalar(conn, "SELECT pg_catalog.current_database()")
+    deadline = time.monotonic() + SWEEP_BUDGET_S
+    candidates = [(name, comment, [sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name))], name)
+                  for name, comment in lab_schemas(conn, own=True)]
+    candidates += [(name, comment, [sql.SQL("DROP OWNED BY {}").format(sql.Identifier(name)),
+                                    sql.SQL("DROP ROLE {}").format(sql.Identifier(name))], f"role {name}")
+                   for name, comment in lab_roles(conn)]
+    for name, comment, statements, label in candidates:
         tag = _tagged_run(comment, name)
-        if tag is None:
+        if tag is None or (label.startswith("role ") and tag.get("db") != database):
             continue
+        if time.monotonic() > deadline:
+            break
         with _dead_run_held(conn, tag["run"]) as dead:
-            if dead and _drop_quietly(conn, [sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name))]):
-                dropped.append(name)
-    for name, comment in lab_roles(conn):
-        tag = _tagged_run(comment, name)
-        if tag is None or tag.get("db") != database:
-            continue
-        with _dead_run_held(conn, tag["run"]) as dead:
-            if dead and _drop_quietly(conn, [sql.SQL("DROP OWNED BY {}").format(sql.Identifier(name)),
-                                             sql.SQL("DROP ROLE {}").format(sql.Identifier(name))]):
-                dropped.append(f"role {name}")
+            if dead and _drop_quietly(conn, statements):
+                dropped.append(label)
     return dropped

@@ -92,7 +92,7 @@ def classroom(request):
     major = request.param
     with servers.needed():
         install = servers.postgres_install(major)
-        with servers.postgres(install) as server:
+        with servers.postgres(install, settings={"log_statement": "ddl"}) as server:
             with closing(superuser(server, "postgres")) as boot, boot.cursor() as cur:
                 cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DATABASE)))
             with closing(superuser(server)) as admin, admin.cursor() as cur:
@@ -273,3 +273,61 @@ def test_a_role_name_taken_first_stops_the_run_and_is_never_dropped(classroom, t
         if proc.poll() is None:
             proc.kill()
         drop_as_superuser(classroom, sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(taken)))
+
+
+# -- the start-up sweep cannot be stalled ---------------------------------------------------------
+def _dead_debris(conn, count: int) -> list[str]:
+    """`count` schemas tagged as debris of killed runs (no live run holds their locks), each with a
+    table that `conn` keeps locked in an open transaction."""
+    import json
+    import secrets
+
+    names = []
+    with conn.cursor() as cur:
+        for i in range(count):
+            run_id = secrets.token_hex(4)
+            name = f"faillab_{run_id}_locked{i}"
+            cur.execute(sql.SQL("CREATE SCHEMA {s}; CREATE TABLE {s}.t (id int)").format(s=sql.Identifier(name)))
+            cur.execute(sql.SQL("COMMENT ON SCHEMA {} IS %s").format(sql.Identifier(name)),
+                        (json.dumps({"faillab": db.TAG_VERSION, "run": run_id, "db": DATABASE}),))
+            names.append(name)
+    conn.autocommit = False
+    with conn.cursor() as cur:
+        for name in names:
+            cur.execute(sql.SQL("LOCK TABLE {}.t IN ACCESS SHARE MODE").format(sql.Identifier(name)))
+    return names
+
+
+def drop_attempts(server: dict, names: list[str]) -> int:
+    """DROP SCHEMA statements the server logged for these schemas (log_statement = ddl)."""
+    with open(server["log"], errors="replace") as log:
+        text = log.read()
+    return sum(text.count(f'statement: DROP SCHEMA IF EXISTS "{name}"') for name in names)  # not the error's STATEMENT:
+
+
+@pytest.mark.parametrize("holder", [CLASSMATE, STUDENT], ids=["another_role", "the_same_role"])
+def test_locked_debris_does_not_stall_the_start(holder, classroom, tmp_path):
+    """Fifteen debris-tagged schemas kept locked. Another role's are not the run's to drop: never
+    tried. The same role's (a classmate sharing it) are tried, but only for a bounded time in all:
+    each try waits out a lock timeout, so the count of tries bounds the wait."""
+    conn = as_role(classroom, holder)
+    try:
+        names = _dead_debris(conn, 15)
+        result = run_script(HOSTILE, "--only", "passes", env=clean_env(DATABASE_URL=victim_url(classroom, STUDENT)),
+                            tmp_path=tmp_path)
+        assert result.returncode == 0, result.stderr[-2000:]
+        tries = drop_attempts(classroom, names)
+        if holder == CLASSMATE:
+            assert tries == 0
+        else:  # at most one try per lock timeout of the budget, and one more begun before it ran out
+            timeout_s = int(db.SWEEP_LOCK_TIMEOUT.removesuffix("ms")) / 1000
+            assert 1 <= tries <= db.SWEEP_BUDGET_S / timeout_s + 1 < len(names)
+        with closing(superuser(classroom)) as check:
+            assert all(db.schema_exists(check, n) for n in names)  # held: left for a later run
+    finally:
+        conn.rollback()
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            for name in names:
+                cur.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+        conn.close()
