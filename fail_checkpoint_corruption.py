@@ -691,10 +691,10 @@ class Outage(Hooks):
         drop the connection while one waits. Returns the watching thread."""
         key = schema_lock_key(self.s.schema)
         self.holder = self.s.connect(autocommit=True)
-        db.scalar(self.holder, "SELECT pg_advisory_lock(%s)", (key,))
+        db.scalar(self.holder, "SELECT pg_catalog.pg_advisory_lock(%s::bigint)", (key,))
         with self.s.conn.cursor() as cur:
             cur.execute(sql.SQL("CREATE OR REPLACE FUNCTION hold_commit() RETURNS trigger LANGUAGE plpgsql AS "
-                                "$$ BEGIN PERFORM pg_advisory_xact_lock_shared({}); RETURN NULL; END $$")
+                                "$$ BEGIN PERFORM pg_catalog.pg_advisory_xact_lock_shared({}::bigint); RETURN NULL; END $$")
                         .format(sql.Literal(key)))
             cur.execute("DROP TRIGGER IF EXISTS slow_commit ON checkpoints")
             cur.execute("CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT OR UPDATE ON checkpoints "
@@ -715,7 +715,7 @@ class Outage(Hooks):
         if wait_until(held) and waiting:
             self.armed = False
             self.proxy.down()  # the COMMIT is in the server, waiting: its reply will find no client
-        db.scalar(self.holder, "SELECT pg_advisory_unlock(%s)", (key,))  # the server finishes the commit
+        db.scalar(self.holder, "SELECT pg_catalog.pg_advisory_unlock(%s::bigint)", (key,))  # the server finishes the commit
         if waiting:
             wait_until(lambda: self.stop.is_set() or not backend_busy(self.watch, waiting[0]))
         self.proxy.up()
@@ -1150,7 +1150,7 @@ def claim_with_lease(conn, owner: str, lease_s: float) -> int | None:
             "UPDATE checkpoints SET status = 'in_progress', owner = %s, "
             "heartbeat = clock_timestamp(), version = version + 1 "
             "WHERE job = %s AND (status <> 'in_progress' OR heartbeat "
-            "< clock_timestamp() - make_interval(secs => %s)) "
+            "< clock_timestamp() - pg_catalog.make_interval(secs => %s)) "
             "RETURNING version", (owner, JOB, lease_s))
         row = cur.fetchone()
     conn.commit()

@@ -316,7 +316,7 @@ KILL_SWITCH = """
     BEGIN
         IF nextval('kill_switch_fired') = 1 THEN  -- once: the next run gets through
             PERFORM pg_terminate_backend(pg_backend_pid());
-            PERFORM pg_sleep(5);                   -- the end lands here, mid-statement
+            PERFORM pg_catalog.pg_sleep(5);        -- the end lands here, mid-statement
         END IF;
         RETURN NEW;
     END $$;

@@ -154,7 +154,7 @@ def within_call_limit(s: Scenario, fn):
 def run_totals(conn, run_id: str) -> tuple[int, int, int]:
     """(rows, distinct event ids, bytes) that one run has in the log store."""
     [(rows, distinct, size)] = db.rows(conn, """
-        SELECT count(*), count(DISTINCT fields->>'event_id'), coalesce(sum(pg_column_size(p.*)), 0)
+        SELECT count(*), count(DISTINCT fields->>'event_id'), coalesce(sum(pg_catalog.pg_column_size(p.*)), 0)
         FROM pipeline_log p WHERE correlation_id = %s""", (run_id,))
     return rows, distinct, int(size)
 

@@ -522,7 +522,7 @@ def storm_worker(params: dict, label: str, policy: Retrying, barrier, logins: li
             with state["conn"].cursor() as cur:
                 cur.execute("INSERT INTO storm_done (policy, worker, attempts) VALUES (%s, %s, %s)",
                             (label, i, state["attempts"]))
-                cur.execute("SELECT pg_sleep(%s)", (STORM_HOLD_S,))
+                cur.execute("SELECT pg_catalog.pg_sleep(%s)", (STORM_HOLD_S,))
             state["conn"].commit()
         except psycopg2.OperationalError as exc:
             state["errors"].append((time.monotonic(), exc))

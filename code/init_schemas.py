@@ -17,6 +17,7 @@ from pathlib import Path
 # This folder is named `code`, like a standard library module: import the project by path.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import psycopg2.errors  # noqa: E402
 from psycopg2 import sql  # noqa: E402
 
 from common import config, db, schema  # noqa: E402
@@ -51,8 +52,8 @@ TAG = "pipeline-failure-lab: created by code/init_schemas.py"
 
 def tag_of(conn, name: str) -> str | None:
     """The schema's comment, or None when there is no such schema."""
-    found = db.rows(conn, "SELECT coalesce(obj_description(oid, 'pg_namespace'), '') FROM pg_namespace "
-                          "WHERE nspname = %s", (name,))
+    found = db.rows(conn, "SELECT coalesce(pg_catalog.obj_description(oid, 'pg_namespace'::pg_catalog.name), '') "
+                          "FROM pg_catalog.pg_namespace WHERE nspname = %s", (name,))
     return found[0][0] if found else None
 
 
@@ -64,9 +65,15 @@ def create(conn, name: str, where: str) -> int:
         return 2
     with conn.cursor() as cur:
         if tag is None:
-            cur.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
-            cur.execute(sql.SQL("COMMENT ON SCHEMA {} IS %s").format(sql.Identifier(name)), (TAG,))
-        cur.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(name)))
+            try:
+                cur.execute(sql.SQL("CREATE SCHEMA {s}; COMMENT ON SCHEMA {s} IS %s").format(s=sql.Identifier(name)),
+                            (TAG,))
+            except psycopg2.errors.DuplicateSchema:  # made by someone else since the look-up
+                print(f"error: schema {name} was just created on {where} by someone else; choose another "
+                      "name with --schema", file=sys.stderr)
+                return 2
+        # the tables land in the schema; names resolve in pg_catalog, never in a schema others write to
+        cur.execute(sql.SQL("SET search_path TO {}, {}").format(sql.Identifier(name), sql.SQL(db.TRUSTED_SEARCH_PATH)))
     created = schema.create_tables(conn)
     print(f"schema {name} on {where}: {', '.join(created)} (created if missing)")
     print(f"explore it: {sys.executable} code/init_schemas.py --psql, then SET search_path TO {name};")

@@ -15,6 +15,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from common import output
@@ -25,14 +26,17 @@ class Interrupted(BaseException):
     """SIGTERM or SIGHUP, turned into an exception so every `finally` runs (like Ctrl-C)."""
 
 
-def teardown(run: Run, s: Scenario, threads_before: set, interrupted: bool) -> tuple[bool, list[str]]:
-    """Release everything the scenario made, measure that nothing is left, drop its schema."""
+def teardown(run: Run, s: Scenario, before: "Footprint", stop_hard: bool,
+             interrupted: bool = False) -> tuple[bool, list[str]]:
+    """Release everything the scenario made, drop its schema, and measure that nothing of it is
+    left, whatever the outcome: `stop_hard` (a crash, an early stop, an interrupt) ends this
+    run's queries before workers are joined; `interrupted` only shortens the waits."""
     from common import db
 
     leftovers: list[str] = []
     with signals_deferred():
         try:
-            s._stop_workers(run.admin, interrupted)
+            s._stop_workers(run.admin, stop_hard)
             s._stack.close()
         except Exception as exc:
             leftovers.append(f"cleanup error {output.error_type(exc)}: {exc}")
@@ -40,9 +44,9 @@ def teardown(run: Run, s: Scenario, threads_before: set, interrupted: bool) -> t
             shutil.rmtree(s._tmpdir, ignore_errors=True)
             if s._tmpdir.exists():
                 leftovers.append(f"folder {s._tmpdir}")
-        if not interrupted:  # the verdict needs the measurement; an interrupted run only needs to end
-            leftovers += _leftovers(run, s, threads_before)
-        if run.args.keep:
+        if db.created_oid("schema", s.schema) is None:
+            pass  # never created (its name was someone else's, or the run stopped before): nothing to drop
+        elif run.args.keep:
             with contextlib.suppress(Exception):  # an untagged schema is never swept as debris
                 db.mark_kept(run.admin, s.schema)
             run.kept.append(s.schema)
@@ -50,21 +54,136 @@ def teardown(run: Run, s: Scenario, threads_before: set, interrupted: bool) -> t
             try:
                 db.end_other_backends(run.admin)  # nothing of this run may hold a lock on the schema
                 db.drop_schema(run.admin, s.schema)
-                if db.schema_exists(run.admin, s.schema):
+                if db.own_left(run.admin, "schema", s.schema):
                     leftovers.append(f"schema {s.schema}")
             except Exception as exc:
                 leftovers.append(f"schema {s.schema} ({output.error_type(exc)})")
+        leftovers += _leftovers(run, s, before, 0.5 if interrupted else 3)
     return not leftovers, leftovers
 
 
-def _leftovers(run: Run, s: Scenario, threads_before: set) -> list[str]:
-    """Threads, child processes and database sessions the scenario started and did not end."""
+# -- what a scenario leaves, measured against what was there before it ---------------------------
+@dataclass
+class Footprint:
+    """What existed before a scenario: threads, this role's objects and roles on the server, and
+    how many paths this process had created (see watch_writes)."""
+    threads: set
+    objects: set | None
+    roles: set | None
+    writes: int
+    others: int  # sessions of this role that are not this run's: they could make objects too
+
+
+# Every object this role owns, anywhere in the database, described as a reader would name it.
+OWNED_OBJECTS_IN_SCHEMAS = """
+    WITH me AS (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = current_user),
+    owned (what, nsp) AS (
+        SELECT 'schema ' || nspname, nspname FROM pg_catalog.pg_namespace WHERE nspowner IN (SELECT oid FROM me)
+        UNION ALL
+        SELECT CASE c.relkind WHEN 'v' THEN 'view ' WHEN 'm' THEN 'materialized view ' WHEN 'S' THEN 'sequence '
+                              WHEN 'i' THEN 'index ' WHEN 'I' THEN 'index ' WHEN 'f' THEN 'foreign table '
+                              WHEN 'c' THEN 'type ' ELSE 'table ' END || n.nspname || '.' || c.relname, n.nspname
+        FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.relowner IN (SELECT oid FROM me) AND c.relkind <> 't'
+        UNION ALL
+        SELECT 'function ' || p.oid::pg_catalog.regprocedure::text, n.nspname  -- qualified: off the path
+        FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+        WHERE p.proowner IN (SELECT oid FROM me)
+        UNION ALL
+        SELECT 'type ' || n.nspname || '.' || t.typname, n.nspname
+        FROM pg_catalog.pg_type t JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace
+        WHERE t.typowner IN (SELECT oid FROM me) AND t.typrelid = 0
+          AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_type e WHERE e.typarray = t.oid)
+        UNION ALL
+        SELECT 'operator ' || o.oid::pg_catalog.regoperator::text, n.nspname
+        FROM pg_catalog.pg_operator o JOIN pg_catalog.pg_namespace n ON n.oid = o.oprnamespace
+        WHERE o.oprowner IN (SELECT oid FROM me)
+        {database_wide})
+    SELECT what, nsp FROM owned
+    WHERE nsp IS NULL OR (nsp NOT LIKE 'pg\\_temp\\_%' AND nsp NOT LIKE 'pg\\_toast%')"""
+# Objects outside schemas: (what a reader calls it, catalog, name column, owner column).
+OWNED_ELSEWHERE = [
+    ("collation", "pg_collation", "collname", "collowner"), ("conversion", "pg_conversion", "conname", "conowner"),
+    ("text search configuration", "pg_ts_config", "cfgname", "cfgowner"),
+    ("text search dictionary", "pg_ts_dict", "dictname", "dictowner"),
+    ("operator class", "pg_opclass", "opcname", "opcowner"), ("operator family", "pg_opfamily", "opfname", "opfowner"),
+    ("statistics", "pg_statistic_ext", "stxname", "stxowner"), ("extension", "pg_extension", "extname", "extowner"),
+    ("language", "pg_language", "lanname", "lanowner"),
+    ("foreign-data wrapper", "pg_foreign_data_wrapper", "fdwname", "fdwowner"),
+    ("server", "pg_foreign_server", "srvname", "srvowner"), ("publication", "pg_publication", "pubname", "pubowner"),
+    ("event trigger", "pg_event_trigger", "evtname", "evtowner"),
+    ("large object", "pg_largeobject_metadata", "oid", "lomowner"),
+]
+
+
+def owned_objects_query():
+    """OWNED_OBJECTS_IN_SCHEMAS with the objects of OWNED_ELSEWHERE, composed with psycopg2.sql."""
+    from psycopg2 import sql
+
+    elsewhere = sql.SQL("").join(
+        sql.SQL("\n        UNION ALL SELECT {} || {}::text, NULL FROM pg_catalog.{} WHERE {} IN (SELECT oid FROM me)")
+        .format(sql.Literal(label + " "), sql.Identifier(name), sql.Identifier(catalog), sql.Identifier(owner))
+        for label, catalog, name, owner in OWNED_ELSEWHERE)
+    return sql.SQL(OWNED_OBJECTS_IN_SCHEMAS).format(database_wide=elsewhere)
+# Sessions of this role in this database that are not this run's (another student sharing the role).
+OTHER_SESSIONS = """
+    SELECT count(*) FROM pg_catalog.pg_stat_activity
+    WHERE usename = current_user AND datname = pg_catalog.current_database()
+      AND application_name IS DISTINCT FROM pg_catalog.current_setting('application_name')"""
+# Roles this run could have made: named as its own, or (PostgreSQL 16 on) roles whose creator,
+# a role that is not a superuser, was made their admin member by CREATE ROLE.
+RUN_ROLES = """
+    SELECT r.rolname FROM pg_catalog.pg_roles r
+    WHERE r.rolname LIKE %s OR EXISTS (
+        SELECT 1 FROM pg_catalog.pg_auth_members m JOIN pg_catalog.pg_roles me ON me.oid = m.member
+        WHERE m.roleid = r.oid AND me.rolname = current_user AND m.admin_option)"""
+
+
+def footprint(run: Run) -> Footprint:
+    """Measure what exists before a scenario starts."""
+    return Footprint({t.ident for t in threading.enumerate()}, _owned_objects(run), _run_roles(run),
+                     len(_CREATED_PATHS), _other_sessions(run))
+
+
+def _other_sessions(run: Run) -> int:
+    from common import db
+
+    try:
+        return int(db.scalar(run.admin, OTHER_SESSIONS))
+    except Exception:
+        return 0
+
+
+def _owned_objects(run: Run) -> set | None:
+    """This role's objects, except those of other lab runs (a run of the same role elsewhere)."""
+    from common import db
+
+    try:
+        found = db.rows(run.admin, owned_objects_query())
+    except Exception:
+        return None
+    return {what for what, nsp in found if nsp is None or db.run_of(nsp) in (None, run.run_id)}
+
+
+def _run_roles(run: Run) -> set | None:
+    from common import db
+
+    try:
+        like = f"{db.SCHEMA_PREFIX}{run.run_id}_".replace("_", r"\_") + "%"
+        return {name for (name,) in db.rows(run.admin, RUN_ROLES, (like,))}
+    except Exception:
+        return None
+
+
+def _leftovers(run: Run, s: Scenario, before: Footprint, wait_s: float) -> list[str]:
+    """Threads, child processes, database sessions, objects anywhere in the database, roles and
+    files the scenario started or created and did not end or remove, each by name."""
     from common import db, embedded
     import psutil
 
-    deadline = time.monotonic() + 3
+    deadline = time.monotonic() + wait_s
     while True:
-        extra = [t for t in threading.enumerate() if t.ident not in threads_before and t.is_alive()]
+        extra = [t for t in threading.enumerate() if t.ident not in before.threads and t.is_alive()]
         if not extra or time.monotonic() > deadline:
             break
         time.sleep(0.02)
@@ -75,13 +194,70 @@ def _leftovers(run: Run, s: Scenario, threads_before: set) -> list[str]:
                 and "resource_tracker" not in " ".join(_cmdline(p))]
     found += [f"process {p.pid}" for p in children]
     with contextlib.suppress(Exception):
-        deadline = time.monotonic() + 2  # a closed connection's backend takes a moment to exit
-        while (left := db.scalar(run.admin, "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
-                                 "AND pid <> pg_backend_pid()", (s.app,))) and time.monotonic() < deadline:
+        deadline = time.monotonic() + min(2, wait_s)  # a closed connection's backend takes a moment to exit
+        while (left := db.scalar(run.admin, "SELECT count(*) FROM pg_catalog.pg_stat_activity "
+                                 "WHERE application_name = %s AND pid <> pg_catalog.pg_backend_pid()",
+                                 (s.app,))) and time.monotonic() < deadline:
             time.sleep(0.02)
         if left:
             found.append(f"{left} open connection(s)")
+    objects, roles = _owned_objects(run), _run_roles(run)
+    if objects is None or roles is None or before.objects is None or before.roles is None:
+        found.append("the database's objects (not measured: the admin connection failed)")
+    else:
+        found += [f"role {r}" for r in sorted(roles - before.roles)]
+        # A new object of this role is this run's only if no other session of the role could have
+        # made it: with a role shared by someone connected meanwhile, it may be theirs.
+        if not (before.others or _other_sessions(run)):
+            kept = f" {s.schema}."
+            found += sorted(o for o in objects - before.objects if f"schema {s.schema}" != o and kept not in f" {o}")
+    found += created_paths(before.writes, s)
     return found
+
+
+# -- files this process created ------------------------------------------------------------------
+# Filled by an audit hook (watch_writes): a path opened for writing that did not exist, a folder
+# made, a rename, link or temp file to a new name. Only this process's own creations count, so a
+# file another program writes in the same folder meanwhile is never blamed on the run.
+_CREATED_PATHS: list[str] = []
+_WRITE_EVENTS = frozenset({"open", "os.mkdir", "os.rename", "os.link", "os.symlink",
+                           "tempfile.mkstemp", "tempfile.mkdtemp"})
+
+
+def _audit(event: str, args: tuple) -> None:
+    if event not in _WRITE_EVENTS:
+        return
+    try:
+        if event == "open":
+            path, mode, flags = args
+            if not (isinstance(mode, str) and set(mode) & set("wax+")) and not (flags or 0) & os.O_CREAT:
+                return
+        elif event in ("os.rename", "os.link", "os.symlink"):
+            path = args[1]
+        else:
+            path = args[0]
+        if isinstance(path, int):
+            return
+        path = os.path.abspath(os.fsdecode(path))
+        if "__pycache__" in path or (event not in ("tempfile.mkstemp", "tempfile.mkdtemp") and os.path.lexists(path)):
+            return
+        _CREATED_PATHS.append(path)
+    except Exception:  # an audit hook must never break what it watches
+        return
+
+
+def watch_writes() -> None:
+    """Install the audit hook once per process (it cannot be removed)."""
+    if not getattr(watch_writes, "installed", False):
+        sys.addaudithook(_audit)
+        watch_writes.installed = True
+
+
+def created_paths(since: int, s: Scenario) -> list[str]:
+    """The files and folders this process created since `since` that still exist, outermost only."""
+    alive = sorted({p for p in _CREATED_PATHS[since:] if os.path.lexists(p)})
+    outer = [p for p in alive if not any(p.startswith(q + os.sep) for q in alive if q != p)]
+    return [f"{'folder' if os.path.isdir(p) else 'file'} {p}" for p in outer]
 
 
 def _cmdline(p) -> list[str]:
@@ -183,10 +359,14 @@ def sweep_dead_folders(own_run: str | None = None) -> list[str]:
             continue
         lock = fasteners.InterProcessLock(str(lock_file))
         try:
-            if not lock.acquire(blocking=False):
-                continue  # the run is alive
+            got = lock.acquire(blocking=False)
         except OSError:
-            continue  # not ours to judge (another user's file)
+            got = False  # not ours to judge (another user's file)
+        if not got:  # the run is alive: close the file the attempt opened, hold nothing
+            with contextlib.suppress(Exception):
+                if lock.lockfile is not None:
+                    lock.lockfile.close()
+            continue
         try:
             for path in paths:
                 shutil.rmtree(path, ignore_errors=True)

@@ -35,6 +35,14 @@ SESSION = {
     "default_transaction_read_only": "off",
     "IntervalStyle": "postgres",   # what psycopg2 parses (it sets DateStyle ISO itself)
 }
+# The search_path of every lab connection, whatever the role's default: only pg_catalog, then this
+# session's own temporary schema (last, so a temporary table never hides a lab table). A schema any
+# other role can create in (`public` before PostgreSQL 15, one named after the user for "$user")
+# is never on it: a function planted there with a better-matching argument type (text for a quoted
+# literal) would win over pg_catalog's and run with this role's rights (CVE-2018-1058). A
+# scenario's connections put its private schema first, for its own tables: nobody else can create
+# anything in it.
+TRUSTED_SEARCH_PATH = "pg_catalog, pg_temp"
 # Settings that exist only from a server version on (server_version_num), with their value.
 SESSION_SINCE = {
     "transaction_timeout": (170000, "0"),  # a role's transaction_timeout would end long lessons
@@ -70,19 +78,28 @@ def session_settings(server_version_num: int, settings=()) -> dict:
     """The settings a connection to a server of this version SETs: SESSION, the version's own,
     then `settings` (the scenario's per-connection overrides and its search_path)."""
     since = {name: value for name, (version, value) in SESSION_SINCE.items() if server_version_num >= version}
-    return {**SESSION, **since, **dict(settings)}
+    return {**SESSION, "search_path": TRUSTED_SEARCH_PATH, **since, **dict(settings)}
+
+
+def search_path(schema: str | None = None) -> str:
+    """The trusted search_path, with `schema` first when a scenario works in it."""
+    if not schema:
+        return TRUSTED_SEARCH_PATH
+    return '"' + schema.replace('"', '""') + '", ' + TRUSTED_SEARCH_PATH  # quote_ident
 
 
 def apply_session(conn, settings=()) -> None:
     """SET the session settings in one round trip, outside any transaction (a rolled-back SET
-    would be undone)."""
+    would be undone). The statement is parsed under the role's own search_path, so every name in
+    it is qualified."""
     wanted = session_settings(conn.server_version, settings)
     autocommit = conn.autocommit
     conn.autocommit = True
     try:
         with conn.cursor() as cur:
-            cur.execute("SELECT set_config(name, value, false) FROM unnest(%s::text[], %s::text[]) AS s(name, value)",
-                        (list(wanted), list(wanted.values())))
+            cur.execute("SELECT pg_catalog.set_config(s.name, s.value, false) FROM ROWS FROM "
+                        "(pg_catalog.unnest(%s::pg_catalog.text[]), pg_catalog.unnest(%s::pg_catalog.text[])) "
+                        "AS s(name, value)", (list(wanted), list(wanted.values())))
     finally:
         conn.autocommit = autocommit
 
@@ -98,7 +115,7 @@ def conn_params(params: dict, *, schema: str | None = None, app: str | None = No
     session = kwargs.get("connection_factory")
     session = session if isinstance(session, Session) else Session()
     if schema:
-        settings["search_path"] = '"' + schema.replace('"', '""') + '"'  # quote_ident
+        settings["search_path"] = search_path(schema)
     kwargs["connection_factory"] = session.merged(settings)
     if app:
         kwargs["application_name"] = app
@@ -145,7 +162,8 @@ def explain_connect_error(exc: psycopg2.Error, target: str) -> str:
 
 def check_writable(conn, target: str) -> None:
     """A standby (hot standby, a read replica) is read-only whatever a session SETs: exit 2."""
-    in_recovery, read_only = rows(conn, "SELECT pg_is_in_recovery(), current_setting('transaction_read_only')")[0]
+    in_recovery, read_only = rows(conn, "SELECT pg_catalog.pg_is_in_recovery(), "
+                                    "pg_catalog.current_setting('transaction_read_only')")[0]
     if in_recovery:
         raise StartupError(f"{target} is a read-only standby (pg_is_in_recovery() is true): "
                            "point the lab at the primary server")
@@ -162,7 +180,7 @@ def check_session_kept(conn, params: dict, target: str) -> None:
     connection off its backend in one of the two tests below."""
     def backend(c) -> int:
         with c.cursor() as cur:
-            cur.execute("SELECT pg_backend_pid()")
+            cur.execute("SELECT pg_catalog.pg_backend_pid()")
             return cur.fetchone()[0]
 
     def refuse(detail: str):
@@ -178,7 +196,7 @@ def check_session_kept(conn, params: dict, target: str) -> None:
     try:
         mine = backend(conn)                      # autocommit: the backend is free again after this
         with other.cursor() as cur:               # implicit BEGIN: holds a backend until rollback
-            cur.execute("SET LOCAL statement_timeout = 0; SELECT pg_backend_pid()")
+            cur.execute("SET LOCAL statement_timeout = 0; SELECT pg_catalog.pg_backend_pid()")
             held = cur.fetchone()[0]
         if held == mine or backend(conn) != mine:  # LIFO hands the holder my backend
             raise refuse("two clients shared one server session")
@@ -227,7 +245,7 @@ def open_target(app: str = "faillab:admin"):
 def backend_pid(conn) -> int:
     """The pid of this connection's backend, asked of the server: libpq's own
     (conn.info.backend_pid) is the pooler's number when PgBouncer answers for the server."""
-    return scalar(conn, "SELECT pg_backend_pid()")
+    return scalar(conn, "SELECT pg_catalog.pg_backend_pid()")
 
 
 def behind_a_pooler(conn) -> bool:
@@ -268,6 +286,7 @@ def fingerprint(conn, table: str, key: str, columns: list[str] | None = None) ->
 TAG_VERSION = 2
 RUN_ID_PREFIX_VARIABLE = "FAILLAB_RUN_PREFIX"  # marks the runs of one test session (or classroom)
 SWEEP_LOCK_TIMEOUT = "200ms"  # debris someone else holds a lock on is skipped, not waited for
+SWEEP_BUDGET_S = 1.0  # all the sweep may wait on locks at one start; the rest waits for a later run
 _HELD: dict[str, int] = {}  # run id -> id() of the connection of this process that holds its lock
 
 
@@ -289,7 +308,7 @@ def hold_run_lock(conn, run_id: str) -> None:
     """Mark this run alive for as long as `conn` is open (a session-level advisory lock)."""
     if run_id in _HELD:
         return
-    if not scalar(conn, "SELECT pg_try_advisory_lock(%s)", (run_lock_key(run_id),)):
+    if not scalar(conn, "SELECT pg_catalog.pg_try_advisory_lock(%s::bigint)", (run_lock_key(run_id),)):
         raise StartupError(f"run id {run_id} is already held by another session; start again")
     _HELD[run_id] = id(conn)
 
@@ -297,7 +316,7 @@ def hold_run_lock(conn, run_id: str) -> None:
 def release_run_lock(conn, run_id: str) -> None:
     if _HELD.pop(run_id, None) is not None:
         with contextlib.suppress(psycopg2.Error):
-            scalar(conn, "SELECT pg_advisory_unlock(%s)", (run_lock_key(run_id),))
+            scalar(conn, "SELECT pg_catalog.pg_advisory_unlock(%s::bigint)", (run_lock_key(run_id),))
 
 
 def run_of(name: str) -> str | None:
@@ -312,7 +331,7 @@ def run_of(name: str) -> str | None:
 
 def owner_tag(conn, name: str) -> str:
     """What the schema or role is, in its comment: the lab's, of which run, in which database."""
-    return json.dumps({"faillab": TAG_VERSION, "run": run_of(name), "db": scalar(conn, "SELECT current_database()"),
+    return json.dumps({"faillab": TAG_VERSION, "run": run_of(name), "db": scalar(conn, "SELECT pg_catalog.current_database()"),
                        "host": socket.gethostname(), "pid": os.getpid()})
 
 
@@ -327,15 +346,45 @@ def _tagged_run(comment: str | None, name: str) -> dict | None:
     return tag if tag["run"] == run_of(name) else None
 
 
-def create_schema(conn, name: str) -> None:
-    """CREATE SCHEMA, tagged with its run; the run's lock is held on `conn` from now on, so no
-    other run can take the schema for debris while this connection lives."""
+class NameTaken(StartupError):
+    """A name this run was about to create is someone else's already: nothing of it is touched."""
+
+
+# What this process created, by kind and name, with the oid it got: a drop goes by that identity,
+# so a same-named object somebody else made meanwhile (or made first) is never dropped.
+_CREATED: dict[tuple[str, str], int] = {}
+
+
+def _create_owned(conn, kind: str, name: str, create, comment, lookup) -> int:
+    """CREATE, COMMENT and read the new oid in one transaction (one simple query), so the oid is
+    the object this statement made. NameTaken when the name exists already."""
+    query = sql.SQL("; ").join([create, comment, lookup])
+    try:
+        oid = scalar(conn, query, (owner_tag(conn, name), name))
+    except (psycopg2.errors.DuplicateSchema, psycopg2.errors.DuplicateObject, psycopg2.errors.UniqueViolation):
+        if not conn.autocommit:
+            conn.rollback()
+        raise NameTaken(f"{kind} {name} already exists and this run did not create it (another session took "
+                        "the name first); nothing of it was touched: start the run again") from None
+    _CREATED[(kind, name)] = oid
+    return oid
+
+
+def created_oid(kind: str, name: str) -> int | None:
+    """The oid of the `kind` ("schema", "role") this process created under `name`, else None."""
+    return _CREATED.get((kind, name))
+
+
+def create_schema(conn, name: str) -> int:
+    """CREATE SCHEMA, tagged with its run; returns its oid. The run's lock is held on `conn` from
+    now on, so no other run can take the schema for debris while this connection lives."""
     run_id = run_of(name)
     if run_id:
         hold_run_lock(conn, run_id)
-    with conn.cursor() as cur:
-        cur.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
-        cur.execute(sql.SQL("COMMENT ON SCHEMA {} IS %s").format(sql.Identifier(name)), (owner_tag(conn, name),))
+    ident = sql.Identifier(name)
+    return _create_owned(conn, "schema", name, sql.SQL("CREATE SCHEMA {}").format(ident),
+                         sql.SQL("COMMENT ON SCHEMA {} IS %s").format(ident),
+                         sql.SQL("SELECT oid FROM pg_catalog.pg_namespace WHERE nspname = %s"))
 
 
 def mark_kept(conn, name: str) -> None:
@@ -346,72 +395,139 @@ def mark_kept(conn, name: str) -> None:
 
 
 def drop_schema(conn, name: str) -> None:
-    """DROP SCHEMA ... CASCADE; first ends this run's other backends that could hold locks in it."""
-    with conn.cursor() as cur:
-        cur.execute("SET lock_timeout = '3s'")
-        try:
+    """DROP SCHEMA ... CASCADE; first ends this run's other backends that could hold locks in it.
+    A schema this process created is dropped by its identity (its oid, whatever it is called now;
+    a schema that took its name meanwhile is left alone); any other by name (an explicit request)."""
+    oid = created_oid("schema", name)
+    try:
+        _drop_schema(conn, name, oid)
+    except psycopg2.errors.LockNotAvailable:
+        end_other_backends(conn)
+        _drop_schema(conn, name, oid)
+    _CREATED.pop(("schema", name), None)
+
+
+@contextlib.contextmanager
+def transaction(conn, lock_timeout: str | None = None):
+    """A cursor in one transaction on an autocommit connection: committed when the block ends,
+    rolled back (nothing changed) when it raises."""
+    was = conn.autocommit
+    conn.autocommit = False
+    try:
+        with conn.cursor() as cur:
+            if lock_timeout:
+                cur.execute("SET LOCAL lock_timeout = %s", (lock_timeout,))
+            yield cur
+        conn.commit()
+    except BaseException:
+        conn.rollback()
+        raise
+    finally:
+        conn.autocommit = was
+
+
+def _drop_schema(conn, name: str, oid: int | None) -> None:
+    with transaction(conn, "3s") as cur:
+        if oid is not None:
+            cur.execute("SELECT nspname FROM pg_catalog.pg_namespace WHERE oid = %s", (oid,))
+            found = cur.fetchone()
+            name = found[0] if found else None
+        if name is not None:
             cur.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
-        except psycopg2.errors.LockNotAvailable:
-            end_other_backends(conn)
-            cur.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+        if oid is not None:  # the name still led to this oid: had it been renamed, it would remain
+            cur.execute("SELECT count(*) FROM pg_catalog.pg_namespace WHERE oid = %s", (oid,))
+            if cur.fetchone()[0]:
+                raise NameTaken(f"schema {name} is no longer the one this run created; it was left alone")
+
+
+def own_left(conn, kind: str, name: str) -> bool:
+    """Whether the schema or role this process created under `name` still exists (by oid); for
+    one it did not create, whether the name exists."""
+    oid = created_oid(kind, name)
+    catalog, column = {"schema": ("pg_namespace", "nspname"), "role": ("pg_roles", "rolname")}[kind]
+    where = sql.SQL("oid = %s") if oid is not None else sql.SQL("{} = %s").format(sql.Identifier(column))
+    return bool(scalar(conn, sql.SQL("SELECT count(*) FROM pg_catalog.{} WHERE {}").format(
+        sql.Identifier(catalog), where), (oid if oid is not None else name,)))
 
 
 def end_other_backends(conn) -> int:
     """pg_terminate_backend on this run's other connections (same application_name)."""
     with conn.cursor() as cur:
-        cur.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                    "WHERE application_name = current_setting('application_name') AND pid <> pg_backend_pid()")
+        cur.execute("SELECT count(pg_catalog.pg_terminate_backend(pid)) FROM pg_catalog.pg_stat_activity "
+                    "WHERE application_name = pg_catalog.current_setting('application_name') "
+                    "AND pid <> pg_catalog.pg_backend_pid()")
         return cur.fetchone()[0]
 
 
 def cancel_other_backends(conn) -> int:
     """pg_cancel_backend on this run's other connections: their current query ends, they stay."""
     with conn.cursor() as cur:
-        cur.execute("SELECT count(pg_cancel_backend(pid)) FROM pg_stat_activity "
-                    "WHERE application_name = current_setting('application_name') AND pid <> pg_backend_pid()")
+        cur.execute("SELECT count(pg_catalog.pg_cancel_backend(pid)) FROM pg_catalog.pg_stat_activity "
+                    "WHERE application_name = pg_catalog.current_setting('application_name') "
+                    "AND pid <> pg_catalog.pg_backend_pid()")
         return cur.fetchone()[0]
 
 
 def schema_exists(conn, name: str) -> bool:
-    return bool(scalar(conn, "SELECT count(*) FROM pg_namespace WHERE nspname = %s", (name,)))
+    return bool(scalar(conn, "SELECT count(*) FROM pg_catalog.pg_namespace WHERE nspname = %s", (name,)))
 
 
-def lab_schemas(conn) -> list[tuple[str, str | None]]:
+def lab_schemas(conn, own: bool = False) -> list[tuple[str, str | None]]:
+    """(name, comment) of the schemas named like the lab's; `own`: only those this role owns."""
     with conn.cursor() as cur:
-        cur.execute("SELECT nspname, obj_description(oid, 'pg_namespace') FROM pg_namespace "
-                    "WHERE nspname LIKE %s ORDER BY 1", (SCHEMA_PREFIX.replace("_", r"\_") + "%",))
+        cur.execute("SELECT nspname, pg_catalog.obj_description(oid, 'pg_namespace'::pg_catalog.name) "
+                    "FROM pg_catalog.pg_namespace WHERE nspname LIKE %s AND (NOT %s OR nspowner = "
+                    "(SELECT oid FROM pg_catalog.pg_roles WHERE rolname = current_user)) ORDER BY 1",
+                    (SCHEMA_PREFIX.replace("_", r"\_") + "%", own))
         return cur.fetchall()
 
 
-def create_role(conn, name: str, password: str, connection_limit: int = -1) -> None:
-    """A login role for one scenario, tagged with its run like the schemas are."""
+def create_role(conn, name: str, password: str, connection_limit: int = -1) -> int:
+    """A login role for one scenario, tagged with its run like the schemas are; returns its oid.
+    NameTaken when a role of that name exists (it is somebody else's)."""
     run_id = run_of(name)
     if run_id:
         hold_run_lock(conn, run_id)
-    with conn.cursor() as cur:
-        cur.execute(sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER PASSWORD {} CONNECTION LIMIT {}")
-                    .format(sql.Identifier(name), sql.Literal(password), sql.Literal(connection_limit)))
-        cur.execute(sql.SQL("COMMENT ON ROLE {} IS %s").format(sql.Identifier(name)), (owner_tag(conn, name),))
+    ident = sql.Identifier(name)
+    return _create_owned(conn, "role", name,
+                         sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER PASSWORD {} CONNECTION LIMIT {}")
+                         .format(ident, sql.Literal(password), sql.Literal(connection_limit)),
+                         sql.SQL("COMMENT ON ROLE {} IS %s").format(ident),
+                         sql.SQL("SELECT oid FROM pg_catalog.pg_roles WHERE rolname = %s"))
 
 
 def drop_role(conn, name: str) -> None:
-    """End the role's sessions, drop its privileges in this database, drop it."""
+    """End the role's sessions, drop its privileges in this database, drop it. A role this
+    process created is found by its oid: another role that has its name is never dropped."""
+    oid = created_oid("role", name)
     with conn.cursor() as cur:
-        cur.execute("SELECT count(*) FROM pg_roles WHERE rolname = %s", (name,))
-        if not cur.fetchone()[0]:
+        cur.execute("SELECT rolname FROM pg_catalog.pg_roles WHERE " + ("oid = %s" if oid is not None else "rolname = %s"),
+                    (oid if oid is not None else name,))
+        found = cur.fetchone()
+        if not found:
+            _CREATED.pop(("role", name), None)
             return
+        current = found[0]
         for _ in range(100):  # until its sessions are gone, not just signalled
-            cur.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = %s", (name,))
+            cur.execute("SELECT count(pg_catalog.pg_terminate_backend(pid)) FROM pg_catalog.pg_stat_activity "
+                        "WHERE usename = %s", (current,))
             if not cur.fetchone()[0]:
                 break
             time.sleep(0.02)
-        cur.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(name)))
-        cur.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
+    with transaction(conn) as cur:
+        cur.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(current)))
+        cur.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(current)))
+        if oid is not None:  # one transaction: a rename between the look-up and the drop undoes it all
+            cur.execute("SELECT count(*) FROM pg_catalog.pg_roles WHERE oid = %s", (oid,))
+            if cur.fetchone()[0]:
+                raise NameTaken(f"role {current} is no longer the one this run created; it was left alone")
+    _CREATED.pop(("role", name), None)
 
 
 def lab_roles(conn) -> list[tuple[str, str | None]]:
     with conn.cursor() as cur:
-        cur.execute("SELECT rolname, shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname LIKE %s "
+        cur.execute("SELECT rolname, pg_catalog.shobj_description(oid, 'pg_authid'::pg_catalog.name) "
+                    "FROM pg_catalog.pg_roles WHERE rolname LIKE %s "
                     "ORDER BY 1", (SCHEMA_PREFIX.replace("_", r"\_") + "%",))
         return cur.fetchall()
 
@@ -424,53 +540,49 @@ def _dead_run_held(conn, run_id: str):
         yield False
         return
     key = run_lock_key(run_id)
-    got = scalar(conn, "SELECT pg_try_advisory_lock(%s)", (key,))
+    got = scalar(conn, "SELECT pg_catalog.pg_try_advisory_lock(%s::bigint)", (key,))
     try:
         yield bool(got)
     finally:
         if got:
             with contextlib.suppress(psycopg2.Error):
-                scalar(conn, "SELECT pg_advisory_unlock(%s)", (key,))
+                scalar(conn, "SELECT pg_catalog.pg_advisory_unlock(%s::bigint)", (key,))
 
 
 def _drop_quietly(conn, statements: list) -> bool:
     """Run the statements in one transaction with a short lock_timeout; False (and nothing
     changed) when they fail: not ours to drop, locked by someone, or gone already."""
-    was = conn.autocommit
-    conn.autocommit = False
     try:
-        with conn.cursor() as cur:
-            cur.execute("SET LOCAL lock_timeout = %s", (SWEEP_LOCK_TIMEOUT,))
+        with transaction(conn, SWEEP_LOCK_TIMEOUT) as cur:
             for statement in statements:
                 cur.execute(statement)
-        conn.commit()
         return True
     except psycopg2.Error:
-        conn.rollback()
         return False
-    finally:
-        conn.autocommit = was
 
 
 def sweep_dead_runs(conn) -> list[str]:
     """Drop the private schemas and roles of killed runs: our tag, and the run's lock is free.
-    Never raises for one object: what the role may not drop, or what another session holds a
-    lock on, is skipped; live runs, kept schemas and untagged objects are never touched."""
+    Only schemas this role owns are looked at (anyone can write a tag on a schema of their own),
+    and the waits on locks are bounded in all (SWEEP_BUDGET_S): what is held by someone is left
+    for a later run. Never raises for one object: what the role may not drop, or what another
+    session holds a lock on, is skipped; live runs, kept schemas and untagged objects are never
+    touched."""
     dropped = []
-    database = scalar(conn, "SELECT current_database()")
-    for name, comment in lab_schemas(conn):
+    database = scalar(conn, "SELECT pg_catalog.current_database()")
+    deadline = time.monotonic() + SWEEP_BUDGET_S
+    candidates = [(name, comment, [sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name))], name)
+                  for name, comment in lab_schemas(conn, own=True)]
+    candidates += [(name, comment, [sql.SQL("DROP OWNED BY {}").format(sql.Identifier(name)),
+                                    sql.SQL("DROP ROLE {}").format(sql.Identifier(name))], f"role {name}")
+                   for name, comment in lab_roles(conn)]
+    for name, comment, statements, label in candidates:
         tag = _tagged_run(comment, name)
-        if tag is None:
+        if tag is None or (label.startswith("role ") and tag.get("db") != database):
             continue
+        if time.monotonic() > deadline:
+            break
         with _dead_run_held(conn, tag["run"]) as dead:
-            if dead and _drop_quietly(conn, [sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name))]):
-                dropped.append(name)
-    for name, comment in lab_roles(conn):
-        tag = _tagged_run(comment, name)
-        if tag is None or tag.get("db") != database:
-            continue
-        with _dead_run_held(conn, tag["run"]) as dead:
-            if dead and _drop_quietly(conn, [sql.SQL("DROP OWNED BY {}").format(sql.Identifier(name)),
-                                             sql.SQL("DROP ROLE {}").format(sql.Identifier(name))]):
-                dropped.append(f"role {name}")
+            if dead and _drop_quietly(conn, statements):
+                dropped.append(label)
     return dropped

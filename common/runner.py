@@ -11,14 +11,13 @@ import contextlib
 import json
 import signal
 import sys
-import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 from common import config, output
-from common.cleanup import (SIGNALS, Interrupted, arm_signals, guard_standard_streams, liveness, signals_deferred,
-                            sweep, teardown)
+from common.cleanup import (SIGNALS, Interrupted, arm_signals, footprint, guard_standard_streams, liveness,
+                            signals_deferred, sweep, teardown, watch_writes)
 from common.output import SECTIONS
 from common.scenario import _REGISTRY, Check, Run, Scenario, ScenarioSpec, Skipped, Unfinished
 
@@ -46,7 +45,7 @@ def run_scenario(run: Run, spec: ScenarioSpec, index: int) -> dict:
         console.wrapped(f"negative control: the naive code is back in {', '.join(s.slots.control)}; "
                         "this run must fail", style="bad")
     console.captured, console.blocks = {}, {}
-    threads_before = {t.ident for t in threading.enumerate()}
+    before = footprint(run)  # what exists now: a leak is what the scenario adds to it
     started = time.perf_counter()
     status, reason, interrupted, cannot_wait = "passed", None, None, None
     try:
@@ -66,6 +65,8 @@ def run_scenario(run: Run, spec: ScenarioSpec, index: int) -> dict:
         s.checks.append(Check(s.phase, False, reason))  # whatever passed before, this phase did not end
     except (KeyboardInterrupt, Interrupted) as exc:
         status, reason, interrupted = "interrupted", "interrupted by signal", exc
+    except db.StartupError:  # a name somebody else took: the run cannot go on (exit 2), after cleanup
+        raise
     except Exception as exc:  # an error the scenario did not expect: show it, fail the scenario
         reason = f"unexpected {output.error_type(exc)}: {output.redact(str(exc).strip())[:300]}"
         s.checks.append(Check(s.phase, False, reason))  # a crash fails its phase, whatever passed before
@@ -73,16 +74,18 @@ def run_scenario(run: Run, spec: ScenarioSpec, index: int) -> dict:
         console.line("   The scenario itself failed with an error it did not expect:", "bad", "error")
         console.exception(exc, "error")
     finally:
-        cleaned, leftovers = teardown(run, s, threads_before, interrupted=status != "passed" or reason is not None)
+        cleaned, leftovers = teardown(run, s, before, stop_hard=status != "passed" or reason is not None,
+                                      interrupted=interrupted is not None)
     if cannot_wait is not None:
         _fail_start(str(cannot_wait))
     triggered, recovered = s.verdicts()
-    if status == "skipped" and not cleaned:
-        status, reason = "failed", f"{reason}; left behind: {', '.join(leftovers)}"
     if status == "passed" and not (triggered and recovered and cleaned):
         status = "failed"
-        reason = reason or "; ".join(
-            [c.claim for c in s.checks if not c.ok] + [f"left behind: {x}" for x in leftovers]) or "no checks ran"
+        reason = reason or "; ".join(c.claim for c in s.checks if not c.ok)
+    if leftovers:  # measured after every outcome: a skip or an interrupt that leaks says what it left
+        status = "failed" if status == "skipped" else status
+        reason = "; ".join(filter(None, [reason, f"left behind: {', '.join(leftovers)}"]))
+    reason = reason or ("no checks ran" if status == "failed" else None)
     seconds = time.perf_counter() - started - s.paused  # waiting for Enter is the room's time
     kept = run.args.keep and s.schema in run.kept
     marks = "  ".join(f"{name} {console.check_mark(ok)}" for name, ok in
@@ -191,6 +194,7 @@ def main(argv=None) -> None:
                         f"{', '.join(sorted(slots)) or 'none'}")
     check_output_paths(args)
     arm_signals()
+    watch_writes()  # from now on, every file this process creates is known: a scenario's leak is named
     code = 0
     try:
         code = _run(script, args, console, selected, student)
@@ -286,6 +290,8 @@ def _run(script: str, args, console: output.Console, selected: list[ScenarioSpec
         except _ScenarioInterrupted as stop:
             records.append(stop.record)
             exit_code = 130
+        except db.StartupError as exc:  # e.g. a name this run was about to create was taken first
+            _fail_start(str(exc))
         except (KeyboardInterrupt, Interrupted):
             exit_code = 130
     if run is not None and args.keep and run.kept:

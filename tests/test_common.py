@@ -248,3 +248,115 @@ def test_interrupt_exits_130_after_cleanup(embedded_params, tmp_path, sig):
     assert schema not in lab_schemas(embedded_params)
     assert not os.path.exists(folder)
     assert '"status": "interrupted"' in journal.read_text()
+
+
+# -- cleaned: measured after every outcome, wherever the run left something ---------------------
+HOSTILE = "tests/fixtures/fail_hostile.py"
+
+
+@pytest.fixture(scope="module")
+def lone_server():
+    """A private server the run's role has to itself: a new object of that role is the run's.
+    (On a server where other sessions of the same role work meanwhile, it might be theirs.)"""
+    import servers
+
+    with servers.postgres(servers.wheel_install()) as server:
+        yield server
+
+
+def _leaked_functions(server: dict, run_id: str, drop: bool = True) -> int:
+    """How many of the fixture's leaked functions of this run exist (dropped when `drop`)."""
+    import servers
+    from psycopg2 import sql
+
+    conn = psycopg2.connect(**servers.libpq(server))
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM pg_proc WHERE proname = %s", (f"labtest_leak_{run_id}",))
+            found = cur.fetchone()[0]
+            if drop:
+                cur.execute(sql.SQL("DROP FUNCTION IF EXISTS public.{}()").format(sql.Identifier(f"labtest_leak_{run_id}")))
+        return found
+    finally:
+        conn.close()
+
+
+LEAKS = {  # what the fixture leaves -> how the journal's reason names it
+    "function": lambda run_id, cwd: f"function public.labtest_leak_{run_id}()",
+    "file": lambda run_id, cwd: f"file {cwd / 'left-behind.txt'}",
+    "thread": lambda run_id, cwd: "thread fixture-listener",
+}
+
+
+def _url(server: dict) -> str:
+    import servers
+
+    return servers.url(server)
+
+
+@pytest.mark.parametrize("outcome", ["pass", "crash", "skip"])
+@pytest.mark.parametrize("leak", sorted(LEAKS))
+def test_a_leak_is_named_and_fails_the_scenario_whatever_its_outcome(leak, outcome, lone_server, tmp_path):
+    env = clean_env(FAILLAB_FIXTURE_LEAK=leak, FAILLAB_FIXTURE_OUTCOME=outcome, DATABASE_URL=_url(lone_server))
+    result = run_script(HOSTILE, "--only", "leaks", env=env, tmp_path=tmp_path)
+    run_id = result.journal["run_id"]
+    record = result.scenario("leaks")
+    assert _leaked_functions(lone_server, run_id) == (leak == "function")
+    assert result.returncode == 1 and record["status"] == "failed" and record["cleaned"] is False, record
+    assert f"left behind: {LEAKS[leak](run_id, tmp_path)}" in record["reason"], record["reason"]
+    if outcome != "pass":  # the outcome's own reason stays first
+        assert record["reason"].startswith("unexpected ZeroDivisionError" if outcome == "crash" else "needs PostgreSQL 99")
+
+
+def _start_ready(scenario_id: str, server: dict, tmp_path, **env):
+    """Start the fixture's scenario (journal in tmp_path/j.json); return it and its run id once READY."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / HOSTILE), "--only", scenario_id, "--json",
+                             str(tmp_path / "j.json")], env=clean_env(DATABASE_URL=_url(server), **env),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=str(tmp_path))
+    line = ""
+    while "READY" not in line:
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read()
+    return proc, line.split()[1]
+
+
+def test_a_leak_is_named_after_an_interrupt_too(lone_server, tmp_path):
+    journal = tmp_path / "j.json"
+    proc, run_id = _start_ready("leaks", lone_server, tmp_path, FAILLAB_FIXTURE_LEAK="function",
+                                FAILLAB_FIXTURE_OUTCOME="interrupt")
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=30)
+    assert _leaked_functions(lone_server, run_id) == 1
+    record = json.loads(journal.read_text())["scenarios"][0]
+    assert proc.returncode == 130 and record["status"] == "interrupted" and record["cleaned"] is False, record
+    assert f"left behind: function public.labtest_leak_{run_id}()" in record["reason"]
+
+
+def test_what_another_session_of_the_same_role_makes_meanwhile_is_not_the_runs_leak(lone_server, tmp_path):
+    """Two students share one role: the other one's function in public, made while the run works,
+    is theirs; the run stays cleaned."""
+    import servers
+
+    proc, run_id = _start_ready("waits", lone_server, tmp_path)
+    other = psycopg2.connect(**servers.libpq(lone_server), application_name="another student")
+    other.autocommit = True
+    try:
+        other.cursor().execute(f"CREATE FUNCTION public.labtest_leak_{run_id}() RETURNS int LANGUAGE sql AS 'SELECT 1'")
+        proc.communicate("go\n", timeout=60)
+    finally:
+        other.close()
+    record = json.loads((tmp_path / "j.json").read_text())["scenarios"][0]
+    assert _leaked_functions(lone_server, run_id) == 1
+    assert proc.returncode == 0 and record["cleaned"] is True, record
+
+
+def test_a_clean_scenario_is_cleaned_whatever_its_outcome(embedded_params, tmp_path):
+    """No false alarm: the same fixture leaving nothing is cleaned on a pass, a crash and a skip."""
+    for outcome, status in (("pass", "passed"), ("crash", "failed"), ("skip", "skipped")):
+        result = run_script(HOSTILE, "--only", "leaks", env=clean_env(FAILLAB_FIXTURE_OUTCOME=outcome),
+                            tmp_path=tmp_path)
+        record = result.scenario("leaks")
+        assert record["status"] == status and record["cleaned"] is True, record
+        assert "left behind" not in (record.get("reason") or "")

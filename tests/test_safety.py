@@ -500,6 +500,21 @@ def test_a_live_runs_temp_folder_is_kept_and_a_killed_ones_is_swept(embedded_par
     assert alive.returncode == 130 and not os.path.exists(alive_dir)
 
 
+def test_the_folder_sweep_leaves_no_file_open_under_python_dev_mode(embedded_params, tmp_path):
+    """A live run's lock file is tried, found held, and closed again: `-X dev -W error` shows no
+    ResourceWarning (an unclosed file) at exit."""
+    alive = start([BROKEN, "--only", "sleeps"], clean_env())
+    try:
+        wait_ready(alive)
+        done = subprocess.run([sys.executable, "-X", "dev", "-W", "error", str(ROOT / BROKEN), "--only", "passes"],
+                              env=clean_env(), capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "ResourceWarning" not in done.stderr and "unclosed file" not in done.stderr, done.stderr[-2000:]
+    finally:
+        alive.send_signal(signal.SIGINT)
+        alive.communicate(timeout=30)
+
+
 # -- 9. only what the lab made --------------------------------------------------------------------
 def init_schemas(*args, env) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "code" / "init_schemas.py"), *args], env=env,

@@ -69,7 +69,7 @@ def test_connection_parameters_pickle_and_carry_the_session_without_options(embe
             cur.execute("SELECT current_setting('search_path'), current_setting('statement_timeout'), "
                         "current_setting('lock_timeout'), current_setting('application_name'), "
                         "current_setting('default_transaction_isolation')")
-            assert cur.fetchone() == ('"faillab_x_y"', "7s", db.SESSION["lock_timeout"], "faillab:t", "read committed")
+            assert cur.fetchone() == (db.search_path("faillab_x_y"), "7s", db.SESSION["lock_timeout"], "faillab:t", "read committed")
             cur.execute("SHOW transaction_read_only")
             assert cur.fetchone()[0] == "off"
         conn.rollback()
