@@ -373,6 +373,18 @@ def visible_state(s) -> tuple:
     return snapshot(s.conn, "orders"), count(s.conn, "load_rejects")
 
 
+def not_held(conn, rows: list[dict]) -> list[str]:
+    """The orders of an extract whose newest version in it (amount, updated_at) is not the one
+    orders holds: what a load of that extract must leave at zero."""
+    newest = {}
+    for r in rows:
+        if r["order_ref"] not in newest or r["updated_at"] > newest[r["order_ref"]]["updated_at"]:
+            newest[r["order_ref"]] = r
+    held = dict((ref, (amount, at)) for ref, amount, at in db.rows(
+        conn, "SELECT order_ref, amount, updated_at FROM orders WHERE order_ref = ANY(%s)", (list(newest),)))
+    return sorted(ref for ref, r in newest.items() if held.get(ref) != (r["amount"], r["updated_at"]))
+
+
 # == 1. duplicate_detection ======================================================================
 V1_V2_DDL = """
     CREATE TABLE orders_v1 (   -- v1: the only unique key is a surrogate
@@ -1003,6 +1015,10 @@ def constraint_violation(s):
         written[0], error = load_delta(0, job)
         st.result = f"{written[0]} rows written" if error is None else "the load failed"
     s.recovered_if(error is None, "delta 1 loads without an error")
+    missed = not_held(s.conn, deltas[0])
+    s.recovered_if(not missed, f"orders holds the newest version of each of delta 1's "
+                               f"{len({r['order_ref'] for r in deltas[0]})} orders"
+                   + (f" (not: {', '.join(missed[:3])})" if missed else ""))
     before2 = visible_state(s)
     with server_ends_connection(s) as fired:
         with s.step("Load delta 2; the server ends the connection at its first write to "
@@ -1267,6 +1283,8 @@ def data_drift(s):
         st.result = f"{written} rows written; currency not loaded" if error is None else "the load failed"
     s.recovered_if(written == fixes + late_fixes + new_orders,
                    f"exactly the {fixes} + {late_fixes} corrections and the {new_orders} new orders were written")
+    s.recovered_if(snapshot(s.conn, "orders")[:3] == snapshot(s.conn, "expected_orders")[:3],
+                   "orders now equals the newest source version of every order, before any replay")
     with s.step("A late replay of day 1 arrives: older versions must not overwrite newer ones") as st:
         late = s.measure("late_rows_skipped", detect_drift(s.conn, day1).get("changed, older (late)", 0),
                          show=False, note="older versions the late replay of day 1 carried")

@@ -389,6 +389,37 @@ def test_a_cancelled_statement_is_not_a_lost_connection(scenario_id, claim, targ
     assert len(failed) == 1 and claim in failed[0], failed
 
 
+# The recovered state broken just before the final proof: each way must fail its named claims.
+EQUALS = "target equals the newest source version of every order: count, sum and checksum"
+DAMAGE = {
+    "a row missing": ("DELETE FROM orders WHERE order_ref = 'ORD-00001'",
+                      [EQUALS, "0 rows changed"]),  # the re-run puts it back: 1 row changed
+    "a row doubled": ("ALTER TABLE orders DROP CONSTRAINT IF EXISTS orders_business_key; "
+                      "DROP INDEX IF EXISTS orders_business_key; "
+                      "INSERT INTO orders SELECT * FROM orders WHERE order_ref = 'ORD-00001'",
+                      [EQUALS, "no business key appears twice", "the load run again"]),
+    "an amount a cent off": ("UPDATE orders SET amount = amount - 0.01 WHERE order_ref = 'ORD-00001'",
+                             [EQUALS, "orders_behind_source is quiet"]),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_the_final_proof_fails_on_a_damaged_target(damage, target, tmp_path):
+    statement, claims = DAMAGE[damage]
+    patch = f"""
+real_proof = lab.prove_idempotent
+def damaged_then_proven(s, rerun, tables=("orders",)):
+    with s.conn.cursor() as cur:
+        cur.execute({statement!r})
+    s.conn.commit()
+    real_proof(s, rerun, tables)
+lab.prove_idempotent = damaged_then_proven
+"""
+    failed = run_patched("data_drift", patch, target, tmp_path)
+    for claim in claims:
+        assert any(claim in c for c in failed), (claim, failed)
+
+
 # -- the version-dependent business key ----------------------------------------------------------
 @pytest.mark.parametrize("version, form, marker", [
     (130000, "unique index on (coalesce(store_id, 0), order_ref)", "CREATE UNIQUE INDEX"),
