@@ -345,21 +345,32 @@ def server_ends_connection(s, when: sql.Composable = sql.SQL("true")):
         s.conn.commit()
 
 
-def backend_listed(s, pid: int) -> bool:
-    """Whether pg_stat_activity still lists the backend `pid`. A terminated backend leaves it
-    as it exits: asked again for up to 5 s, on the run's own autocommit connection."""
+BACKEND = "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+
+
+def backend_of(job) -> tuple:
+    """The job's backend as pg_stat_activity lists it: (pid, backend_start). The start time tells
+    it apart from a later backend of the server that gets the same pid."""
+    backend = db.rows(job, BACKEND)[0]
+    job.rollback()
+    return backend
+
+
+def backend_listed(s, backend: tuple) -> bool:
+    """Whether pg_stat_activity still lists this backend. A terminated backend leaves it as it
+    exits: asked again for up to 5 s, on the run's own autocommit connection."""
     listed = Retrying(stop=stop_after_delay(5), wait=wait_fixed(0.05), retry=retry_if_result(bool),
                       retry_error_callback=lambda state: state.outcome.result())
-    return listed(db.scalar, s.run.admin,
-                  "SELECT count(*) > 0 FROM pg_stat_activity WHERE pid = %s", (pid,))
+    return listed(db.scalar, s.run.admin, "SELECT count(*) > 0 FROM pg_stat_activity "
+                                          "WHERE pid = %s AND backend_start = %s", backend)
 
 
-def connection_ended(s, job, pid: int, error) -> bool:
+def connection_ended(s, job, backend: tuple, error) -> bool:
     """The fault landed as the server ending the connection, by what the server and libpq say:
     an OperationalError that is not a cancel (57014: the statement ends, the session lives),
     the connection closed, and the backend gone from pg_stat_activity."""
     state = getattr(error, "pgcode", None)
-    listed = backend_listed(s, pid)
+    listed = backend_listed(s, backend)
     s.measure("lost_connection_sqlstate", state, show=False,
               note="the SQLSTATE of the lost connection: none (libpq saw the socket close) or 57P01")
     s.measure("ended_backend_listed", listed, show=False,
@@ -803,13 +814,12 @@ def partial_failure(s):
         with s.step(f"The source corrects line {first_bad}; run the load. The server ends its "
                     f"connection at line {ENDED_AT} (pg_terminate_backend)") as st:
             job = s.connect()
-            pid = db.backend_pid(job)
-            job.rollback()
+            backend = backend_of(job)
             _, error = attempt(s, job, load, job, fixed, key)
             after = visible_state(s)
             st.result = (f"orders {before[0][0]} -> {after[0][0]} rows, "
                          f"load_rejects {before[1]} -> {after[1]}")
-        s.recovered_if(fired() and connection_ended(s, job, pid, error),
+        s.recovered_if(fired() and connection_ended(s, job, backend, error),
                        f"the server ended the load's connection at line {ENDED_AT}: its backend is "
                        f"gone from pg_stat_activity, the error a lost connection, not a cancel (57014)")
     s.measure("rows_after_lost_connection", after[0][0], show=False,
@@ -1023,13 +1033,12 @@ def constraint_violation(s):
     with server_ends_connection(s) as fired:
         with s.step("Load delta 2; the server ends the connection at its first write to "
                     "orders, after the validation") as st:
-            pid = db.backend_pid(job)
-            job.rollback()
+            backend = backend_of(job)
             _, error = load_delta(1, job)
             after2 = visible_state(s)
             st.result = (f"orders {before2[0][0]} -> {after2[0][0]} rows, "
                          f"load_rejects {before2[1]} -> {after2[1]}")
-        s.recovered_if(fired() and connection_ended(s, job, pid, error),
+        s.recovered_if(fired() and connection_ended(s, job, backend, error),
                        "the server ended the connection of delta 2 between its validation and its "
                        "upsert: its backend is gone from pg_stat_activity, the error a lost "
                        "connection, not a cancel (57014)")

@@ -343,6 +343,10 @@ def run_patched(scenario_id: str, patch: str, target, tmp_path):
     result = run_script(str(wrapper), "--only", scenario_id, env=env, tmp_path=tmp_path)
     record = result.scenario(scenario_id)
     assert result.returncode == 1 and record["triggered"] is True and record["cleaned"] is True, result.stdout[-3000:]
+    return record
+
+
+def failed_claims(record: dict) -> list[str]:
     return [c["claim"] for c in record["checks"] if not c["ok"]]
 
 
@@ -371,7 +375,9 @@ lab.repair_duplicates = repair_keeping_the_oldest
 
 
 def test_a_repair_that_keeps_the_oldest_row_fails_right_after_the_repair(target, tmp_path):
-    failed = run_patched("duplicate_detection", KEEP_OLDEST, target, tmp_path)
+    record = run_patched("duplicate_detection", KEEP_OLDEST, target, tmp_path)
+    failed = failed_claims(record)
+    assert record["measurements"]["not_newest_after_repair"] > 0
     # only the check right after the repair sees it: the reload then overwrites the evidence
     assert failed == ["right after the repair, each table holds the newest version of every order, "
                       "once: count, sum and checksum as expected_orders"]
@@ -385,8 +391,11 @@ def test_a_cancelled_statement_is_not_a_lost_connection(scenario_id, claim, targ
     patch = ("assert 'pg_terminate_backend(pg_backend_pid())' in lab.KILL_SWITCH\n"
              "lab.KILL_SWITCH = lab.KILL_SWITCH.replace('pg_terminate_backend(pg_backend_pid())', "
              "'pg_cancel_backend(pg_backend_pid())')")
-    failed = run_patched(scenario_id, patch, target, tmp_path)
+    record = run_patched(scenario_id, patch, target, tmp_path)
+    failed = failed_claims(record)
     assert len(failed) == 1 and claim in failed[0], failed
+    assert record["measurements"]["lost_connection_sqlstate"] == "57014"   # each part measured
+    assert record["measurements"]["ended_backend_listed"] is True
 
 
 # The recovered state broken just before the final proof: each way must fail its named claims.
@@ -415,7 +424,7 @@ def damaged_then_proven(s, rerun, tables=("orders",)):
     real_proof(s, rerun, tables)
 lab.prove_idempotent = damaged_then_proven
 """
-    failed = run_patched("data_drift", patch, target, tmp_path)
+    failed = failed_claims(run_patched("data_drift", patch, target, tmp_path))
     for claim in claims:
         assert any(claim in c for c in failed), (claim, failed)
 
