@@ -126,7 +126,7 @@ def test_constraint_violation_shows_each_sqlstate(journal_run):
     assert m["expected_rows"] == lab.ORDERS                       # 2,002 orders sent, 2 set aside
     assert m["duplicates_after"] == 0 and m["rerun_rowcount"] == 0
     recovery = " ".join(result.scenario("constraint_violation")["sections"]["recovery"].split())
-    assert "(64 = 61 + 2 + 1)" in recovery                        # every figure reconciles on screen
+    assert "64 = 61 written + 2 set aside + 1 superseded" in recovery  # every figure reconciles, checked
 
 
 def test_data_drift_measures_the_damage(journal_run):
