@@ -398,6 +398,23 @@ def test_a_cancelled_statement_is_not_a_lost_connection(scenario_id, claim, targ
     assert record["measurements"]["ended_backend_listed"] is True
 
 
+def test_a_fault_that_does_not_land_fails_on_its_claim(embedded_params, tmp_path):
+    """FAILLAB_NO_FAULTS=1: the server never ends the connection, so the claim that it did fails,
+    and nothing else is excused: no skip, no crash, everything cleaned."""
+    from conftest import clean_env
+
+    result = run_script(SCRIPT, "--only", "partial_failure,constraint_violation",
+                        env=clean_env(FAILLAB_NO_FAULTS="1"), tmp_path=tmp_path)
+    assert result.returncode == 1
+    for scenario_id, claim in [("partial_failure", "the server ended the load's connection"),
+                               ("constraint_violation", "the server ended the connection of delta 2")]:
+        record = result.scenario(scenario_id)
+        assert record["status"] == "failed" and record["triggered"] and record["cleaned"], record.get("reason")
+        assert not record["reason"].startswith("unexpected ")
+        assert claim in failed_claims(record)[0]
+        assert record["measurements"]["ended_backend_listed"] is True
+
+
 # The recovered state broken just before the final proof: each way must fail its named claims.
 EQUALS = "target equals the newest source version of every order: count, sum and checksum"
 DAMAGE = {
