@@ -195,6 +195,21 @@ def test_the_checked_in_alert_tests_are_what_a_run_gives():
     assert text == (ROOT / "alerts" / "fail_idempotency_break.test.yml").read_text(encoding="utf-8")
 
 
+def test_promtool_passes_the_alert_rule_tests():
+    import subprocess
+
+    from promtool import Unavailable, promtool
+
+    try:
+        tool = promtool()
+    except Unavailable as exc:
+        pytest.skip(str(exc))
+    for args in (["check", "rules", "fail_idempotency_break.rules.yml"],
+                 ["test", "rules", "fail_idempotency_break.test.yml"]):
+        got = subprocess.run([tool, *args], cwd=ROOT / "alerts", capture_output=True, text=True)
+        assert got.returncode == 0, got.stdout + got.stderr
+
+
 @pytest.mark.parametrize("scenario_id", ["partial_failure", "constraint_violation"])
 def test_the_lost_connection_is_the_server_ending_it(journal_run, scenario_id):
     result, _ = journal_run
