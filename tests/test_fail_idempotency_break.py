@@ -3,6 +3,8 @@ exercise solutions through the command line, plus its helpers on their own."""
 from __future__ import annotations
 
 import random
+import re
+import shutil
 from decimal import Decimal
 
 import psycopg2
@@ -12,8 +14,8 @@ from psycopg2 import sql
 from common import db
 from common.fixes import source_of
 from common.scenario import _REGISTRY
-from conftest import (assert_every_slot_has_a_control, assert_gives_the_handout, assert_passed, grade, run_control,
-                      run_script, write_solution)
+from conftest import (ROOT, assert_every_slot_has_a_control, assert_gives_the_handout, assert_passed, grade,
+                      run_control, run_script, write_solution)
 
 import fail_idempotency_break as lab
 
@@ -78,6 +80,7 @@ def test_duplicate_detection_measures_each_cause(journal_run):
     assert m["duplicates_null_store"] == web_shop                 # every web-shop order (NULL store_id) twice
     assert m["duplicates_case_whitespace"] == lab.RETYPED
     assert m["duplicates_before"] == lab.ORDERS + web_shop + lab.RETYPED
+    assert m["not_newest_after_repair"] == 0                     # the repair kept the newest rows
     assert m["naive_rerun_inserted"] == 0                         # the repaired key stops even the naive load
     assert m["expected_rows"] == lab.ORDERS
     assert m["duplicates_after"] == 0 and m["rerun_rowcount"] == 0
@@ -123,7 +126,7 @@ def test_constraint_violation_shows_each_sqlstate(journal_run):
     assert m["expected_rows"] == lab.ORDERS                       # 2,002 orders sent, 2 set aside
     assert m["duplicates_after"] == 0 and m["rerun_rowcount"] == 0
     recovery = " ".join(result.scenario("constraint_violation")["sections"]["recovery"].split())
-    assert "(64 = 61 + 2 + 1)" in recovery                        # every figure reconciles on screen
+    assert "64 = 61 written + 2 set aside + 1 superseded" in recovery  # every figure reconciles, checked
 
 
 def test_data_drift_measures_the_damage(journal_run):
@@ -140,6 +143,79 @@ def test_data_drift_measures_the_damage(journal_run):
     assert m["late_rows_skipped"] == 120 and m["late_replay_rowcount"] == 0
     assert m["expected_rows"] == lab.ORDERS + 100
     assert m["duplicates_after"] == 0 and m["rerun_rowcount"] == 0
+
+
+# -- detectors: each fires on the naive run's real damage and is quiet after the fix ---------------
+DETECTORS = {  # scenario -> (check, kind, how many items it finds on the broken state)
+    "duplicate_detection": ("duplicate_business_keys", "sql", None),  # duplicates_before, measured
+    "partial_failure": ("unloaded_orders", "python", lab.ORDERS - 1200),
+    "constraint_violation": ("OrderDeltasNotLoaded", "metric", 1),
+    "data_drift": ("orders_behind_source", "sql", 80 + 40 + 100),
+}
+
+
+def found_count(summary: list[str]) -> int:
+    """How many items a detector found, from its journal summary (5 lines, then "... and N more")."""
+    more = re.fullmatch(r"\.\.\. and (\d+) more", summary[-1]) if summary else None
+    return 5 + int(more.group(1)) if more else len(summary)
+
+
+@pytest.mark.parametrize("scenario_id", IDS)
+def test_each_detector_fires_on_the_damage_and_is_quiet_after_the_fix(journal_run, scenario_id):
+    result, _ = journal_run
+    record = result.scenario(scenario_id)
+    check, kind, found = DETECTORS[scenario_id]
+    detection = record["detection"]
+    assert (detection["check"], detection["kind"]) == (check, kind)
+    assert detection["fired"] is True and detection["quiet_after_fix"] is True
+    assert detection["found_after_fix"] == []
+    if found is None:
+        found = record["measurements"]["duplicates_before"]
+    assert found_count(detection["found_broken"]) == found, detection["found_broken"]
+    assert len(detection["runbook"].split(". ")) >= 2 and detection["runbook"].startswith(check)
+    assert "It fired" in record["sections"]["root_cause"]
+
+
+def test_the_backlog_alert_reads_what_the_job_exported(journal_run):
+    result, _ = journal_run
+    record = result.scenario("constraint_violation")
+    assert record["detection"]["found_broken"] == ["orders_delta_rows_behind, 64.0"]
+    naive, fixed = record["metrics"]["naive"], record["metrics"]["fixed"]
+    assert [v["orders_delta_rows_behind"] for v in naive] == [64.0]        # no delta ever committed
+    assert [v["orders_delta_rows_behind"] for v in fixed] == [42.0, 0.0]   # delta 1, then 2 (after the loss) and 3
+
+
+def test_the_checked_in_alert_tests_are_what_a_run_gives():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "alerts"))
+    import generate
+
+    text = generate.test_document(generate.run_lesson(ROOT / SCRIPT))
+    assert text == (ROOT / "alerts" / "fail_idempotency_break.test.yml").read_text(encoding="utf-8")
+
+
+def test_promtool_passes_the_alert_rule_tests():
+    import subprocess
+
+    from promtool import Unavailable, promtool
+
+    try:
+        tool = promtool()
+    except Unavailable as exc:
+        pytest.skip(str(exc))
+    for args in (["check", "rules", "fail_idempotency_break.rules.yml"],
+                 ["test", "rules", "fail_idempotency_break.test.yml"]):
+        got = subprocess.run([tool, *args], cwd=ROOT / "alerts", capture_output=True, text=True)
+        assert got.returncode == 0, got.stdout + got.stderr
+
+
+@pytest.mark.parametrize("scenario_id", ["partial_failure", "constraint_violation"])
+def test_the_lost_connection_is_the_server_ending_it(journal_run, scenario_id):
+    result, _ = journal_run
+    m = measured(result, scenario_id)
+    assert m["lost_connection_sqlstate"] in (None, "57P01")     # never 57014: not a cancel
+    assert m["ended_backend_listed"] is False                   # pg_stat_activity no longer has it
 
 
 HEADLINES = {  # the figure the summary shows for each scenario, as the journal gives it
@@ -162,6 +238,7 @@ CONTROLS = [
     ("duplicate_detection", "unique_key_ddl", "nothing inserted, web-shop orders included"),
     ("duplicate_detection", "stage", "re-typed keys land on their canonical orders"),
     ("partial_failure", "load_extract", "nothing of the interrupted load is visible"),
+    ("partial_failure", "unloaded_orders", "the detector unloaded_orders_by_count is quiet after the recovery"),
     ("constraint_violation", "load_delta", "delta 1 loads without an error"),
     ("data_drift", "upsert_from_staging", "exactly the 80 + 40 corrections"),
     ("data_drift", "as_values", "exactly the 80 + 40 corrections"),
@@ -230,6 +307,13 @@ def load_delta(conn, rows, key):
     conn.commit()
     return written
 ''', "nothing of delta 2 is visible"),
+    # a completeness check by key that forgets the rows set aside: it never goes quiet
+    "a completeness check that ignores load_rejects": ("partial_failure", '''
+load_extract = load_staged
+def unloaded_orders(conn):
+    return db.rows(conn, "SELECT DISTINCT upper(btrim(order_ref)) FROM source_orders s WHERE NOT EXISTS ("
+                         "SELECT 1 FROM orders o WHERE o.order_ref = upper(btrim(s.order_ref)))")
+''', "the detector unloaded_orders is quiet after the recovery"),
     # DO UPDATE without "WHERE newer": corrections land, and a late replay undoes them
     "DO UPDATE without WHERE newer": ("data_drift", '''
 def upsert_from_staging(cur, table, key, where=sql.SQL("true"), args=None):
@@ -259,6 +343,122 @@ def test_a_wrong_solution_fails_with_the_claim_it_breaks(name, target, tmp_path)
     failed = [c["claim"] for c in record["checks"] if not c["ok"]]
     assert any(claim in c for c in failed), failed
     assert "NOT YET" in result.stdout
+
+
+# -- checks that check: the lesson run with one of its pieces wrong ------------------------------
+def run_patched(scenario_id: str, patch: str, target, tmp_path):
+    """Run one scenario of the lesson from a tiny wrapper script that first applies `patch` to
+    the lesson module (imported as `lab`), as a real bug in it would be."""
+    _, env, _ = target
+    wrapper = tmp_path / "patched_idempotency.py"
+    wrapper.write_text(f'"""The lesson with a bug."""\nimport sys\nsys.path.insert(0, {str(ROOT)!r})\n'
+                       f"import fail_idempotency_break as lab\n{patch}\nfrom common import main\nmain()\n")
+    (tmp_path / "alerts").mkdir()
+    shutil.copy(ROOT / "alerts" / "fail_idempotency_break.rules.yml", tmp_path / "alerts" / "patched_idempotency.rules.yml")
+    result = run_script(str(wrapper), "--only", scenario_id, env=env, tmp_path=tmp_path)
+    record = result.scenario(scenario_id)
+    assert result.returncode == 1 and record["triggered"] is True and record["cleaned"] is True, result.stdout[-3000:]
+    return record
+
+
+def failed_claims(record: dict) -> list[str]:
+    return [c["claim"] for c in record["checks"] if not c["ok"]]
+
+
+# The repair keeps the OLDEST row of each key: the fixed reload after it writes the newest versions
+# again, so only the check made right after the repair can see it.
+KEEP_OLDEST = """
+from psycopg2 import sql
+def repair_keeping_the_oldest(conn, table, key):
+    t = sql.Identifier(table)
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("DELETE FROM {t} WHERE id IN (SELECT id FROM (SELECT id, row_number() OVER ("
+                            "PARTITION BY store_id, upper(btrim(order_ref)) ORDER BY updated_at, id) AS oldest "
+                            "FROM {t}) ranked WHERE oldest > 1)").format(t=t))
+        removed = cur.rowcount
+        cur.execute(sql.SQL("UPDATE {t} SET order_ref = upper(btrim(order_ref)) "
+                            "WHERE order_ref <> upper(btrim(order_ref))").format(t=t))
+        cur.execute(sql.SQL("ALTER TABLE {t} DROP CONSTRAINT IF EXISTS {old}").format(
+            t=t, old=sql.Identifier(table + "_natural_key")))
+        cur.execute(sql.SQL("ALTER TABLE {t} ADD CONSTRAINT {c} CHECK (order_ref = upper(btrim(order_ref)))").format(
+            t=t, c=sql.Identifier(table + "_canonical_ref")))
+        cur.execute(key.ddl)
+    conn.commit()
+    return removed
+lab.repair_duplicates = repair_keeping_the_oldest
+"""
+
+
+def test_a_repair_that_keeps_the_oldest_row_fails_right_after_the_repair(target, tmp_path):
+    record = run_patched("duplicate_detection", KEEP_OLDEST, target, tmp_path)
+    failed = failed_claims(record)
+    assert record["measurements"]["not_newest_after_repair"] > 0
+    # only the check right after the repair sees it: the reload then overwrites the evidence
+    assert failed == ["right after the repair, each table holds the newest version of every order, "
+                      "once: count, sum and checksum as expected_orders"]
+
+
+@pytest.mark.parametrize("scenario_id, claim", [
+    ("partial_failure", "the server ended the load's connection at line"),
+    ("constraint_violation", "the server ended the connection of delta 2")])
+def test_a_cancelled_statement_is_not_a_lost_connection(scenario_id, claim, target, tmp_path):
+    """The fault made a cancel (57014) instead: the session lives on, so the claim fails."""
+    patch = ("assert 'pg_terminate_backend(pg_backend_pid())' in lab.KILL_SWITCH\n"
+             "lab.KILL_SWITCH = lab.KILL_SWITCH.replace('pg_terminate_backend(pg_backend_pid())', "
+             "'pg_cancel_backend(pg_backend_pid())')")
+    record = run_patched(scenario_id, patch, target, tmp_path)
+    failed = failed_claims(record)
+    assert len(failed) == 1 and claim in failed[0], failed
+    assert record["measurements"]["lost_connection_sqlstate"] == "57014"   # each part measured
+    assert record["measurements"]["ended_backend_listed"] is True
+
+
+def test_a_fault_that_does_not_land_fails_on_its_claim(embedded_params, tmp_path):
+    """FAILLAB_NO_FAULTS=1: the server never ends the connection, so the claim that it did fails,
+    and nothing else is excused: no skip, no crash, everything cleaned."""
+    from conftest import clean_env
+
+    result = run_script(SCRIPT, "--only", "partial_failure,constraint_violation",
+                        env=clean_env(FAILLAB_NO_FAULTS="1"), tmp_path=tmp_path)
+    assert result.returncode == 1
+    for scenario_id, claim in [("partial_failure", "the server ended the load's connection"),
+                               ("constraint_violation", "the server ended the connection of delta 2")]:
+        record = result.scenario(scenario_id)
+        assert record["status"] == "failed" and record["triggered"] and record["cleaned"], record.get("reason")
+        assert not record["reason"].startswith("unexpected ")
+        assert claim in failed_claims(record)[0]
+        assert record["measurements"]["ended_backend_listed"] is True
+
+
+# The recovered state broken just before the final proof: each way must fail its named claims.
+EQUALS = "target equals the newest source version of every order: count, sum and checksum"
+DAMAGE = {
+    "a row missing": ("DELETE FROM orders WHERE order_ref = 'ORD-00001'",
+                      [EQUALS, "0 rows changed"]),  # the re-run puts it back: 1 row changed
+    "a row doubled": ("ALTER TABLE orders DROP CONSTRAINT IF EXISTS orders_business_key; "
+                      "DROP INDEX IF EXISTS orders_business_key; "
+                      "INSERT INTO orders SELECT * FROM orders WHERE order_ref = 'ORD-00001'",
+                      [EQUALS, "no business key appears twice", "the load run again"]),
+    "an amount a cent off": ("UPDATE orders SET amount = amount - 0.01 WHERE order_ref = 'ORD-00001'",
+                             [EQUALS, "orders_behind_source is quiet"]),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_the_final_proof_fails_on_a_damaged_target(damage, target, tmp_path):
+    statement, claims = DAMAGE[damage]
+    patch = f"""
+real_proof = lab.prove_idempotent
+def damaged_then_proven(s, rerun, tables=("orders",)):
+    with s.conn.cursor() as cur:
+        cur.execute({statement!r})
+    s.conn.commit()
+    real_proof(s, rerun, tables)
+lab.prove_idempotent = damaged_then_proven
+"""
+    failed = failed_claims(run_patched("data_drift", patch, target, tmp_path))
+    for claim in claims:
+        assert any(claim in c for c in failed), (claim, failed)
 
 
 # -- the version-dependent business key ----------------------------------------------------------
