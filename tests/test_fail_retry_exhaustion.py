@@ -126,7 +126,7 @@ def test_every_detector_fires_on_the_damage_and_is_quiet_after_the_fix(full_run)
             assert detection["found_broken"] == found, (scenario_id, detection["found_broken"])
     if result.scenario("storm")["status"] != "skipped":
         run, workers, refused = result.scenario("storm")["detection"]["found_broken"][0].split(", ")
-        assert run.startswith("no jitter") and 4 * int(refused) >= int(workers) > 0
+        assert run.startswith("no jitter") and 8 * int(refused) >= int(workers) > 0
     bounds = dict(line.split(", ") for line in result.scenario("backoff_calculation")["detection"]["found_broken"])
     assert set(bounds) == {"cap", "deadline"}
 
@@ -316,7 +316,7 @@ storm_policy = storm_policy_jittered
 def find_login_storm(conn):
     with conn.cursor() as cur:
         cur.execute("SELECT run, count(*), sum(refused) FROM storm_done GROUP BY run"
-                    " HAVING 4 * sum(refused) >= count(*)")
+                    " HAVING 8 * sum(refused) >= count(*)")
         return cur.fetchall()
 '''),
     ],
@@ -386,6 +386,8 @@ def test_a_wrong_solution_fails_with_the_claim_it_breaks(target, tmp_path, scena
     write_solution(tmp_path, SCRIPT, scenario_id, code)  # a slot it leaves alone: the lesson's fix, imported
     result = grade(SCRIPT, scenario_id, tmp_path, env)
     record = result.scenario(scenario_id)
+    if inconclusive(result, scenario_id):  # a shared server that took the wall of logins one by one
+        pytest.skip(record["reason"])
     assert record["mode"] == "exercise" and result.returncode == 1, result.stdout[-3000:]
     assert record["triggered"] is True and record["cleaned"] is True and record["recovered"] is False
     failed = [c["claim"] for c in record["checks"] if c["phase"] == "recovered" and not c["ok"]]
