@@ -1062,13 +1062,11 @@ def sleep_counter(s):
     """The job's before_sleep hook: count each sleep its retry policy plans, by the bound it
     breaks: "cap" (longer than CAP_S), "deadline" (ending past DEADLINE_S after the first
     attempt) or "within" (production seconds)."""
-    sleeps = s.counter("pipeline_retry_sleeps_total", "Sleeps planned by the job's retry policy, by the bound "
-                                                      "they break", ["bound"])
-
     def counted(rs: RetryCallState) -> None:
         ends = max(rs.idle_for, rs.seconds_since_start + rs.upcoming_sleep)
         bound = "cap" if rs.upcoming_sleep > CAP_S else "deadline" if ends > DEADLINE_S else "within"
-        sleeps.labels(bound=bound).inc()
+        s.counter("pipeline_retry_sleeps_total", "Sleeps planned by the job's retry policy, by the bound they break",
+                  ["bound"]).labels(bound=bound).inc()  # the registry of the run under way: naive, then fixed
     return counted
 
 

@@ -166,6 +166,19 @@ def test_every_slot_has_a_control():
     assert_every_slot_has_a_control(SCRIPT, CONTROLS + [("storm", "find_login_storm", "")])
 
 
+@pytest.mark.parametrize("scenario_id, slot, alert", [("exhaustion", "run_unit", "PipelineUnitLost"),
+                                                      ("backoff_calculation", "backoff_policy", "RetrySleepPastBounds")])
+def test_the_alert_still_fires_when_the_naive_code_runs_the_recovery(embedded_params, tmp_path, scenario_id, slot, alert):
+    """The metric alerts watch the job, not the lab: with the naive code back in the slot, the
+    recovery's own run counts a lost unit (or a sleep past its bounds) and the alert fires again."""
+    result = run_script(SCRIPT, "--only", scenario_id, "--control", slot, tmp_path=tmp_path)
+    detection = result.scenario(scenario_id)["detection"]
+    assert detection["check"] == alert and detection["fired"] is True
+    assert detection["quiet_after_fix"] is False and detection["found_after_fix"], detection
+    failed = [c["claim"] for c in result.scenario(scenario_id)["checks"] if not c["ok"]]
+    assert f"the detector {alert} is quiet after the recovery" in failed
+
+
 def test_a_detector_that_reads_the_sessions_open_now_misses_the_storm(target, tmp_path):
     """The detector's control: the roles at their connection limit now (pg_stat_activity). By the
     time it runs every worker has reconnected, so it finds nothing of the storm that passed."""
