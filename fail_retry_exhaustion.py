@@ -1396,6 +1396,16 @@ def transfer_worker(conn, src: int, dst: int, amount: int, barrier, out: dict, t
     out[src] = {"attempts": policy.statistics["attempt_number"], "errors": failed}
 
 
+def refund_repeated_charges(conn, order_id: int) -> list[int]:
+    """Keep the first payment of the order, refund (delete) the ones a retry repeated."""
+    with conn.cursor() as cur:
+        cur.execute("DELETE FROM payments WHERE order_id = %s AND id > (SELECT min(id) FROM payments"
+                    " WHERE order_id = %s) RETURNING id", (order_id, order_id))
+        refunded = sorted(r[0] for r in cur.fetchall())
+    conn.commit()
+    return refunded
+
+
 def blip_over_before_retry(proxy, seen: list):
     """A before_sleep hook: note the error; the network blip is over by the time the retry runs."""
     def hook(rs: RetryCallState) -> None:
@@ -1594,10 +1604,8 @@ def non_transient(s):
             committed. Refund the extra charges (keep the first of each order), then find the
             retry scope around the payment and narrow it to the step that failed.""")
     with s.step("refund the charge the retry repeated: order 42 keeps its first payment") as st:
-        refunded = db.rows(s.conn, "DELETE FROM payments p WHERE order_id = 42 AND id > "
-                                   "(SELECT min(id) FROM payments WHERE order_id = 42) RETURNING id")
-        s.conn.commit()
-        st.result = f"refunded payment(s) {words([r[0] for r in refunded])}"
+        refunded = refund_repeated_charges(s.conn, 42)
+        st.result = f"refunded payment(s) {words(refunded)}"
     charges = db.rows(s.conn, "SELECT id FROM payments WHERE order_id = 42 ORDER BY id")
     s.conn.commit()
     s.recovered_if(len(charges) == 1 and len(refunded) == paid - 1,

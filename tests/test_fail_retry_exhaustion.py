@@ -194,21 +194,56 @@ def test_a_detector_that_reads_the_sessions_open_now_misses_the_storm(target, tm
     assert lab_schemas(params, result.journal["run_id"]) == []
 
 
+def run_patched(tmp_path, env, scenario_id: str, patch: str):
+    """Run one scenario of the lesson from a wrapper script that first applies `patch` (Python,
+    with the lesson imported as `lab`): a bug, or a fault that does not land, made on purpose."""
+    wrapper = tmp_path / "patched_lesson.py"
+    wrapper.write_text(f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nimport fail_retry_exhaustion as lab\n"
+                       f"from common import main\n{patch}\nmain()\n")
+    return run_script(str(wrapper), "--only", scenario_id, env=env, tmp_path=tmp_path)
+
+
+BROKEN = {  # what breaks, the patch that breaks it, and the claim that must then fail
+    "a refund that refunds nothing (order 42 still charged twice)": (
+        "lab.refund_repeated_charges = lambda conn, order_id: []",
+        ["order 42 is charged once", "the detector orders_charged_twice is quiet after the recovery"]),
+    "a refund that refunds every charge of the order": (
+        "def refund_all(conn, order_id):\n"
+        "    with conn.cursor() as cur:\n"
+        "        cur.execute('DELETE FROM payments WHERE order_id = %s RETURNING id', (order_id,))\n"
+        "        ids = [r[0] for r in cur.fetchall()]\n"
+        "    conn.commit()\n"
+        "    return ids\n"
+        "lab.refund_repeated_charges = refund_all",
+        ["order 42 is charged once"]),
+    "a garbled message that never garbles (08P01 never raised)": (
+        "lab._Garbling.sendall = lambda self, data: self._sock.sendall(data)",
+        ["the server raised every error of the contract"]),
+    "a classifier that calls 57014 transient": (
+        "lab.TRANSIENT_SQLSTATES.add('57014')",
+        ["is_transient agrees with the contract on all 8 errors; it disagrees on 57014"]),
+}
+
+
+@pytest.mark.parametrize("what", list(BROKEN))
+def test_a_broken_recovery_or_a_fault_that_did_not_land_fails_its_named_claim(embedded_params, tmp_path, what):
+    patch, claims = BROKEN[what]
+    result = run_patched(tmp_path, clean_env(), "non_transient", patch)
+    record = result.scenario("non_transient")
+    assert result.returncode == 1 and record["status"] == "failed" and record["cleaned"] is True
+    failed = [c["claim"] for c in record["checks"] if not c["ok"]]
+    for claim in claims:
+        assert any(c.startswith(claim) for c in failed), (claim, failed)
+    assert lab_schemas(embedded_params, result.journal["run_id"]) == []
+
+
 def test_a_storm_whose_limit_never_came_into_force_fails_on_that_claim(target, tmp_path):
     """The lesson run from a wrapper whose ALTER ROLE ... CONNECTION LIMIT never runs (and whose
     proxy cap is off): the limit read back is not the one wanted, and the storm stops on that
     claim instead of calling the run inconclusive."""
     _, env, params = target
-    wrapper = tmp_path / "storm_without_limit.py"
-    wrapper.write_text(f"""import sys
-sys.path.insert(0, {str(ROOT)!r})
-import fail_retry_exhaustion as lab
-from common import main
-lab.set_connection_limit = lambda admin, role, limit: None
-lab.faults_enabled = lambda: False  # the proxy's cap, where the storm has no role of its own
-main()
-""")
-    result = run_script(str(wrapper), "--only", "storm", env=env, tmp_path=tmp_path)
+    result = run_patched(tmp_path, env, "storm", "lab.set_connection_limit = lambda admin, role, limit: None\n"
+                         "lab.faults_enabled = lambda: False  # the proxy's cap, where there is no role")
     record = result.scenario("storm")
     assert result.returncode == 1 and record["status"] == "failed", result.stdout[-3000:]
     assert record["reason"].startswith("stopped early: the connection limit came into force"), record["reason"]
