@@ -6,8 +6,11 @@ front of PostgreSQL, server errors from PostgreSQL itself, and every figure prin
 during the run. Every retry is a tenacity policy, so where the fix is a better policy, naive and
 fixed differ by one value.
 Waits are scaled down to milliseconds (1 s in production = 1 ms here unless said otherwise); the
-output says what the production values would be. --seed repeats the random draws (jitter), not
-the measured timings, which depend on the machine.
+output says what the production values would be. Stops by time are decided on a clock the lab
+hands tenacity, so their figures are the same on every machine. --seed repeats the random draws
+(jitter), not the measured timings, which depend on the machine. Each scenario runs the check an
+operator would run (a SQL check, or an alert on the job's metrics, alerts/), where it must fire on
+the damage and be quiet after the fix.
 
 Run: python fail_retry_exhaustion.py [--only ID] [--json PATH] [--seed N] [--keep] [--ascii]
 """
