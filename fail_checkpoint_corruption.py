@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import common  # noqa: F401  first: the signal handlers are installed from the first instant
 
-import builtins
 import hashlib
 import json
 import multiprocessing
@@ -20,7 +19,6 @@ import os
 import re
 import signal
 import socket
-import sys
 import threading
 import time
 from pathlib import Path
@@ -31,7 +29,7 @@ from psycopg2 import sql
 from tenacity import (Retrying, retry_if_exception_type, stop_after_attempt,
                       wait_random_exponential)
 
-from common import budget, db, main, scenario, schema
+from common import budget, db, killpoints, main, scenario, schema
 from common.faults import Hooks, Instrumented
 from common.fixes import fix
 from common.output import words
@@ -235,83 +233,12 @@ def resume_point_validated(conn, text: str) -> int:
         return gap_free_until(cur)  # the data itself says how far it got
 
 
-class CrashPoints:
-    """In a child process: SIGKILL itself just before its `kill_at`-th file operation in
-    `folder`. The operations: opening a file (and, for writing, right after it is open: "w" has
-    truncated it), each write (flushed to the OS at once, so a kill leaves what was written, as a
-    disk that shows every write would), renaming, removing, copying. Python's audit hooks report
-    the os-level ones; a wrapper around builtins.open reports the writes."""
-
-    EVENTS = {"open", "os.rename", "os.remove", "os.truncate", "os.link", "os.symlink",
-              "shutil.copyfile", "shutil.copymode", "shutil.copystat", "os.rmdir", "os.chmod"}
-
-    def __init__(self, folder: Path, kill_at: int, log):
-        self.folder, self.kill_at, self.seen, self.log = os.path.abspath(folder), kill_at, 0, log
-
-    def point(self, what: str) -> None:
-        self.seen += 1
-        self.log.send(what)  # the lab's record of the operation, through a pipe (not a file)
-        if self.seen == self.kill_at:
-            os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))  # no finally, no flush
-
-    def inside(self, value) -> bool:
-        try:
-            path = os.path.abspath(os.fsdecode(os.fspath(value)))
-        except TypeError:  # a file descriptor, None
-            return False
-        return path == self.folder or path.startswith(self.folder + os.sep)
-
-    def name(self, value) -> str:
-        path = os.path.abspath(os.fsdecode(os.fspath(value)))
-        return "the folder" if path == self.folder else os.path.basename(path)
-
-    def install(self) -> None:
-        real_open, points = builtins.open, self
-
-        def audit(event, args):
-            paths = args[:1] if event == "open" else args[:2]  # open's 2nd is the mode
-            if event in self.EVENTS and any(self.inside(a) for a in paths):
-                names = [self.name(a) for a in paths if isinstance(a, (str, bytes, os.PathLike))]
-                self.point(f"{event.split('.')[-1]} {' to '.join(names)}")
-
-        def watched_open(file, mode="r", *args, **kwargs):
-            f = real_open(file, mode, *args, **kwargs)
-            if self.inside(file) and any(c in mode for c in "wax+"):
-                points.point(f"{self.name(file)} open{', empty' if 'w' in mode else ''}")
-                return PointedFile(f, points, self.name(file))
-            return f
-
-        sys.addaudithook(audit)
-        builtins.open = watched_open
-
-
-class PointedFile:
-    """A file whose every write is a crash point and reaches the OS at once."""
-
-    def __init__(self, f, points: CrashPoints, name: str):
-        self._f, self._points, self._name = f, points, name
-
-    def write(self, data):
-        self._points.point(f"write to {self._name}")
-        n = self._f.write(data)
-        self._f.flush()
-        return n
-
-    def __getattr__(self, name):
-        return getattr(self._f, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self._f.close()
-        return False
-
-
 def save_and_get_killed(saver, path: str, state: dict, kill_at: int, log) -> None:
-    """Child process: run saver(path, state), killed just before its kill_at-th file operation."""
-    CrashPoints(Path(path).parent, kill_at, log).install()
-    saver(Path(path), state)
+    """Child process: run saver(path, state), killed (SIGKILL) just before its kill_at-th file
+    operation in the checkpoint's folder, as the OS sees them (common.killpoints): every system
+    call that opens for writing, writes, truncates, syncs, renames or removes. The operations
+    are reported on `log`, a pipe (not a file)."""
+    killpoints.run_killed(lambda: saver(Path(path), state), Path(path).parent, kill_at, log)
 
 
 def drain_until_exit(proc, pipe, seconds: float = WAIT_S) -> list:
@@ -352,7 +279,8 @@ def kill_sweep(s, saver, old: dict, new: dict) -> dict:
     the file back after each. Returns the outcome of every kill point and of the finished save."""
     folder = s.tmpdir / "kills"
     path = folder / "checkpoint.json"
-    found = {"points": {}, "finished": None, "torn_text": "", "crashed": None, "operations": []}
+    found = {"points": {}, "finished": None, "torn_text": "", "crashed": None, "operations": [],
+             "seen_by": None}
     for kill_at in range(1, 61):
         operations, log = multiprocessing.get_context("spawn").Pipe(duplex=False)
         folder.mkdir(exist_ok=True)
@@ -361,8 +289,10 @@ def kill_sweep(s, saver, old: dict, new: dict) -> dict:
         path.write_text(json.dumps(old), encoding="utf-8")
         proc = s.spawn(save_and_get_killed, saver, str(path), new, kill_at, log)
         log.close()
-        ops = drain_until_exit(proc, operations)
+        reports = drain_until_exit(proc, operations)
         operations.close()
+        found["seen_by"] = next((v for k, v in reports if k == "mode"), found["seen_by"])
+        ops = [v for k, v in reports if k == "op"]
         if proc.is_alive():  # the saver hangs: kill it, and stop here
             proc.kill()
             proc.join(5)
@@ -374,6 +304,9 @@ def kill_sweep(s, saver, old: dict, new: dict) -> dict:
             break
         if proc.exitcode != -getattr(signal, "SIGKILL", 15):
             found["crashed"] = f"exited with {proc.exitcode} (it raised)"
+            break
+        if len(ops) != kill_at:  # the kill must fall where it was aimed, as the OS counted
+            found["crashed"] = f"killed after {len(ops)} operations, not before its {kill_at}th"
             break
         found["points"][kill_at] = outcome
         if outcome == "torn" and len(text) > len(found["torn_text"]):
@@ -394,7 +327,8 @@ def show_sweep(s, sweep: dict) -> None:
         else:
             grouped.append([[number], what])
     if grouped:
-        s.say("The operations, in order: " + "; ".join(f"{ranges(n)} {w}" for n, w in grouped) + ".")
+        s.say(f"The operations ({sweep['seen_by']}), in order: "
+              + "; ".join(f"{ranges(n)} {w}" for n, w in grouped) + ".")
 
 
 def run_naive_file_job(s, path: Path) -> None:
@@ -415,7 +349,8 @@ def run_naive_file_job(s, path: Path) -> None:
         Save `state` (a dict) as JSON to the file `path`, replacing the checkpoint that is there.
         A process can be killed (SIGKILL) at any instant of the save, and the job restarts and
         reads the file. The grader kills your function just before each of its file operations in
-        turn (every open, write, rename, copy, remove), then reads the file back: after every kill
+        turn, as the OS sees them (every system call that opens to write, writes, truncates,
+        syncs, renames, copies or removes), then reads the file back: after every kill
         it must hold a whole checkpoint, the old one or the new one, never a torn or missing one;
         and a save that is not killed must leave the new one.""",
         hints=("open(path, 'w') empties the only copy before the first byte of the new one is written. "
@@ -462,6 +397,8 @@ def corruption(s):
     show_sweep(s, sweep)
     s.measure("kills_torn_before", len(torn), show=False,
               note="kills of the in-place save that left no valid checkpoint")
+    s.measure("kill_points_seen_by", sweep["seen_by"], show=False,
+              note="what placed the kill points: system calls (ptrace) or python hooks")
     s.triggered_if(torn and len(torn) == len(sweep["points"]) - 1,
                    "every kill after the file was opened left no valid checkpoint at all")
 

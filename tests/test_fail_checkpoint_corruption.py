@@ -1,9 +1,14 @@
 """fail_checkpoint_corruption.py, run as a user runs it, against each target."""
+import inspect
+import json
+import multiprocessing
+import os
 import re
 
 import pytest
 
 import fail_checkpoint_corruption as lab
+from common import killpoints
 from common.fixes import source_of
 from common.scenario import _REGISTRY
 from conftest import (assert_gives_the_handout, assert_every_slot_has_a_control, assert_passed, clean_env, grade, lab_schemas, run_control,
@@ -32,6 +37,7 @@ def test_every_scenario_demonstrates_recovers_and_cleans(full_run):
     m = result.scenario("corruption")["measurements"]
     assert m["rows_missing_before"] == 500 and m["rows_missing_after"] == 0
     assert m["kills_torn_before"] > 0 and m["kills_torn_after"] == 0
+    assert m["kill_points_seen_by"] == ("system calls" if killpoints._tracer_arch() else "python hooks")
 
     # db_down: a real connection error through the proxy, the restart duplicated a batch; the fix
     # reconnected after each of the three drops and found the checkpoint where the data was
@@ -137,6 +143,34 @@ SAVE_OK = '''
 def save_checkpoint(path, state):
     save_checkpoint_atomic(path, state)
 '''
+
+
+# Savers that overwrite the checkpoint in place, each through another API (the kill points must
+# catch them all, wherever the OS sees their writes).
+def save_with_pathlib(path, state):
+    path.write_text(json.dumps(state), encoding="utf-8")
+
+
+def save_with_os_write(path, state):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, json.dumps(state).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_truncate_then_write(path, state):
+    os.truncate(path, 0)
+    with open(path, "r+", encoding="utf-8") as f:
+        f.write(json.dumps(state))
+
+
+def as_save_checkpoint(saver) -> str:
+    """A saver's source as a student's save_checkpoint."""
+    return inspect.getsource(saver).replace(f"def {saver.__name__}(", "def save_checkpoint(", 1)
+
+
 WRONG = {
     "temp file copied into place": ("corruption", '''
 import shutil
@@ -149,6 +183,9 @@ def save_checkpoint(path, state):
         os.fsync(f.fileno())
     shutil.copyfile(tmp, path)  # not one step: the copy truncates the checkpoint first
 ''' + RESUME_OK, "always left a whole checkpoint"),
+    "pathlib write_text in place": ("corruption", as_save_checkpoint(save_with_pathlib) + RESUME_OK, "always left a whole checkpoint"),
+    "os.open and os.write in place": ("corruption", as_save_checkpoint(save_with_os_write) + RESUME_OK, "always left a whole checkpoint"),
+    "os.truncate, then write": ("corruption", as_save_checkpoint(save_truncate_then_write) + RESUME_OK, "always left a whole checkpoint"),
     "checkpoint trusted whenever it parses": ("corruption", SAVE_OK + '''
 def resume_point(conn, text):
     try:
@@ -229,3 +266,61 @@ def test_a_wrong_solution_fails_with_the_claim_it_breaks(name, target, tmp_path)
     failed = [c["claim"] for c in record["checks"] if not c["ok"]]
     assert any(claim in c for c in failed), failed
     assert "NOT YET" in result.stdout
+
+
+# -- kill points where the OS sees writes: whatever API a saver writes through --------------------
+def save_with_os_replace_of_a_copy(path, state):
+    """Atomic through other APIs: pathlib for the temp file, os.replace for the swap."""
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_bytes(json.dumps(state).encode())
+    os.replace(tmp, path)
+
+
+class Sweeper:
+    """What kill_sweep uses of a scenario: a folder and a way to start a process."""
+
+    def __init__(self, folder):
+        self.tmpdir, self.procs = folder, []
+
+    def spawn(self, target, *args):
+        proc = multiprocessing.get_context("spawn").Process(target=target, args=args, daemon=True)
+        proc.start()
+        self.procs.append(proc)
+        return proc
+
+
+OLD, NEW = {"job": lab.JOB, "last_id": 1000}, {"job": lab.JOB, "last_id": 1500}
+
+
+def sweep_with(saver, mode, tmp_path, monkeypatch) -> dict:
+    """The lesson's kill sweep of `saver`, its kill points placed by `mode`; it must end whole."""
+    if mode == "python hooks":
+        monkeypatch.setenv(killpoints.MODE_VARIABLE, "python")
+    elif killpoints._tracer_arch() is None:
+        pytest.skip("system call tracing needs Linux on x86_64 or aarch64")
+    sweep = lab.kill_sweep(Sweeper(tmp_path), saver, OLD, NEW)
+    assert sweep["seen_by"] == mode and sweep["crashed"] is None and sweep["finished"] == "new", sweep
+    return sweep
+IN_PLACE = [lab.save_checkpoint_in_place, save_with_pathlib, save_with_os_write, save_truncate_then_write]
+
+
+@pytest.mark.parametrize("mode", ["system calls", "python hooks"])
+@pytest.mark.parametrize("saver", IN_PLACE, ids=[f.__name__ for f in IN_PLACE])
+def test_an_in_place_saver_is_caught_whatever_api_it_writes_through(saver, mode, tmp_path, monkeypatch):
+    sweep = sweep_with(saver, mode, tmp_path, monkeypatch)
+    torn = [p for p, o in sweep["points"].items() if o not in ("old", "new")]
+    assert torn, sweep  # a kill between its truncation and its last write: no valid checkpoint
+    assert lab.read_back(tmp_path / "kills" / "checkpoint.json", OLD, NEW)[0] == "new"
+
+
+ATOMIC = [lab.save_checkpoint_atomic, save_with_os_replace_of_a_copy]
+
+
+@pytest.mark.parametrize("mode", ["system calls", "python hooks"])
+@pytest.mark.parametrize("saver", ATOMIC, ids=[f.__name__ for f in ATOMIC])
+def test_an_atomic_saver_meets_a_kill_point_at_each_operation_and_survives(saver, mode, tmp_path, monkeypatch):
+    sweep = sweep_with(saver, mode, tmp_path, monkeypatch)
+    assert set(sweep["points"].values()) <= {"old", "new"} and sweep["points"][1] == "old", sweep
+    assert len(sweep["points"]) == len(sweep["operations"]), sweep  # one kill per operation
+    kinds = " ".join(sweep["operations"])
+    assert "write" in kinds and ("rename" in kinds), sweep["operations"]
