@@ -30,8 +30,10 @@ from tenacity import (Retrying, retry_if_exception_type, stop_after_attempt,
                       wait_random_exponential)
 
 from common import budget, db, killpoints, main, scenario, schema
+from common.detect import metric_alert, sql_check
 from common.faults import Hooks, Instrumented
 from common.fixes import fix
+from common.metrics import total
 from common.output import words
 
 SOURCE_ROWS = 3_000
@@ -281,6 +283,8 @@ def kill_sweep(s, saver, old: dict, new: dict) -> dict:
     path = folder / "checkpoint.json"
     found = {"points": {}, "finished": None, "torn_text": "", "crashed": None, "operations": [],
              "seen_by": None}
+    restores = s.counter("checkpoint_restores_total", "Checkpoint files a restarting job read back, "
+                         "by outcome: whole (it parses, old or new) or torn", ["outcome"])
     for kill_at in range(1, 61):
         operations, log = multiprocessing.get_context("spawn").Pipe(duplex=False)
         folder.mkdir(exist_ok=True)
@@ -299,6 +303,7 @@ def kill_sweep(s, saver, old: dict, new: dict) -> dict:
             found["crashed"] = "did not return"
             break
         outcome, text = read_back(path, old, new)
+        restores.labels(outcome="whole" if outcome in ("old", "new") else "torn").inc()
         if proc.exitcode == 0:  # fewer operations than kill_at: the save ran to its end
             found["finished"], found["operations"] = outcome, ops
             break
@@ -341,6 +346,12 @@ def run_naive_file_job(s, path: Path) -> None:
             copy_batch(cur, last_id)  # raises for the poisoned batch
             s.conn.commit()
             last_id = next_id
+
+
+def torn_restores(values: dict) -> list:
+    """CheckpointTorn, as the run evaluates it: restores that found a torn file."""
+    torn = total(values, "checkpoint_restores_total", outcome="torn")
+    return [f"checkpoint_restores_total{{outcome=torn}} = {torn:g}"] if torn else []
 
 
 @scenario("corruption", "Checkpoint corruption", fixes=[
@@ -432,13 +443,14 @@ def corruption(s):
             checkpoint on disk at all, so a crash in that window destroys the only copy.
         (b) The checkpoint claimed rows that were never committed. A checkpoint written outside the
             transaction of the data it describes can run ahead of it (rows skipped) or fall behind
-            it (rows copied twice).""", detect="""
-        -- valid only if the target holds what it claims, up to last_id
-        SELECT last_id, checksum = (
-                 SELECT md5(string_agg(id || ':' || amount, ','
-                                       ORDER BY id))
-                 FROM target_rows WHERE id <= last_id) AS valid
-        FROM checkpoint_history ORDER BY seq DESC;""")
+            it (rows copied twice).
+        The job counts every checkpoint it reads back on restart, by outcome; an alert on the
+        torn ones pages before anyone trusts a restart.""",
+                 detect=metric_alert("CheckpointTorn", torn_restores), runbook="""
+        CheckpointTorn: a restarted job found its checkpoint file empty or cut short, so the save
+        was killed mid-write and the only copy is gone. Do not restart from zero or from a guess:
+        find where the target's data is complete (gap_free_until) and resume there, then make the
+        saver atomic (temp file, fsync, os.replace).""")
 
     with s.conn.cursor() as cur:
         valid_id = gap_free_until(cur)
@@ -680,6 +692,10 @@ def job_under(s, proxy, outage: Outage):
     return connect, seen
 
 
+IDS_COPIED_TWICE = sql_check("ids_copied_twice", """
+    SELECT id, count(*) AS copies FROM target_rows
+    GROUP BY id HAVING count(*) > 1 ORDER BY id""")
+
 # Sessions db_down opens beside the run's own two, at most at once: the job's through the
 # proxy, its reconnect, the outage's watcher (bench/classroom.py --cost: 5 in all).
 DB_DOWN_SESSIONS = 3
@@ -746,11 +762,12 @@ def db_down(s):
             Data and checkpoint were committed separately. The data commit succeeded; the checkpoint
             commit never happened. The restart trusted the older checkpoint and re-copied a batch that
             was already in. A connection can drop between any two statements, and around a COMMIT the
-            client cannot even tell whether it landed; only one commit is atomic.""", detect="""
-            SELECT id, count(*) FROM target_rows
-            GROUP BY id HAVING count(*) > 1;            -- duplicates
-            SELECT (SELECT max(id) FROM target_rows) AS data_up_to,
-                   (SELECT last_id FROM checkpoints) AS checkpoint;""")
+            client cannot even tell whether it landed; only one commit is atomic.""",
+                     detect=IDS_COPIED_TWICE, runbook="""
+            ids_copied_twice: ids that target_rows holds more than once, so a batch was copied
+            again after a restart. Stop the job, delete the extra copies in one transaction (keep
+            one row per id) and check the count against the source; then make the data and its
+            checkpoint commit together.""")
 
         with s.step("Repair: keep one row per id, in one transaction") as st:
             with s.conn.cursor() as cur:
@@ -943,6 +960,17 @@ def race_workers(s, worker, batches: dict[str, int]) -> tuple[Race, list[Excepti
     return race, errors
 
 
+CHECKPOINT_RACE = sql_check("checkpoint_race", """
+    SELECT 'moved back' AS what, seq, last_id, previous FROM (
+      SELECT seq, last_id, lag(last_id) OVER (PARTITION BY job
+                                             ORDER BY seq) AS previous
+      FROM checkpoint_history) h
+    WHERE last_id < previous
+    UNION ALL
+    SELECT 'copied twice', id, count(*), NULL FROM target_rows
+    GROUP BY id HAVING count(*) > 1
+    ORDER BY 1 DESC, 2""")
+
 # Sessions concurrent_access opens beside the run's own two, at most at once: two workers and
 # the race's watcher (bench/classroom.py --cost: 5 in all).
 RACE_SESSIONS = 3
@@ -1006,10 +1034,11 @@ def concurrent_access(s):
         s.root_cause("""
             Read-modify-write without a lock: both workers decided from the same snapshot. The database
             did what each asked; nothing made the second writer notice the first (a lost update).""",
-                     detect="""
-            SELECT seq, last_id,
-                   last_id < lag(last_id) OVER (ORDER BY seq) AS moved_back
-            FROM checkpoint_history WHERE job = 'orders_copy' ORDER BY seq;""")
+                     detect=CHECKPOINT_RACE, runbook="""
+            checkpoint_race: the checkpoint history shows a move backwards, or target_rows holds an
+            id twice: two workers ran the same job unguarded. Stop all but one worker, remove the
+            duplicate rows, set the checkpoint to where the data is complete, and guard the
+            read-copy-write with a row lock or a version check.""")
 
         per_worker = SOURCE_ROWS // BATCH // 2
         for number, (slot, label) in enumerate((("worker_locked", "row lock (FOR UPDATE)"),
@@ -1032,6 +1061,7 @@ def concurrent_access(s):
                               note="batches rolled back because the version had moved")
                     s.recovered_if(race.rollbacks >= 1, "compare-and-set: the loser noticed, rolled back its "
                                                         "batch and retried")
+        s.detect_again()  # before fix 3 empties the target
         with s.step("Fix 3, let the database refuse: REPEATABLE READ, two writers of one row") as st:
             restart_job(s)
             first, second = s.connect(), s.connect()
@@ -1193,6 +1223,26 @@ def heartbeat_older_than_lease(s) -> bool:
     return lease_row(s)["heartbeat_age"] > LEASE_S
 
 
+def find_stuck_runs_older_than_5_min(conn) -> list:
+    """Runs 'in_progress' whose heartbeat is older than 5 minutes."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT job, owner FROM checkpoints "
+                    "WHERE status = 'in_progress' AND heartbeat "
+                    "< clock_timestamp() - interval '5 minutes'")
+        return cur.fetchall()
+
+
+def find_stuck_runs_past_lease(conn) -> list:
+    """Runs 'in_progress' whose heartbeat is older than the lease, by the
+    server's clock: the owner is dead or stalled, and nobody took over."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT job, owner FROM checkpoints "
+                    "WHERE status = 'in_progress' AND heartbeat "
+                    "< clock_timestamp() - make_interval(secs => %s)",
+                    (LEASE_S,))
+        return cur.fetchall()
+
+
 @scenario("interrupted_recovery", "Recovery of an interrupted run", fixes=[
     fix("claim_job", naive=claim_if_idle, fixed=claim_with_lease,
         contract="""
@@ -1223,7 +1273,20 @@ def heartbeat_older_than_lease(s) -> bool:
         hints=("When the stalled owner wakes up, what in the database has changed that its write "
                "could check?",
                "Fence the write: UPDATE checkpoints ... WHERE job = %s AND version = %s (your token); "
-               "rowcount 0 means the lease is someone else's: rollback() and raise."))])
+               "rowcount 0 means the lease is someone else's: rollback() and raise.")),
+    fix("find_stuck_runs", naive=find_stuck_runs_older_than_5_min, fixed=find_stuck_runs_past_lease,
+        contract="""
+        The check an operator schedules: return the runs that are stuck, one item per run (an
+        empty list when none is), on the connection `conn` to the job's tables. The checkpoints
+        row (job = JOB) holds status ('in_progress' while a run owns the job), owner and
+        heartbeat, which its owner renews with every batch; the lease is LEASE_S seconds. A run
+        is stuck when it is 'in_progress' and its owner has been silent longer than the lease.
+        The grader runs it right after an owner was killed and its lease expired (it must find
+        that run), while a live owner works (it must find nothing) and after the job is done
+        (nothing).""",
+        hints=("How long is the silence after which this job's lease lets a restart take over?",
+               "Compare the heartbeat with the lease by the server's clock: heartbeat < "
+               "clock_timestamp() - make_interval(secs => LEASE_S), for status 'in_progress' only."))])
 def interrupted_recovery(s):
     fresh_pipeline(s, keyed=False)
     restart_job(s)
@@ -1253,6 +1316,8 @@ def interrupted_recovery(s):
     s.conn.rollback()
     s.triggered_if(row["status"] == "in_progress" and proc.exitcode != 0,
                    "the run is left 'in_progress', held by a dead owner")
+    s.require(wait_until(lambda: heartbeat_older_than_lease(s), WAIT_S),
+              f"the dead owner's heartbeat aged past the lease ({LEASE_S:g} s, server clock)")
     claimed = claim_if_idle(s.conn, owner_id(), LEASE_S)
     s.measure("naive_restart_claimed", claimed is not None, show=False,
               note="the naive restart took the dead owner's job", headline=True)
@@ -1262,14 +1327,13 @@ def interrupted_recovery(s):
         A lease without an expiry is a lock that dies with its holder. The killed process could not
         clear 'in_progress', and nothing else ever will. The fix has two halves: a lease that
         expires when the heartbeat stops, and a fencing token, so that an owner who only stalled
-        (and lost its lease) cannot write over the one who took over.""", detect="""
-        SELECT job, owner, clock_timestamp() - heartbeat AS silent_for
-        FROM checkpoints WHERE status = 'in_progress'
-          AND heartbeat < clock_timestamp() - interval '5 minutes';""")
+        (and lost its lease) cannot write over the one who took over.""",
+                 detect=s.fix("find_stuck_runs"), runbook="""
+        find_stuck_runs: a run has been 'in_progress' longer than its lease without a heartbeat,
+        so its owner died or stalled and the job makes no progress. Check that the owner's
+        process is really gone, then let a restart take the lease over (it resumes from the
+        committed checkpoint); if restarts keep refusing, the claim ignores expired leases.""")
 
-    with s.step(f"Wait until the dead owner's heartbeat is older than the lease ({LEASE_S:g} s)") as st:
-        s.require(wait_until(lambda: heartbeat_older_than_lease(s), WAIT_S), "the heartbeat aged past the lease")
-        st.result = f"heartbeat {lease_row(s)['heartbeat_age']:.1f} s old"
     reports, report = ctx.Pipe(duplex=False)
     go = ctx.Event()
     with s.step("Worker 2 (a new process) runs claim_job(), then write_batch() from the checkpoint") as st:
@@ -1290,6 +1354,9 @@ def interrupted_recovery(s):
         age = lease_row(s)["heartbeat_age"]
         third = s.fix("claim_job")(s.conn, owner_id(), LEASE_S)
         s.conn.rollback()
+        live = list(s.fix("find_stuck_runs")(s.conn) or [])
+        s.conn.rollback()
+        s.recovered_if(not live, f"find_stuck_runs() finds nothing while worker 2 is alive ({len(live)} found)")
         st.result = f"worker 2's heartbeat is {age:.2f} s old; claimed: {words(third is not None)}"
         s.require(third is None, "a live owner's lease is not taken (its heartbeat is fresh)")
     with s.step("Worker 2 stalls inside batch 4 (a long GC pause); when its lease has expired, "

@@ -6,6 +6,7 @@ import os
 import re
 
 import pytest
+from prometheus_client import CollectorRegistry, Counter
 
 import fail_checkpoint_corruption as lab
 from common import killpoints
@@ -58,6 +59,67 @@ def test_every_scenario_demonstrates_recovers_and_cleans(full_run):
     m = result.scenario("interrupted_recovery")["measurements"]
     assert m["worker_exit_code"] == -9 and m["naive_restart_claimed"] is False
     assert m["late_write"] == {"checkpoint": 3000, "duplicated": 0}
+
+
+DETECTORS = {  # each scenario's detector: its name, its kind, and the first thing it found
+    "corruption": ("CheckpointTorn", "metric", "checkpoint_restores_total{outcome=torn} = 1"),
+    "db_down": ("ids_copied_twice", "sql", "1001, 2"),
+    "concurrent_access": ("checkpoint_race", "sql", "moved back, 3, 500, 1000"),
+    "interrupted_recovery": ("find_stuck_runs_past_lease", "python", "orders_copy, "),
+}
+
+
+def test_every_detector_fires_on_the_broken_state_and_is_quiet_after_the_fix(full_run):
+    _, result, _ = full_run
+    assert list(DETECTORS) == IDS
+    for scenario_id, (check, kind, first) in DETECTORS.items():
+        record = result.scenario(scenario_id)
+        detection = record["detection"]
+        assert (detection["check"], detection["kind"]) == (check, kind), scenario_id
+        assert detection["fired"] is True and detection["quiet_after_fix"] is True, (scenario_id, detection)
+        assert detection["found_broken"][0].startswith(first), (scenario_id, detection["found_broken"])
+        assert detection["found_after_fix"] == [] and detection["runbook"], scenario_id
+        assert "How to detect it" in record["sections"]["root_cause"], scenario_id
+    found = {i: result.scenario(i)["detection"]["found_broken"] for i in IDS}
+    assert found["db_down"][-1] == "... and 495 more"  # the 500 ids of batch 3, twice each
+    assert found["concurrent_access"][-1] == "... and 496 more"  # one move back, 500 ids twice
+    assert len(found["interrupted_recovery"]) == 1  # the one run, its owner dead
+    metrics = result.scenario("corruption")["metrics"]
+    assert metrics["naive"][-1]['checkpoint_restores_total{outcome="torn"}'] == 1
+    assert 'checkpoint_restores_total{outcome="torn"}' not in metrics["fixed"][-1]
+
+
+def test_the_alert_rules_pass_promtool_on_the_series_this_run_recorded(full_run, tmp_path):
+    """The checked-in rule tests are the ones this run generates (the counts do not depend on
+    timing), and promtool passes them; with the fixed run's series in the naive test, it fails."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from conftest import ROOT
+    from promtool import Unavailable, promtool
+
+    sys.path.insert(0, str(ROOT / "alerts"))
+    import generate
+
+    _, result, _ = full_run
+    text = generate.test_document(result.journal)
+    assert text == (ROOT / "alerts" / "fail_checkpoint_corruption.test.yml").read_text(encoding="utf-8")
+    try:
+        tool = promtool()
+    except Unavailable as exc:
+        pytest.skip(str(exc))
+    rules = ROOT / "alerts" / "fail_checkpoint_corruption.rules.yml"
+    (tmp_path / rules.name).write_text(rules.read_text(encoding="utf-8"), encoding="utf-8")
+    (tmp_path / "t.test.yml").write_text(text, encoding="utf-8")
+    got = subprocess.run([tool, "test", "rules", "t.test.yml"], cwd=tmp_path, capture_output=True, text=True)
+    assert got.returncode == 0, got.stdout + got.stderr
+    doc = yaml.safe_load(text)
+    doc["tests"][0]["input_series"] = doc["tests"][1]["input_series"]
+    (tmp_path / "t.test.yml").write_text(yaml.safe_dump(doc), encoding="utf-8")
+    got = subprocess.run([tool, "test", "rules", "t.test.yml"], cwd=tmp_path, capture_output=True, text=True)
+    assert got.returncode != 0
 
 
 HEADLINES = {  # the figure the summary shows for each scenario, as the journal gives it
@@ -130,8 +192,27 @@ def test_negative_control_fails_with_the_claim_it_breaks(scenario_id, slot, clai
     run_control(SCRIPT, scenario_id, slot, claim, target, tmp_path)
 
 
+# The detector's slot: with the naive check back (heartbeats older than 5 minutes, a lease of 1 s)
+# the detector finds nothing on the broken state, and the scenario fails on that claim.
+DETECTOR_CONTROL = ("interrupted_recovery", "find_stuck_runs", "fires on the broken state")
+
+
 def test_every_slot_has_a_control():
-    assert_every_slot_has_a_control(SCRIPT, CONTROLS)
+    assert_every_slot_has_a_control(SCRIPT, CONTROLS + [DETECTOR_CONTROL])
+
+
+def test_the_naive_detector_finds_nothing_and_fails_the_scenario(target, tmp_path):
+    _, env, params = target
+    scenario_id, slot, claim = DETECTOR_CONTROL
+    result = run_script(SCRIPT, "--only", scenario_id, "--control", slot, env=env, tmp_path=tmp_path)
+    record = result.scenario(scenario_id)
+    assert result.returncode == 1 and record["mode"] == "control", result.stdout[-3000:]
+    assert record["fixes"][slot].endswith(".find_stuck_runs_older_than_5_min")
+    assert record["detection"]["fired"] is False and record["triggered"] is False
+    failed = [c["claim"] for c in record["checks"] if not c["ok"]]
+    assert failed == ["the detector find_stuck_runs_older_than_5_min fires on the broken state"], failed
+    assert record["recovered"] is True and record["cleaned"] is True  # only the detector was wrong
+    assert lab_schemas(params, result.journal["run_id"]) == []
 
 
 # -- plausible wrong solutions, graded through the command line as a student runs them ------------
@@ -142,6 +223,15 @@ def resume_point(conn, text):
 SAVE_OK = '''
 def save_checkpoint(path, state):
     save_checkpoint_atomic(path, state)
+'''
+
+
+LEASE_OK = '''
+def claim_job(conn, owner, lease_s):
+    return claim_with_lease(conn, owner, lease_s)
+
+def write_batch(conn, token):
+    return write_batch_fenced(conn, token)
 '''
 
 
@@ -238,6 +328,12 @@ def worker_compare_and_set(conn, batches):
 
 from fail_checkpoint_corruption import worker_compare_and_set as worker_compare_and_set_reference
 ''', "row lock (FOR UPDATE): each batch copied exactly once"),
+    "a stuck run found by its status alone": ("interrupted_recovery", '''
+def find_stuck_runs(conn):
+    with conn.cursor() as cur:
+        cur.execute("SELECT job, owner FROM checkpoints WHERE status = 'in_progress'")
+        return cur.fetchall()
+''' + LEASE_OK, "finds nothing while worker 2 is alive"),
     "lease taken without checking the heartbeat": ("interrupted_recovery", '''
 def claim_job(conn, owner, lease_s):
     with conn.cursor() as cur:
@@ -250,6 +346,9 @@ def claim_job(conn, owner, lease_s):
 
 def write_batch(conn, token):
     return write_batch_fenced(conn, token)
+
+def find_stuck_runs(conn):
+    return find_stuck_runs_past_lease(conn)
 ''', "a live owner's lease is not taken"),
 }
 
@@ -281,6 +380,9 @@ class Sweeper:
 
     def __init__(self, folder):
         self.tmpdir, self.procs = folder, []
+
+    def counter(self, name, doc, labels=()):
+        return Counter(name, doc, labels, registry=CollectorRegistry())
 
     def spawn(self, target, *args):
         proc = multiprocessing.get_context("spawn").Process(target=target, args=args, daemon=True)
