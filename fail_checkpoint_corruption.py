@@ -614,7 +614,9 @@ class Outage(Hooks):
         self.wrote_checkpoint = False
 
     def failed(self, conn, exc: Exception) -> None:
-        if not self.armed and isinstance(exc, psycopg2.OperationalError):
+        # a lost connection: no SQLSTATE, and libpq closed it (a cancelled statement, 57014, is an
+        # OperationalError too, but the server sent it, on a connection still open)
+        if not self.armed and isinstance(exc, psycopg2.OperationalError) and exc.pgcode is None and conn.closed:
             self.landed = True
             self.errors.append(exc)
 

@@ -426,3 +426,83 @@ def test_an_atomic_saver_meets_a_kill_point_at_each_operation_and_survives(saver
     assert len(sweep["points"]) == len(sweep["operations"]), sweep  # one kill per operation
     kinds = " ".join(sweep["operations"])
     assert "write" in kinds and ("rename" in kinds), sweep["operations"]
+
+
+# -- the checks checked: the lesson run from a tiny wrapper with one function patched --------------
+WRAPPER = '''
+import sys
+sys.path.insert(0, {root!r})
+import common
+import fail_checkpoint_corruption as lab
+from common import db
+{patch}
+sys.modules["__main__"].__file__ = lab.__file__  # the script's name, its alerts, its workers
+sys.modules["__main__"].__doc__ = lab.__doc__
+common.main()
+'''
+BREAK_BEFORE = '''
+real, calls = lab.{name}, []
+def broken(first, *args):  # break the recovered state, then let the check look at it
+    calls.append(1)
+    if len(calls) > {skip}:  # the calls before the recovery look at the broken run: left alone
+        conn = getattr(first, "conn", first)
+        conn.rollback()
+        with conn.cursor() as cur:
+            cur.execute({statement!r})
+        conn.commit()
+    return real(first, *args)
+lab.{name} = broken
+'''
+MISSING, DOUBLED = "DELETE FROM target_rows WHERE id = 1234", "INSERT INTO target_rows SELECT * FROM target_rows WHERE id = 1234"
+STALE, BEHIND = "UPDATE target_rows SET amount = amount + 1 WHERE id = 1234", "UPDATE checkpoints SET last_id = last_id - 1"
+LOCKED = "row lock (FOR UPDATE): each batch copied exactly once"
+BROKEN_STATES = {  # what is broken, just before which call (after how many), the claim that must fail
+    "corruption, a row missing": ("corruption", "prove_exactly_once", 0, MISSING, "missing 1, duplicated 0"),
+    "corruption, a row stale": ("corruption", "prove_exactly_once", 0, STALE, "equals source_rows by count and checksum"),
+    "db_down, a row doubled": ("db_down", "prove_exactly_once", 0, DOUBLED, "missing 0, duplicated 1"),
+    "db_down, a row doubled after a drop": ("db_down", "exactly_once", 1, DOUBLED, "the checkpoint matched the data"),
+    "concurrent_access, a row doubled": ("concurrent_access", "exactly_once", 0, DOUBLED, LOCKED),
+    "concurrent_access, the checkpoint one behind": ("concurrent_access", "damage", 1, BEHIND, LOCKED),
+    "interrupted_recovery, a row missing": ("interrupted_recovery", "prove_exactly_once", 0, MISSING, "missing 1"),
+    "interrupted_recovery, a late write doubled": ("interrupted_recovery", "damage", 0, DOUBLED, "late write was refused"),
+}
+
+
+def run_patched(tmp_path, scenario_id: str, patch: str, env: dict):
+    from conftest import ROOT
+
+    wrapper = tmp_path / "patched_lesson.py"
+    wrapper.write_text(WRAPPER.format(root=str(ROOT), patch=patch), encoding="utf-8")
+    return run_script(str(wrapper), "--only", scenario_id, env=env, tmp_path=tmp_path)
+
+
+@pytest.mark.parametrize("name", list(BROKEN_STATES))
+def test_a_recovery_check_fails_when_the_state_it_guards_is_broken(name, embedded_params, tmp_path):
+    scenario_id, function, skip, statement, claim = BROKEN_STATES[name]
+    patch = BREAK_BEFORE.format(name=function, skip=skip, statement=statement)
+    result = run_patched(tmp_path, scenario_id, patch, clean_env())
+    record = result.scenario(scenario_id)
+    assert result.returncode == 1 and record["triggered"] is True and record["cleaned"] is True, result.stdout[-3000:]
+    failed = [c["claim"] for c in record["checks"] if c["phase"] == "recovered" and not c["ok"]]
+    assert any(claim in c for c in failed), failed
+    assert not [e for e in record["observed_errors"] if e["type"].startswith("common.")], record["observed_errors"]
+
+
+CANCEL_INSTEAD_OF_DROP = '''
+def cancel_instead(self, conn, text):  # the statement is cancelled (57014); the connection lives
+    if self.point == "write" and self.armed and self.data_inserts >= 3 and lab.is_checkpoint_write(text):
+        self.armed = False
+        with conn.cursor() as cur:
+            cur.execute("SET LOCAL statement_timeout = '10ms'")
+            cur.execute("SELECT pg_sleep(1)")
+lab.Outage.before_execute = cancel_instead
+'''
+
+
+def test_a_cancelled_statement_does_not_pass_for_a_lost_connection(embedded_params, tmp_path):
+    result = run_patched(tmp_path, "db_down", CANCEL_INSTEAD_OF_DROP, clean_env())
+    record = result.scenario("db_down")
+    assert "57014" in result.sqlstates("db_down"), record["observed_errors"]
+    assert result.returncode == 1 and record["triggered"] is False and record["cleaned"] is True
+    assert record["reason"] == "stopped early: the connection dropped between the data and its checkpoint", \
+        record["reason"]
