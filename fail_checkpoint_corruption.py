@@ -410,6 +410,9 @@ def corruption(s):
               note="kills of the in-place save that left no valid checkpoint")
     s.measure("kill_points_seen_by", sweep["seen_by"], show=False,
               note="what placed the kill points: system calls (ptrace) or python hooks")
+    s.triggered_if(sweep["crashed"] is None and sweep["finished"] == "new",
+                   "each save was killed just before the operation aimed at, as the OS counted "
+                   f"them ({sweep['seen_by']}); the save not killed finished")
     s.triggered_if(torn and len(torn) == len(sweep["points"]) - 1,
                    "every kill after the file was opened left no valid checkpoint at all")
 
@@ -1225,12 +1228,11 @@ def heartbeat_older_than_lease(s) -> bool:
     return lease_row(s)["heartbeat_age"] > LEASE_S
 
 
-def find_stuck_runs_older_than_5_min(conn) -> list:
-    """Runs 'in_progress' whose heartbeat is older than 5 minutes."""
+def find_runs_in_progress(conn) -> list:
+    """Runs 'in_progress': a run that never ends stays on this list."""
     with conn.cursor() as cur:
         cur.execute("SELECT job, owner FROM checkpoints "
-                    "WHERE status = 'in_progress' AND heartbeat "
-                    "< clock_timestamp() - interval '5 minutes'")
+                    "WHERE status = 'in_progress'")
         return cur.fetchall()
 
 
@@ -1276,7 +1278,7 @@ def find_stuck_runs_past_lease(conn) -> list:
                "could check?",
                "Fence the write: UPDATE checkpoints ... WHERE job = %s AND version = %s (your token); "
                "rowcount 0 means the lease is someone else's: rollback() and raise.")),
-    fix("find_stuck_runs", naive=find_stuck_runs_older_than_5_min, fixed=find_stuck_runs_past_lease,
+    fix("find_stuck_runs", naive=find_runs_in_progress, fixed=find_stuck_runs_past_lease,
         contract="""
         The check an operator schedules: return the runs that are stuck, one item per run (an
         empty list when none is), on the connection `conn` to the job's tables. The checkpoints
@@ -1286,7 +1288,8 @@ def find_stuck_runs_past_lease(conn) -> list:
         The grader runs it right after an owner was killed and its lease expired (it must find
         that run), while a live owner works (it must find nothing) and after the job is done
         (nothing).""",
-        hints=("How long is the silence after which this job's lease lets a restart take over?",
+        hints=("A healthy run is 'in_progress' too. What tells a stuck run from one at work, and "
+               "after how long a silence does this job's lease let a restart take over?",
                "Compare the heartbeat with the lease by the server's clock: heartbeat < "
                "clock_timestamp() - make_interval(secs => LEASE_S), for status 'in_progress' only."))])
 def interrupted_recovery(s):

@@ -61,6 +61,7 @@ PTRACE_TRACEME, PTRACE_GETREGS, PTRACE_SETOPTIONS, PTRACE_SYSCALL = 0, 12, 0x420
 PTRACE_GETREGSET, NT_PRSTATUS = 0x4204, 1
 PTRACE_O_TRACESYSGOOD, PTRACE_O_TRACECLONE, PTRACE_O_EXITKILL = 0x1, 0x8, 0x100000
 WALL = 0x40000000
+PR_SET_PDEATHSIG = 1
 AT_FDCWD = -100
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_APPEND", 0)
 TRACE_REFUSED = 97  # the child's exit code when it cannot be traced
@@ -124,10 +125,14 @@ def _traced(call, folder: str, kill_at: int, log) -> int | None:
     """Fork; the child runs call() under ptrace; return how it ended (negative: the signal), or
     None when the child could not be traced (then nothing of call() ran)."""
     libc = _libc()
+    tracer = os.getpid()
     pid = os.fork()
     if pid == 0:  # the traced child
         code = 0
         try:
+            libc.prctl(PR_SET_PDEATHSIG, SIGKILL)  # it never outlives the tracer, even stopped
+            if os.getppid() != tracer:
+                os._exit(TRACE_REFUSED)
             if libc.ptrace(PTRACE_TRACEME, 0, None, None) != 0:
                 os._exit(TRACE_REFUSED)
             os.kill(os.getpid(), signal.SIGSTOP)  # the tracer sets its options here
@@ -144,8 +149,7 @@ def _traced(call, folder: str, kill_at: int, log) -> int | None:
     log.send(("mode", "system calls"))
     libc.ptrace(PTRACE_SETOPTIONS, pid, None,
                 ctypes.c_void_p(PTRACE_O_TRACESYSGOOD | PTRACE_O_TRACECLONE | PTRACE_O_EXITKILL))
-    tracer = _Tracer(libc, pid, folder, kill_at, log)
-    return tracer.follow()
+    return _Tracer(libc, pid, folder, kill_at, log).follow()
 
 
 class _Tracer:
