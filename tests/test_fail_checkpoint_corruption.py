@@ -1,9 +1,15 @@
 """fail_checkpoint_corruption.py, run as a user runs it, against each target."""
+import inspect
+import json
+import multiprocessing
+import os
 import re
 
 import pytest
+from prometheus_client import CollectorRegistry, Counter
 
 import fail_checkpoint_corruption as lab
+from common import killpoints
 from common.fixes import source_of
 from common.scenario import _REGISTRY
 from conftest import (assert_gives_the_handout, assert_every_slot_has_a_control, assert_passed, clean_env, grade, lab_schemas, run_control,
@@ -32,6 +38,7 @@ def test_every_scenario_demonstrates_recovers_and_cleans(full_run):
     m = result.scenario("corruption")["measurements"]
     assert m["rows_missing_before"] == 500 and m["rows_missing_after"] == 0
     assert m["kills_torn_before"] > 0 and m["kills_torn_after"] == 0
+    assert m["kill_points_seen_by"] == ("system calls" if killpoints._tracer_arch() else "python hooks")
 
     # db_down: a real connection error through the proxy, the restart duplicated a batch; the fix
     # reconnected after each of the three drops and found the checkpoint where the data was
@@ -52,6 +59,69 @@ def test_every_scenario_demonstrates_recovers_and_cleans(full_run):
     m = result.scenario("interrupted_recovery")["measurements"]
     assert m["worker_exit_code"] == -9 and m["naive_restart_claimed"] is False
     assert m["late_write"] == {"checkpoint": 3000, "duplicated": 0}
+
+
+DETECTORS = {  # each scenario's detector: its name, its kind, and the first thing it found
+    "corruption": ("CheckpointTorn", "metric", "checkpoint_restores_total{outcome=torn} = 1"),
+    "db_down": ("ids_copied_twice", "sql", "1001, 2"),
+    "concurrent_access": ("checkpoint_race", "sql", "moved back, 3, 500, 1000"),
+    "interrupted_recovery": ("find_stuck_runs_past_lease", "python", "orders_copy, "),
+}
+
+
+def test_every_detector_fires_on_the_broken_state_and_is_quiet_after_the_fix(full_run):
+    _, result, _ = full_run
+    assert list(DETECTORS) == IDS
+    for scenario_id, (check, kind, first) in DETECTORS.items():
+        record = result.scenario(scenario_id)
+        detection = record["detection"]
+        assert (detection["check"], detection["kind"]) == (check, kind), scenario_id
+        assert detection["fired"] is True and detection["quiet_after_fix"] is True, (scenario_id, detection)
+        assert detection["found_broken"][0].startswith(first), (scenario_id, detection["found_broken"])
+        assert detection["found_after_fix"] == [] and detection["runbook"], scenario_id
+        assert "How to detect it" in record["sections"]["root_cause"], scenario_id
+    found = {i: result.scenario(i)["detection"]["found_broken"] for i in IDS}
+    assert found["db_down"][-1] == "... and 495 more"  # the 500 ids of batch 3, twice each
+    assert found["concurrent_access"][-1] == "... and 496 more"  # one move back, 500 ids twice
+    assert len(found["interrupted_recovery"]) == 1  # the one run, its owner dead
+    metrics = result.scenario("corruption")["metrics"]
+    assert metrics["naive"][-1]['checkpoint_restores_total{outcome="torn"}'] == 1
+    assert 'checkpoint_restores_total{outcome="torn"}' not in metrics["fixed"][-1]
+
+
+def test_the_alert_rules_pass_promtool_on_the_series_this_run_recorded(full_run, tmp_path):
+    """The checked-in rule tests are the ones this run generates (the counts do not depend on
+    timing), and promtool passes them; with the fixed run's series in the naive test, it fails."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from conftest import ROOT
+    from promtool import Unavailable, promtool
+
+    sys.path.insert(0, str(ROOT / "alerts"))
+    import generate
+
+    _, result, _ = full_run
+    text = generate.test_document(result.journal)
+    if result.scenario("corruption")["measurements"]["kill_points_seen_by"] == "system calls":
+        # generated where kill points are system calls; python hooks see more points (each write)
+        assert text == (ROOT / "alerts" / "fail_checkpoint_corruption.test.yml").read_text(encoding="utf-8")
+    try:
+        tool = promtool()
+    except Unavailable as exc:
+        pytest.skip(str(exc))
+    rules = ROOT / "alerts" / "fail_checkpoint_corruption.rules.yml"
+    (tmp_path / rules.name).write_text(rules.read_text(encoding="utf-8"), encoding="utf-8")
+    (tmp_path / "t.test.yml").write_text(text, encoding="utf-8")
+    got = subprocess.run([tool, "test", "rules", "t.test.yml"], cwd=tmp_path, capture_output=True, text=True)
+    assert got.returncode == 0, got.stdout + got.stderr
+    doc = yaml.safe_load(text)
+    doc["tests"][0]["input_series"] = doc["tests"][1]["input_series"]
+    (tmp_path / "t.test.yml").write_text(yaml.safe_dump(doc), encoding="utf-8")
+    got = subprocess.run([tool, "test", "rules", "t.test.yml"], cwd=tmp_path, capture_output=True, text=True)
+    assert got.returncode != 0
 
 
 HEADLINES = {  # the figure the summary shows for each scenario, as the journal gives it
@@ -116,6 +186,7 @@ CONTROLS = [
     ("concurrent_access", "worker_compare_and_set", "compare-and-set on version: each batch copied exactly once"),
     ("interrupted_recovery", "claim_job", "worker 2 took over the dead owner's expired lease"),
     ("interrupted_recovery", "write_batch", "the stalled owner's late write was refused"),
+    ("interrupted_recovery", "find_stuck_runs", "find_stuck_runs() finds nothing while worker 2 is alive"),
 ]
 
 
@@ -137,6 +208,67 @@ SAVE_OK = '''
 def save_checkpoint(path, state):
     save_checkpoint_atomic(path, state)
 '''
+
+
+LEASE_OK = '''
+def claim_job(conn, owner, lease_s):
+    return claim_with_lease(conn, owner, lease_s)
+
+def write_batch(conn, token):
+    return write_batch_fenced(conn, token)
+'''
+
+
+# A check that waits for a silence of 5 minutes when the lease is 1 s: on the broken state it finds
+# nothing, and the scenario fails on the claim that its detector fires.
+STUCK_AFTER_5_MIN = '''
+def find_stuck_runs(conn):
+    with conn.cursor() as cur:
+        cur.execute("SELECT job, owner FROM checkpoints WHERE status = 'in_progress' "
+                    "AND heartbeat < clock_timestamp() - interval '5 minutes'")
+        return cur.fetchall()
+''' + LEASE_OK
+
+
+def test_a_detector_that_waits_longer_than_the_lease_finds_nothing_and_fails(target, tmp_path):
+    _, env, params = target
+    write_solution(tmp_path, SCRIPT, "interrupted_recovery", STUCK_AFTER_5_MIN)
+    result = grade(SCRIPT, "interrupted_recovery", tmp_path, env)
+    record = result.scenario("interrupted_recovery")
+    assert result.returncode == 1 and record["mode"] == "exercise", result.stdout[-3000:]
+    assert record["detection"]["fired"] is False and record["triggered"] is False
+    failed = [c["claim"] for c in record["checks"] if not c["ok"]]
+    assert failed == ["the detector find_stuck_runs fires on the broken state"], failed
+    assert record["recovered"] is True and record["cleaned"] is True  # only the detector was wrong
+    assert lab_schemas(params, result.journal["run_id"]) == []
+
+
+# Savers that overwrite the checkpoint in place, each through another API (the kill points must
+# catch them all, wherever the OS sees their writes).
+def save_with_pathlib(path, state):
+    path.write_text(json.dumps(state), encoding="utf-8")
+
+
+def save_with_os_write(path, state):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, json.dumps(state).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_truncate_then_write(path, state):
+    os.truncate(path, 0)
+    with open(path, "r+", encoding="utf-8") as f:
+        f.write(json.dumps(state))
+
+
+def as_save_checkpoint(saver) -> str:
+    """A saver's source as a student's save_checkpoint."""
+    return inspect.getsource(saver).replace(f"def {saver.__name__}(", "def save_checkpoint(", 1)
+
+
 WRONG = {
     "temp file copied into place": ("corruption", '''
 import shutil
@@ -149,6 +281,9 @@ def save_checkpoint(path, state):
         os.fsync(f.fileno())
     shutil.copyfile(tmp, path)  # not one step: the copy truncates the checkpoint first
 ''' + RESUME_OK, "always left a whole checkpoint"),
+    "pathlib write_text in place": ("corruption", as_save_checkpoint(save_with_pathlib) + RESUME_OK, "always left a whole checkpoint"),
+    "os.open and os.write in place": ("corruption", as_save_checkpoint(save_with_os_write) + RESUME_OK, "always left a whole checkpoint"),
+    "os.truncate, then write": ("corruption", as_save_checkpoint(save_truncate_then_write) + RESUME_OK, "always left a whole checkpoint"),
     "checkpoint trusted whenever it parses": ("corruption", SAVE_OK + '''
 def resume_point(conn, text):
     try:
@@ -213,6 +348,9 @@ def claim_job(conn, owner, lease_s):
 
 def write_batch(conn, token):
     return write_batch_fenced(conn, token)
+
+def find_stuck_runs(conn):
+    return find_stuck_runs_past_lease(conn)
 ''', "a live owner's lease is not taken"),
 }
 
@@ -229,3 +367,144 @@ def test_a_wrong_solution_fails_with_the_claim_it_breaks(name, target, tmp_path)
     failed = [c["claim"] for c in record["checks"] if not c["ok"]]
     assert any(claim in c for c in failed), failed
     assert "NOT YET" in result.stdout
+
+
+# -- kill points where the OS sees writes: whatever API a saver writes through --------------------
+def save_with_os_replace_of_a_copy(path, state):
+    """Atomic through other APIs: pathlib for the temp file, os.replace for the swap."""
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_bytes(json.dumps(state).encode())
+    os.replace(tmp, path)
+
+
+class Sweeper:
+    """What kill_sweep uses of a scenario: a folder and a way to start a process."""
+
+    def __init__(self, folder):
+        self.tmpdir, self.procs = folder, []
+
+    def counter(self, name, doc, labels=()):
+        return Counter(name, doc, labels, registry=CollectorRegistry())
+
+    def spawn(self, target, *args):
+        proc = multiprocessing.get_context("spawn").Process(target=target, args=args, daemon=True)
+        proc.start()
+        self.procs.append(proc)
+        return proc
+
+
+OLD, NEW = {"job": lab.JOB, "last_id": 1000}, {"job": lab.JOB, "last_id": 1500}
+
+
+def sweep_with(saver, mode, tmp_path, monkeypatch) -> dict:
+    """The lesson's kill sweep of `saver`, its kill points placed by `mode`; it must end whole."""
+    if mode == "python hooks":
+        monkeypatch.setenv(killpoints.MODE_VARIABLE, "python")
+    elif killpoints._tracer_arch() is None:
+        pytest.skip("system call tracing needs Linux on x86_64 or aarch64")
+    sweep = lab.kill_sweep(Sweeper(tmp_path), saver, OLD, NEW)
+    assert sweep["seen_by"] == mode and sweep["crashed"] is None and sweep["finished"] == "new", sweep
+    return sweep
+IN_PLACE = [lab.save_checkpoint_in_place, save_with_pathlib, save_with_os_write, save_truncate_then_write]
+
+
+@pytest.mark.parametrize("mode", ["system calls", "python hooks"])
+@pytest.mark.parametrize("saver", IN_PLACE, ids=[f.__name__ for f in IN_PLACE])
+def test_an_in_place_saver_is_caught_whatever_api_it_writes_through(saver, mode, tmp_path, monkeypatch):
+    sweep = sweep_with(saver, mode, tmp_path, monkeypatch)
+    torn = [p for p, o in sweep["points"].items() if o not in ("old", "new")]
+    assert torn, sweep  # a kill between its truncation and its last write: no valid checkpoint
+    assert lab.read_back(tmp_path / "kills" / "checkpoint.json", OLD, NEW)[0] == "new"
+
+
+ATOMIC = [lab.save_checkpoint_atomic, save_with_os_replace_of_a_copy]
+
+
+@pytest.mark.parametrize("mode", ["system calls", "python hooks"])
+@pytest.mark.parametrize("saver", ATOMIC, ids=[f.__name__ for f in ATOMIC])
+def test_an_atomic_saver_meets_a_kill_point_at_each_operation_and_survives(saver, mode, tmp_path, monkeypatch):
+    sweep = sweep_with(saver, mode, tmp_path, monkeypatch)
+    assert set(sweep["points"].values()) <= {"old", "new"} and sweep["points"][1] == "old", sweep
+    assert len(sweep["points"]) == len(sweep["operations"]), sweep  # one kill per operation
+    kinds = " ".join(sweep["operations"])
+    assert "write" in kinds and ("rename" in kinds), sweep["operations"]
+
+
+# -- the checks checked: the lesson run from a tiny wrapper with one function patched --------------
+WRAPPER = '''
+import sys
+sys.path.insert(0, {root!r})
+import common
+import fail_checkpoint_corruption as lab
+from common import db
+{patch}
+sys.modules["__main__"].__file__ = lab.__file__  # the script's name, its alerts, its workers
+sys.modules["__main__"].__doc__ = lab.__doc__
+common.main()
+'''
+BREAK_BEFORE = '''
+real, calls = lab.{name}, []
+def broken(first, *args):  # break the recovered state, then let the check look at it
+    calls.append(1)
+    if len(calls) > {skip}:  # the calls before the recovery look at the broken run: left alone
+        conn = getattr(first, "conn", first)
+        conn.rollback()
+        with conn.cursor() as cur:
+            cur.execute({statement!r})
+        conn.commit()
+    return real(first, *args)
+lab.{name} = broken
+'''
+MISSING, DOUBLED = "DELETE FROM target_rows WHERE id = 1234", "INSERT INTO target_rows SELECT * FROM target_rows WHERE id = 1234"
+STALE, BEHIND = "UPDATE target_rows SET amount = amount + 1 WHERE id = 1234", "UPDATE checkpoints SET last_id = last_id - 1"
+LOCKED = "row lock (FOR UPDATE): each batch copied exactly once"
+BROKEN_STATES = {  # what is broken, just before which call (after how many), the claim that must fail
+    "corruption, a row missing": ("corruption", "prove_exactly_once", 0, MISSING, "missing 1, duplicated 0"),
+    "corruption, a row stale": ("corruption", "prove_exactly_once", 0, STALE, "equals source_rows by count and checksum"),
+    "db_down, a row doubled": ("db_down", "prove_exactly_once", 0, DOUBLED, "missing 0, duplicated 1"),
+    "db_down, a row doubled after a drop": ("db_down", "exactly_once", 1, DOUBLED, "the checkpoint matched the data"),
+    "concurrent_access, a row doubled": ("concurrent_access", "exactly_once", 0, DOUBLED, LOCKED),
+    "concurrent_access, the checkpoint one behind": ("concurrent_access", "damage", 1, BEHIND, LOCKED),
+    "interrupted_recovery, a row missing": ("interrupted_recovery", "prove_exactly_once", 0, MISSING, "missing 1"),
+    "interrupted_recovery, a late write doubled": ("interrupted_recovery", "damage", 0, DOUBLED, "late write was refused"),
+}
+
+
+def run_patched(tmp_path, scenario_id: str, patch: str, env: dict):
+    from conftest import ROOT
+
+    wrapper = tmp_path / "patched_lesson.py"
+    wrapper.write_text(WRAPPER.format(root=str(ROOT), patch=patch), encoding="utf-8")
+    return run_script(str(wrapper), "--only", scenario_id, env=env, tmp_path=tmp_path)
+
+
+@pytest.mark.parametrize("name", list(BROKEN_STATES))
+def test_a_recovery_check_fails_when_the_state_it_guards_is_broken(name, embedded_params, tmp_path):
+    scenario_id, function, skip, statement, claim = BROKEN_STATES[name]
+    patch = BREAK_BEFORE.format(name=function, skip=skip, statement=statement)
+    result = run_patched(tmp_path, scenario_id, patch, clean_env())
+    record = result.scenario(scenario_id)
+    assert result.returncode == 1 and record["triggered"] is True and record["cleaned"] is True, result.stdout[-3000:]
+    failed = [c["claim"] for c in record["checks"] if c["phase"] == "recovered" and not c["ok"]]
+    assert any(claim in c for c in failed), failed
+    assert not [e for e in record["observed_errors"] if e["type"].startswith("common.")], record["observed_errors"]
+
+
+CANCEL_INSTEAD_OF_DROP = '''
+def cancel_instead(self, conn, text):  # the statement is cancelled (57014); the connection lives
+    if self.point == "write" and self.armed and self.data_inserts >= 3 and lab.is_checkpoint_write(text):
+        self.armed = False
+        with conn.cursor() as cur:
+            cur.execute("SET LOCAL statement_timeout = '10ms'")
+            cur.execute("SELECT pg_sleep(1)")
+lab.Outage.before_execute = cancel_instead
+'''
+
+
+def test_a_cancelled_statement_does_not_pass_for_a_lost_connection(embedded_params, tmp_path):
+    result = run_patched(tmp_path, "db_down", CANCEL_INSTEAD_OF_DROP, clean_env())
+    record = result.scenario("db_down")
+    assert "57014" in result.sqlstates("db_down"), record["observed_errors"]
+    assert result.returncode == 1 and record["triggered"] is False and record["cleaned"] is True
+    assert record["reason"] == "stopped early: the connection dropped between the data and its checkpoint", \
+        record["reason"]
