@@ -118,7 +118,8 @@ def as_detector(value) -> Detector:
         return value
     if callable(value):
         return python_check(value, name=getattr(value, "__name__", None))
-    raise TypeError(f"not a detector: {value!r}")
+    raise TypeError(f"not a detector: {value!r} (a check that is only shown proves nothing: "
+                    "use sql_check, python_check or metric_alert)")
 
 
 def summary(found: list, most: int = 5) -> list[str]:

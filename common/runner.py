@@ -82,6 +82,8 @@ def run_scenario(run: Run, spec: ScenarioSpec, index: int) -> dict:
     if status == "passed" and not (triggered and recovered and cleaned):
         status = "failed"
         reason = reason or "; ".join(c.claim for c in s.checks if not c.ok)
+    if status == "passed" and s.detection is None:  # CONTRACT: every scenario runs its detector
+        status, reason = "failed", "no detector ran: the root cause names no check to fire on the failure"
     if leftovers:  # measured after every outcome: a skip or an interrupt that leaks says what it left
         status = "failed" if status == "skipped" else status
         reason = "; ".join(filter(None, [reason, f"left behind: {', '.join(leftovers)}"]))

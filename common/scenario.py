@@ -317,10 +317,6 @@ class Scenario:
         self.say(text)
         if detect is None:
             return
-        if isinstance(detect, str):  # a check only shown, never run: not a proof (journal: no detection)
-            self.say("How to detect it:", essential=False)
-            self.code(detect, lang="sql")
-            return
         from common import detect as detectors
 
         self.detector = detectors.as_detector(detect)

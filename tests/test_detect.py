@@ -52,6 +52,13 @@ def test_a_detector_that_fires_after_the_fix_fails_the_scenario(journal):
     assert record["detection"]["quiet_after_fix"] is False
 
 
+def test_a_scenario_without_a_detector_fails_however_well_it_recovered(journal):
+    record = journal[0].scenario("no_detector")
+    assert record["triggered"] is True and record["recovered"] is True and record["cleaned"] is True
+    assert record["status"] == "failed" and record["reason"].startswith("no detector ran")
+    assert record["detection"] is None
+
+
 def test_the_sql_shown_is_the_sql_run(journal):
     record = journal[0].scenario("sql_detector")
     assert "SELECT k, count(*) FROM t GROUP BY k HAVING count(*) > 1" in record["sections"]["root_cause"]
