@@ -147,7 +147,8 @@ def test_trimmed_traceback_names_packages_not_bare_init_files():
 
 
 @pytest.mark.parametrize("value, expected", [(None, "NULL"), (True, "yes"), ({"a": 1, "b": None}, "a 1, b NULL"),
-                                             ((32, 32), "32, 32"), ([], "none"), (0.5, "0.5")])
+                                             ((32, 32), "32, 32"), ([], "none"), (0.5, "0.5"),
+                                             (250499123.45, "250499123.45"), (2.5e8, "250000000")])
 def test_words_never_print_a_repr(value, expected):
     assert output.words(value) == expected
 
