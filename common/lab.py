@@ -152,6 +152,8 @@ def main(argv=None) -> None:
             sys.exit(2)
     shown = sys.stderr if args.json == "-" else sys.stdout  # the journal alone on stdout, when asked
     console = output.Console(shown, ascii_only=True if args.ascii else None)
+    if args.pause and sys.stdin.isatty() and shown.isatty():
+        console.page()
     started_at, t0 = datetime.now(timezone.utc), time.perf_counter()
     flags = passed_on(args)
     journals, codes = [], []
@@ -173,6 +175,9 @@ def main(argv=None) -> None:
                 break
     exit_code = 130 if interrupted else lab_exit_code(codes)
     seconds = time.perf_counter() - t0
+    if interrupted:
+        console.pager = False
+    console.wait_before("the lab summary")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the run is over: the summary and files are written whole
     summary(console, journals, seconds, skipped=[s.name for s in chosen[len(codes):]],
             interrupted=exit_code == 130)

@@ -370,6 +370,15 @@ class Console:
         self.shown = 0
         self.waited += time.perf_counter() - started
 
+    def wait_before(self, what: str) -> None:
+        """With --pause, wait before a closing part (a summary); a Ctrl-C here only skips the wait:
+        the run is over, its journal still to be written."""
+        if self.pager:
+            try:
+                self.wait(what)
+            except (KeyboardInterrupt, EOFError):
+                self.pager = False
+
     def step_break(self) -> None:
         """Before a recovery step: with --pause, wait unless the screen was just cleared for it."""
         if self.pager and self.shown > 3:

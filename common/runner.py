@@ -392,6 +392,9 @@ def _run(script: str, args, console: output.Console, selected: list[ScenarioSpec
             exit_code = 130
         except (KeyboardInterrupt, Interrupted):
             exit_code = 130
+    if exit_code == 130:  # a second Ctrl-C (the lab passes one on too) must not cut the summary and journal short
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        console.pager = False  # nor wait for an Enter nobody will press
     if run is not None and args.keep and run.kept:
         console.line()
         keep_hint(console, run.kept)
@@ -495,6 +498,7 @@ def control_note(records: list[dict]) -> str | None:
 def summary(console: output.Console, records: list[dict], seconds: float) -> None:
     if not records:
         return
+    console.wait_before("the summary")
     console.header("Summary")
     mark = console.check_mark
     console.table(["scenario", "triggered", "recovered", "cleaned", "status", "seconds"],
