@@ -150,7 +150,7 @@ def terminal_rows(stream) -> int:
     if os.environ.get("LINES", "").isdigit():
         return int(os.environ["LINES"])
     try:
-        return os.get_terminal_size(stream.fileno()).lines
+        return os.get_terminal_size(stream.fileno()).lines or 24  # 0: a terminal that does not say
     except (AttributeError, OSError, ValueError):
         return 24
 

@@ -214,34 +214,9 @@ def test_sigint_to_the_lab_alone_stops_the_running_script_and_the_rest(embedded_
 
 def test_ctrl_c_at_a_lab_pause_counts_nothing_as_failed(embedded_params, tmp_path):
     """Ctrl-C at the first prompt: one scenario interrupted, three never started, no failure."""
-    import os
-    import pty
-    import select
-    import signal
-    import time
+    from test_workshop import drive_in_pty
 
-    leader, follower = pty.openpty()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "lab.py"), "--only", "checkpoint", "--pause"],
-                            env=clean_env(NO_COLOR="1"), cwd=str(tmp_path), stdin=follower, stdout=follower,
-                            stderr=follower, start_new_session=True)
-    os.close(follower)
-    seen, deadline = b"", time.monotonic() + 120
-    while b"(Enter for" not in seen and time.monotonic() < deadline:
-        if select.select([leader], [], [], 0.5)[0]:
-            seen += os.read(leader, 65536)
-    os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole foreground group
-    while True:
-        try:
-            if not select.select([leader], [], [], 30)[0]:
-                break
-            chunk = os.read(leader, 65536)
-        except OSError:
-            break
-        if not chunk:
-            break
-        seen += chunk
-    proc.wait(60)
-    os.close(leader)
-    text = seen.decode("utf-8", "replace")
-    assert proc.returncode == 130, text[-2000:]
+    text, code, _ = drive_in_pty(["lab.py", "--only", "checkpoint", "--pause"], answer=False, group=True,
+                                 cwd=str(tmp_path), limit=120)
+    assert code == 130, text[-2000:]
     assert "0 passed, 0 failed, 1 interrupted, 3 not run" in text, text[-2000:]

@@ -42,9 +42,11 @@ def test_report_is_markdown_that_parses_into_headings_tables_and_code(embedded_p
 
 
 def drive_in_pty(args, answer: bool, think: float = 0.0, size: tuple[int, int] | None = None,
-                 limit: float = 60) -> tuple[str, int, float]:
+                 limit: float = 60, group: bool = False, cwd=None) -> tuple[str, int, float]:
     """Run on a pseudo-terminal (stdin and stdout) of `size` (columns, rows); press Enter at each
-    prompt if `answer`, after `think` seconds (the room thinking)."""
+    prompt if `answer`, after `think` seconds (the room thinking). Otherwise press Ctrl-C at the
+    first prompt: SIGINT to the process, or with `group` to its whole process group, as a
+    terminal sends it; then read what it prints until it ends."""
     leader, follower = pty.openpty()
     if size:
         import fcntl
@@ -53,10 +55,11 @@ def drive_in_pty(args, answer: bool, think: float = 0.0, size: tuple[int, int] |
 
         fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", size[1], size[0], 0, 0))
     env = {k: v for k, v in clean_env(NO_COLOR="1").items() if k not in ("COLUMNS", "LINES")}
-    proc = subprocess.Popen([sys.executable, str(ROOT / args[0]), *args[1:]], env=env,
-                            stdin=follower, stdout=follower, stderr=follower)
+    proc = subprocess.Popen([sys.executable, str(ROOT / args[0]), *args[1:]], env=env, cwd=cwd,
+                            stdin=follower, stdout=follower, stderr=follower, start_new_session=group)
     os.close(follower)
     seen, started, deadline = b"", time.monotonic(), time.monotonic() + limit
+    interrupted = False
     while time.monotonic() < deadline:
         ready, _, _ = select.select([leader], [], [], 0.5)
         if ready:
@@ -72,11 +75,12 @@ def drive_in_pty(args, answer: bool, think: float = 0.0, size: tuple[int, int] |
                 os.write(leader, b"\n")
         elif proc.poll() is not None:
             break
-        elif not answer and time.monotonic() - started > 8:
-            break  # waiting for an Enter that will not come
-    if proc.poll() is None:
+        elif not answer and not interrupted and time.monotonic() - started > 8:
+            interrupted = True  # waiting for an Enter that will not come: Ctrl-C, then read the rest
+            os.killpg(proc.pid, signal.SIGINT) if group else proc.send_signal(signal.SIGINT)
+    if proc.poll() is None and not interrupted:
         proc.send_signal(signal.SIGINT)  # Ctrl-C at the prompt: cleans up and exits 130
-    proc.wait(15)
+    proc.wait(60)
     os.close(leader)
     return seen.decode("utf-8", "replace"), proc.returncode, time.monotonic() - started
 
