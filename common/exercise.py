@@ -65,13 +65,20 @@ def prepare(script: str, args, console: output.Console):
                 f.write(starting_file(script, spec.id, spec.title, spec.fixes, command))
         except OSError as exc:
             _exit(2, f"error: cannot write the exercise file {path}: {exc.strerror or exc}\n", sys.stderr)
+        lab = Path(sys.argv[0]).resolve().parent / "lab.py"
         console.line(f"Exercise {spec.id}: {spec.title}", "bold")
         if moved:
             console.line(f"   started again; your previous file is kept as {output.typed_path(str(moved))}")
-        console.line(f"   your file:  {output.typed_path(str(path))}")
-        console.line(f"   edit:       {', '.join(f.slot + '()' for f in spec.fixes)}  (the contract is in each docstring)")
-        console.line(f"   grade it:   {command}")
-        console.line(f"   hints:      {command} --hint   (then --hint 2; --solution shows the reference)")
+        for label, text in (("your file:", output.typed_path(str(path))),
+                            ("edit:", f"{', '.join(f.slot + '()' for f in spec.fixes)}  (the contract is in each "
+                                      "docstring)"),
+                            ("grade it:", command),
+                            ("hints:", f"{command} --hint   (then --hint 2; --solution shows the reference)"),
+                            ("progress:", f"{_relative(sys.executable)} {_relative(str(lab))} --progress"
+                             if lab.exists() else f"{command.rsplit(' --exercise', 1)[0]} --progress")):
+            console.wrapped(f"{label:<11} {text}", "   ", " " * 15)  # a long path breaks after a '/'
+        console.wrapped("Only the functions your file defines itself are graded: the lesson's own fixes, which "
+                        "the import line brings in, do not count.", "   ", "   ", "dim")
         _exit(0)
     try:
         module = load_student_module(path, spec.fixes)
@@ -107,20 +114,40 @@ def grade(console: output.Console, record: dict, reports: dict | None = None) ->
         console.line("   What your code did:", "bold")
         for slot, info in did.items():
             console.wrapped(f"{slot}(): {info['summary']}", indent="     ", hang="       ")
+    faults = _faults_met(record)
+    if faults and not passed and any(not c["ok"] for c in yours) and did and \
+            all(not info["raised"] and not info["timed_out"] for info in did.values()):
+        console.wrapped(f"The fault was real ({faults}, as the demonstration shows) and your code raised "
+                        "nothing: it caught the error and went on, or never noticed the damage. The claims "
+                        "above say what that cost.", indent="   ", hang="   ", style="bad")
     if reports and reports.get("count"):
         console.wrapped(f"logging printed {reports['count']} '--- Logging error ---' report(s) of its own on stderr "
                         "(Handler.handleError: each one a record a handler dropped); the first, trimmed:",
                         indent="   ", hang="     ", style="bad")
         console.code("\n".join(reports["first"]), indent="     ")
-    figures = [(k, v) for k, v in (record.get("measurements") or {}).items()]
-    if figures:
-        notes = {b["name"]: b for blocks in (record.get("blocks") or {}).values() for b in blocks
-                 if b["kind"] == "measure"}
-        console.line("   Measured:")
-        for name, value in figures:
-            shown = notes.get(name, {}).get("value") or output.words(value)
-            note = notes.get(name, {}).get("note")
-            console.wrapped(f"{name} = {shown}" + (f"  ({note})" if note else ""), indent="     ", hang="         ")
+    demonstration, yours_measured = _figures(record)
+    for title, figures, style in (("The demonstration measured:", demonstration, "dim"),
+                                  ("Measured with your code:", yours_measured, None)):
+        if figures:
+            console.line(f"   {title}", style)
+            for text in figures:
+                console.wrapped(text, indent="     ", hang="         ", style=style)
+
+
+def _figures(record: dict) -> tuple[list[str], list[str]]:
+    """The figures as the lesson showed them (`name = value  (note)`), split by where they were
+    measured: before the recovery (the lesson's naive code), or in it (the student's)."""
+    where, shown = {}, {}
+    for section, blocks in (record.get("blocks") or {}).items():
+        for b in blocks:
+            if b["kind"] == "measure":
+                where[b["name"]], shown[b["name"]] = section, b
+    lesson, yours = [], []
+    for name, value in (record.get("measurements") or {}).items():
+        b = shown.get(name, {})
+        text = f"{name} = {b.get('value') or output.words(value)}" + (f"  ({b['note']})" if b.get("note") else "")
+        (yours if where.get(name) in ("recovery", "prevention") else lesson).append(text)
+    return lesson, yours
 
 
 def what_the_code_did(slots) -> dict:
@@ -134,17 +161,35 @@ def what_the_code_did(slots) -> dict:
             parts.append(f"handed to {log.in_processes} worker process(es), where it ran on its own")
         if not parts:
             parts.append("never called (the scenario stopped before it)")
-        for exc, line in _distinct(log.caught):
-            parts.append(f"your code caught {_fault(exc)}{_at(line)} and went on")
         for exc, line in _distinct(log.raised):
             parts.append(f"it raised {_fault(exc)}{_at(line)}, which left your function")
         if log.expired:
             parts.append(f"it did not return within {log.limit:g} s: stopped, its queries cancelled, "
                          "and not called again in this run")
+        if log.calls and not log.raised and not log.expired:
+            parts.append("it returned normally every time: nothing it raised reached the scenario")
         out[slot] = {"calls": log.calls, "processes": log.in_processes, "timed_out": log.expired,
-                     "caught": [output.error_type(e) for e, _ in log.caught],
                      "raised": [output.error_type(e) for e, _ in log.raised], "summary": "; ".join(parts)}
     return out
+
+
+def _faults_met(record: dict) -> str:
+    """The faults the lesson's demonstration really raised (its Error section), in words."""
+    seen = []
+    for e in [b for b in (record.get("blocks") or {}).get("error", []) if b["kind"] == "error"]:
+        words = _fault_words(e["type"], e.get("sqlstate"))
+        if words not in seen:
+            seen.append(words)
+    return "; ".join(seen[:3])
+
+
+def _fault_words(kind: str, state: str | None) -> str:
+    what = {"08": "a lost connection", "40": "a transaction rolled back", "57": "a statement cancelled or "
+            "a server shut down", "23": "a constraint violated", "53": "a server out of resources",
+            "42": "a statement the server refused", "55": "an object in use"}.get((state or "")[:2])
+    if what is None and kind.endswith(("OperationalError", "InterfaceError")):
+        what = "a lost connection"
+    return f"{what}, {kind}" if what else kind
 
 
 def _distinct(pairs):
@@ -159,12 +204,7 @@ def _distinct(pairs):
 
 def _fault(exc: BaseException) -> str:
     text = output.redact(str(exc).strip().splitlines()[0] if str(exc).strip() else "")
-    state = getattr(exc, "pgcode", None)
-    what = {"08": "a lost connection", "40": "a transaction rollback", "57": "an operator intervention",
-            "23": "a constraint violation", "53": "an exhausted resource"}.get((state or "")[:2])
-    if what is None and type(exc).__name__ in ("OperationalError", "InterfaceError") and not state:
-        what = "a lost connection"
-    return (f"{what}, " if what else "") + f"{output.error_type(exc)}" + (f" ({text[:120]})" if text else "")
+    return _fault_words(output.error_type(exc), getattr(exc, "pgcode", None)) + (f" ({text[:120]})" if text else "")
 
 
 def _at(line: int | None) -> str:

@@ -53,7 +53,9 @@ class _Expired(BaseException):
 
 @dataclass
 class CallLog:
-    """What a student's function did in this run: how often it ran, what left it, what it caught."""
+    """What a student's function did in this run: how often it ran, what left it, whether it
+    was stopped. (What it caught is not traced: a trace function in the thread changes how the
+    lessons' races run.)"""
     slot: str
     limit: float
     file: str = ""
@@ -61,7 +63,6 @@ class CallLog:
     expired: bool = False
     in_processes: int = 0  # handed to worker processes, where it runs untraced
     raised: list = field(default_factory=list)  # [(exception, line in the student's file or None)]
-    caught: list = field(default_factory=list)  # the same, for exceptions that did not leave it
 
     @property
     def timeout_message(self) -> str:
@@ -206,38 +207,6 @@ class _Watch:
                 continue
 
 
-class _Tracer:
-    """Records the exceptions that pass through the student's own frames (in this thread only),
-    so the grade can say what the code did with the fault, even when it caught it."""
-
-    def __init__(self, filename: str):
-        self.filename, self.seen, self.previous = filename, [], None
-
-    def __enter__(self):
-        self.previous = sys.gettrace()
-        if self.filename and self.previous is None:  # never displace a debugger or a coverage tool
-            sys.settrace(self._call)
-        return self
-
-    def __exit__(self, *exc):
-        if self.filename and self.previous is None:
-            sys.settrace(None)
-
-    def _call(self, frame, event, arg):
-        if frame.f_code.co_filename != self.filename:
-            return None
-        frame.f_trace_lines = False
-        return self._local
-
-    def _local(self, frame, event, arg):
-        if event == "exception":
-            exc = arg[1]
-            if not isinstance(exc, (StopIteration, GeneratorExit, _Expired)) and \
-                    all(e is not exc for e, _ in self.seen):
-                self.seen.append((exc, frame.f_lineno))
-        return self._local
-
-
 def time_limited(fn: Callable, seconds: float, on_timeout: Callable | None = None,
                  log: CallLog | None = None) -> Callable:
     """Call fn in the caller's thread; if it has not returned after `seconds`, cancel the run's
@@ -254,11 +223,9 @@ def time_limited(fn: Callable, seconds: float, on_timeout: Callable | None = Non
         if log.expired:
             raise TimeLimitExceeded(f"{log.timeout_message} (stopped earlier in this run, not called again)")
         log.calls += 1
-        tracer = _Tracer(filename)
         watch = _Watch(seconds, on_timeout)
         try:
-            with tracer:
-                return fn(*args, **kwargs)
+            return fn(*args, **kwargs)
         except BaseException as exc:
             watch.disarm()
             if watch.fired:
@@ -268,7 +235,6 @@ def time_limited(fn: Callable, seconds: float, on_timeout: Callable | None = Non
             raise
         finally:
             watch.disarm()
-            log.caught += [(e, line) for e, line in tracer.seen if log.raised_here(e) is None]
             if watch.fired and not log.expired:  # it returned, but only after its limit
                 log.expired = True
                 raise TimeLimitExceeded(log.timeout_message)
