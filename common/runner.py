@@ -298,11 +298,17 @@ def output_path_problem(flag: str, value: str | None) -> str | None:
         return f"{flag} {value} is not a regular file (a FIFO, socket or device): name a file, or '-' for standard output"
     if not path.parent.is_dir():
         return f"{flag} {value}: the folder {path.parent} does not exist"
-    if st is not None:
-        if not os.access(path, os.W_OK):
-            return f"{flag} {value} cannot be written: permission denied"
-    elif not os.access(path.parent, os.W_OK | os.X_OK):
-        return f"{flag} {value} cannot be written: the folder {path.parent} is not writable"
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        return None  # /dev/null
+    try:  # a regular file, or none yet: opening it cannot block
+        if st is not None:
+            with open(path, "a", encoding="utf-8"):
+                pass
+        else:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            path.unlink(missing_ok=True)
+    except OSError as exc:
+        return f"{flag} {value} cannot be written: {exc.strerror or exc}"
     return None
 
 
