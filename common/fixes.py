@@ -224,18 +224,22 @@ def time_limited(fn: Callable, seconds: float, on_timeout: Callable | None = Non
             raise TimeLimitExceeded(f"{log.timeout_message} (stopped earlier in this run, not called again)")
         log.calls += 1
         watch = _Watch(seconds, on_timeout)
+        returned = False
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            returned = True
+            return result
         except BaseException as exc:
             watch.disarm()
-            if watch.fired:
+            if watch.fired and isinstance(exc, (Exception, _Expired)):  # a Ctrl-C stays a Ctrl-C
                 log.expired = True
                 raise TimeLimitExceeded(log.timeout_message) from None
-            log.raised.append((exc, _student_line(exc, filename)))
+            if isinstance(exc, Exception):  # not a Ctrl-C or SIGTERM: those are the run's, not the code's
+                log.raised.append((exc, _student_line(exc, filename)))
             raise
         finally:
             watch.disarm()
-            if watch.fired and not log.expired:  # it returned, but only after its limit
+            if returned and watch.fired:  # it returned, but only after its limit
                 log.expired = True
                 raise TimeLimitExceeded(log.timeout_message)
 
