@@ -374,7 +374,9 @@ def starting_file(script: str, scenario_id: str, title: str, fixes: tuple[Fix, .
             f"    {command}\n\n"
             "The scenario then runs for real, against PostgreSQL, with your code in place of the\n"
             "lesson's fix and under the same fault; its verdicts are your grade. Hints: add --hint,\n"
-            "then --hint 2; the reference solution: --solution.\n"
+            "then --hint 2; the reference solution: --solution. Only the functions this file\n"
+            "defines are graded: the lesson's own fixes, which the import line brings in, do not\n"
+            "count, so keep every function below, under its name.\n"
             '"""\n'
             f"from {module} import *  # noqa: F401,F403  the lesson's helpers, constants and imports\n")
     bodies = [_renamed(f.naive, f.slot, f.contract) for f in fixes]
