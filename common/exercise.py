@@ -289,17 +289,17 @@ def _digest(path: Path) -> str | None:
         return None
 
 
-def exercise_state(folder: Path, script: str, scenario_id: str) -> str:
-    """not started, started, not yet (its last grade), passed (its last grade)."""
+def exercise_state(folder: Path, script: str, scenario_id: str) -> tuple[str, str]:
+    """(state, its last grade): not started, started (never graded), passed or not yet (at its
+    last grade, with when, and whether the file was edited since)."""
     path = exercise_path(folder, script, scenario_id)
     if not path.exists():
-        return "not started"
+        return "not started", ""
     last = _progress(folder).get(f"{Path(script).stem}/{scenario_id}")
     if not last:
-        return "started"
+        return "started", ""
     edited = ", edited since" if last.get("digest") != _digest(path) else ""
-    word = "passed" if last["status"] == "passed" else "not yet"
-    return f"{word} at its last grade ({last['graded_at']}{edited})"
+    return ("passed" if last["status"] == "passed" else "not yet"), f"{last['graded_at'][5:]}{edited}"
 
 
 def show_progress(console: output.Console, folder: Path, scripts: list[tuple[str, list[tuple[str, str]]]],
@@ -308,13 +308,13 @@ def show_progress(console: output.Console, folder: Path, scripts: list[tuple[str
     rows, first_open = [], None
     for script, exercises in scripts:
         for scenario_id, title in exercises:
-            state = exercise_state(folder, script, scenario_id)
-            rows.append([Path(script).stem.split("_")[1], scenario_id, state])
-            if first_open is None and not state.startswith("passed"):
+            state, when = exercise_state(folder, script, scenario_id)
+            rows.append([Path(script).stem.split("_")[1], scenario_id, state, when])
+            if first_open is None and state != "passed":
                 first_open = (script, scenario_id, state)
     console.header(f"Exercises in {output.typed_path(str(folder))}: "
-                   f"{sum(r[2].startswith('passed') for r in rows)} of {len(rows)} passed")
-    console.table(["script", "exercise", "state"], rows)
+                   f"{sum(r[2] == 'passed' for r in rows)} of {len(rows)} passed at their last grade")
+    console.table(["script", "exercise", "state", "last grade"], rows)
     console.line()
     if first_open is None:
         console.line("   Every exercise passed at its last grade.", "ok")

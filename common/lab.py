@@ -126,8 +126,10 @@ def lab_exit_code(codes: list[int]) -> int:
 
 
 def main(argv=None) -> None:
+    from common.cleanup import guard_standard_streams
     from common.runner import output_path_problem, write_output
 
+    guard_standard_streams()  # `lab.py --progress | head`: a reader that leaves ends the output, not the lab
     args = parse_args(sys.argv[1:] if argv is None else argv)
     chosen = selected(args)
     if args.list or args.progress:

@@ -183,7 +183,8 @@ def test_lab_progress_lists_all_sixteen_exercises_and_the_next_command(tmp_path)
     assert proc.returncode == 0, proc.stderr
     rows = [ln.split() for ln in proc.stdout.splitlines() if ln.startswith("   ") and ln.rstrip().endswith("started")]
     assert len(rows) == 16 and all(r[-2:] == ["not", "started"] for r in rows)
-    assert "0 of 16 passed" in proc.stdout
+    assert "0 of 16 passed at their last grade" in proc.stdout
+    assert max(len(ln) for ln in proc.stdout.split("next (start it):")[0].splitlines()) <= 80
     nxt = proc.stdout.split("next (start it):")[1].split()
     assert nxt[:4] == [sys.executable, str(ROOT / "fail_checkpoint_corruption.py"), "--exercise", "corruption"]
 
