@@ -4,6 +4,7 @@ all their scenarios, one exit status, and optionally one journal (--json) and on
     .venv/bin/python lab.py                      # the whole lab
     .venv/bin/python lab.py --brief --pause      # presenting it, one section at a time
     .venv/bin/python lab.py --json lab.json --report lab.md
+    .venv/bin/python lab.py --progress           # every exercise: its state, and the next command
 """
 from common.lab import main
 

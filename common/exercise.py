@@ -7,11 +7,18 @@ slots (see common.fixes), and a grade line follows its verdicts.
 from __future__ import annotations
 
 import ast
+import contextlib
+import hashlib
 import importlib.util
+import inspect
+import io
+import json
 import os
 import shlex
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -48,6 +55,9 @@ def prepare(script: str, args, console: output.Console):
             if args.hint > len(f.hints):
                 console.line(f"  (no more hints; the reference solution: {command} --solution)")
         _exit(0)
+    moved = restart(path) if args.restart else None
+    if moved:
+        record_grade(Path(args.exercise_dir), script, spec.id, None)
     if not path.exists():
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -55,34 +65,284 @@ def prepare(script: str, args, console: output.Console):
                 f.write(starting_file(script, spec.id, spec.title, spec.fixes, command))
         except OSError as exc:
             _exit(2, f"error: cannot write the exercise file {path}: {exc.strerror or exc}\n", sys.stderr)
+        lab = Path(sys.argv[0]).resolve().parent / "lab.py"
         console.line(f"Exercise {spec.id}: {spec.title}", "bold")
-        console.line(f"   your file:  {path.resolve()}")
-        console.line(f"   edit:       {', '.join(f.slot + '()' for f in spec.fixes)}  (the contract is in each docstring)")
-        console.line(f"   grade it:   {command}")
-        console.line(f"   hints:      {command} --hint   (then --hint 2; --solution shows the reference)")
+        if moved:
+            console.line(f"   started again; your previous file is kept as {output.typed_path(str(moved))}")
+        for label, text in (("your file:", output.typed_path(str(path))),
+                            ("edit:", f"{', '.join(f.slot + '()' for f in spec.fixes)}  (the contract is in each "
+                                      "docstring)"),
+                            ("grade it:", command),
+                            ("hints:", f"{command} --hint   (then --hint 2; --solution shows the reference)"),
+                            ("progress:", f"{_relative(sys.executable)} {_relative(str(lab))} --progress"
+                             if lab.exists() else f"{command.rsplit(' --exercise', 1)[0]} --progress")):
+            console.wrapped(f"{label:<11} {text}", "   ", " " * 15)  # a long path breaks after a '/'
+        console.wrapped("Only the functions your file defines itself are graded: the lesson's own fixes, which "
+                        "the import line brings in, do not count.", "   ", "   ", "dim")
         _exit(0)
     try:
         module = load_student_module(path, spec.fixes)
     except ExerciseError as exc:
         _exit(2, f"error: {exc}\n", sys.stderr)
-    console.line(f"Grading {path} against scenario {spec.id}", "bold")
+    console.wrapped(f"Grading {output.typed_path(str(path))} against scenario {spec.id}", "", "   ", "bold")
     return module, [spec]
 
 
-def grade(console: output.Console, record: dict) -> None:
-    """The grade line: which claims held, which failed, and what was measured."""
-    held = [c["claim"] for c in record.get("checks", []) if c["ok"]]
-    failed = [c["claim"] for c in record.get("checks", []) if not c["ok"]]
-    console.header("Grade: " + ("PASSED, your fix holds under the real fault" if record["status"] == "passed"
+def grade(console: output.Console, record: dict, reports: dict | None = None) -> None:
+    """The grade, spoken to the student: the lesson's demonstration apart from their verdicts,
+    what their code did with the fault, logging's own error reports counted, the figures as the
+    lesson shows them."""
+    checks = record.get("checks", [])
+    lesson = [c for c in checks if c["phase"] == "triggered"]
+    yours = [c for c in checks if c["phase"] == "recovered"]
+    passed = record["status"] == "passed"
+    console.header("Grade: " + ("PASSED, your fix holds under the real fault" if passed
                                 else "NOT YET, the fault still breaks your code"))
-    for ok, claim in [(True, c) for c in held] + [(False, c) for c in failed]:
-        console.wrapped(f"{console.check_mark(ok)} {claim}", indent="   ", hang="     ", style="ok" if ok else "bad")
+    if lesson:
+        console.line("   The lesson's demonstration (its naive code, before yours ran):", "dim")
+        for c in lesson:
+            console.wrapped(f"{console.check_mark(c['ok'])} {c['claim']}", indent="     ", hang="       ", style="dim")
+    console.line("   Your code, under the same fault:", "bold")
+    for c in yours or [{"ok": False, "claim": "no claim about your code was checked: the scenario stopped before"}]:
+        console.wrapped(f"{console.check_mark(c['ok'])} {c['claim']}", indent="     ", hang="       ",
+                        style="ok" if c["ok"] else "bad")
     if not record.get("cleaned", True):
-        console.wrapped(f"{console.check_mark(False)} cleanup: {record.get('reason', '')}", indent="   ",
-                        hang="     ", style="bad")
-    if record.get("measurements"):
-        console.wrapped("measured: " + "; ".join(f"{k} {output.words(v)}" for k, v in record["measurements"].items()),
-                        indent="   ", hang="     ")
+        console.wrapped(f"{console.check_mark(False)} cleanup: {record.get('reason', '')}", indent="     ",
+                        hang="       ", style="bad")
+    did = record.get("student") or {}
+    if did:
+        console.line("   What your code did:", "bold")
+        for slot, info in did.items():
+            console.wrapped(f"{slot}(): {info['summary']}", indent="     ", hang="       ")
+    faults = _faults_met(record)
+    if faults and not passed and any(not c["ok"] for c in yours) and did and \
+            all(not info["raised"] and not info["timed_out"] for info in did.values()):
+        console.wrapped(f"The fault was real ({faults}, as the demonstration shows) and your code raised "
+                        "nothing: it caught the error and went on, or never noticed the damage. The claims "
+                        "above say what that cost.", indent="   ", hang="   ", style="bad")
+    if reports and reports.get("count"):
+        console.wrapped(f"logging printed {reports['count']} '--- Logging error ---' report(s) of its own on stderr "
+                        "(Handler.handleError: each one a record a handler dropped); the first, trimmed:",
+                        indent="   ", hang="     ", style="bad")
+        console.code("\n".join(reports["first"]), indent="     ")
+    demonstration, yours_measured = _figures(record)
+    for title, figures, style in (("The demonstration measured:", demonstration, "dim"),
+                                  ("Measured with your code:", yours_measured, None)):
+        if figures:
+            console.line(f"   {title}", style)
+            for text in figures:
+                console.wrapped(text, indent="     ", hang="         ", style=style)
+
+
+def _figures(record: dict) -> tuple[list[str], list[str]]:
+    """The figures as the lesson showed them (`name = value  (note)`), split by where they were
+    measured: before the recovery (the lesson's naive code), or in it (the student's)."""
+    where, shown = {}, {}
+    for section, blocks in (record.get("blocks") or {}).items():
+        for b in blocks:
+            if b["kind"] == "measure":
+                where[b["name"]], shown[b["name"]] = section, b
+    lesson, yours = [], []
+    for name, value in (record.get("measurements") or {}).items():
+        b = shown.get(name, {})
+        text = f"{name} = {b.get('value') or output.words(value)}" + (f"  ({b['note']})" if b.get("note") else "")
+        (yours if where.get(name) in ("recovery", "prevention") else lesson).append(text)
+    return lesson, yours
+
+
+def what_the_code_did(slots) -> dict:
+    """slot -> what the student's function did in this run, in words, for the grade and the journal."""
+    out = {}
+    for slot, log in slots.logs.items():
+        parts = []
+        if log.calls:
+            parts.append(f"called {log.calls} time{'s' if log.calls != 1 else ''} here")
+        if log.in_processes:
+            parts.append(f"handed to {log.in_processes} worker process(es), where it ran on its own")
+        if not parts:
+            parts.append("never called (the scenario stopped before it)")
+        for exc, line in _distinct(log.raised):
+            parts.append(f"it raised {_fault(exc)}{_at(line)}, which left your function")
+        if log.expired:
+            parts.append(f"it did not return within {log.limit:g} s: stopped, its queries cancelled, "
+                         "and not called again in this run")
+        if log.calls and not log.raised and not log.expired:
+            parts.append("it returned normally every time: nothing it raised reached the scenario")
+        out[slot] = {"calls": log.calls, "processes": log.in_processes, "timed_out": log.expired,
+                     "raised": [output.error_type(e) for e, _ in log.raised], "summary": "; ".join(parts)}
+    return out
+
+
+def _faults_met(record: dict) -> str:
+    """The faults the lesson's demonstration really raised (its Error section), in words."""
+    seen = []
+    for e in [b for b in (record.get("blocks") or {}).get("error", []) if b["kind"] == "error"]:
+        words = _fault_words(e["type"], e.get("sqlstate"))
+        if words not in seen:
+            seen.append(words)
+    return "; ".join(seen[:3])
+
+
+def _fault_words(kind: str, state: str | None) -> str:
+    what = {"08": "a lost connection", "40": "a transaction rolled back", "57": "a statement cancelled or "
+            "a server shut down", "23": "a constraint violated", "53": "a server out of resources",
+            "42": "a statement the server refused", "55": "an object in use"}.get((state or "")[:2])
+    if what is None and kind.endswith(("OperationalError", "InterfaceError")):
+        what = "a lost connection"
+    return f"{what}, {kind}" if what else kind
+
+
+def _distinct(pairs):
+    seen, out = set(), []
+    for exc, line in pairs:
+        key = (type(exc), line)
+        if key not in seen:
+            seen.add(key)
+            out.append((exc, line))
+    return out[:4]
+
+
+def _fault(exc: BaseException) -> str:
+    text = output.redact(str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+    return _fault_words(output.error_type(exc), getattr(exc, "pgcode", None)) + (f" ({text[:120]})" if text else "")
+
+
+def _at(line: int | None) -> str:
+    return f" at line {line}" if line else ""
+
+
+@contextlib.contextmanager
+def logging_reports():
+    """While a student's code is graded, the standard library's '--- Logging error ---' reports
+    (Handler.handleError, one per dropped record) are counted, not printed: the grade says how
+    many and shows the first, trimmed, as the lesson does. Where the lesson itself collects them
+    (stderr redirected), they go there as before."""
+    import logging
+
+    real, original = sys.stderr, logging.Handler.handleError
+    tally, lock = {"count": 0, "first": []}, threading.Lock()
+
+    def handle_error(self, record):
+        if sys.stderr is not real or not logging.raiseExceptions:
+            return original(self, record)
+        buffer = io.StringIO()
+        with contextlib.redirect_stderr(buffer):
+            original(self, record)
+        text = buffer.getvalue()
+        if "--- Logging error ---" not in text:
+            real.write(text)
+            return None
+        with lock:
+            tally["count"] += 1
+            if not tally["first"]:
+                tally["first"] = trimmed_logging_error(text)
+        return None
+
+    logging.Handler.handleError = handle_error
+    try:
+        yield tally
+    finally:
+        logging.Handler.handleError = original
+
+
+def trimmed_logging_error(text: str) -> list[str]:
+    """One '--- Logging error ---' report in a few lines: the exception, where, the message."""
+    lines = [ln for ln in text.split("--- Logging error ---", 1)[1].strip().splitlines()]
+    stack = lines.index("Call stack:") if "Call stack:" in lines else len(lines)
+    error = lines[stack - 1] if stack else ""
+    return ["--- Logging error ---", error] + [ln for ln in lines if ln.startswith(("Message:", "Arguments:"))]
+
+
+# -- progress ---------------------------------------------------------------------------------------
+PROGRESS_FILE = ".progress.json"
+
+
+def _progress(folder: Path) -> dict:
+    try:
+        return json.loads((folder / PROGRESS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def record_grade(folder: Path, script: str, scenario_id: str, status: str | None) -> None:
+    """Remember the last grade of an exercise (with its file's digest, to tell an edit since);
+    None forgets it (the exercise started again)."""
+    path = exercise_path(folder, script, scenario_id)
+    key = f"{Path(script).stem}/{scenario_id}"
+    state = _progress(folder)
+    if status is None and key not in state:
+        return
+    with contextlib.suppress(OSError):
+        if status is None:
+            del state[key]
+        else:
+            state[key] = {"status": status, "graded_at": time.strftime("%Y-%m-%d %H:%M"), "digest": _digest(path)}
+        tmp = folder / (PROGRESS_FILE + ".tmp")
+        tmp.write_text(json.dumps(state, indent=1, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, folder / PROGRESS_FILE)
+
+
+def _digest(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def exercise_state(folder: Path, script: str, scenario_id: str) -> tuple[str, str]:
+    """(state, its last grade): not started, started (never graded), passed or not yet (at its
+    last grade, with when, and whether the file was edited since)."""
+    path = exercise_path(folder, script, scenario_id)
+    if not path.exists():
+        return "not started", ""
+    last = _progress(folder).get(f"{Path(script).stem}/{scenario_id}")
+    if not last:
+        return "started", ""
+    edited = ", edited since" if last.get("digest") != _digest(path) else ""
+    return ("passed" if last["status"] == "passed" else "not yet"), f"{last['graded_at'][5:]}{edited}"
+
+
+def show_progress(console: output.Console, folder: Path, scripts: list[tuple[str, list[tuple[str, str]]]],
+                  interpreter: str | None = None) -> int:
+    """Every exercise with its state, and the next command to type. Returns the exit code (0)."""
+    rows, first_open = [], None
+    for script, exercises in scripts:
+        for scenario_id, title in exercises:
+            state, when = exercise_state(folder, script, scenario_id)
+            rows.append([Path(script).stem.split("_")[1], scenario_id, state, when])
+            if first_open is None and state != "passed":
+                first_open = (script, scenario_id, state)
+    console.header(f"Exercises in {output.typed_path(str(folder))}: "
+                   f"{sum(r[2] == 'passed' for r in rows)} of {len(rows)} passed at their last grade")
+    console.table(["script", "exercise", "state", "last grade"], rows)
+    console.line()
+    if first_open is None:
+        console.line("   Every exercise passed at its last grade.", "ok")
+        return 0
+    script, scenario_id, state = first_open
+    command = " ".join(shlex.quote(a) for a in [interpreter or _relative(sys.executable), _relative(script),
+                                                "--exercise", scenario_id] +
+                       (["--exercise-dir", str(folder)] if str(folder) != "exercises" else []))
+    what = "start it" if state == "not started" else "grade it again once you have edited it"
+    console.line(f"   next ({what}):", "bold")
+    console.line(f"      {command}")
+    console.wrapped("to start one again from the naive code, add --restart: your file is moved aside, "
+                    "never deleted", "   ", "   ", "dim")
+    return 0
+
+
+def restart(path: Path) -> Path | None:
+    """Move the student's file aside (never delete it) so the starting file can be written again."""
+    if not path.exists():
+        return None
+    n = 1
+    while (aside := path.with_name(f"{path.stem}.old-{n}.py")).exists():
+        n += 1
+    try:
+        os.rename(path, aside)
+    except OSError as exc:
+        _exit(2, f"error: cannot move {path} aside: {exc.strerror or exc}\n", sys.stderr)
+    return aside
 
 
 def _exit(code: int, text: str = "", stream=None) -> None:
@@ -114,7 +374,9 @@ def starting_file(script: str, scenario_id: str, title: str, fixes: tuple[Fix, .
             f"    {command}\n\n"
             "The scenario then runs for real, against PostgreSQL, with your code in place of the\n"
             "lesson's fix and under the same fault; its verdicts are your grade. Hints: add --hint,\n"
-            "then --hint 2; the reference solution: --solution.\n"
+            "then --hint 2; the reference solution: --solution. Only the functions this file\n"
+            "defines are graded: the lesson's own fixes, which the import line brings in, do not\n"
+            "count, so keep every function below, under its name.\n"
             '"""\n'
             f"from {module} import *  # noqa: F401,F403  the lesson's helpers, constants and imports\n")
     bodies = [_renamed(f.naive, f.slot, f.contract) for f in fixes]
@@ -156,7 +418,9 @@ def _renamed(fn: Callable, name: str, contract: str) -> str:
 
 def load_student_module(path: Path, fixes: tuple[Fix, ...]):
     """Import the student's file as a module of its own name (so worker processes can import it
-    too) and check that it defines every slot."""
+    too) and check that it defines every slot itself: a name that came in with the lesson's
+    `import *` (the lesson's own fix, or a misspelt slot's) is not the student's work."""
+    path = path.resolve()  # its functions' code then names this file, which the grade points into
     name, folder = path.stem, str(path.parent)  # a worker process imports it by this name
     if folder not in sys.path:
         sys.path.append(folder)
@@ -167,8 +431,21 @@ def load_student_module(path: Path, fixes: tuple[Fix, ...]):
     try:
         spec.loader.exec_module(module)
     except Exception as exc:
-        raise ExerciseError(f"{path} does not import: {type(exc).__name__}: {exc}") from exc
-    missing = [f.slot for f in fixes if not callable(getattr(module, f.slot, None))]
+        raise ExerciseError(f"{output.typed_path(str(path))} does not import: {type(exc).__name__}: {exc}") from exc
+    missing = [f.slot for f in fixes if not _defined_in(getattr(module, f.slot, None), module)]
     if missing:
-        raise ExerciseError(f"{path} must define {', '.join(missing)}")
+        names = ", ".join(f"{m}()" for m in missing)
+        raise ExerciseError(f"{output.typed_path(str(path))} does not define {names} itself: write "
+                            f"{'it' if len(missing) == 1 else 'them'} in that file, named exactly so "
+                            "(--restart writes the starting file again)")
     return module
+
+
+def _defined_in(value, module) -> bool:
+    """Whether `value` is a function or class written in the module's own file."""
+    if not callable(value):
+        return False
+    if inspect.isclass(value):
+        return value.__module__ == module.__name__
+    code = getattr(inspect.unwrap(value), "__code__", None)
+    return code is not None and os.path.abspath(code.co_filename) == os.path.abspath(module.__file__)

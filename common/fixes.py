@@ -18,9 +18,11 @@ import contextlib
 import ctypes
 import functools
 import inspect
+import sys
 import textwrap
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 CALL_LIMIT_S = 20.0  # a student's function that has not returned by then is stopped and graded failed
@@ -43,6 +45,33 @@ class TimeLimitExceeded(Exception):
     """A student's function did not return within its time limit."""
 
 
+class _Expired(BaseException):
+    """What the timer raises inside a student's function: not an Exception, so that an
+    `except Exception` in a retry loop cannot swallow it. The wrapper turns it (and whatever the
+    cancelled queries raised on the way out) into TimeLimitExceeded."""
+
+
+@dataclass
+class CallLog:
+    """What a student's function did in this run: how often it ran, what left it, whether it
+    was stopped. (What it caught is not traced: a trace function in the thread changes how the
+    lessons' races run.)"""
+    slot: str
+    limit: float
+    file: str = ""
+    calls: int = 0
+    expired: bool = False
+    in_processes: int = 0  # handed to worker processes, where it runs untraced
+    raised: list = field(default_factory=list)  # [(exception, line in the student's file or None)]
+
+    @property
+    def timeout_message(self) -> str:
+        return f"{self.slot}() did not return within {self.limit:g} s"
+
+    def raised_here(self, exc: BaseException) -> tuple | None:
+        return next(((e, line) for e, line in self.raised if e is exc), None)
+
+
 @dataclass
 class Slots:
     """What each slot of one scenario holds for this run, and why."""
@@ -50,21 +79,24 @@ class Slots:
     mode: str = "fixed"  # "fixed", "control" or "exercise"
     held: dict[str, Callable] = field(default_factory=dict)
     control: tuple[str, ...] = ()
+    logs: dict[str, CallLog] = field(default_factory=dict)  # exercise: what the student's code did
+    crash: BaseException | None = None  # the unexpected error that ended the scenario, if any
 
     @classmethod
     def for_run(cls, fixes, control: tuple[str, ...] = (), student=None, on_timeout=None,
                 limit: float = CALL_LIMIT_S) -> "Slots":
         held = {f.slot: f.fixed for f in fixes}
-        mode = "fixed"
+        mode, logs = "fixed", {}
         if control:
             for slot in control:
                 held[slot] = next(f.naive for f in fixes if f.slot == slot)
             mode = "control"
         if student is not None:
             for f in fixes:
-                held[f.slot] = time_limited(getattr(student, f.slot), limit, on_timeout)
+                logs[f.slot] = CallLog(f.slot, limit, getattr(student, "__file__", "") or "")
+                held[f.slot] = time_limited(getattr(student, f.slot), limit, on_timeout, logs[f.slot])
             mode = "exercise"
-        return cls(tuple(fixes), mode, held, tuple(control))
+        return cls(tuple(fixes), mode, held, tuple(control), logs)
 
     def __getitem__(self, slot: str) -> Callable:
         try:
@@ -79,6 +111,56 @@ class Slots:
     def sources(self) -> list[str]:
         return [source_of(fn) for fn in self.held.values()]
 
+    # -- an exercise's crash, told as the student's --------------------------------------------------
+    def crash_heading(self, exc: BaseException) -> str:
+        """The line above an unexpected error: the student's own, or the scenario's."""
+        self.crash = exc
+        log = self._timed_out(exc)
+        if log is not None:
+            return f"Your {log.timeout_message}: it was stopped, its queries cancelled."
+        found = self.student_raised(exc)
+        if found is not None:
+            log, line = found
+            return f"Your {log.slot}() raised an error of its own{_where(log.file, line)}:"
+        return "The scenario itself failed with an error it did not expect:"
+
+    def crash_claim(self) -> str | None:
+        """The failed claim for a crash that came out of the student's code, in their words."""
+        exc = self.crash
+        if exc is None:
+            return None
+        log = self._timed_out(exc)
+        if log is not None:
+            return log.timeout_message
+        found = self.student_raised(exc)
+        if found is None:
+            return None
+        log, line = found
+        from common.output import error_type, redact
+
+        message = redact(str(exc).strip().splitlines()[0] if str(exc).strip() else "")[:200]
+        return f"your {log.slot}() raised {error_type(exc)}: {message}{_where(log.file, line)}"
+
+    def student_raised(self, exc: BaseException) -> tuple[CallLog, int | None] | None:
+        for log in self.logs.values():
+            hit = log.raised_here(exc)
+            if hit is not None:
+                return log, hit[1]
+        return None
+
+    def _timed_out(self, exc: BaseException) -> CallLog | None:
+        if isinstance(exc, TimeLimitExceeded):
+            return next((log for log in self.logs.values() if log.timeout_message in str(exc)), None)
+        return None
+
+
+def _where(file: str, line: int | None) -> str:
+    if not file:
+        return ""
+    from common.output import typed_path
+
+    return f" ({typed_path(file)}, line {line})" if line else f" ({typed_path(file)})"
+
 
 def source_of(fn: Callable) -> str:
     return textwrap.dedent(inspect.getsource(inspect.unwrap(fn)))
@@ -89,40 +171,96 @@ def _qualname(fn) -> str:
 
 
 # -- the time limit ---------------------------------------------------------------------------------
-def time_limited(fn: Callable, seconds: float, on_timeout: Callable | None = None) -> Callable:
+class _Watch:
+    """The timer of one call: it raises _Expired in the caller's thread once the limit is past,
+    again each second, until the call is disarmed (under a lock, so nothing is left pending)."""
+
+    def __init__(self, seconds: float, on_timeout: Callable | None):
+        self.ident, self.lock, self.done = threading.get_ident(), threading.Lock(), threading.Event()
+        self.fired, self.on_timeout = False, on_timeout
+        self.timer = threading.Timer(seconds, self._interrupt)
+        self.timer.daemon = True
+        self.timer.start()
+
+    def _interrupt(self) -> None:
+        first = True
+        while not self.done.wait(0 if first else 1.0):
+            self.fired = True  # before the cancel: what the cancelled query raises is the time-out's
+            if first and self.on_timeout is not None:
+                with contextlib.suppress(Exception):  # cancel the run's queries: a call in the server returns
+                    self.on_timeout()
+            first = False
+            with self.lock:
+                if self.done.is_set():
+                    return
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.ident), ctypes.py_object(_Expired))
+
+    def disarm(self) -> None:
+        while True:  # an _Expired delivered while disarming is the one just cleared: disarm again
+            try:
+                with self.lock:
+                    self.done.set()
+                    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.ident), None)
+                self.timer.cancel()
+                return
+            except _Expired:
+                continue
+
+
+def time_limited(fn: Callable, seconds: float, on_timeout: Callable | None = None,
+                 log: CallLog | None = None) -> Callable:
     """Call fn in the caller's thread; if it has not returned after `seconds`, cancel the run's
-    queries (on_timeout) and raise TimeLimitExceeded inside it, again each second until it ends.
-    Written by hand: no well-kept library interrupts a call in its own thread, and a student's
-    function must run in the thread the scenario gives it (a worker's, or the main one)."""
+    queries (on_timeout) and stop it: the call ends with TimeLimitExceeded, whatever the cancelled
+    queries raised on the way out, and the function is not called again in this run (a second
+    call would cost the room another limit). Written by hand: no well-kept library interrupts a
+    call in its own thread, and a student's function must run in the thread the scenario gives
+    it (a worker's, or the main one)."""
+    log = log or CallLog(getattr(fn, "__name__", "fix"), seconds)
+    filename = str(Path(log.file).resolve()) if log.file else ""
+
     @functools.wraps(fn)
     def call(*args, **kwargs):
-        ident, done = threading.get_ident(), threading.Event()
-
-        def interrupt():
-            first = True
-            while not done.wait(0 if first else 1.0):
-                if first and on_timeout is not None:
-                    with contextlib.suppress(Exception):
-                        on_timeout()
-                first = False
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(
-                    type("TimeLimitExceeded", (TimeLimitExceeded,), {"__module__": __name__,
-                        "__init__": lambda self: TimeLimitExceeded.__init__(
-                            self, f"{fn.__name__}() did not return within {seconds:g} s")})))
-
-        timer = threading.Timer(seconds, interrupt)
-        timer.daemon = True
-        timer.start()
+        if log.expired:
+            raise TimeLimitExceeded(f"{log.timeout_message} (stopped earlier in this run, not called again)")
+        log.calls += 1
+        watch = _Watch(seconds, on_timeout)
+        returned = False
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            returned = True
+            return result
+        except BaseException as exc:
+            watch.disarm()
+            if watch.fired and isinstance(exc, (Exception, _Expired)):  # a Ctrl-C stays a Ctrl-C
+                log.expired = True
+                raise TimeLimitExceeded(log.timeout_message) from None
+            if isinstance(exc, Exception):  # not a Ctrl-C or SIGTERM: those are the run's, not the code's
+                log.raised.append((exc, _student_line(exc, filename)))
+            raise
         finally:
-            done.set()
-            timer.cancel()
+            watch.disarm()
+            if returned and watch.fired:  # it returned, but only after its limit
+                log.expired = True
+                raise TimeLimitExceeded(log.timeout_message)
 
     call.__faillab_limited__ = True
+    call.__faillab_log__ = log
     return call
+
+
+def _student_line(exc: BaseException, filename: str) -> int | None:
+    """The line of the student's file the exception last passed through."""
+    line, tb = None, exc.__traceback__
+    while tb is not None:
+        if filename and tb.tb_frame.f_code.co_filename == filename:
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
 
 
 def unwrap_for_process(value):
     """A worker process gets the student's function itself (picklable by module and name)."""
-    return inspect.unwrap(value) if getattr(value, "__faillab_limited__", False) else value
+    if getattr(value, "__faillab_limited__", False):
+        value.__faillab_log__.in_processes += 1
+        return inspect.unwrap(value)
+    return value

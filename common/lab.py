@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ORDER = ("fail_checkpoint_corruption.py", "fail_idempotency_break.py", "fail_retry_exhaustion.py",
          "fail_logging_failure.py")  # the README's order: checkpoints, loads, retries, logging
 FORWARDED = (signal.SIGTERM,) + ((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ())
+INTERRUPTED = threading.Event()  # a Ctrl-C reached the lab: no further script starts
 PASSED_ON = ("--seed", "--ascii", "--verbose", "--keep", "--pause", "--brief")  # flags every script takes
 
 
@@ -36,19 +38,29 @@ def scripts(root: Path = ROOT) -> list[Path]:
 
 
 def parse_args(argv) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="lab.py", description="Run the whole failure lab: every fail_*.py in order, "
-                                "then one summary of all scenarios.")
+    from common.runner import SEED, Parser
+
+    p = Parser(prog="lab.py", description="Run the whole failure lab: every fail_*.py in order, "
+               "then one summary of all scenarios.")
     p.add_argument("--list", action="store_true", help="print each script's scenarios; needs no database")
+    p.add_argument("--progress", action="store_true",
+                   help="list all exercises with their state (not started, started, passed) and the next command")
+    p.add_argument("--exercise-dir", metavar="DIR", help="with --progress: the folder of your exercise files "
+                   "(default: ./exercises)")
     p.add_argument("--only", metavar="SCRIPT[,SCRIPT...]",
                    help="run only these scripts (a name like retry matches fail_retry_exhaustion.py)")
     p.add_argument("--json", metavar="PATH", help="write one combined journal (the scripts' journals) to PATH")
     p.add_argument("--report", metavar="PATH", help="write one Markdown handout of the whole lab to PATH")
-    p.add_argument("--seed", type=int, help="passed to every script")
+    p.add_argument("--seed", type=SEED, help="passed to every script")
     for flag, what in (("--ascii", "ASCII labels"), ("--verbose", "full stack traces"),
-                       ("--keep", "keep the private schemas"), ("--pause", "wait for Enter before each section"),
+                       ("--keep", "keep the private schemas"),
+                       ("--pause", "wait for Enter before each section, and each step of a long one"),
                        ("--brief", "presenter's mode: the essentials of each section")):
         p.add_argument(flag, action="store_true", help=f"passed to every script: {what}")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.exercise_dir and not args.progress:
+        p.error("--exercise-dir works with --progress")
+    return args
 
 
 def selected(args) -> list[Path]:
@@ -88,7 +100,13 @@ def run_one(script: Path, flags: list[str], folder: Path, stdout=None) -> tuple[
             try:
                 code = proc.wait()
                 break
-            except KeyboardInterrupt:  # the script got the same Ctrl-C: let it clean up and exit 130
+            except KeyboardInterrupt:
+                # Ctrl-C at a terminal reached the script too (one process group); a SIGINT sent to
+                # the lab alone (an IDE's stop button) did not: pass it on. A second one is harmless:
+                # the script is already cleaning up.
+                INTERRUPTED.set()
+                with contextlib.suppress(OSError):
+                    proc.send_signal(signal.SIGINT)
                 continue
     finally:
         for sig, handler in forwarded.items():
@@ -108,32 +126,63 @@ def lab_exit_code(codes: list[int]) -> int:
 
 
 def main(argv=None) -> None:
+    from common.cleanup import guard_standard_streams
+    from common.runner import output_path_problem, write_output
+
+    guard_standard_streams()  # `lab.py --progress | head`: a reader that leaves ends the output, not the lab
     args = parse_args(sys.argv[1:] if argv is None else argv)
     chosen = selected(args)
-    if args.list:
+    if args.list or args.progress:
+        listings = []
         for script in chosen:
-            print(script.name)
             listing = subprocess.run([sys.executable, str(script), "--list"], capture_output=True, text=True)
-            sys.stdout.write("".join(f"   {ln}\n" for ln in listing.stdout.splitlines()))
-        sys.exit(0)
+            listings.append((script, listing.stdout.splitlines()))
+        if args.list:
+            for script, lines in listings:
+                print(script.name)
+                sys.stdout.write("".join(f"   {ln}\n" for ln in lines))
+            sys.exit(0)
+        from common import exercise
+        exercises = [(str(script), [(ln.split()[0], ln.split(None, 1)[1].replace("[exercise]", "").strip())
+                                    for ln in lines if "[exercise]" in ln]) for script, lines in listings]
+        sys.exit(exercise.show_progress(output.Console(sys.stdout, ascii_only=True if args.ascii else None),
+                                        Path(args.exercise_dir or "exercises"), exercises))
+    for flag, value in (("--json", args.json), ("--report", args.report)):
+        problem = output_path_problem(flag, value)  # before the run, not after twenty minutes of it
+        if problem:
+            sys.stderr.write(output.redact(f"error: {problem}\n"))
+            sys.exit(2)
     shown = sys.stderr if args.json == "-" else sys.stdout  # the journal alone on stdout, when asked
     console = output.Console(shown, ascii_only=True if args.ascii else None)
+    if args.pause and sys.stdin.isatty() and shown.isatty():
+        console.page()
     started_at, t0 = datetime.now(timezone.utc), time.perf_counter()
     flags = passed_on(args)
     journals, codes = [], []
+    interrupted = False
     with tempfile.TemporaryDirectory(prefix="faillab-lab-") as folder:
         for n, script in enumerate(chosen, 1):
-            console.header(f"Lab {n} of {len(chosen)}: {script.name}")
-            shown.flush()
+            try:
+                console.header(f"Lab {n} of {len(chosen)}: {script.name}")
+                shown.flush()
+            except KeyboardInterrupt:  # between two scripts: nothing of the next one has started
+                interrupted = True
+                break
             code, journal = run_one(script, flags, Path(folder), stdout=sys.stderr if args.json == "-" else None)
             codes.append(code)
             if journal is not None:
                 journals.append(journal)
-            if code in (2, 130):  # no database, bad flags, or Ctrl-C: the next script would fare no better
+            if code in (2, 130) or INTERRUPTED.is_set():  # no database, bad flags, or Ctrl-C: stop here
+                interrupted = interrupted or INTERRUPTED.is_set()
                 break
-    exit_code = lab_exit_code(codes)
+    exit_code = 130 if interrupted else lab_exit_code(codes)
     seconds = time.perf_counter() - t0
-    summary(console, journals, seconds, skipped=[s.name for s in chosen[len(codes):]])
+    if interrupted:
+        console.pager = False
+    console.wait_before("the lab summary")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the run is over: the summary and files are written whole
+    summary(console, journals, seconds, skipped=[s.name for s in chosen[len(codes):]],
+            interrupted=exit_code == 130)
     lab = {"lab": True, "started_at": started_at.strftime("%Y-%m-%dT%H:%M:%SZ"), "seconds": round(seconds, 3),
            "exit_code": exit_code, "scripts": journals}
     if args.json:
@@ -141,33 +190,50 @@ def main(argv=None) -> None:
         if args.json == "-":
             sys.stdout.write(text + "\n")
         else:
-            Path(args.json).write_text(text + "\n", encoding="utf-8")
+            exit_code = write_output("--json", args.json, text + "\n", exit_code)
     if args.report:
         from common import report
-        Path(args.report).write_text(output.redact(report.render_lab(lab)), encoding="utf-8")
-        console.line(f"handout of the whole lab written to {args.report}")
+        exit_code = write_output("--report", args.report, output.redact(report.render_lab(lab)), exit_code)
+        if exit_code != 2:
+            console.line(f"handout of the whole lab written to {args.report}")
     sys.exit(exit_code)
 
 
-def summary(console: output.Console, journals: list[dict], seconds: float, skipped: list[str]) -> None:
-    """All scenarios of the lab in one table: verdicts, seconds, the headline figure of each."""
-    from common.report import headline_text
+def summary(console: output.Console, journals: list[dict], seconds: float, skipped: list[str],
+            interrupted: bool = False) -> None:
+    """All scenarios of the lab in one table: verdicts, seconds, the headline figure of each; then
+    one line of counts and where to look."""
+    from common.report import headline_parts
+    from common.runner import control_note, tally
 
     mark = console.check_mark
-    rows = []
+    rows, records = [], []
     for j in journals:
         for r in j["scenarios"]:
             verdicts = " ".join(mark(r[v]) if not (v == "cleaned" and r.get("kept")) else "kept"
                                 for v in ("triggered", "recovered", "cleaned"))
-            rows.append([Path(j["script"]).stem.split("_")[1], r["id"], verdicts, r["status"],
-                         f"{r['seconds']:.1f}", headline_text(r)])
+            name, value = headline_parts(r)
+            status = "not run" if r["status"] == "interrupted" and (r.get("reason") or "").startswith("not run") \
+                else r["status"]
+            rows.append([Path(j["script"]).stem.split("_")[1], r["id"], verdicts, status,
+                         f"{r['seconds']:.1f}", name, value])
+            records.append(r)
     console.header(f"Lab summary: {len(rows)} scenario(s) in {len(journals)} script(s)")
-    console.table(["script", "scenario", "t r c", "status", "s", "headline figure"], rows)
-    passed = sum(r[3] == "passed" for r in rows)
-    skips = sum(r[3] == "skipped" for r in rows)
+    console.table(["script", "scenario", "t r c", "status", "s", "headline figure", "naive → fixed"], rows)
+    ok = all(r["status"] in ("passed", "skipped") for r in records) and not skipped
     console.line()
-    console.line("   t r c: triggered, recovered, cleaned")
+    console.line("   t r c: triggered, recovered, cleaned; naive → fixed: the figure under the naive code, "
+                 "then after the fix")
     for name in skipped:
-        console.line(f"   not run: {name}", "bad")
-    console.line(f"{passed} passed, {len(rows) - passed - skips} failed" + (f", {skips} skipped" if skips else "") +
-                 f"  ({seconds:.1f} s)", "ok" if passed + skips == len(rows) and not skipped else "bad")
+        console.line(f"   not run: {name}" + (" (interrupted)" if interrupted else ""), "bad")
+    console.line(f"{tally(records)}  ({seconds:.1f} s)", "ok" if ok else "bad")
+    note = control_note(records)
+    if note:
+        console.wrapped(note, "   ", "   ", "bold")
+    if records and not interrupted:
+        console.wrapped("What to look at: scroll up to any scenario (its number and id are in its title) "
+                        f"for the real error ({console.label('error')}), how it was recovered and proven "
+                        f"({console.label('recovery')}) and the fixed code ({console.label('prevention')}); "
+                        "--report lab.md writes all of it as a handout; "
+                        "exit status " + ("0: every scenario passed." if ok else "1: see the failed rows above."),
+                        "   ", "   ")

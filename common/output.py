@@ -12,6 +12,7 @@ import re
 import shutil
 import sys
 import textwrap
+import time
 import traceback
 from pathlib import Path
 
@@ -96,8 +97,10 @@ def words(value) -> str:
         return "NULL"
     if isinstance(value, bool):
         return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:g}"
+    if isinstance(value, float):  # a sum of money stays a sum of money, never 2.50499e+08
+        if value != value or value in (float("inf"), float("-inf")) or abs(value) < 1e5:
+            return f"{value:g}"
+        return f"{value:.0f}" if value == int(value) else f"{value:.2f}"
     if isinstance(value, dict):
         return ", ".join(f"{k} {words(v)}" for k, v in value.items()) or "none"
     if isinstance(value, (list, tuple, set, frozenset)):
@@ -140,6 +143,16 @@ def terminal_width(stream) -> int:
         return NARROW
     return max(NARROW, min(WIDEST, columns))
 
+
+
+def terminal_rows(stream) -> int:
+    """The terminal's height (LINES overrides it), 24 when it cannot be told."""
+    if os.environ.get("LINES", "").isdigit():
+        return int(os.environ["LINES"])
+    try:
+        return os.get_terminal_size(stream.fileno()).lines or 24  # 0: a terminal that does not say
+    except (AttributeError, OSError, ValueError):
+        return 24
 
 
 def typed_path(path: str) -> str:
@@ -227,10 +240,27 @@ def paragraphs(text: str) -> list[list[tuple[str, str, str]]]:
     return [p for p in out if p]
 
 
+class _Wrapper(textwrap.TextWrapper):
+    """Breaks at spaces; a word too long for a line (a path, a URL) breaks after a '/', '?' or '&',
+    never inside a name; only a word with no such place is cut."""
+
+    _PLACES = re.compile(r"(?<=[/?&])(?=[^/?&])")
+
+    def _split(self, text):
+        chunks = []
+        for chunk in super()._split(text):
+            if len(chunk) > 24 and not chunk.isspace():
+                chunks += [c for c in self._PLACES.split(chunk) if c]
+            else:
+                chunks.append(chunk)
+        return chunks
+
+
 def wrap(text: str, width: int, indent: str = "", hang: str | None = None) -> list[str]:
-    """One logical line wrapped at word boundaries to `width` (a word wider than that is cut)."""
-    return textwrap.wrap(text, width, initial_indent=indent, subsequent_indent=indent if hang is None else hang,
-                         break_long_words=True, break_on_hyphens=False, drop_whitespace=True) or [indent.rstrip()]
+    """One logical line wrapped at word boundaries to `width` (a long path breaks after a '/')."""
+    return _Wrapper(width, initial_indent=indent, subsequent_indent=indent if hang is None else hang,
+                    break_long_words=True, break_on_hyphens=False, drop_whitespace=True).wrap(text) \
+        or [indent.rstrip()]
 
 
 def wrap_code(line: str, width: int) -> list[str]:
@@ -320,6 +350,39 @@ class Console:
         self.width = width or terminal_width(self.stream)
         self.captured: dict[str, list[str]] | None = None
         self.blocks: dict[str, list[dict]] | None = None
+        self.pager = False  # --pause on a terminal: no reveal taller than the screen (see page)
+        self.rows = 24
+        self.shown = 0  # lines since the last Enter
+        self.waited = 0.0  # seconds spent waiting for Enter here (the room's time, not the scenario's)
+
+    def page(self, rows: int | None = None) -> None:
+        """Pause like --pause: a long section waits for Enter before each step, and any text about
+        to fill the screen waits too, so the room never sees a heading scroll away unread."""
+        self.pager = True
+        self.rows = max(8, rows or terminal_rows(self.stream))
+
+    def wait(self, what: str) -> None:
+        """Prompt on its own line and wait for Enter (stdin); counted as waiting, not running."""
+        started = time.perf_counter()
+        self.stream.write(self.text(f"   (Enter for {what}) "))
+        self.stream.flush()
+        sys.stdin.readline()
+        self.shown = 0
+        self.waited += time.perf_counter() - started
+
+    def wait_before(self, what: str) -> None:
+        """With --pause, wait before a closing part (a summary); a Ctrl-C here only skips the wait:
+        the run is over, its journal still to be written."""
+        if self.pager:
+            try:
+                self.wait(what)
+            except (KeyboardInterrupt, EOFError):
+                self.pager = False
+
+    def step_break(self) -> None:
+        """Before a recovery step: with --pause, wait unless the screen was just cleared for it."""
+        if self.pager and self.shown > 3:
+            self.wait("the next step")
 
     # -- low level ---------------------------------------------------------------------------
     def text(self, s: str) -> str:
@@ -342,8 +405,11 @@ class Console:
         s = self.text(s)
         if self.captured is not None and section:
             self.captured.setdefault(section, []).append(s)
+        if self.pager and self.shown >= self.rows - 2:  # the previous prompt and the next one stay on screen
+            self.wait("more")
         self.stream.write(self.paint(s, style) + "\n")
         self.stream.flush()
+        self.shown += 1
 
     def block(self, section: str | None, kind: str, **content) -> dict:
         """Record a block of a section for the journal and the handout (whatever was printed)."""
@@ -395,6 +461,7 @@ class Console:
         self.line(bar, "bold")
 
     def section(self, name: str) -> None:
+        self.shown = 0  # --pause waited for Enter just before a section
         self.line()
         self.line(self.label(name), name if name in COLOURS else "bold", section=None)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import re
 
-from common.output import EMOJI, SECTIONS, TITLES, Console, paragraphs
+from common.output import SECTIONS, TITLES, Console, paragraphs
 
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>|#])")
 
@@ -166,7 +166,7 @@ def _scenario(record: dict, number: str, level: int) -> list[str]:
         content = _blocks(blocks[key]) if blocks.get(key) else \
             (_fence(record["sections"].get(key, "")) if (record.get("sections") or {}).get(key, "").strip() else [])
         if content:
-            out += [f"{h}# {EMOJI[key]} {TITLES[key]}", ""] + content
+            out += [f"{h}# {TITLES[key]}", ""] + content  # no emoji: without an emoji font it is an empty box
     lesson = lesson_of(record)
     if lesson:
         out += [f"> **Lesson:** {_escape(lesson)}", ""]
@@ -196,13 +196,24 @@ def _summary(records: list[dict], script_column: bool = False) -> list[str]:
         ["", "Verdicts: triggered, recovered, cleaned (✔ yes, ✘ no).", ""]
 
 
-def headline_text(record: dict) -> str:
-    """The headline figure as one phrase: `rows_missing 500 -> 0`."""
+def headline_parts(record: dict) -> tuple[str, str]:
+    """The headline figure as (name, value), one format for every scenario: the name in words with
+    its unit in brackets (`naive worst case (s)`), the value `naive → fixed` when both were
+    measured, else the one value."""
     h = record.get("headline")
     if not h:
-        return ""
+        return "", ""
     name = h["name"][:-len("_before")] if "after" in h and h["name"].endswith("_before") else h["name"]
-    return f"{name.replace('_', ' ')}: {h['value']}" + (f" → {h['after']}" if "after" in h else "")
+    unit = re.search(r"_(s|ms|pct|bytes)$", name)
+    if unit:
+        name = name[:unit.start()] + f" ({'%' if unit.group(1) == 'pct' else unit.group(1)})"
+    return name.replace("_", " "), f"{h['value']}" + (f" → {h['after']}" if "after" in h else "")
+
+
+def headline_text(record: dict) -> str:
+    """The headline figure as one phrase: `rows missing: 500 → 0`."""
+    name, value = headline_parts(record)
+    return f"{name}: {value}" if name else ""
 
 
 def _run_line(journal: dict) -> str:

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
+import os
 import signal
+import stat
 import sys
 import time
 from datetime import datetime, timezone
@@ -46,6 +49,7 @@ def run_scenario(run: Run, spec: ScenarioSpec, index: int) -> dict:
                         "this run must fail", style="bad")
     console.captured, console.blocks = {}, {}
     before = footprint(run)  # what exists now: a leak is what the scenario adds to it
+    waited_before = console.waited  # Enter pressed inside a section (--pause) is the room's time too
     started = time.perf_counter()
     status, reason, interrupted, cannot_wait = "passed", None, None, None
     try:
@@ -71,13 +75,14 @@ def run_scenario(run: Run, spec: ScenarioSpec, index: int) -> dict:
         reason = f"unexpected {output.error_type(exc)}: {output.redact(str(exc).strip())[:300]}"
         s.checks.append(Check(s.phase, False, reason))  # a crash fails its phase, whatever passed before
         console.line()
-        console.line("   The scenario itself failed with an error it did not expect:", "bad", "error")
+        console.line("   " + s.slots.crash_heading(exc), "bad", "error")  # the student's own error, as theirs
         console.exception(exc, "error")
     finally:
         cleaned, leftovers = teardown(run, s, before, stop_hard=status != "passed" or reason is not None,
                                       interrupted=interrupted is not None)
     if cannot_wait is not None:
         _fail_start(str(cannot_wait))
+    reason = student_verdicts(s, reason)
     triggered, recovered = s.verdicts()
     if status == "passed" and not (triggered and recovered and cleaned):
         status = "failed"
@@ -88,7 +93,8 @@ def run_scenario(run: Run, spec: ScenarioSpec, index: int) -> dict:
         status = "failed" if status == "skipped" else status
         reason = "; ".join(filter(None, [reason, f"left behind: {', '.join(leftovers)}"]))
     reason = reason or ("no checks ran" if status == "failed" else None)
-    seconds = time.perf_counter() - started - s.paused  # waiting for Enter is the room's time
+    paused = s.paused + console.waited - waited_before
+    seconds = time.perf_counter() - started - paused  # waiting for Enter is the room's time
     kept = run.args.keep and s.schema in run.kept
     marks = "  ".join(f"{name} {console.check_mark(ok)}" for name, ok in
                       (("triggered", triggered), ("recovered", recovered)))
@@ -104,12 +110,15 @@ def run_scenario(run: Run, spec: ScenarioSpec, index: int) -> dict:
               "measurements": s.measurements, "fixes": s.slots.describe(), "mode": s.slots.mode,
               "checks": [{"phase": c.phase, "ok": c.ok, "claim": c.claim} for c in s.checks],
               "sections": {k: sections.get(k, "") for k in SECTIONS}, "seconds": round(seconds, 3),
-              "paused_seconds": round(s.paused, 3), "blocks": {k: blocks.get(k, []) for k in SECTIONS}, "headline": headline(s),
+              "paused_seconds": round(paused, 3), "blocks": {k: blocks.get(k, []) for k in SECTIONS}, "headline": headline(s),
               "lesson": s.lesson, "questions": list(s.questions), "detection": s.detection}
     if s.metrics.used():
         record["metrics"] = s.metrics.series
         if run.args.metrics:
             s.metrics.write(Path(run.args.metrics) / Path(run.script).stem, spec.id)
+    if s.slots.mode == "exercise":
+        from common import exercise
+        record["student"] = exercise.what_the_code_did(s.slots)
     if kept:
         record["kept"] = s.schema
     if reason:
@@ -119,22 +128,74 @@ def run_scenario(run: Run, spec: ScenarioSpec, index: int) -> dict:
     return record
 
 
+def student_verdicts(s: Scenario, reason: str | None) -> str | None:
+    """In an exercise, a crash out of the student's code is a failed claim in their words, and a
+    call stopped at its time limit fails the scenario by that name, even when the scenario caught
+    what the stop raised (a cancelled query, say). Returns the reason, reworded the same way."""
+    if s.slots.mode != "exercise":
+        return reason
+    claim = s.slots.crash_claim()
+    if claim and reason:
+        for c in s.checks:
+            if c.claim == reason:
+                c.claim = claim
+        reason = claim
+    for log in s.slots.logs.values():
+        if log.expired and not any(log.timeout_message in c.claim for c in s.checks):
+            s.checks.append(Check("recovered", False, log.timeout_message))
+    return reason
+
+
 class _ScenarioInterrupted(BaseException):
     def __init__(self, record):
         self.record = record
 
 
 # -- the command line -----------------------------------------------------------------------------
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors in one line (the contract's one clear message, exit 2)."""
+
+    def error(self, message: str):
+        self.exit(2, output.redact(f"{self.prog}: error: {message} (see --help)\n"))
+
+
+def bounded(convert, low, high, what: str):
+    """An argparse type: a number `convert` reads (int, float), from low to high; inf and nan never."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not low <= value <= high:  # also false for nan
+            shown = (lambda v: f"{v:g}") if convert is float else str
+            raise argparse.ArgumentTypeError(f"{text} is out of range ({shown(low)} to {shown(high)})")
+        return value
+    return parse
+
+
+def integer(low: int, high: int):
+    return bounded(int, low, high, "a whole number")
+
+
+def seconds(low: float, high: float):
+    return bounded(float, low, high, "a number of seconds")
+
+
+SEED = integer(0, 2 ** 63 - 1)
+EXERCISE_FLAGS = ("--exercise-dir", "--hint", "--solution", "--call-limit", "--restart")
+
+
 def parse_args(argv, doc: str) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=(doc or "").strip().splitlines()[0] if doc else None)
+    p = Parser(description=(doc or "").strip().splitlines()[0] if doc else None)
     p.add_argument("--list", action="store_true", help="print scenario ids and titles; needs no database")
     p.add_argument("--only", metavar="ID[,ID...]", help="run only these scenarios")
     p.add_argument("--json", metavar="PATH", help="write the journal to PATH ('-' for standard output)")
     p.add_argument("--keep", action="store_true", help="keep the private schemas for inspection")
     p.add_argument("--ascii", action="store_true", help="ASCII section labels instead of emoji")
     p.add_argument("--verbose", action="store_true", help="full stack traces")
-    p.add_argument("--seed", type=int, default=1, help="seed for every random choice (default 1)")
-    p.add_argument("--pause", action="store_true", help="on a terminal, wait for Enter before each section")
+    p.add_argument("--seed", type=SEED, default=1, help="seed for every random choice (default 1)")
+    p.add_argument("--pause", action="store_true",
+                   help="on a terminal, wait for Enter before each section, and before each step of a long one")
     p.add_argument("--report", metavar="PATH", help="write the run as a Markdown handout to PATH")
     p.add_argument("--metrics", metavar="DIR",
                    help="write each scenario's metrics, naive run and fixed run apart, into DIR/<script>/ "
@@ -145,17 +206,33 @@ def parse_args(argv, doc: str) -> argparse.Namespace:
     g = p.add_argument_group("exercises and proofs")
     g.add_argument("--exercise", metavar="ID", help="write the exercise of scenario ID into your folder; "
                    "run the same command again to grade your code")
-    g.add_argument("--exercise-dir", metavar="DIR", default="exercises",
-                   help="the folder that holds your exercise files (default: ./exercises)")
-    g.add_argument("--hint", nargs="?", type=int, const=1, metavar="LEVEL",
+    g.add_argument("--progress", action="store_true",
+                   help="list this script's exercises with their state and the next command to type")
+    g.add_argument("--exercise-dir", metavar="DIR",
+                   help="with --exercise or --progress: the folder of your exercise files (default: ./exercises)")
+    g.add_argument("--hint", nargs="?", type=integer(1, 99), const=1, metavar="LEVEL",
                    help="with --exercise: print the hints up to LEVEL (default 1)")
     g.add_argument("--solution", action="store_true", help="with --exercise: print the reference solution")
-    g.add_argument("--call-limit", type=float, default=20.0, metavar="SECONDS",
+    g.add_argument("--restart", action="store_true",
+                   help="with --exercise: start again from the naive code; your file is moved aside, never deleted")
+    g.add_argument("--call-limit", type=seconds(0.5, 3600), metavar="SECONDS",
                    help="with --exercise: stop a call of your code after SECONDS (default 20)")
     g.add_argument("--control", metavar="SLOT[,SLOT...]", type=lambda v: [x.strip() for x in v.split(",") if x.strip()],
                    help="negative control: put the naive code back in these fix slots ('all' for every slot); "
                         "the scenario must then fail")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not args.exercise:  # an exercise flag alone would run the whole script: say so instead
+        given = [f for f in EXERCISE_FLAGS if getattr(args, f[2:].replace("-", "_")) not in (None, False)
+                 and not (f == "--exercise-dir" and args.progress)]
+        if given:
+            p.error(f"{given[0]} works with --exercise ID (see --list for the ids)")
+    if args.control == []:
+        p.error("--control names no fix slot")
+    if args.exercise and args.control:
+        p.error("--control and --exercise do not go together (an exercise's slots hold your code)")
+    args.exercise_dir = args.exercise_dir or "exercises"
+    args.call_limit = 20.0 if args.call_limit is None else args.call_limit
+    return args
 
 
 def main(argv=None) -> None:
@@ -171,12 +248,18 @@ def main(argv=None) -> None:
         stream.reconfigure(errors="replace")  # never crash on a console that cannot show a character
     console = output.Console(stream, ascii_only=True if args.ascii else None, verbose=args.verbose,
                              brief=args.brief)
+    if args.pause and sys.stdin.isatty() and stream.isatty():
+        console.page()
     if args.list:
         for spec in _REGISTRY:
             print(f"{spec.id:24} {spec.title}" + ("  [exercise]" if spec.fixes else ""))
         sys.exit(0)
     selected = list(_REGISTRY)
     student = None
+    if args.progress:
+        from common import exercise
+        sys.exit(exercise.show_progress(console, Path(args.exercise_dir), [(getattr(module, "__file__", script), [
+            (s.id, s.title) for s in _REGISTRY if s.fixes])]))
     if args.exercise:
         from common import exercise
         student, selected = exercise.prepare(script, args, console)  # exits when there is nothing to grade
@@ -219,21 +302,66 @@ def check_output_paths(args) -> None:
         except OSError as exc:
             _fail_start(f"--metrics {args.metrics} cannot be made: {exc.strerror or exc}")
     for flag, value in (("--json", args.json), ("--report", args.report)):
-        if not value or value == "-":
-            continue
-        path = Path(value)
-        if path.is_dir():
-            _fail_start(f"{flag} {value} is a folder: name a file")
-        if not path.parent.is_dir():
-            _fail_start(f"{flag} {value}: the folder {path.parent} does not exist")
-        existed = path.exists()
-        try:
+        problem = output_path_problem(flag, value)
+        if problem:
+            _fail_start(problem)
+
+
+def output_path_problem(flag: str, value: str | None) -> str | None:
+    """Why the journal or handout could not be written to `value`, or None. Only a regular file
+    (or /dev/null) will do: a FIFO or a terminal would block the run before it starts or after
+    it ends, a folder or a device cannot hold it. Nothing is opened that could block."""
+    if not value or value == "-":
+        return None
+    path = Path(value)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        return f"{flag} {value}: {exc.strerror or exc}"
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        return f"{flag} {value} is a folder: name a file"
+    if st is not None and not stat.S_ISREG(st.st_mode) and not _is_devnull(path):
+        return f"{flag} {value} is not a regular file (a FIFO, socket or device): name a file, or '-' for standard output"
+    if not path.parent.is_dir():
+        return f"{flag} {value}: the folder {path.parent} does not exist"
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        return None  # /dev/null
+    try:  # a regular file, or none yet: opening it cannot block
+        if st is not None:
             with open(path, "a", encoding="utf-8"):
                 pass
-        except OSError as exc:
-            _fail_start(f"{flag} {value} cannot be written: {exc.strerror or exc}")
-        if not existed:
+        else:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
             path.unlink(missing_ok=True)
+    except OSError as exc:
+        return f"{flag} {value} cannot be written: {exc.strerror or exc}"
+    return None
+
+
+def _is_devnull(path: Path) -> bool:
+    with contextlib.suppress(OSError):
+        return os.path.samefile(path, os.devnull)
+    return False
+
+
+def write_file(path: str, text: str) -> None:
+    """Write a journal or handout without ever blocking: O_NONBLOCK makes a FIFO put in the
+    path's place meanwhile fail at once (ENXIO) instead of waiting for a reader, and anything but
+    a regular file (or /dev/null) is refused."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_NONBLOCK", 0), 0o666)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) and not _is_devnull(Path(path)):
+            raise OSError(errno.EINVAL, "not a regular file")
+        if stat.S_ISREG(st.st_mode):
+            os.ftruncate(fd, 0)
+        data = text.encode("utf-8")
+        while data:
+            data = data[os.write(fd, data):]
+    finally:
+        os.close(fd)
 
 
 def _fail_start(message: str) -> None:
@@ -284,11 +412,15 @@ def _run(script: str, args, console: output.Console, selected: list[ScenarioSpec
             console.line(f"server: PostgreSQL {run.server_version}; private schemas {db.SCHEMA_PREFIX}{run_id}_*")
             if swept:
                 console.line(f"   removed {len(swept)} thing(s) left by killed runs: {', '.join(swept)}", "dim")
+            reports = None
+            if student is not None:  # logging's own error reports are counted for the grade
+                from common import exercise
+                reports = stack.enter_context(exercise.logging_reports())
             for spec in selected:
                 records.append(run_scenario(run, spec, _REGISTRY.index(spec) + 1))
                 if student is not None:
-                    from common import exercise
-                    exercise.grade(console, records[-1])
+                    exercise.grade(console, records[-1], reports)
+                    exercise.record_grade(Path(args.exercise_dir), script, spec.id, records[-1]["status"])
         except _ScenarioInterrupted as stop:
             records.append(stop.record)
             exit_code = 130
@@ -296,6 +428,9 @@ def _run(script: str, args, console: output.Console, selected: list[ScenarioSpec
             _fail_start(str(exc))
         except (KeyboardInterrupt, Interrupted):
             exit_code = 130
+    if exit_code == 130:  # a second Ctrl-C (the lab passes one on too) must not cut the summary and journal short
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        console.pager = False  # nor wait for an Enter nobody will press
     if run is not None and args.keep and run.kept:
         console.line()
         keep_hint(console, run.kept)
@@ -321,19 +456,19 @@ def _run(script: str, args, console: output.Console, selected: list[ScenarioSpec
         if args.json == "-":
             sys.stdout.write(text + "\n")
         else:
-            exit_code = _write_output("--json", args.json, text + "\n", exit_code)
+            exit_code = write_output("--json", args.json, text + "\n", exit_code)
     if args.report:
         from common import report
-        exit_code = _write_output("--report", args.report, output.redact(report.render(journal)), exit_code)
+        exit_code = write_output("--report", args.report, output.redact(report.render(journal)), exit_code)
         if exit_code != 2:
             console.line(f"handout written to {args.report}")
     return exit_code
 
 
-def _write_output(flag: str, path: str, text: str, exit_code: int) -> int:
+def write_output(flag: str, path: str, text: str, exit_code: int) -> int:
     """Write the journal or handout; a disk that fails now (full, gone) is one line and exit 2."""
     try:
-        Path(path).write_text(text, encoding="utf-8")
+        write_file(path, text)
         return exit_code
     except OSError as exc:
         sys.stderr.write(f"error: {flag} {path} could not be written: {exc.strerror or exc}\n")
@@ -374,21 +509,44 @@ def headline(s: Scenario) -> dict | None:
     return figure
 
 
+def tally(records: list[dict]) -> str:
+    """`2 passed, 1 failed, 1 interrupted, 2 not run`: a scenario that never started is not a failure."""
+    counts = {"passed": 0, "failed": 0, "skipped": 0, "interrupted": 0, "not run": 0}
+    for r in records:
+        not_run = r["status"] == "interrupted" and (r.get("reason") or "").startswith("not run")
+        counts["not run" if not_run else r["status"] if r["status"] in counts else "failed"] += 1
+    return ", ".join(f"{n} {word}" for word, n in counts.items() if n or word in ("passed", "failed"))
+
+
+def control_note(records: list[dict]) -> str | None:
+    """A negative control is meant to fail: say so, and whether it failed the way it must."""
+    controls = [r for r in records if r.get("mode") == "control"]
+    if not controls:
+        return None
+    as_meant = [r for r in controls if r["triggered"] and not r["recovered"] and r["cleaned"]]
+    if len(as_meant) == len(controls):
+        return ("negative control: the naive code failed, as it must (the fault landed, the recovery "
+                "claims broke, cleanup ran). This failure, and exit status 1, are the expected outcome.")
+    return ("negative control: not the expected outcome: a control must trigger the fault, fail its "
+            "recovery and clean up (" + ", ".join(r["id"] for r in controls if r not in as_meant) + " did not)")
+
+
 def summary(console: output.Console, records: list[dict], seconds: float) -> None:
     if not records:
         return
+    console.wait_before("the summary")
     console.header("Summary")
     mark = console.check_mark
     console.table(["scenario", "triggered", "recovered", "cleaned", "status", "seconds"],
                   [[r["id"], mark(r["triggered"]), mark(r["recovered"]),
                     "kept" if r.get("kept") else mark(r["cleaned"]), r["status"],
                     f"{r['seconds']:.1f}"] for r in records])
-    passed = sum(r["status"] == "passed" for r in records)
-    skipped = sum(r["status"] == "skipped" for r in records)
+    passed = sum(r["status"] in ("passed", "skipped") for r in records)
     for r in records:
         if (r.get("reason") or "").startswith("not run: no room"):  # a wait that failed says why here too
             console.wrapped(f"{r['id']}: {r['reason']}", hang="   ", style="bad")
     console.line()
-    console.line(f"{passed} passed, {len(records) - passed - skipped} failed" +
-                 (f", {skipped} skipped" if skipped else "") + f"  ({seconds:.1f} s)",
-                 "ok" if passed + skipped == len(records) else "bad")
+    console.line(f"{tally(records)}  ({seconds:.1f} s)", "ok" if passed == len(records) else "bad")
+    note = control_note(records)
+    if note:
+        console.wrapped(note, "   ", "   ", "bold")

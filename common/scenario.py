@@ -489,6 +489,7 @@ class Scenario:
     def step(self, text: str):
         """A numbered recovery step, printed as it starts, with its result when it ends."""
         self._enter("recovery")
+        self.run.console.step_break()  # --pause: a long section is shown a step at a time
         self._step += 1
         console, number = self.run.console, self._step
         number_w = len(f"{number}. ")

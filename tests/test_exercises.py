@@ -2,10 +2,12 @@
 
 Run through the command line, as a student does. The wrong solutions that a student would
 plausibly write are tested next to each script's own tests."""
+import re
+
 import pytest
 
 from common.output import CONTINUED
-from conftest import exercise_file, grade, run_script
+from conftest import clean_env, exercise_file, grade, run_script
 
 SCRIPTS = ["fail_checkpoint_corruption.py", "fail_idempotency_break.py",
            "fail_retry_exhaustion.py", "fail_logging_failure.py"]
@@ -35,6 +37,8 @@ def test_the_starting_file_fails_and_the_reference_passes(script, scenario_id, t
     untouched = grade(script, scenario_id, tmp_path, env)
     record = untouched.scenario(scenario_id)
     assert untouched.returncode == 1 and record["mode"] == "exercise"
+    assert "--- Logging error ---" not in untouched.stderr  # counted in the grade, not 62 tracebacks
+    assert "did not expect" not in untouched.stdout.split("Grade:")[1]
     assert record["triggered"] is True and record["recovered"] is False and record["cleaned"] is True
     functions = path.read_text().split("\n\n\n", 1)[1]  # below the file's docstring and its import
     assert functions.startswith("def ") and max(len(ln) for ln in functions.splitlines()) <= 74
@@ -46,3 +50,18 @@ def test_the_starting_file_fails_and_the_reference_passes(script, scenario_id, t
     passed = grade(script, scenario_id, tmp_path, env)
     assert passed.returncode == 0, passed.stdout[-3000:]
     assert passed.scenario(scenario_id)["status"] == "passed" and "PASSED" in passed.stdout
+    assert not re.search(r"\de[+-]\d\d", passed.stdout.split("Grade:")[1])  # figures as the lesson shows them
+
+
+@pytest.mark.parametrize("script, scenario_id", EXERCISES)
+def test_a_file_that_only_imports_the_lesson_is_refused(script, scenario_id, tmp_path):
+    """`from fail_X import *` brings the lesson's own fixes in, some under the slots' names: none
+    of them is the student's work."""
+    started = run_script(script, "--exercise", scenario_id, tmp_path=tmp_path, journal=False)
+    path = exercise_file(tmp_path, script, scenario_id)
+    assert started.returncode == 0, started.stderr
+    path.write_text(path.read_text().split("\n\n\n", 1)[0] + "\n")  # the docstring and the import line
+    refused = run_script(script, "--exercise", scenario_id, tmp_path=tmp_path, journal=False,
+                         env=clean_env(DATABASE_URL="postgresql://nobody@127.0.0.1:1/none"))  # before any database
+    assert refused.returncode == 2 and refused.stdout == "" and refused.stderr.count("\n") == 1, refused.stderr
+    assert "does not define" in refused.stderr and f"{scenario_id}.py" in refused.stderr

@@ -66,7 +66,7 @@ SOLUTIONS = {
 def test_exercise_start_never_overwrites_and_grades_the_starting_file_failed(tmp_path):
     start = _exercise(tmp_path)
     path = tmp_path / "exercises" / "fail_broken" / "with_fix.py"
-    assert start.returncode == 0 and str(path) in start.stdout
+    assert start.returncode == 0 and "exercises/fail_broken/with_fix.py" in start.stdout  # as typed from here
     text = path.read_text()
     assert "def insert_key(conn):" in text and "exactly once, without an error" in " ".join(text.split())
     assert "insert_twice" not in text  # renamed to the slot
@@ -115,3 +115,166 @@ def test_a_skip_says_why_and_fails_nothing(tmp_path):
     assert record["status"] == "skipped" and record["reason"] == "needs PostgreSQL 99 or later"
     assert record["cleaned"] is True and result.returncode == 0
     assert "1 passed, 0 failed, 1 skipped" in result.stdout
+
+
+# -- the grader as a student meets it ----------------------------------------------------------------
+SLOTS = "tests/fixtures/fail_slots.py"
+
+
+def _student_file(tmp_path, script: str, scenario_id: str, code: str):
+    path = tmp_path / "exercises" / script / f"{scenario_id}.py"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"from {script} import *  # noqa\n{code}")
+    return path
+
+
+@pytest.mark.parametrize("code", [
+    "",  # only the lesson's import line: the lesson's own insert_once came in, but no insert_key
+    "\ndef insert_kye(conn):\n    pass\n",  # misspelt
+    "\ninsert_key = insert_once\n",  # the lesson's fix under the slot's name
+])
+def test_grading_takes_only_the_functions_the_students_file_defines(tmp_path, code):
+    _student_file(tmp_path, "fail_broken", "with_fix", code)
+    result = _exercise(tmp_path)
+    assert result.returncode == 2 and result.journal is None, result.stdout[-2000:]
+    assert result.stderr.count("\n") == 1 and "does not define insert_key() itself" in result.stderr
+    assert "with_fix.py" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_slot_that_reaches_its_limit_is_named_and_never_called_again(tmp_path):
+    """The scenario retries its slot after any error (as a job runner does); the student's loop
+    keeps running SQL, so the limit cancels a query: the grade still names the time-out."""
+    _student_file(tmp_path, "fail_slots", "retried", "\ndef count_keys(conn):\n    while True:\n"
+                  "        with conn.cursor() as cur:\n            cur.execute('SELECT pg_sleep(0.05)')\n")
+    result = run_script(SLOTS, "--exercise", "retried", "--call-limit", "1", tmp_path=tmp_path)
+    record = result.scenario("retried")
+    assert result.returncode == 1 and record["cleaned"] is True
+    failed = [c["claim"] for c in record["checks"] if not c["ok"]]
+    assert "count_keys() did not return within 1 s" in failed, failed
+    assert record["student"]["count_keys"]["calls"] == 1 and record["student"]["count_keys"]["timed_out"]
+    assert "57014" not in " ".join(failed) and "QueryCanceled" not in result.stdout.split("Grade:")[1]
+
+
+def test_the_grade_tells_the_student_what_their_code_did(tmp_path):
+    _student_file(tmp_path, "fail_broken", "with_fix", "\ndef insert_key(conn):\n    try:\n"
+                  "        insert_twice(conn)\n    except Exception:\n        conn.rollback()\n")
+    caught = _exercise(tmp_path)
+    grade = caught.stdout.split("Grade:")[1]
+    demo, yours = grade.split("Your code, under the same fault:")
+    assert "The lesson's demonstration" in demo and "UniqueViolation (SQLSTATE 23505) raised" in demo
+    assert "key 1 is there exactly once" in yours and "UniqueViolation" not in yours.split("What your code did")[0]
+    said = " ".join(grade.split())
+    assert "insert_key(): called 1 time here; it returned normally every time" in said
+    assert ("The fault was real (a constraint violated, psycopg2.errors.UniqueViolation, as the demonstration "
+            "shows) and your code raised nothing: it caught the error and went on") in said
+    _student_file(tmp_path, "fail_broken", "with_fix", "\ndef insert_key(conn):\n    return undefined + 1\n")
+    crashed = _exercise(tmp_path)
+    assert "did not expect" not in crashed.stdout
+    assert "Your insert_key() raised an error of its own (exercises/fail_broken/with_fix.py, line 4)" in crashed.stdout
+    failed = [c["claim"] for c in crashed.scenario("with_fix")["checks"] if not c["ok"]]
+    assert failed == ["your insert_key() raised NameError: name 'undefined' is not defined "
+                      "(exercises/fail_broken/with_fix.py, line 4)"]
+
+
+def test_logging_own_error_reports_are_counted_not_printed(tmp_path):
+    _student_file(tmp_path, "fail_slots", "logged", "\ndef make_handler():\n    return FailingHandler()\n")
+    result = run_script(SLOTS, "--exercise", "logged", tmp_path=tmp_path)
+    assert result.returncode == 1 and "--- Logging error ---" not in result.stderr
+    grade = " ".join(result.stdout.split("Grade:")[1].split())
+    assert "logging printed 5 '--- Logging error ---' report(s)" in grade and grade.count("Logging error") == 2
+    assert result.scenario("logged")["triggered"] is True  # the lesson's own count still saw its five
+
+
+@pytest.mark.parametrize("flags", [["--solution"], ["--hint"], ["--hint", "2"], ["--call-limit", "5"],
+                                   ["--exercise-dir", "mine"], ["--restart"]])
+def test_an_exercise_flag_without_exercise_is_refused(tmp_path, flags):
+    result = run_script(BROKEN, "--only", "passes", *flags, tmp_path=tmp_path)
+    assert result.returncode == 2 and result.journal is None and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and f"{flags[0]} works with --exercise ID" in result.stderr
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--exercise", "with_fix", "--call-limit", "inf"], "out of range"),
+    (["--exercise", "with_fix", "--call-limit", "nan"], "out of range"),
+    (["--exercise", "with_fix", "--call-limit", "0"], "out of range"),
+    (["--exercise", "with_fix", "--call-limit", "-1"], "out of range"),
+    (["--exercise", "with_fix", "--hint", "0"], "out of range"),
+    (["--seed", "1.5"], "'1.5' is not a whole number"),
+    (["--seed", "-1"], "out of range"),
+    (["--control", ","], "--control names no fix slot"),
+    (["--only", ","], "--only names no scenario"),
+    (["--nosuch"], "unrecognized arguments"),
+])
+def test_bad_flags_are_one_line_and_exit_2(tmp_path, flags, words):
+    result = run_script(BROKEN, *flags, tmp_path=tmp_path)
+    assert result.returncode == 2 and result.journal is None
+    assert result.stderr.count("\n") == 1 and words in result.stderr, result.stderr
+
+
+def test_a_fifo_or_a_device_for_the_journal_is_refused_before_the_run(tmp_path):
+    import os
+
+    fifo = tmp_path / "journal.fifo"
+    os.mkfifo(fifo)
+    for path in (fifo, "/dev/zero", tmp_path):
+        for flag in ("--json", "--report"):
+            result = run_script(BROKEN, "--only", "passes", flag, str(path), tmp_path=tmp_path, journal=False,
+                                timeout=60)  # a blocked open would hang here
+            assert result.returncode == 2 and result.stdout == "", result.stdout
+            assert result.stderr.count("\n") == 1 and flag in result.stderr
+    assert run_script(BROKEN, "--only", "passes", "--report", "/dev/null", tmp_path=tmp_path).returncode == 0
+
+
+def test_a_negative_control_says_its_failure_is_the_expected_outcome(tmp_path):
+    result = run_script(BROKEN, "--only", "with_fix", "--control", "insert_key", tmp_path=tmp_path)
+    assert result.returncode == 1
+    said = " ".join(result.stdout.split("Summary")[1].split())
+    assert "the naive code failed, as it must" in said and "are the expected outcome" in said
+
+
+def test_progress_lists_each_exercise_with_its_state_and_the_next_command(tmp_path):
+    def progress():
+        shown = run_script(BROKEN, "--progress", tmp_path=tmp_path, journal=False)
+        assert shown.returncode == 0, shown.stderr
+        return {"out": shown.stdout}
+
+    first = progress()
+    assert "with_fix" in first["out"] and "not started" in first["out"] and "--exercise with_fix" in first["out"]
+    _exercise(tmp_path)
+    assert progress()["out"].split("with_fix")[1].splitlines()[0].strip() == "started"
+    path = tmp_path / "exercises" / "fail_broken" / "with_fix.py"
+    mine = "from fail_broken import *\n\ndef insert_key(conn):\n    insert_once(conn)\n"
+    path.write_text(mine)
+    assert _exercise(tmp_path).returncode == 0
+    state = progress()["out"]
+    assert state.split("with_fix")[1].split()[0] == "passed" and "1 of 1 passed at their last grade" in state
+    assert "Every exercise passed" in state
+    restarted = _exercise(tmp_path, "--restart")
+    aside = path.with_name("with_fix.old-1.py")
+    assert restarted.returncode == 0 and aside.read_text() == mine  # moved aside, never deleted
+    assert "insert_twice" not in path.read_text() and "def insert_key(conn):" in path.read_text()
+    assert "exercises/fail_broken/with_fix.old-1.py" in restarted.stdout
+    assert progress()["out"].split("with_fix")[1].splitlines()[0].strip() == "started"
+
+
+def test_ctrl_c_counts_the_scenarios_it_never_started_as_not_run(tmp_path):
+    import json
+    import signal
+    import subprocess
+
+    from conftest import clean_env
+
+    journal = tmp_path / "j.json"
+    proc = subprocess.Popen([sys.executable, str(ROOT / BROKEN), "--only", "sleeps,crash_in_trigger,with_fix",
+                             "--json", str(journal)], env=clean_env(), cwd=str(tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("READY"):
+            break
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "0 passed, 0 failed, 1 interrupted, 2 not run" in out
+    assert [r["status"] for r in json.loads(journal.read_text())["scenarios"]] == ["interrupted"] * 3

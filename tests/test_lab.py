@@ -39,6 +39,8 @@ def test_one_command_runs_the_four_scripts_in_order_with_one_summary_and_one_sta
     assert len(records) == 16 and all(r["status"] == "passed" for r in records)
     summary = proc.stdout.split("Lab summary: 16 scenario(s) in 4 script(s)")[1]
     assert all(r["id"] in summary for r in records) and "16 passed, 0 failed" in summary
+    said = " ".join(summary.split())  # it ends by saying where to look, and what its status means
+    assert "What to look at:" in said and "exit status 0: every scenario passed." in said
     assert sum(bool(r.get("headline")) for r in records) == 16  # the headline figure of each
     for j in journal["scripts"]:  # each script ran with its own journal, and left nothing
         assert j["run_id"] and lab_schemas(embedded_params, j["run_id"]) == []
@@ -146,3 +148,75 @@ def test_sigterm_to_the_lab_reaches_the_running_script_which_cleans_up(embedded_
     assert proc.returncode == 130, out[-2000:] + err[-2000:]
     (script,) = json.loads(journal.read_text())["scripts"]
     assert script["exit_code"] == 130 and lab_schemas(embedded_params, script["run_id"]) == []
+
+
+def test_the_headline_column_has_one_format():
+    from common.report import headline_parts
+
+    assert headline_parts({"headline": {"name": "rows_missing_before", "value": "500", "after": "0"}}) == \
+        ("rows missing", "500 → 0")
+    assert headline_parts({"headline": {"name": "naive_worst_case_s", "value": "4094"}}) == \
+        ("naive worst case (s)", "4094")
+    assert headline_parts({}) == ("", "")
+
+
+def _lab(*args, tmp_path, **kw):
+    return subprocess.run([sys.executable, str(ROOT / "lab.py"), *args], env=clean_env(), cwd=str(tmp_path),
+                          capture_output=True, text=True, timeout=kw.get("timeout", 60))
+
+
+def test_lab_output_paths_and_flags_are_checked_before_the_run(tmp_path):
+    import os
+
+    fifo = tmp_path / "lab.fifo"
+    os.mkfifo(fifo)
+    for args in (["--json", str(tmp_path / "nowhere" / "lab.json")], ["--report", str(tmp_path)],
+                 ["--json", str(fifo)], ["--report", str(fifo)], ["--json", "/dev/zero"],
+                 ["--seed", "1.5"], ["--seed", "-1"], ["--only", "nosuch"], ["--exercise-dir", "x"]):
+        proc = _lab(*args, tmp_path=tmp_path)  # a blocked open would hang: the timeout fails it
+        assert proc.returncode == 2 and "Lab 1 of" not in proc.stdout, (args, proc.stdout[-500:])
+        assert proc.stderr.count("\n") == 1, (args, proc.stderr)
+
+
+def test_lab_progress_lists_all_sixteen_exercises_and_the_next_command(tmp_path):
+    proc = _lab("--progress", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rows = [ln.split() for ln in proc.stdout.splitlines() if ln.startswith("   ") and ln.rstrip().endswith("started")]
+    assert len(rows) == 16 and all(r[-2:] == ["not", "started"] for r in rows)
+    assert "0 of 16 passed at their last grade" in proc.stdout
+    assert max(len(ln) for ln in proc.stdout.split("next (start it):")[0].splitlines()) <= 80
+    nxt = proc.stdout.split("next (start it):")[1].split()
+    assert nxt[:4] == [sys.executable, str(ROOT / "fail_checkpoint_corruption.py"), "--exercise", "corruption"]
+
+
+def test_sigint_to_the_lab_alone_stops_the_running_script_and_the_rest(embedded_params, tmp_path):
+    """An IDE's stop button sends SIGINT to the lab's pid only: the script must get it too."""
+    import os
+    import signal
+
+    journal = tmp_path / "lab.json"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "lab.py"), "--only", "checkpoint,retry", "--json",
+                             str(journal)], env=clean_env(), cwd=str(tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "Scenario 1 of 4" in line:
+            break
+    os.kill(proc.pid, signal.SIGINT)  # the lab's pid, not its process group
+    out, err = proc.communicate(timeout=120)
+    out = "".join(seen) + out
+    assert proc.returncode == 130, out[-2000:] + err[-2000:]
+    (script,) = json.loads(journal.read_text())["scripts"]
+    assert script["exit_code"] == 130 and lab_schemas(embedded_params, script["run_id"]) == []
+    assert "not run: fail_retry_exhaustion.py (interrupted)" in out and "Lab 2 of" not in out
+
+
+def test_ctrl_c_at_a_lab_pause_counts_nothing_as_failed(embedded_params, tmp_path):
+    """Ctrl-C at the first prompt: one scenario interrupted, three never started, no failure."""
+    from test_workshop import drive_in_pty
+
+    text, code, _ = drive_in_pty(["lab.py", "--only", "checkpoint", "--pause"], answer=False, group=True,
+                                 cwd=str(tmp_path), limit=120)
+    assert code == 130, text[-2000:]
+    assert "0 passed, 0 failed, 1 interrupted, 3 not run" in text, text[-2000:]

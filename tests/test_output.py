@@ -147,7 +147,8 @@ def test_trimmed_traceback_names_packages_not_bare_init_files():
 
 
 @pytest.mark.parametrize("value, expected", [(None, "NULL"), (True, "yes"), ({"a": 1, "b": None}, "a 1, b NULL"),
-                                             ((32, 32), "32, 32"), ([], "none"), (0.5, "0.5")])
+                                             ((32, 32), "32, 32"), ([], "none"), (0.5, "0.5"),
+                                             (250499123.45, "250499123.45"), (2.5e8, "250000000")])
 def test_words_never_print_a_repr(value, expected):
     assert output.words(value) == expected
 
@@ -160,3 +161,14 @@ def test_table_cells_are_words():
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_a_long_path_breaks_after_a_slash_never_inside_a_name():
+    """The banner's target at 80 columns: the embedded server's socket folder is one long word."""
+    from common.output import wrap
+
+    url = "postgresql://postgres@/postgres?host=/home/someone/.local/share/pipeline-failure-lab/pg18"
+    got = wrap(f"target: {url}  [embedded\u00a0default\u00a0server]", 80, "", "        ")
+    assert max(map(len, got)) <= 80 and len(got) > 1
+    assert got[0].endswith("/") and "".join(ln.strip() for ln in got).startswith(f"target: {url}")
+    assert all(not ln.rstrip().endswith(("pipeline-failure", "pipeline-")) for ln in got)
