@@ -700,13 +700,13 @@ def storm_figures(r: dict) -> str:
 
 
 def find_login_storm_naive(conn) -> list:
-    """Naive: the roles at their connection limit now (pg_stat_activity)."""
+    """Naive: every run in the job's log with refused logins. It
+    fires on the storm, and then again on every check after it,
+    on every storm that ever was: an alert nobody can clear."""
     with conn.cursor() as cur:
-        cur.execute("SELECT r.rolname, count(a.pid), r.rolconnlimit"
-                    " FROM pg_roles r JOIN pg_stat_activity a"
-                    " ON a.usename = r.rolname WHERE r.rolconnlimit >= 0"
-                    " GROUP BY r.rolname, r.rolconnlimit"
-                    " HAVING count(a.pid) >= r.rolconnlimit")
+        cur.execute("SELECT run, count(*), sum(refused)"
+                    " FROM storm_done GROUP BY run"
+                    " HAVING 8 * sum(refused) >= count(*)")
         return cur.fetchall()
 
 

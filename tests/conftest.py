@@ -277,7 +277,22 @@ def grade(script: str, scenario_id: str, tmp_path: Path, env: dict | None = None
 
 
 def write_solution(tmp_path, script, scenario_id, code: str):
-    """A student's file: the lesson's helpers, then `code`."""
+    """A student's file: the lesson's helpers, then `code`, in which a wrong solution names only
+    the slot it gets wrong. The grader takes only functions the file defines itself, so every other
+    slot is written out as a function handing over to the lesson's fix, and `slot = function` as a
+    function handing over to that function: what a student would write to keep the lesson's code."""
+    import re
+
+    slots = {f.slot: f.fixed.__name__ for f in declared_fixes(script) if f.scenario_id == scenario_id}
+
+    def hand_over(slot: str, to: str) -> str:  # the lesson's function by the module: it may share the slot's name
+        target = f"__import__({script[:-3]!r}).{to}" if to == slot or to == slots.get(slot) else to
+        return f"\n\ndef {slot}(*args, **kwargs):\n    return {target}(*args, **kwargs)\n"
+
+    for slot in slots:
+        code = re.sub(rf"^{slot} = (\w+)[ \t]*$", lambda m, slot=slot: hand_over(slot, m.group(1)), code, flags=re.M)
+    code += "".join(hand_over(slot, fixed) for slot, fixed in slots.items()
+                    if not re.search(rf"^def {slot}\(", code, re.M))
     path = exercise_file(tmp_path, script, scenario_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"from {script[:-3]} import *  # noqa\n\n{code}")
