@@ -138,6 +138,8 @@ def explain_connect_error(exc: psycopg2.Error, target: str) -> str:
         hint = "create the database or name an existing one"
     elif "could not translate host name" in low or "name or service not known" in low:
         hint = "check the host name"
+    elif "does not support ssl" in low:
+        hint = "the server offers no TLS: unset PGSSLMODE or sslmode=require for it, or turn ssl on at the server"
     elif "timeout" in low:
         hint = "the host did not answer in time: check host, port and firewall"
     return f"cannot connect to {target}: {text} ({hint})"

@@ -1,0 +1,147 @@
+"""libpq's conventions, the server settings a lesson depends on, and the embedded server's edge
+cases, each through the command line as a user meets them, on private servers.
+
+- The fault proxy reaches the server the user's own connection reached, as libpq resolved it: a
+  password only in a pgpass file, a service file (while PGHOST names another server), a Unix
+  socket host, PGSSLMODE (a TLS-only server; the embedded default, reached over its socket, where
+  libpq never uses TLS), a multi-host list whose first host is down. Each runs one scenario that
+  goes through the proxy (`--only`), which is enough: every proxy scenario gets its proxy from
+  the same Scenario.proxy().
+- Server settings: idle_session_timeout on the role, a database whose encoding cannot hold the
+  lessons' text, a SQL_ASCII database, a LATIN1 client encoding.
+- The embedded server: a killed postmaster left as a zombie, a full disk for its data folder, a
+  full temp folder, and `python -X dev -W error`.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import quote
+
+import psutil
+import psycopg2
+import pytest
+from psycopg2 import sql
+
+import pwserver
+import servers
+from conftest import ROOT, assert_passed, clean_env, lab_schemas, run_script
+from test_safety import wait_until
+
+PROXIED = {  # one scenario per script that goes through the fault proxy, each short
+    "checkpoint": ("fail_checkpoint_corruption.py", "db_down"),
+    "retry": ("fail_retry_exhaustion.py", "exhaustion"),
+}
+BROKEN = "tests/fixtures/fail_broken.py"
+
+
+def run_proxied(which: str, env: dict, tmp_path: Path, check: dict):
+    """Run one proxy scenario with `env`; it must pass, clean, and leave no schema on `check`."""
+    script, scenario_id = PROXIED[which]
+    result = run_script(script, "--only", scenario_id, env=env, tmp_path=tmp_path, timeout=180)
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert_passed(result, check, [scenario_id])
+    return result
+
+
+def one_line_error(result) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, (result.returncode, result.stdout[-2000:], result.stderr[-2000:])
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def plain():
+    """A private PostgreSQL 18 with trust authentication, a TCP port and a Unix socket (no TLS)."""
+    with servers.needed(), servers.postgres(servers.wheel_install(), prefix="labtest-libpq-") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def pw():
+    """A private server where lab_user logs in with a password, over TCP only."""
+    with servers.needed(), pwserver.password_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory):
+    """A private server that takes TCP connections with TLS only; yields (server, CA file)."""
+    with servers.needed(), servers.tls_postgres(servers.postgres_install(18),
+                                                tmp_path_factory.mktemp("certs")) as found:
+        yield found
+
+
+def superuser(server: dict):
+    conn = psycopg2.connect(**servers.libpq(server))
+    conn.autocommit = True
+    return conn
+
+
+# -- the fault proxy reaches the server as libpq did ---------------------------------------------
+def test_a_password_only_in_a_pgpass_file_reaches_the_server_through_the_proxy(pw, tmp_path):
+    url = f"postgresql://lab_user@{pw['host']}:{pw['port']}/{pw['dbname']}"
+    passfile = tmp_path / "pgpass"
+    passfile.write_text(f"{pw['host']}:{pw['port']}:{pw['dbname']}:lab_user:{pwserver.LAB_PASSWORD}\n")
+    passfile.chmod(0o600)
+    without = run_script(PROXIED["checkpoint"][0], env=clean_env(DATABASE_URL=url, PGPASSFILE=str(tmp_path / "none")),
+                         tmp_path=tmp_path)
+    assert "no password supplied" in one_line_error(without)  # the file is the only place it is
+    check = {**pw, "user": "lab_user", "password": pwserver.LAB_PASSWORD}
+    result = run_proxied("checkpoint", clean_env(DATABASE_URL=url, PGPASSFILE=str(passfile)), tmp_path, check)
+    assert pwserver.LAB_PASSWORD not in result.stdout + result.stderr + json.dumps(result.journal)
+
+
+def test_a_service_file_names_the_server_while_pghost_points_elsewhere(plain, tmp_path):
+    services = tmp_path / "pg_service.conf"
+    services.write_text(f"[faillab_test]\nhost={plain['host']}\nport={plain['port']}\nuser=postgres\n"
+                        "dbname=postgres\n")
+    env = clean_env(PGSERVICEFILE=str(services), PGSERVICE="faillab_test", PGHOST="127.0.0.1",
+                    PGPORT=str(servers.free_port()))  # nothing listens there
+    run_proxied("retry", env, tmp_path, servers.libpq(plain))
+
+
+@pytest.mark.parametrize("form", ["query", "percent-encoded"])
+def test_a_unix_socket_host_goes_through_the_proxy_to_the_socket(form, plain, tmp_path):
+    folder = plain["socket_dir"]
+    url = (f"postgresql://postgres@/postgres?host={folder}&port={plain['port']}" if form == "query"
+           else f"postgresql://postgres@{quote(folder, safe='')}:{plain['port']}/postgres")
+    run_proxied("retry", clean_env(DATABASE_URL=url), tmp_path, servers.libpq(plain))
+
+
+@pytest.mark.parametrize("how", ["url", "PG variables"])
+def test_a_multi_host_list_goes_through_the_proxy_to_the_host_that_answered(how, plain, tmp_path):
+    down = servers.free_port()  # nothing listens there: libpq moves on to the next host
+    if how == "url":
+        env = clean_env(DATABASE_URL=f"postgresql://postgres@127.0.0.1:{down},127.0.0.1:{plain['port']}/postgres")
+    else:
+        env = clean_env(PGHOST="127.0.0.1,127.0.0.1", PGPORT=f"{down},{plain['port']}", PGUSER="postgres",
+                        PGDATABASE="postgres")
+    run_proxied("retry", env, tmp_path, servers.libpq(plain))
+
+
+@pytest.mark.parametrize("sslmode", ["require", "verify-full"])
+def test_pgsslmode_reaches_a_tls_only_server_through_the_proxy(sslmode, tls, tmp_path):
+    """hostssl only: the proxy's connections must use TLS too (verify-full: against "localhost")."""
+    server, ca = tls
+    url = servers.url(server, host="localhost")  # no sslmode in the URL: PGSSLMODE says it
+    env = clean_env(DATABASE_URL=url, PGSSLMODE=sslmode, PGSSLROOTCERT=str(ca))
+    run_proxied("checkpoint", env, tmp_path, {**servers.libpq(server), "sslmode": "require"})
+
+
+def test_pgsslmode_require_with_the_embedded_default(embedded_params, tmp_path):
+    """A PGSSLMODE meant for another server: the embedded default is reached over its Unix
+    socket, where libpq never uses TLS; the proxy's connections use none either."""
+    run_proxied("retry", clean_env(PGSSLMODE="require"), tmp_path, embedded_params)
+
+
+def test_pgsslmode_require_on_a_server_without_tls_is_one_line(plain, tmp_path):
+    env = clean_env(DATABASE_URL=servers.url(plain), PGSSLMODE="require")
+    line = one_line_error(run_script(PROXIED["retry"][0], env=env, tmp_path=tmp_path))
+    assert "does not support SSL" in line and "PGSSLMODE" in line, line
