@@ -145,3 +145,77 @@ def test_pgsslmode_require_on_a_server_without_tls_is_one_line(plain, tmp_path):
     env = clean_env(DATABASE_URL=servers.url(plain), PGSSLMODE="require")
     line = one_line_error(run_script(PROXIED["retry"][0], env=env, tmp_path=tmp_path))
     assert "does not support SSL" in line and "PGSSLMODE" in line, line
+
+
+# -- server settings ------------------------------------------------------------------------------
+@pytest.mark.parametrize("timeout", ["500ms", "2s"])
+def test_idle_session_timeout_on_the_role_ends_no_lab_session(timeout, plain, tmp_path):
+    """The admin connection idles while a scenario runs (the storm: about 3 s)."""
+    role = f"labtest_idle_{timeout}"
+    conn = superuser(plain)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql.SQL("CREATE ROLE {} LOGIN SUPERUSER").format(sql.Identifier(role)))
+            cur.execute(sql.SQL("ALTER ROLE {} SET idle_session_timeout = {}").format(sql.Identifier(role),
+                                                                                     sql.Literal(timeout)))
+        with psycopg2.connect(**{**servers.libpq(plain), "user": role}) as raw, raw.cursor() as cur:
+            cur.execute("SHOW idle_session_timeout")
+            assert cur.fetchone()[0] == timeout  # really in force for the role
+        url = servers.url(plain, user=role)
+        result = run_script("fail_retry_exhaustion.py", "--only", "storm", env=clean_env(DATABASE_URL=url),
+                            tmp_path=tmp_path, timeout=180)
+        assert_passed(result, servers.libpq(plain), ["storm"])
+    finally:
+        with conn.cursor() as cur:
+            cur.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+        conn.close()
+
+
+@contextlib.contextmanager
+def database(server: dict, name: str, encoding: str):
+    conn = superuser(server)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql.SQL("CREATE DATABASE {} ENCODING {} LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
+                        .format(sql.Identifier(name), sql.Literal(encoding)))
+        yield {**servers.libpq(server), "dbname": name}
+    finally:
+        with conn.cursor() as cur:
+            cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        conn.close()
+
+
+def test_a_database_that_cannot_hold_the_lessons_text_is_refused_at_start(plain, tmp_path):
+    with database(plain, "labtest_latin1", "LATIN1") as check:
+        with contextlib.closing(psycopg2.connect(**check, client_encoding="UTF8")) as raw, raw.cursor() as cur, \
+                pytest.raises(psycopg2.errors.UntranslatableCharacter):
+            cur.execute("SELECT %s::text", ("\u6771\U0001f389",))  # text structured_parsing stores
+        env = clean_env(DATABASE_URL=servers.url(plain, dbname="labtest_latin1"))
+        line = one_line_error(run_script("fail_logging_failure.py", env=env, tmp_path=tmp_path))
+        assert "LATIN1" in line and "UTF8" in line, line
+        assert lab_schemas(check) == []
+
+
+@pytest.mark.parametrize("case", ["SQL_ASCII database", "PGCLIENTENCODING=LATIN1", "URL client_encoding=LATIN1",
+                                  "role client_encoding LATIN1"])
+def test_structured_parsing_keeps_its_text_whatever_the_client_encoding(case, plain, tmp_path):
+    with contextlib.ExitStack() as stack:
+        check, url, extra = servers.libpq(plain), servers.url(plain), {}
+        if case == "SQL_ASCII database":
+            check = stack.enter_context(database(plain, "labtest_sql_ascii", "SQL_ASCII"))
+            url = servers.url(plain, dbname="labtest_sql_ascii")
+        elif case == "PGCLIENTENCODING=LATIN1":
+            extra = {"PGCLIENTENCODING": "LATIN1"}
+        elif case == "URL client_encoding=LATIN1":
+            url = servers.url(plain, client_encoding="LATIN1")
+        else:
+            conn = stack.enter_context(contextlib.closing(superuser(plain)))
+            with conn.cursor() as cur:
+                cur.execute("CREATE ROLE labtest_latin1_client LOGIN SUPERUSER")
+                stack.callback(lambda: conn.cursor().execute("DROP ROLE labtest_latin1_client"))
+                cur.execute("ALTER ROLE labtest_latin1_client SET client_encoding = 'LATIN1'")
+            url = servers.url(plain, user="labtest_latin1_client")
+        result = run_script("fail_logging_failure.py", "--only", "structured_parsing",
+                            env=clean_env(DATABASE_URL=url, **extra), tmp_path=tmp_path)
+        assert "Traceback" not in result.stderr, result.stderr[-3000:]
+        assert_passed(result, check, ["structured_parsing"])
