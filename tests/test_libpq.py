@@ -219,3 +219,133 @@ def test_structured_parsing_keeps_its_text_whatever_the_client_encoding(case, pl
                             env=clean_env(DATABASE_URL=url, **extra), tmp_path=tmp_path)
         assert "Traceback" not in result.stderr, result.stderr[-3000:]
         assert_passed(result, check, ["structured_parsing"])
+
+
+# -- the embedded server --------------------------------------------------------------------------
+# A parent that adopts orphans and never reaps them: what a container's pid 1 is without --init.
+# It runs the command given as its child, prints the child's pid, and stays until stdin closes.
+NO_INIT = """
+import ctypes, subprocess, sys
+if ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
+    sys.exit("prctl(PR_SET_CHILD_SUBREAPER) failed")
+child = subprocess.Popen(sys.argv[1:], stdout=subprocess.PIPE, text=True)
+print("CHILD", child.pid, flush=True)
+for line in child.stdout:
+    print(line, end="", flush=True)
+child.wait()
+sys.stdin.read()
+"""
+
+
+@pytest.fixture
+def open_tmp():
+    """A temp folder the embedded server's user may traverse. pytest's own (tmp_path) is under
+    /tmp/pytest-of-<user>, which every new pytest session of that user sets back to 0700."""
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="labtest-libpq-"))
+    folder.chmod(0o755)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def private_data_dir(root: Path, monkeypatch):
+    """FAILLAB_DATA_DIR for the scripts and for common.embedded here; at the end, the server of
+    that folder is stopped (after its linger) before the folder goes."""
+    from common import embedded
+
+    monkeypatch.setenv("FAILLAB_DATA_DIR", str(root))
+    try:
+        yield clean_env(FAILLAB_DATA_DIR=str(root))
+    finally:
+        wait_until(lambda: embedded.server_process() is None and embedded.watchdog_pid() is None, 30)
+        if embedded.server_process() is not None:
+            embedded.stop_server()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a subreaper (prctl) is Linux only")
+def test_a_killed_postmaster_left_a_zombie_is_dead_not_a_broken_folder(open_tmp, tmp_path, monkeypatch):
+    from common import embedded
+
+    with private_data_dir(open_tmp / "data", monkeypatch) as env:
+        parent = subprocess.Popen([sys.executable, "-c", NO_INIT, sys.executable, str(ROOT / BROKEN), "--only",
+                                   "sleeps"], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                  cwd=str(tmp_path))
+        try:
+            child = int(parent.stdout.readline().split()[1])
+            for line in parent.stdout:
+                if line.startswith("READY"):
+                    break
+            else:
+                raise AssertionError("the run under the non-reaping parent never got ready")
+            postmaster = embedded.server_process()
+            assert postmaster is not None and postmaster.ppid() == parent.pid  # adopted, never to be reaped
+            os.kill(postmaster.pid, signal.SIGKILL)
+            os.kill(child, signal.SIGKILL)  # the run dies with it: nothing cleans up
+            assert wait_until(lambda: postmaster.status() == psutil.STATUS_ZOMBIE, 10)
+            result = run_script(BROKEN, "--only", "passes", env=env, tmp_path=tmp_path)
+            assert postmaster.status() == psutil.STATUS_ZOMBIE  # still there while the next run started
+        finally:
+            parent.stdin.close()  # the zombies go to init, which reaps them
+            parent.wait(30)
+            parent.stdout.close()
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "broken" not in result.stderr, result.stderr
+        assert [p.name for p in (open_tmp / "data").iterdir() if p.name.startswith("pg18.")] == []
+
+
+@contextlib.contextmanager
+def tiny_disk(where: Path, size: str, fill_kb: int = 0):
+    """A tmpfs of `size` mounted at `where` (root only), optionally mostly filled; unmounted after."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    where.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=1777", "tmpfs", str(where)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()[:200]}")
+    try:
+        if fill_kb:
+            (where / "filler").write_bytes(b"\0" * fill_kb * 1024)
+        yield where
+    finally:
+        if subprocess.run(["umount", str(where)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def test_a_full_disk_for_the_data_folder_shows_initdbs_own_error(open_tmp, tmp_path, monkeypatch):
+    with tiny_disk(open_tmp / "home", "2m") as home, private_data_dir(home / "data", monkeypatch) as env:
+        result = run_script(BROKEN, "--only", "passes", env=env, tmp_path=tmp_path)
+        line = one_line_error(result)
+        assert "No space left on device" in line and "free space" in line, line
+        assert [p.name for p in (home / "data").iterdir() if p.name.startswith("pg18.")] == []  # nothing set aside
+
+
+DEV_MODE_RUNS = [("fail_checkpoint_corruption.py", "db_down"), ("fail_idempotency_break.py", "data_drift"),
+                 ("fail_logging_failure.py", "structured_parsing"), ("fail_retry_exhaustion.py", "exhaustion")]
+
+
+def test_python_dev_mode_with_warnings_as_errors_runs_clean(open_tmp, tmp_path, monkeypatch):
+    """Each script under `python -X dev -W error`, on a private data folder, so the first run
+    starts the server and its watchdog itself (the others join it or start it again)."""
+    import re
+
+    sweep_lock = []
+    with private_data_dir(open_tmp / "data", monkeypatch) as env:
+        for script, scenario_id in DEV_MODE_RUNS:
+            proc = subprocess.run([sys.executable, "-X", "dev", "-W", "error", str(ROOT / script), "--only",
+                                   scenario_id], env=env, capture_output=True, text=True, timeout=180,
+                                  cwd=str(tmp_path))
+            assert proc.returncode == 0, (script, proc.stdout[-2000:], proc.stderr[-3000:])
+            warned = [line for line in proc.stderr.splitlines() if "Warning" in line or "Exception ignored" in line]
+            # The temp-folder sweep's lock file of another live run (common/cleanup.py) is the one
+            # warning known and still open; anything else fails the test.
+            others = [line for line in warned if not re.search(r"faillab-[0-9a-z]+\.lock", line)]
+            assert not others, (script, proc.stderr[-3000:])
+            sweep_lock += [script] if warned else []
+    if sweep_lock:
+        pytest.xfail(f"the temp-folder sweep leaves a lock file open (common/cleanup.py): {sweep_lock}")
