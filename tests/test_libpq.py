@@ -325,6 +325,18 @@ def test_a_full_disk_for_the_data_folder_shows_initdbs_own_error(open_tmp, tmp_p
         assert [p.name for p in (home / "data").iterdir() if p.name.startswith("pg18.")] == []  # nothing set aside
 
 
+def test_a_full_temp_folder_is_named_not_blamed_on_the_formatter(embedded_params, open_tmp, tmp_path):
+    with tiny_disk(open_tmp / "tmp", "1m", fill_kb=1000) as tmp:
+        result = run_script("fail_logging_failure.py", "--only", "structured_parsing",
+                            env=clean_env(TMPDIR=str(tmp)), tmp_path=tmp_path)
+        record = result.scenario("structured_parsing")
+        assert result.returncode == 1 and record["status"] == "failed", result.stdout[-3000:]
+        assert "No space left on device" in record["reason"] and "formatter" not in record["reason"], record["reason"]
+        assert record["cleaned"] is True
+        assert [p.name for p in tmp.iterdir() if p.name != "filler"] == []
+    assert lab_schemas(embedded_params, result.journal["run_id"]) == []
+
+
 DEV_MODE_RUNS = [("fail_checkpoint_corruption.py", "db_down"), ("fail_idempotency_break.py", "data_drift"),
                  ("fail_logging_failure.py", "structured_parsing"), ("fail_retry_exhaustion.py", "exhaustion")]
 
