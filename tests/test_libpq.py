@@ -102,9 +102,12 @@ def test_a_service_file_names_the_server_while_pghost_points_elsewhere(plain, tm
     services = tmp_path / "pg_service.conf"
     services.write_text(f"[faillab_test]\nhost={plain['host']}\nport={plain['port']}\nuser=postgres\n"
                         "dbname=postgres\n")
+    elsewhere = servers.free_port()  # nothing listens there
     env = clean_env(PGSERVICEFILE=str(services), PGSERVICE="faillab_test", PGHOST="127.0.0.1",
-                    PGPORT=str(servers.free_port()))  # nothing listens there
-    run_proxied("retry", env, tmp_path, servers.libpq(plain))
+                    PGPORT=str(elsewhere))
+    result = run_proxied("retry", env, tmp_path, servers.libpq(plain))
+    target = result.journal["database"]["target"]  # the service, not the host PGHOST names
+    assert "service=faillab_test" in target and str(elsewhere) not in target, target
 
 
 @pytest.mark.parametrize("form", ["query", "percent-encoded"])
