@@ -71,8 +71,11 @@ def upstream_of(conn) -> Upstream:
     user, database, password (from the URL, PGPASSWORD or ~/.pgpass alike) and TLS it logged in
     with. Nothing is parsed again, so a service file or a PG* variable cannot point elsewhere."""
     info = conn.info
-    with socket.socket(fileno=os.dup(info.socket)) as s:
+    s = socket.socket(fileno=info.socket)  # libpq's own socket, only looked at: detached, never closed
+    try:
         family, address = s.family, s.getpeername()
+    finally:
+        s.detach()
     host = info.host or ""
     route = {"user": info.user, "dbname": info.dbname}
     if info.password:
