@@ -1512,6 +1512,8 @@ def write_feed(s: Scenario, name: str, format_event) -> tuple[JobReport, Path, W
     sink.setFormatter(FunctionFormatter(format_event))
     with contextlib.redirect_stderr(io.StringIO()) as stderr, job_logger(f"parsing.{name}", sink) as log:
         run_feed(log, report)
+    if isinstance(sink.first_error, OSError):  # the file could not be written (a full disk): not the formatter
+        raise sink.first_error
     return report, path, sink, stderr.getvalue()
 
 

@@ -44,6 +44,9 @@ def describe(params: dict) -> str:
     port = params.get("port") or os.environ.get("PGPORT") or ""
     dbname = params.get("dbname") or os.environ.get("PGDATABASE") or user
     auth = f"{user}:***@" if secret else (f"{user}@" if user else "")
+    service = params.get("service") or os.environ.get("PGSERVICE")
+    if service and not params.get("host"):  # the service file's host beats PGHOST: do not guess it
+        return f"postgresql://{auth}/{params.get('dbname') or ''}?service={service}"
     where = f"{host}:{port}" if port and not str(host).startswith("/") else str(host)
     if str(host).startswith("/"):  # a Unix socket directory: keep it out of the authority part
         return f"postgresql://{auth}/{dbname}?host={host}"

@@ -45,8 +45,13 @@ SESSION = {
 TRUSTED_SEARCH_PATH = "pg_catalog, pg_temp"
 # Settings that exist only from a server version on (server_version_num), with their value.
 SESSION_SINCE = {
+    "idle_session_timeout": (140000, "0"),  # the admin connection idles while a scenario runs
     "transaction_timeout": (170000, "0"),  # a role's transaction_timeout would end long lessons
 }
+# libpq keywords every lab connection logs in with: the lessons' text (quotes, accents, emoji) is
+# sent and read as UTF-8 whatever PGCLIENTENCODING, the URL or the role says. A startup
+# parameter, not a SET: psycopg2 picks its codec at login and does not follow a later SET.
+LOGIN = {"client_encoding": "UTF8"}
 
 
 class StartupError(Exception):
@@ -111,7 +116,7 @@ def conn_params(params: dict, *, schema: str | None = None, app: str | None = No
     unknown = sorted(set(settings) - set(SESSION) - set(SESSION_SINCE))
     if unknown:
         raise TypeError(f"not a lab session setting: {', '.join(unknown)}")
-    kwargs = {"connect_timeout": config.CONNECT_TIMEOUT_S, **params}
+    kwargs = {"connect_timeout": config.CONNECT_TIMEOUT_S, **params, **LOGIN}
     session = kwargs.get("connection_factory")
     session = session if isinstance(session, Session) else Session()
     if schema:
@@ -155,6 +160,8 @@ def explain_connect_error(exc: psycopg2.Error, target: str) -> str:
         hint = "create the database or name an existing one"
     elif "could not translate host name" in low or "name or service not known" in low:
         hint = "check the host name"
+    elif "does not support ssl" in low:
+        hint = "the server offers no TLS: unset PGSSLMODE or sslmode=require for it, or turn ssl on at the server"
     elif "timeout" in low:
         hint = "the host did not answer in time: check host, port and firewall"
     return f"cannot connect to {target}: {text} ({hint})"
@@ -169,6 +176,21 @@ def check_writable(conn, target: str) -> None:
                            "point the lab at the primary server")
     if read_only == "on":
         raise StartupError(f"{target} gives only read-only transactions: point the lab at a writable server")
+
+
+# What a database must store text as: the lessons' data holds text no single-byte encoding has
+# (CJK, emoji). SQL_ASCII stores the bytes it is sent as they are, so UTF-8 comes back intact.
+TEXT_ENCODINGS = ("UTF8", "SQL_ASCII")
+
+
+def check_encoding(conn, target: str) -> None:
+    """A database whose encoding cannot hold the lessons' text (LATIN1, WIN1252, ...): exit 2."""
+    database, encoding = rows(conn, "SELECT pg_catalog.current_database(), "
+                                    "pg_catalog.current_setting('server_encoding')")[0]
+    if encoding not in TEXT_ENCODINGS:
+        raise StartupError(f"{target}: the database {database} stores text as {encoding}, which cannot hold the "
+                           "lessons' data (CJK, emoji): point the lab at a UTF8 database (CREATE DATABASE ... "
+                           "ENCODING 'UTF8' TEMPLATE template0)")
 
 
 def check_session_kept(conn, params: dict, target: str) -> None:
@@ -238,6 +260,7 @@ def open_target(app: str = "faillab:admin"):
             raise StartupError(explain_connect_error(exc, display)) from None
         stack.callback(conn.close)
         check_writable(conn, display)
+        check_encoding(conn, display)
         check_session_kept(conn, params, display)
         yield target, params, conn
 

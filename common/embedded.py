@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -64,8 +65,11 @@ def _stamp(pid: int) -> str:
 
 
 def _alive(pid: int, stamp: str) -> bool:
+    """The process that wrote `stamp` still runs: same start time, and not a zombie (a process
+    that ended but was never reaped, as under a container's pid 1 that is not an init)."""
     try:
-        return _stamp(pid) == stamp
+        proc = psutil.Process(pid)
+        return repr(proc.create_time()) == stamp and proc.status() != psutil.STATUS_ZOMBIE
     except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
         return False
 
@@ -92,20 +96,57 @@ def live_users() -> list[int]:
 # -- the server process -------------------------------------------------------------------
 def server_process() -> psutil.Process | None:
     """The postmaster of our data directory, if one runs. A postmaster.pid naming a process
-    that is not a postgres of this data directory is stale and is removed."""
+    that is not a running postgres of this data directory (gone, a zombie nobody reaped, or some
+    other process that got its pid) is stale: it is removed, with the socket lock files that
+    name a dead process."""
     pidfile = pgdata() / "postmaster.pid"
     try:
-        pid = int(pidfile.read_text().splitlines()[0])
+        lines = pidfile.read_text().splitlines()
+        pid = int(lines[0])
     except (OSError, ValueError, IndexError):
         return None
     try:
         proc = psutil.Process(pid)
-        if "postgres" in proc.name() and str(pgdata()) in " ".join(proc.cmdline()):
+        if _running(proc) and "postgres" in proc.name() and str(pgdata()) in " ".join(proc.cmdline()):
             return proc
     except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):  # (initdb's bootstrap writes -pid)
         pass
+    socket_dir = lines[4].strip() if len(lines) > 4 else ""  # line 5: where its socket was
+    clear_dead_socket_locks([pgdata(), *([Path(socket_dir)] if socket_dir.startswith("/") else [])])
     pidfile.unlink(missing_ok=True)  # stale: never signal whatever owns that pid now
     return None
+
+
+def clear_dead_socket_locks(folders) -> list[Path]:
+    """Remove the `.s.PGSQL.<port>.lock` files in `folders` whose pid is not a running postgres.
+    PostgreSQL takes a lock whose pid still exists for a live server's; a killed postmaster
+    that nobody reaped (a container without an init) exists as a zombie for good, and its socket
+    lock would keep every later server from starting: the folder would look broken when it is not."""
+    removed = []
+    for folder in folders:
+        try:
+            locks = list(Path(folder).glob(".s.PGSQL.*.lock"))
+        except OSError:
+            continue
+        for lock in locks:
+            try:
+                text = lock.read_text()
+            except OSError:  # not ours to judge: PostgreSQL will say why it cannot start
+                continue
+            try:
+                proc = psutil.Process(int(text.splitlines()[0]))
+                if _running(proc) and "postgres" in proc.name():
+                    continue
+            except psutil.AccessDenied:  # a process we may not look at: leave its lock alone
+                continue
+            except (ValueError, IndexError, psutil.NoSuchProcess):
+                pass
+            try:
+                lock.unlink()
+                removed.append(lock)
+            except OSError:  # gone already, or not ours to remove
+                pass
+    return removed
 
 
 def stop_server(known: psutil.Process | None = None) -> bool:
@@ -152,6 +193,7 @@ def _start_server() -> dict:
     library_log.propagate = False  # its failures become one line of ours (see _start_failure)
     if not any(isinstance(h, _Collect) for h in library_log.handlers):
         library_log.addHandler(_Collect(logging.ERROR))
+    _Collect.records.clear()  # what this start says, not an earlier one
 
     # The library's own global lock is a file in $TMPDIR, which a run as another user (root)
     # leaves unwritable for everyone else. Our lock on the data folder already serialises the
@@ -250,6 +292,20 @@ def broken_reason(folder: Path) -> str | None:
     return None
 
 
+def _is_empty(folder: Path) -> bool:
+    """Absent, or a folder with nothing in it (what initdb leaves when it fails)."""
+    try:
+        return not folder.exists() or (folder.is_dir() and not any(folder.iterdir()))
+    except OSError:
+        return False
+
+
+def _fix_for(failure: str) -> str:
+    if "No space left on device" in failure or "Disk quota exceeded" in failure:
+        return "free space on that disk, or set FAILLAB_DATA_DIR to a folder on another one"
+    return "set FAILLAB_DATA_DIR to a writable folder"
+
+
 def _set_aside(reason: str) -> Path:
     """Rename the broken data folder (never delete it: it may hold something someone wants)."""
     folder = pgdata()
@@ -261,23 +317,35 @@ def _set_aside(reason: str) -> Path:
 
 
 def _start_sound_server() -> dict:
-    """Start the server; a broken data folder is set aside and built anew, once."""
+    """Start the server, trying twice. A broken data folder is set aside (kept, and said so) and
+    built anew; a new folder that could not be made (initdb failed: a full disk, say) is not
+    broken, and what initdb said is the one line the user gets."""
     from common.db import StartupError
 
     if server_process() is None:  # never move a folder a running server uses
         reason = broken_reason(pgdata())
         if reason:
             _set_aside(reason)
+        clear_dead_socket_locks([pgdata()])
+    aside = None
+    fresh = _is_empty(pgdata())
     try:
         return _start_server()
     except Exception as exc:
         if server_process() is not None:
             raise
-        aside = _set_aside(f"the server did not start on it: {_start_failure(exc)}")
+        if fresh:  # what this attempt's initdb left, if anything: made by nobody else (we hold the lock)
+            shutil.rmtree(pgdata(), ignore_errors=True)
+        elif not _is_empty(pgdata()):
+            aside = _set_aside(f"the server did not start on it: {_start_failure(exc)}")
     try:
         return _start_server()
     except Exception as exc:
-        raise StartupError(f"the embedded server does not start ({_start_failure(exc)}), even on a new data "
+        failure = _start_failure(exc)
+        if aside is None:
+            raise StartupError(f"the embedded server cannot be made in {pgdata()} ({failure}): "
+                               f"{_fix_for(failure)}, or configure a server with DATABASE_URL") from None
+        raise StartupError(f"the embedded server does not start ({failure}), even on a new data "
                            f"folder; delete {pgdata()} and {aside}, or set FAILLAB_DATA_DIR") from None
 
 
@@ -290,15 +358,19 @@ class _Collect(logging.Handler):
 
 
 def _start_failure(exc: BaseException) -> str:
-    """What PostgreSQL said: the server log's last FATAL line, else the last error line the
-    library logged (initdb's or pg_ctl's stderr), else the exception's first line."""
+    """What PostgreSQL said: the last FATAL line of the server log or of what the library logged
+    for this start (initdb's or pg_ctl's stderr: initdb's bootstrap says FATAL), else initdb's or
+    pg_ctl's own first complaint, else the last error line the library logged, else the
+    exception's first line."""
     try:
         lines = (pgdata() / "log").read_text(errors="replace").splitlines()[-40:]
     except OSError:
         lines = []
-    fatal = [line.split("FATAL:", 1)[1].strip() for line in lines if "FATAL:" in line]
-    said = [line.strip() for record in _Collect.records[-3:] for line in record.splitlines()
-            if "error" in line.lower() and not line.startswith(("Failed postgres command", "error:", "Command "))]
+    logged = [line.strip() for record in _Collect.records[-3:] for line in record.splitlines()]
+    fatal = [line.split("FATAL:", 1)[1].strip() for line in lines + logged if "FATAL:" in line]
+    tool = [line for line in logged if line.startswith(("initdb: error:", "pg_ctl: ")) and "remov" not in line]
+    said = tool[:1] or [line for line in logged if "error" in line.lower() and
+                        not line.startswith(("Failed postgres command", "error:", "Command "))]
     text = fatal[-1] if fatal else said[-1] if said else (str(exc).strip() or type(exc).__name__).splitlines()[0]
     return text[:200]
 
@@ -332,10 +404,24 @@ def _ensure_watchdog() -> None:
     known = [str(server.pid), repr(server.create_time())] if server is not None else []
     kwargs = {"start_new_session": True} if sys.platform != "win32" else {
         "creationflags": subprocess.DETACHED_PROCESS | subprocess.CREATE_NEW_PROCESS_GROUP}
-    proc = subprocess.Popen([sys.executable, "-c", code, root, *known], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
-                            env={**os.environ, "FAILLAB_DATA_DIR": str(data_root())}, **kwargs)
-    (data_root() / "watchdog.json").write_text(json.dumps({"pid": proc.pid, "stamp": _stamp(proc.pid)}))
+    # Started by a launcher that exits at once and is waited for here: the watchdog is then
+    # nobody's child in this process (no Popen left running, no zombie when it ends first).
+    try:
+        launched = subprocess.run([sys.executable, "-c", _LAUNCHER, json.dumps(kwargs), sys.executable, "-c",
+                                   code, root, *known], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, close_fds=True, timeout=30, text=True,
+                                  env={**os.environ, "FAILLAB_DATA_DIR": str(data_root())})
+        pid = int(launched.stdout.split()[0])
+        stamp = _stamp(pid)
+    except (subprocess.TimeoutExpired, ValueError, IndexError, psutil.NoSuchProcess):
+        return  # no watchdog: the last user stops the server (release)
+    (data_root() / "watchdog.json").write_text(json.dumps({"pid": pid, "stamp": stamp}))
+
+
+_LAUNCHER = ("import json, os, subprocess, sys; "
+             "p = subprocess.Popen(sys.argv[2:], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, "
+             "stderr=subprocess.DEVNULL, close_fds=True, **json.loads(sys.argv[1])); "
+             "print(p.pid, flush=True); os._exit(0)")
 
 
 def watch(server_pid: str | None = None, server_stamp: str | None = None) -> None:

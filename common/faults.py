@@ -2,13 +2,20 @@
 
 Toxiproxy is the reference design, but it is a Go binary that PyPI does not ship, so this small
 threaded proxy is written by hand. It binds 127.0.0.1 only and forwards to the server's TCP port
-or Unix socket. Told to go `down()`, it drops every open connection and resets each new one
-(the client sees a real connection error); `up()` restores service; `latency` delays each new
-connection; `max_connections` rejects connections beyond a cap. Every attempt is recorded with
-its time, so a scenario can count exactly what the server would have seen.
+or Unix socket. `FaultProxy.in_front_of(conn)` puts it in front of the server an open connection
+really reached, as libpq resolved it (a password from ~/.pgpass, a service file, the one host of a
+multi-host URL that answered, a Unix socket, TLS or not), so the connections that go through it
+reach the same server, as the same user, with the same TLS as the user's own connection.
+
+Told to go `down()`, it drops every open connection and resets each new one (the client sees a
+real connection error); `up()` restores service; `latency` delays each new connection;
+`max_connections` rejects connections beyond a cap. Every attempt is recorded with its time, so
+a scenario can count exactly what the server would have seen.
 
 The proxy keeps TLS end to end: it forwards bytes, and `params()` keeps the server's host name
-for libpq's certificate check (`sslmode=verify-full`) while `hostaddr` routes to the proxy.
+for libpq's certificate check (`sslmode=verify-full`) while `hostaddr` routes to the proxy. A
+connection that used no TLS (a Unix socket, where libpq never uses it whatever PGSSLMODE says, or
+a server without TLS) goes through the proxy without TLS too.
 
 `FAILLAB_NO_FAULTS=1` in the environment turns every fault of the proxy into a no-op (`down()`,
 `latency`, `max_connections`): the proxy only forwards. It exists to prove a
@@ -36,7 +43,7 @@ import psycopg2
 import psycopg2.extensions
 from psycopg2 import sql
 
-from common import db
+from common import db, output
 
 
 def faults_enabled() -> bool:
@@ -50,11 +57,49 @@ class Attempt:
     outcome: str  # "forwarded", "down", "over_cap", "upstream_error"
 
 
+@dataclass(frozen=True)
+class Upstream:
+    """Where a connection really went, and how to log in there again through the proxy."""
+    family: int  # socket.AF_UNIX, AF_INET or AF_INET6
+    address: object  # the socket file's path, or the (host, port, ...) tuple of the peer
+    route: dict  # libpq keywords for a connection through the proxy (but hostaddr and port)
+
+
+def upstream_of(conn) -> Upstream:
+    """What libpq resolved for `conn`: the peer of its socket (the one host of a multi-host list
+    that answered, the socket file of a Unix-socket host, the address a name resolved to) and the
+    user, database, password (from the URL, PGPASSWORD or ~/.pgpass alike) and TLS it logged in
+    with. Nothing is parsed again, so a service file or a PG* variable cannot point elsewhere."""
+    info = conn.info
+    s = socket.socket(fileno=info.socket)  # libpq's own socket, only looked at: detached, never closed
+    try:
+        family, address = s.family, s.getpeername()
+    finally:
+        s.detach()
+    host = info.host or ""
+    route = {"user": info.user, "dbname": info.dbname}
+    if info.password:
+        output.redact.add(info.password)
+        route["password"] = info.password  # ~/.pgpass names the server's host and port, not the proxy's
+    # libpq checks the certificate against `host`: a TCP host name stays, a socket becomes loopback
+    route["host"] = "127.0.0.1" if family == socket.AF_UNIX or not host or host.startswith(("/", "@")) else host
+    # One TCP connection per attempt, with the TLS the user's own connection had: "allow" and
+    # "prefer" would retry a refused login with the other choice (a second connection the proxy
+    # would count), and "require" over a socket, which libpq ignores, would fail through the proxy.
+    sslmode = info.dsn_parameters.get("sslmode", "")
+    route["sslmode"] = (sslmode if sslmode in ("verify-ca", "verify-full") else "require") if info.ssl_in_use \
+        else "disable"
+    return Upstream(family, address, route)
+
+
 class FaultProxy:
-    def __init__(self, upstream_host: str, upstream_port: int, *, latency: float = 0.0,
-                 max_connections: int | None = None):
-        self.upstream_host = upstream_host
-        self.upstream_port = int(upstream_port)
+    def __init__(self, upstream_host: str = "", upstream_port: int = 0, *, latency: float = 0.0,
+                 max_connections: int | None = None, upstream: Upstream | None = None):
+        if upstream is None:  # a host (a socket folder) and a port, as a libpq user names them
+            host, port = str(upstream_host), int(upstream_port)
+            upstream = Upstream(socket.AF_UNIX, f"{host}/.s.PGSQL.{port}", {}) if host.startswith("/") else \
+                Upstream(socket.AF_UNSPEC, (host, port), {})
+        self.upstream = upstream
         self.latency = latency
         self.max_connections = max_connections
         self.attempts: list[Attempt] = []
@@ -65,6 +110,11 @@ class FaultProxy:
         self._listener: socket.socket | None = None
         self._stopping = threading.Event()
         self.port: int | None = None
+
+    @classmethod
+    def in_front_of(cls, conn, **kw) -> "FaultProxy":
+        """A proxy to the server `conn` reached, as libpq resolved it (see upstream_of)."""
+        return cls(upstream=upstream_of(conn), **kw)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def __enter__(self) -> "FaultProxy":
@@ -108,7 +158,10 @@ class FaultProxy:
     def params(self, base: dict) -> dict:
         """Connection parameters that reach the server through this proxy. libpq checks the
         server's certificate against `host`, so a TCP host name stays as it was and `hostaddr`
-        sends the connection here; a Unix socket (or no host at all) becomes 127.0.0.1."""
+        sends the connection here; a Unix socket (or no host at all) becomes 127.0.0.1. A proxy
+        made by in_front_of() also logs in as its connection did (user, database, password, TLS)."""
+        if self.upstream.route:
+            return {**base, **self.upstream.route, "hostaddr": "127.0.0.1", "port": self.port}
         host = str(base.get("host") or os.environ.get("PGHOST") or "")
         routed = {"hostaddr": "127.0.0.1", "port": self.port}
         if not host or host.startswith("/") or "," in host:
@@ -151,11 +204,18 @@ class FaultProxy:
                 self._spawn(self._serve, "faillab-proxy-conn", client, now)
 
     def _connect_upstream(self) -> socket.socket:
-        if self.upstream_host.startswith("/"):
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.connect(f"{self.upstream_host}/.s.PGSQL.{self.upstream_port}")
-            return s
-        return socket.create_connection((self.upstream_host, self.upstream_port), timeout=5)
+        family, address = self.upstream.family, self.upstream.address
+        if family == socket.AF_UNSPEC:
+            return socket.create_connection(address, timeout=5)
+        s = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            s.settimeout(5)
+            s.connect(address)
+            s.settimeout(None)
+        except OSError:
+            s.close()
+            raise
+        return s
 
     def _serve(self, client: socket.socket, at: float) -> None:
         if self.latency and faults_enabled():

@@ -12,7 +12,6 @@ import ast
 import contextlib
 import inspect
 import multiprocessing
-import os
 import random
 import re
 import sys
@@ -157,16 +156,15 @@ class Scenario:
         return conn
 
     def proxy(self, **kw):
-        """A FaultProxy in front of the server, closed at teardown."""
+        """A FaultProxy in front of the server the run's admin connection reached, as libpq
+        resolved it (pgpass, service file, Unix socket, multi-host, TLS); closed at teardown."""
         from common.faults import FaultProxy
 
-        p = self.run.params
-        host = p.get("host") or os.environ.get("PGHOST") or "localhost"
-        port = p.get("port") or os.environ.get("PGPORT") or 5432
-        return self._stack.enter_context(FaultProxy(str(host), int(port), **kw))
+        return self._stack.enter_context(FaultProxy.in_front_of(self.run.admin, **kw))
 
     def via(self, proxy) -> dict:
-        """This scenario's connection parameters, routed through a proxy."""
+        """This scenario's connection parameters, routed through a proxy (and logging in as the
+        admin connection did)."""
         return proxy.params(self.params)
 
     def role(self, suffix: str, connection_limit: int = -1) -> dict | None:

@@ -202,6 +202,7 @@ HOSTILE_ROLE_SETTINGS = {  # each one broke a lesson when it was taken from the 
     "statement_timeout": "200ms",
     "idle_in_transaction_session_timeout": "200ms",
     "transaction_timeout": "300ms",  # PostgreSQL 17 and later
+    "idle_session_timeout": "500ms",  # PostgreSQL 14 and later: the admin connection idles meanwhile
 }
 HOSTILE_DATABASE_SETTINGS = {
     "search_path": "nowhere, pg_catalog",
