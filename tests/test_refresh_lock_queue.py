@@ -1,0 +1,94 @@
+"""refresh_lock_queue (fail_idempotency_break.py), run as a user runs it, against each target."""
+import pytest
+
+import fail_idempotency_break as lab
+from common.fixes import source_of
+from conftest import (assert_gives_the_handout, assert_passed, exercise_file, grade, run_control, run_script,
+                      write_solution)
+
+SCRIPT = "fail_idempotency_break.py"
+ID = "refresh_lock_queue"
+
+
+@pytest.fixture(scope="module")
+def full_run(target, tmp_path_factory):
+    name, env, params = target
+    return run_script(SCRIPT, "--only", ID, env=env, tmp_path=tmp_path_factory.mktemp(f"refresh-{name}")), params
+
+
+def test_readers_queue_behind_the_refresh_then_never_wait_past_its_lock_timeout(full_run):
+    result, params = full_run
+    assert_passed(result, params, [ID])
+    record = result.scenario(ID)
+    m = record["measurements"]
+    assert m["sessions_blocked_before"] == lab.READERS + 1 and m["sessions_blocked_after"] == 0
+    assert m["reader_wait_after_s"] <= lab.LOCK_WAIT_S + lab.SLACK_S  # a bound, by the server's clock
+    assert m["refused_attempts"] == 2 and m["readings_wrong"] == 0
+    assert result.sqlstates(ID) == ["55P03"]  # the refresh gave up its place in the queue
+    assert result.error_types(ID)[-1] == "psycopg2.OperationalError"  # the session the server ended
+    d = record["detection"]
+    assert d["check"] == "lock_queue_on_pipeline_tables" and d["kind"] == "sql"
+    assert d["fired"] and len(d["found_broken"]) == lab.READERS + 1
+    assert sum("AccessExclusiveLock" in line for line in d["found_broken"]) == 1
+    assert d["quiet_after_fix"] and d["found_after_fix"] == [] and d["runbook"]
+    assert_gives_the_handout(result, {ID: {"name": "sessions_blocked_before", "value": "4", "after": "0"}})
+
+
+CONTROLS = [("refresh_table", "every reader answered while the idle transaction still held its lock"),
+            ("run_refresh", "the refresh landed on its third attempt")]
+
+
+@pytest.mark.parametrize("slot, claim", CONTROLS, ids=[c[0] for c in CONTROLS])
+def test_the_naive_code_in_each_slot_fails(slot, claim, target, tmp_path):
+    run_control(SCRIPT, ID, slot, claim, target, tmp_path)
+
+
+WRONG = '''
+def refresh_table(conn):
+    """No lock to wait for: empty the table and reload it, one commit each."""
+    with conn.cursor() as cur:
+        cur.execute("DELETE FROM customer_totals")
+        conn.commit()
+        cur.execute("INSERT INTO customer_totals SELECT * FROM customer_totals_source")
+    conn.commit()
+
+def run_refresh(conn, refresh_table):
+    run_refresh_retrying(conn, refresh_table)
+'''
+
+
+def test_the_exercise_grades_untouched_reference_and_a_refresh_in_two_commits(target, tmp_path):
+    _, env, _ = target
+    started = run_script(SCRIPT, "--exercise", ID, env=env, tmp_path=tmp_path, journal=False)
+    assert started.returncode == 0 and exercise_file(tmp_path, SCRIPT, ID).exists(), started.stdout
+    untouched = grade(SCRIPT, ID, tmp_path, env)
+    record = untouched.scenario(ID)
+    assert untouched.returncode == 1 and record["mode"] == "exercise"
+    assert record["triggered"] and not record["recovered"] and record["cleaned"]
+    solution = run_script(SCRIPT, "--exercise", ID, "--solution", env=env, tmp_path=tmp_path, journal=False)
+    exercise_file(tmp_path, SCRIPT, ID).write_text(solution.stdout.split("\n", 2)[2])
+    passed = grade(SCRIPT, ID, tmp_path, env)
+    assert passed.returncode == 0 and passed.scenario(ID)["status"] == "passed", passed.stdout[-3000:]
+    write_solution(tmp_path, SCRIPT, ID, WRONG)
+    wrong = grade(SCRIPT, ID, tmp_path, env)
+    record = wrong.scenario(ID)
+    assert wrong.returncode == 1 and record["triggered"] and record["cleaned"] and not record["recovered"]
+    failed = [c["claim"] for c in record["checks"] if not c["ok"]]
+    assert any("no reader ever saw an empty or half-loaded table" in c for c in failed), failed
+    assert "NOT YET" in wrong.stdout
+
+
+def test_brief_keeps_the_detector_and_everything_fits_80_columns(full_run, target, tmp_path):
+    result, _ = full_run
+    brief = run_script(SCRIPT, "--only", ID, "--brief", env=target[1], tmp_path=tmp_path)
+    assert brief.returncode == 0, brief.stdout[-3000:]
+    record = brief.scenario(ID)
+    assert record["detection"]["fired"] and record["detection"]["quiet_after_fix"]
+    assert "the detector lock_queue_on_pipeline_tables fires" in brief.stdout
+    assert "def " not in record["sections"]["prevention"] and record["lesson"] in " ".join(brief.stdout.split())
+    for out in (result.stdout, brief.stdout):
+        scenario_part = out[out.index(f"[{ID}]"):]
+        assert max(len(ln) for ln in scenario_part.splitlines()) <= 80
+    for fn in (lab.refresh_truncate_reload, lab.refresh_build_and_swap, lab.run_refresh_once,
+               lab.run_refresh_retrying):
+        assert max(len(ln) for ln in source_of(fn).splitlines()) <= 74, fn.__name__
