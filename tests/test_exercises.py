@@ -23,7 +23,7 @@ EXERCISES = _exercises()
 
 
 def test_every_scenario_has_an_exercise():
-    assert len(EXERCISES) == 16, EXERCISES
+    assert len(EXERCISES) == 18, EXERCISES
 
 
 @pytest.mark.parametrize("script, scenario_id", EXERCISES)

@@ -10,7 +10,7 @@ from conftest import (assert_gives_the_handout, assert_every_slot_has_a_control,
                       run_script, write_solution)
 
 SCRIPT = "fail_checkpoint_corruption.py"
-IDS = ["corruption", "db_down", "concurrent_access", "interrupted_recovery"]
+IDS = ["corruption", "db_down", "concurrent_access", "interrupted_recovery", "late_commit"]
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +59,7 @@ HEADLINES = {  # the figure the summary shows for each scenario, as the journal 
     "db_down": {"name": "rows_duplicated_before", "value": "500", "after": "0"},
     "concurrent_access": {"name": "rows_duplicated", "value": "500"},
     "interrupted_recovery": {"name": "naive_restart_claimed", "value": "no"},
+    "late_commit": {"name": "events_missing_before", "value": "101", "after": "none"},
 }
 
 

@@ -18,7 +18,7 @@ from conftest import (assert_every_slot_has_a_control, assert_gives_the_handout,
 import fail_idempotency_break as lab
 
 SCRIPT = "fail_idempotency_break.py"
-IDS = ["duplicate_detection", "partial_failure", "constraint_violation", "data_drift"]
+IDS = ["duplicate_detection", "partial_failure", "constraint_violation", "data_drift", "refresh_lock_queue"]
 
 
 @pytest.fixture(scope="module")

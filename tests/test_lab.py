@@ -36,10 +36,10 @@ def test_one_command_runs_the_four_scripts_in_order_with_one_summary_and_one_sta
     assert proc.returncode == 0 == journal["exit_code"], proc.stdout[-3000:] + proc.stderr[-2000:]
     assert [j["script"] for j in journal["scripts"]] == list(ORDER)
     records = [r for j in journal["scripts"] for r in j["scenarios"]]
-    assert len(records) == 16 and all(r["status"] == "passed" for r in records)
-    summary = proc.stdout.split("Lab summary: 16 scenario(s) in 4 script(s)")[1]
-    assert all(r["id"] in summary for r in records) and "16 passed, 0 failed" in summary
-    assert sum(bool(r.get("headline")) for r in records) == 16  # the headline figure of each
+    assert len(records) == 18 and all(r["status"] == "passed" for r in records)
+    summary = proc.stdout.split("Lab summary: 18 scenario(s) in 4 script(s)")[1]
+    assert all(r["id"] in summary for r in records) and "18 passed, 0 failed" in summary
+    assert sum(bool(r.get("headline")) for r in records) == 18  # the headline figure of each
     for j in journal["scripts"]:  # each script ran with its own journal, and left nothing
         assert j["run_id"] and lab_schemas(embedded_params, j["run_id"]) == []
 
@@ -51,8 +51,8 @@ def test_the_lab_handout_holds_every_scenario_with_its_lesson_and_questions(lab)
     heads = [(t.tag, tokens[i + 1].content) for i, t in enumerate(tokens) if t.type == "heading_open"]
     assert heads[0] == ("h1", "Pipeline failure lab")
     assert [c for t, c in heads if t == "h2"] == list(ORDER)
-    assert sum(t == "h3" for t, _ in heads) == 16
-    assert sum(c == "For discussion" for _, c in heads) == 16 and text.count("> **Lesson:** ") == 16
+    assert sum(t == "h3" for t, _ in heads) == 18
+    assert sum(c == "For discussion" for _, c in heads) == 18 and text.count("> **Lesson:** ") == 18
     langs = {t.info for t in tokens if t.type == "fence"}
     assert {"python", "sql"} <= langs <= {"python", "sql", "text"}
     for j in journal["scripts"]:  # the summary's links lead to their scenario
@@ -98,7 +98,7 @@ def test_the_handout_renders_in_a_real_browser(lab, tmp_path):
                           f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", page.as_uri()],
                          capture_output=True, text=True, timeout=120).stdout
     assert dom.count("<table>") >= 16 and 'class="language-python"' in dom and 'class="language-sql"' in dom
-    assert "<blockquote>" in dom and dom.count("<h3>") == 16
+    assert "<blockquote>" in dom and dom.count("<h3>") == 18
     browser.screenshot(page, png)
     width, height, distinct = _png_pixels_vary(png.read_bytes())
     assert (width, height) == (1100, 2400) and distinct > 40, distinct  # a rendered page, not a blank one
@@ -125,7 +125,7 @@ def test_lab_list_needs_no_database_and_marks_the_exercises():
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert [ln for ln in lines if not ln.startswith(" ")] == list(ORDER)
-    assert sum(ln.startswith("   ") for ln in lines) == 16 and all("[exercise]" in ln for ln in lines if ln[:1] == " ")
+    assert sum(ln.startswith("   ") for ln in lines) == 18 and all("[exercise]" in ln for ln in lines if ln[:1] == " ")
 
 
 def test_sigterm_to_the_lab_reaches_the_running_script_which_cleans_up(embedded_params, tmp_path):
