@@ -126,7 +126,9 @@ def test_negative_control_fails_with_the_claim_it_breaks(scenario_id, slot, clai
 
 
 def test_every_slot_has_a_control():
-    assert_every_slot_has_a_control(SCRIPT, CONTROLS)
+    from test_late_commit import CONTROLS as LATE_COMMIT_CONTROLS  # run in test_late_commit.py
+
+    assert_every_slot_has_a_control(SCRIPT, CONTROLS + LATE_COMMIT_CONTROLS)
 
 
 # -- plausible wrong solutions, graded through the command line as a student runs them ------------

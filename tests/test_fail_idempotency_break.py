@@ -174,7 +174,9 @@ def test_negative_control_fails_with_the_claim_it_breaks(scenario_id, slot, clai
 
 
 def test_every_slot_has_a_control():
-    assert_every_slot_has_a_control(SCRIPT, CONTROLS)
+    from test_refresh_lock_queue import CONTROLS as REFRESH_CONTROLS  # run in test_refresh_lock_queue.py
+
+    assert_every_slot_has_a_control(SCRIPT, CONTROLS + REFRESH_CONTROLS)
 
 
 def test_slot_code_fits_the_projector():

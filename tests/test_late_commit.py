@@ -32,8 +32,11 @@ def test_the_late_commit_is_skipped_then_copied_exactly_once(full_run):
                                            "after": "none"}})
 
 
+CONTROLS = [(ID, "extract_events", "the anti-join is empty")]
+
+
 def test_the_naive_extract_in_the_slot_fails(target, tmp_path):
-    run_control(SCRIPT, ID, "extract_events", "the anti-join is empty", target, tmp_path)
+    run_control(SCRIPT, *CONTROLS[0], target, tmp_path)
 
 
 WRONG = '''

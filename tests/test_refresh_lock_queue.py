@@ -34,13 +34,13 @@ def test_readers_queue_behind_the_refresh_then_never_wait_past_its_lock_timeout(
     assert_gives_the_handout(result, {ID: {"name": "sessions_blocked_before", "value": "4", "after": "0"}})
 
 
-CONTROLS = [("refresh_table", "every reader answered while the idle transaction still held its lock"),
-            ("run_refresh", "the refresh landed on its third attempt")]
+CONTROLS = [(ID, "refresh_table", "every reader answered while the idle transaction still held its lock"),
+            (ID, "run_refresh", "the refresh landed on its third attempt")]
 
 
-@pytest.mark.parametrize("slot, claim", CONTROLS, ids=[c[0] for c in CONTROLS])
-def test_the_naive_code_in_each_slot_fails(slot, claim, target, tmp_path):
-    run_control(SCRIPT, ID, slot, claim, target, tmp_path)
+@pytest.mark.parametrize("scenario_id, slot, claim", CONTROLS, ids=[c[1] for c in CONTROLS])
+def test_the_naive_code_in_each_slot_fails(scenario_id, slot, claim, target, tmp_path):
+    run_control(SCRIPT, scenario_id, slot, claim, target, tmp_path)
 
 
 WRONG = '''
