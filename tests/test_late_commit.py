@@ -2,9 +2,8 @@
 import pytest
 
 import fail_checkpoint_corruption as lab
-from common.fixes import source_of
-from conftest import (assert_gives_the_handout, assert_passed, exercise_file, grade, run_control, run_script,
-                      write_solution)
+from conftest import assert_gives_the_handout, assert_passed, run_control, run_script
+from scenario_checks import assert_brief_and_80_columns, assert_exercise_grades
 
 SCRIPT = "fail_checkpoint_corruption.py"
 ID = "late_commit"
@@ -57,36 +56,9 @@ def extract_events(conn):
 
 
 def test_the_exercise_grades_untouched_reference_and_a_wrong_bound(target, tmp_path):
-    _, env, _ = target
-    started = run_script(SCRIPT, "--exercise", ID, env=env, tmp_path=tmp_path, journal=False)
-    assert started.returncode == 0 and exercise_file(tmp_path, SCRIPT, ID).exists(), started.stdout
-    untouched = grade(SCRIPT, ID, tmp_path, env)
-    record = untouched.scenario(ID)
-    assert untouched.returncode == 1 and record["mode"] == "exercise"
-    assert record["triggered"] and not record["recovered"] and record["cleaned"]
-    solution = run_script(SCRIPT, "--exercise", ID, "--solution", env=env, tmp_path=tmp_path, journal=False)
-    exercise_file(tmp_path, SCRIPT, ID).write_text(solution.stdout.split("\n", 2)[2])
-    passed = grade(SCRIPT, ID, tmp_path, env)
-    assert passed.returncode == 0 and passed.scenario(ID)["status"] == "passed", passed.stdout[-3000:]
-    write_solution(tmp_path, SCRIPT, ID, WRONG)
-    wrong = grade(SCRIPT, ID, tmp_path, env)
-    record = wrong.scenario(ID)
-    assert wrong.returncode == 1 and record["triggered"] and record["cleaned"] and not record["recovered"]
-    failed = [c["claim"] for c in record["checks"] if not c["ok"]]
-    assert any("the watermark never passed A's transaction" in c for c in failed), failed
-    assert "NOT YET" in wrong.stdout
+    assert_exercise_grades(SCRIPT, ID, WRONG, "the watermark never passed A's transaction", target[1], tmp_path)
 
 
 def test_brief_keeps_the_detector_and_everything_fits_80_columns(full_run, target, tmp_path):
-    result, _ = full_run
-    brief = run_script(SCRIPT, "--only", ID, "--brief", env=target[1], tmp_path=tmp_path)
-    assert brief.returncode == 0, brief.stdout[-3000:]
-    record = brief.scenario(ID)
-    assert record["detection"]["fired"] and record["detection"]["quiet_after_fix"]
-    assert "the detector events_skipped_below_copied fires" in brief.stdout
-    assert "def " not in record["sections"]["prevention"] and record["lesson"] in " ".join(brief.stdout.split())
-    for out in (result.stdout, brief.stdout):
-        scenario_part = out[out.index("[late_commit]"):]
-        assert max(len(ln) for ln in scenario_part.splitlines()) <= 80
-    for fn in (lab.extract_after_id, lab.extract_below_oldest_running, lab.extract_with_lookback):
-        assert max(len(ln) for ln in source_of(fn).splitlines()) <= 74, fn.__name__
+    assert_brief_and_80_columns(SCRIPT, ID, full_run[0], target[1], tmp_path,
+                                (lab.extract_after_id, lab.extract_below_oldest_running, lab.extract_with_lookback))

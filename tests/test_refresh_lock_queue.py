@@ -2,9 +2,8 @@
 import pytest
 
 import fail_idempotency_break as lab
-from common.fixes import source_of
-from conftest import (assert_gives_the_handout, assert_passed, exercise_file, grade, run_control, run_script,
-                      write_solution)
+from conftest import assert_gives_the_handout, assert_passed, run_control, run_script
+from scenario_checks import assert_brief_and_80_columns, assert_exercise_grades
 
 SCRIPT = "fail_idempotency_break.py"
 ID = "refresh_lock_queue"
@@ -58,37 +57,10 @@ def run_refresh(conn, refresh_table):
 
 
 def test_the_exercise_grades_untouched_reference_and_a_refresh_in_two_commits(target, tmp_path):
-    _, env, _ = target
-    started = run_script(SCRIPT, "--exercise", ID, env=env, tmp_path=tmp_path, journal=False)
-    assert started.returncode == 0 and exercise_file(tmp_path, SCRIPT, ID).exists(), started.stdout
-    untouched = grade(SCRIPT, ID, tmp_path, env)
-    record = untouched.scenario(ID)
-    assert untouched.returncode == 1 and record["mode"] == "exercise"
-    assert record["triggered"] and not record["recovered"] and record["cleaned"]
-    solution = run_script(SCRIPT, "--exercise", ID, "--solution", env=env, tmp_path=tmp_path, journal=False)
-    exercise_file(tmp_path, SCRIPT, ID).write_text(solution.stdout.split("\n", 2)[2])
-    passed = grade(SCRIPT, ID, tmp_path, env)
-    assert passed.returncode == 0 and passed.scenario(ID)["status"] == "passed", passed.stdout[-3000:]
-    write_solution(tmp_path, SCRIPT, ID, WRONG)
-    wrong = grade(SCRIPT, ID, tmp_path, env)
-    record = wrong.scenario(ID)
-    assert wrong.returncode == 1 and record["triggered"] and record["cleaned"] and not record["recovered"]
-    failed = [c["claim"] for c in record["checks"] if not c["ok"]]
-    assert any("no reader ever saw an empty or half-loaded table" in c for c in failed), failed
-    assert "NOT YET" in wrong.stdout
+    assert_exercise_grades(SCRIPT, ID, WRONG, "no reader ever saw an empty or half-loaded table", target[1], tmp_path)
 
 
 def test_brief_keeps_the_detector_and_everything_fits_80_columns(full_run, target, tmp_path):
-    result, _ = full_run
-    brief = run_script(SCRIPT, "--only", ID, "--brief", env=target[1], tmp_path=tmp_path)
-    assert brief.returncode == 0, brief.stdout[-3000:]
-    record = brief.scenario(ID)
-    assert record["detection"]["fired"] and record["detection"]["quiet_after_fix"]
-    assert "the detector lock_queue_on_pipeline_tables fires" in brief.stdout
-    assert "def " not in record["sections"]["prevention"] and record["lesson"] in " ".join(brief.stdout.split())
-    for out in (result.stdout, brief.stdout):
-        scenario_part = out[out.index(f"[{ID}]"):]
-        assert max(len(ln) for ln in scenario_part.splitlines()) <= 80
-    for fn in (lab.refresh_truncate_reload, lab.refresh_build_and_swap, lab.run_refresh_once,
-               lab.run_refresh_retrying):
-        assert max(len(ln) for ln in source_of(fn).splitlines()) <= 74, fn.__name__
+    assert_brief_and_80_columns(SCRIPT, ID, full_run[0], target[1], tmp_path,
+                                (lab.refresh_truncate_reload, lab.refresh_build_and_swap, lab.run_refresh_once,
+                                 lab.run_refresh_retrying))
