@@ -1518,6 +1518,8 @@ def older_writers_done(conn) -> bool:
     return bool(done)
 
 
+# two_sessions() opens the job's, A's and B's sessions beside the run's own two: 5 in all, within
+# a run's usual few (budget.RUN_PEAK; bench/classroom.py --cost), so it takes no share.
 def two_sessions(s, extract, late_by: int = 1) -> dict:
     """One deterministic interleaving, as Hermitage writes them, each step ordered by the sessions
     themselves (no thread, no sleep): the extract copies the backlog; A writes one event and stays

@@ -1157,7 +1157,7 @@ QUEUE_LIMIT_S = 3.0  # how long the lab lets a queue stand before it ends the id
 WAIT_S = 15.0        # the longest the lab waits for anything it set up
 IDLE_LIMIT = "500ms"  # the readers' idle_in_transaction_session_timeout (production: minutes)
 # Sessions this scenario opens beside the run's own two, at most at once: the idle reader, the
-# refresh, the readers and the detector's (bench/classroom.py --cost).
+# refresh, the readers and the detector's (bench/classroom.py --cost: 7 to 8 in all).
 REFRESH_SESSIONS = READERS + 3
 REFRESH_DDL = """
     -- what the dashboards read: orders and amount per customer, rebuilt from the source
