@@ -1494,7 +1494,8 @@ def fresh_events(s, keyed: bool = False) -> None:
     s.conn.rollback()
     with s.conn.cursor() as cur:
         cur.execute("TRUNCATE events, events_copy, watermarks RESTART IDENTITY")
-        if keyed and not db.scalar(s.conn, "SELECT count(*) FROM pg_constraint WHERE conname = 'events_copy_pkey'"):
+        if keyed and not db.scalar(s.conn, "SELECT count(*) FROM pg_constraint WHERE conrelid = 'events_copy'::regclass "
+                                           "AND contype = 'p'"):
             cur.execute("ALTER TABLE events_copy ADD CONSTRAINT events_copy_pkey PRIMARY KEY (id)")
         cur.execute("INSERT INTO events (payload) SELECT 'event ' || n FROM generate_series(1, %s) n", (EVENTS,))
         cur.execute("INSERT INTO watermarks (job) VALUES (%s)", (EXTRACT,))
@@ -1519,6 +1520,14 @@ def older_writers_done(conn) -> bool:
     return bool(done)
 
 
+def settle(s) -> float:
+    """Wait (bounded) until every event's writer has ended and no older transaction runs on the
+    server (a classmate's, say); returns the seconds waited."""
+    started = time.monotonic()
+    wait_until(lambda: older_writers_done(s.conn), WAIT_S * 2)
+    return time.monotonic() - started
+
+
 # two_sessions() opens the job's, A's and B's sessions beside the run's own two: 5 in all, within
 # a run's usual few (budget.RUN_PEAK; bench/classroom.py --cost), so it takes no share.
 def two_sessions(s, extract, late_by: int = 1) -> dict:
@@ -1528,12 +1537,15 @@ def two_sessions(s, extract, late_by: int = 1) -> dict:
     again. Returns what the server said at each point."""
     job, a, b = s.connect(), s.connect(), s.connect()
     try:
+        waited = settle(s)
         backlog = extract(job)  # events 1..EVENTS
         with a.cursor() as cur:  # A: BEGIN; INSERT ...          -- id EVENTS+1, stays open
             cur.execute("INSERT INTO events (payload) VALUES ('written by A') RETURNING id, written_by")
             a_id, a_xid = cur.fetchone()
         with b.cursor() as cur:  # B: INSERT ...; COMMIT          -- the next ids, visible at once
-            cur.execute("INSERT INTO events (payload) SELECT 'written by B' FROM generate_series(1, %s)", (late_by,))
+            cur.execute("INSERT INTO events (payload) SELECT 'written by B' FROM generate_series(1, %s) "
+                        "RETURNING id", (late_by,))
+            b_ids = [r[0] for r in cur.fetchall()]
         b.commit()
         while_open = extract(job)  # the extract runs while A is still open
         (status, passed, last_id), = db.rows(s.conn, "SELECT pg_xact_status(%s::xid8), %s::bigint <= last_id "
@@ -1541,16 +1553,14 @@ def two_sessions(s, extract, late_by: int = 1) -> dict:
                                              (a_xid, a_id, a_xid, EXTRACT))
         s.conn.rollback()
         a.commit()  # A: COMMIT                                    -- A's event, below the watermark
-        waited = time.monotonic()
-        wait_until(lambda: older_writers_done(s.conn), WAIT_S * 2)
-        waited = time.monotonic() - waited
+        waited += settle(s)
         after = extract(job)
         again = extract(job)  # nothing new: a re-run copies nothing
     finally:
         for conn in (job, a, b):
             conn.close()
-    return {"a_id": a_id, "late_by": late_by, "a_status": status, "passed_open": bool(passed), "last_id": last_id, "backlog": backlog,
-            "while_open": while_open, "after": after, "again": again, "waited": waited,
+    return {"a_id": a_id, "b_ids": b_ids, "late_by": late_by, "a_status": status, "passed_open": bool(passed),
+            "last_id": last_id, "backlog": backlog, "while_open": while_open, "after": after, "again": again, "waited": waited,
             **events_damage(s.conn)}
 
 
@@ -1592,7 +1602,7 @@ def late_commit(s):
     run = two_sessions(s, extract_after_id)
     s.table(["session", "step", "what the server said"], [
         ["A", "BEGIN; INSERT", f"id {run['a_id']}, transaction {run['a_status']}"],
-        ["B", "INSERT; COMMIT", f"id {run['a_id'] + 1}, committed"],
+        ["B", "INSERT; COMMIT", f"id {ranges(run['b_ids'])}, committed"],
         ["extract", "id > watermark", f"{run['while_open']} copied, watermark {run['last_id']}"],
         ["A", "COMMIT", f"id {run['a_id']} is visible now, below the watermark"],
         ["extract", "id > watermark", f"{run['after']} copied"]])
@@ -1603,10 +1613,11 @@ def late_commit(s):
     s.triggered_if(missing == [run["a_id"]],
                    f"A's event {run['a_id']} is never copied: the anti-join finds it ({len(missing)} row)")
 
-    s.root_cause("""
+    s.root_cause(f"""
         A sequence value (or a now() timestamp) is taken while the transaction runs, not when it
-        commits. Ids become visible out of order: 102 committed, 101 still open. The watermark
-        moved past 101 before it existed for any reader, and "id > watermark" never looks back.
+        commits. Ids become visible out of order: {ranges(run['b_ids'])} committed, {run['a_id']} still
+        open. The watermark moved past {run['a_id']} before it existed for any reader, and "id >
+        watermark" never looks back.
         Nothing raises; the row is simply never loaded. A reconciliation finds it: rows of the
         source the target lacks, below the highest id the target holds.""", detect=EVENTS_SKIPPED,
                  runbook="""
@@ -1627,7 +1638,7 @@ def late_commit(s):
         fresh_events(s)
         run = two_sessions(s, s.fix("extract_events"))
         if run["waited"] >= 1:
-            s.say(f"(Another transaction on the server held the bound back for {run['waited']:.1f} s.)")
+            s.say(f"(Other transactions on the server held the bound back for {run['waited']:.1f} s.)")
         st.result = (f"while A was open: {run['while_open']} copied (B's event held back); after A's "
                      f"commit: {run['after']}; run again: {run['again']}")
         s.measure("events_missing_after", run["missing"], show=False,

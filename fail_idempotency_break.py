@@ -1396,11 +1396,12 @@ def refresh_lock_queue(s):
             orders by a full refresh: TRUNCATE and reload in one transaction, the safe way to make
             a re-run idempotent. No reader ever sees a half-loaded table. {READERS} dashboards
             read it while the refresh runs.""")
-        s.trigger("""
+        s.trigger(f"""
             One dashboard reads the table and leaves its transaction open (a BI tool, a notebook,
             a connection pool that does not commit). New orders arrive and the refresh starts;
             then the other dashboards query the table. No session here sets a lock_timeout: the
-            default is to wait for ever.""")
+            default is to wait for ever (the lab's statement_timeout,
+            {db.SESSION['statement_timeout']}, ends any wait).""")
         sessions = Sessions(s)
         idle = sessions.idle_reader()
         new_orders(s, 100)
