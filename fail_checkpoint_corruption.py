@@ -1417,7 +1417,8 @@ LATE_DDL = """
         last_id   bigint NOT NULL DEFAULT 0,    -- the naive watermark: the highest id copied
         below_xid xid8 NOT NULL DEFAULT '0')    -- the fixed one: everything below it is copied"""
 # The anti-join that proves a copy complete: source rows the target lacks.
-MISSING_EVENTS = "SELECT e.id FROM events e WHERE NOT EXISTS (SELECT 1 FROM events_copy c WHERE c.id = e.id) ORDER BY e.id"
+MISSING_EVENTS = ("SELECT e.id FROM events e WHERE NOT EXISTS (SELECT 1 FROM events_copy c WHERE c.id = e.id) "
+                  "ORDER BY e.id")
 # What an operator schedules: rows the target lacks below the highest id it already holds.
 EVENTS_SKIPPED = sql_check("events_skipped_below_copied", """
     SELECT e.id, e.payload FROM events e
@@ -1494,8 +1495,8 @@ def fresh_events(s, keyed: bool = False) -> None:
     s.conn.rollback()
     with s.conn.cursor() as cur:
         cur.execute("TRUNCATE events, events_copy, watermarks RESTART IDENTITY")
-        if keyed and not db.scalar(s.conn, "SELECT count(*) FROM pg_constraint WHERE conrelid = 'events_copy'::regclass "
-                                           "AND contype = 'p'"):
+        has_key = "SELECT count(*) FROM pg_constraint WHERE conrelid = 'events_copy'::regclass AND contype = 'p'"
+        if keyed and not db.scalar(s.conn, has_key):
             cur.execute("ALTER TABLE events_copy ADD CONSTRAINT events_copy_pkey PRIMARY KEY (id)")
         cur.execute("INSERT INTO events (payload) SELECT 'event ' || n FROM generate_series(1, %s) n", (EVENTS,))
         cur.execute("INSERT INTO watermarks (job) VALUES (%s)", (EXTRACT,))
@@ -1560,7 +1561,8 @@ def two_sessions(s, extract, late_by: int = 1) -> dict:
         for conn in (job, a, b):
             conn.close()
     return {"a_id": a_id, "b_ids": b_ids, "late_by": late_by, "a_status": status, "passed_open": bool(passed),
-            "last_id": last_id, "backlog": backlog, "while_open": while_open, "after": after, "again": again, "waited": waited,
+            "last_id": last_id, "backlog": backlog, "while_open": while_open, "after": after, "again": again,
+            "waited": waited,
             **events_damage(s.conn)}
 
 
