@@ -1408,5 +1408,300 @@ def interrupted_recovery(s):
                      "not?"))
 
 
+
+# -- 5. late_commit -------------------------------------------------------------------------------
+from common.detect import sql_check  # noqa: E402  (this section's detector)
+
+EVENTS = 100  # events in the source before the two sessions write
+LOOKBACK = 5  # ids the lookback alternative re-reads on every run
+EXTRACT = "events_extract"
+LATE_DDL = """
+    CREATE TABLE events (
+        id         bigserial PRIMARY KEY,  -- taken when the row is written, not when it commits
+        payload    text NOT NULL,
+        written_by xid8 NOT NULL DEFAULT pg_current_xact_id());  -- its transaction (13+)
+    CREATE TABLE events_copy (id bigint NOT NULL, payload text NOT NULL);  -- no key, as in a warehouse
+    CREATE TABLE watermarks (
+        job       text PRIMARY KEY,
+        last_id   bigint NOT NULL DEFAULT 0,    -- the naive watermark: the highest id copied
+        below_xid xid8 NOT NULL DEFAULT '0')    -- the fixed one: everything below it is copied"""
+# The anti-join that proves a copy complete: source rows the target lacks.
+MISSING_EVENTS = ("SELECT e.id FROM events e WHERE NOT EXISTS (SELECT 1 FROM events_copy c WHERE c.id = e.id) "
+                  "ORDER BY e.id")
+# What an operator schedules: rows the target lacks below the highest id it already holds.
+EVENTS_SKIPPED = sql_check("events_skipped_below_copied", """
+    SELECT e.id, e.payload FROM events e
+     WHERE e.id < (SELECT max(id) FROM events_copy)
+       AND NOT EXISTS (SELECT 1 FROM events_copy c WHERE c.id = e.id)""")
+
+
+def extract_after_id(conn) -> int:
+    """Copy the events after the watermark (the highest id copied so
+    far) into events_copy; move the watermark to the highest id copied.
+    Returns the rows copied."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT last_id FROM watermarks WHERE job = %s",
+                    (EXTRACT,))
+        last_id = cur.fetchone()[0]
+        cur.execute("INSERT INTO events_copy (id, payload) "
+                    "SELECT id, payload FROM events WHERE id > %s "
+                    "RETURNING id", (last_id,))
+        ids = [r[0] for r in cur.fetchall()]
+        if ids:
+            cur.execute("UPDATE watermarks SET last_id = %s "
+                        "WHERE job = %s", (max(ids), EXTRACT))
+    conn.commit()
+    return len(ids)
+
+
+def extract_below_oldest_running(conn) -> int:
+    """Copy the events whose writing transaction had ended when the
+    extract began: written_by below the oldest transaction still
+    running. The watermark moves to that bound, so it never passes a
+    transaction in progress. Returns the rows copied."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT below_xid FROM watermarks WHERE job = %s",
+                    (EXTRACT,))
+        since = cur.fetchone()[0]
+        cur.execute("SELECT pg_snapshot_xmin(pg_current_snapshot())")
+        bound = cur.fetchone()[0]  # every xid below it has ended
+        cur.execute("INSERT INTO events_copy (id, payload) "
+                    "SELECT id, payload FROM events "
+                    "WHERE written_by >= %s AND written_by < %s",
+                    (since, bound))
+        copied = cur.rowcount
+        cur.execute("UPDATE watermarks SET below_xid = %s "
+                    "WHERE job = %s", (bound, EXTRACT))
+    conn.commit()
+    return copied
+
+
+def extract_with_lookback(conn) -> tuple[int, int]:
+    """The alternative: re-read the last LOOKBACK ids below the watermark
+    on every run and upsert, so a re-read row is not copied twice (this
+    needs a key). Returns (rows read, rows copied)."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT last_id FROM watermarks WHERE job = %s",
+                    (EXTRACT,))
+        last_id = cur.fetchone()[0]
+        cur.execute("""
+            WITH batch AS (SELECT id, payload FROM events WHERE id > %s),
+                 copied AS (INSERT INTO events_copy (id, payload)
+                            SELECT id, payload FROM batch
+                            ON CONFLICT (id) DO NOTHING RETURNING id)
+            SELECT (SELECT count(*) FROM batch),
+                   (SELECT count(*) FROM copied),
+                   (SELECT max(id) FROM batch)""", (last_id - LOOKBACK,))
+        read, copied, newest = cur.fetchone()
+        cur.execute("UPDATE watermarks SET last_id = %s WHERE job = %s",
+                    (newest or last_id, EXTRACT))
+    conn.commit()
+    return read, copied
+
+
+def fresh_events(s, keyed: bool = False) -> None:
+    """The known starting state: EVENTS committed events, an empty copy, watermarks at zero."""
+    s.conn.rollback()
+    with s.conn.cursor() as cur:
+        cur.execute("TRUNCATE events, events_copy, watermarks RESTART IDENTITY")
+        has_key = "SELECT count(*) FROM pg_constraint WHERE conrelid = 'events_copy'::regclass AND contype = 'p'"
+        if keyed and not db.scalar(s.conn, has_key):
+            cur.execute("ALTER TABLE events_copy ADD CONSTRAINT events_copy_pkey PRIMARY KEY (id)")
+        cur.execute("INSERT INTO events (payload) SELECT 'event ' || n FROM generate_series(1, %s) n", (EVENTS,))
+        cur.execute("INSERT INTO watermarks (job) VALUES (%s)", (EXTRACT,))
+    s.conn.commit()
+
+
+def events_damage(conn) -> dict:
+    """The anti-join (ids of the source not in the copy) and the ids copied more than once."""
+    conn.rollback()
+    missing = [r[0] for r in db.rows(conn, MISSING_EVENTS)]
+    twice = db.scalar(conn, "SELECT count(*) - count(DISTINCT id) FROM events_copy")
+    conn.rollback()
+    return {"missing": missing, "duplicated": twice}
+
+
+def older_writers_done(conn) -> bool:
+    """No transaction on the server is older than the newest event's: an extract bounded by the
+    oldest running one can now see every event (another user's long transaction holds it back)."""
+    done = db.scalar(conn, "SELECT NOT EXISTS (SELECT 1 FROM events "
+                           "WHERE written_by >= pg_snapshot_xmin(pg_current_snapshot()))")  # no max(xid8) before 15
+    conn.rollback()
+    return bool(done)
+
+
+def settle(s) -> float:
+    """Wait (bounded) until every event's writer has ended and no older transaction runs on the
+    server (a classmate's, say); returns the seconds waited."""
+    started = time.monotonic()
+    wait_until(lambda: older_writers_done(s.conn), WAIT_S * 2)
+    return time.monotonic() - started
+
+
+# two_sessions() opens the job's, A's and B's sessions beside the run's own two: 5 in all, within
+# a run's usual few (budget.RUN_PEAK; bench/classroom.py --cost), so it takes no share.
+def two_sessions(s, extract, late_by: int = 1) -> dict:
+    """One deterministic interleaving, as Hermitage writes them, each step ordered by the sessions
+    themselves (no thread, no sleep): the extract copies the backlog; A writes one event and stays
+    open; B writes `late_by` events and commits; the extract runs; A commits; the extract runs
+    again. Returns what the server said at each point."""
+    job, a, b = s.connect(), s.connect(), s.connect()
+    try:
+        waited = settle(s)
+        backlog = extract(job)  # events 1..EVENTS
+        with a.cursor() as cur:  # A: BEGIN; INSERT ...          -- id EVENTS+1, stays open
+            cur.execute("INSERT INTO events (payload) VALUES ('written by A') RETURNING id, written_by")
+            a_id, a_xid = cur.fetchone()
+        with b.cursor() as cur:  # B: INSERT ...; COMMIT          -- the next ids, visible at once
+            cur.execute("INSERT INTO events (payload) SELECT 'written by B' FROM generate_series(1, %s) "
+                        "RETURNING id", (late_by,))
+            b_ids = [r[0] for r in cur.fetchall()]
+        b.commit()
+        while_open = extract(job)  # the extract runs while A is still open
+        (status, passed, last_id), = db.rows(s.conn, "SELECT pg_xact_status(%s::xid8), %s::bigint <= last_id "
+                                                     "OR %s::xid8 < below_xid, last_id FROM watermarks WHERE job = %s",
+                                             (a_xid, a_id, a_xid, EXTRACT))
+        s.conn.rollback()
+        a.commit()  # A: COMMIT                                    -- A's event, below the watermark
+        waited += settle(s)
+        after = extract(job)
+        again = extract(job)  # nothing new: a re-run copies nothing
+    finally:
+        for conn in (job, a, b):
+            conn.close()
+    return {"a_id": a_id, "b_ids": b_ids, "late_by": late_by, "a_status": status, "passed_open": bool(passed),
+            "last_id": last_id, "backlog": backlog, "while_open": while_open, "after": after, "again": again,
+            "waited": waited,
+            **events_damage(s.conn)}
+
+
+@scenario("late_commit", "A watermark skips a late commit", fixes=[
+    fix("extract_events", naive=extract_after_id, fixed=extract_below_oldest_running,
+        contract="""
+        Copy into events_copy the events (id, payload) not copied yet, record in the watermarks
+        row (job = EXTRACT) how far the copy has got, commit, and return the rows copied. Each
+        event row has id (bigserial), payload and written_by (the xid8 of the transaction that
+        wrote it, DEFAULT pg_current_xact_id()); the watermarks row has last_id (bigint) and
+        below_xid (xid8), both 0 at the start. Transactions commit in any order: one that took
+        its id (and its xid) first may commit last. Graded: session A writes an event and stays
+        open, B writes one and commits, your extract runs, A commits, your extract runs twice
+        more. The watermark must never pass A while it is in progress, every event must end up in
+        events_copy (the anti-join of events and events_copy is empty), none twice
+        (events_copy has no key).""",
+        hints=("An id (or a now() timestamp) is taken when the row is written, not when it commits. "
+               "What does the server know about the transactions that have not ended yet?",
+               "SELECT pg_snapshot_xmin(pg_current_snapshot()) is the oldest transaction still "
+               "running: copy only written_by >= the watermark AND written_by < that bound, then "
+               "move the watermark (below_xid) to the bound.")),
+])
+def late_commit(s):
+    if s.server_version_num < 130000:
+        s.skip("xid8 and pg_current_xact_id() need PostgreSQL 13 or later")
+    with s.conn.cursor() as cur:
+        cur.execute(LATE_DDL)
+    s.conn.commit()
+    fresh_events(s)
+    s.description(f"""
+        An incremental extract copies new rows from events into events_copy by watermark: "every
+        id after the highest one I copied", the way JDBC source connectors and many ELT tools do
+        it with an id or an updated_at column. The source has {EVENTS} events; the copy must end up
+        with every event, once.""")
+    s.trigger("""
+        Two real sessions write. A inserts an event and stays open (a big batch, a slow lock);
+        B inserts the next event and commits. The extract runs between B's commit and A's. The
+        order of the steps is set by the sessions themselves: nothing waits on a clock.""")
+    run = two_sessions(s, extract_after_id)
+    s.table(["session", "step", "what the server said"], [
+        ["A", "BEGIN; INSERT", f"id {run['a_id']}, transaction {run['a_status']}"],
+        ["B", "INSERT; COMMIT", f"id {ranges(run['b_ids'])}, committed"],
+        ["extract", "id > watermark", f"{run['while_open']} copied, watermark {run['last_id']}"],
+        ["A", "COMMIT", f"id {run['a_id']} is visible now, below the watermark"],
+        ["extract", "id > watermark", f"{run['after']} copied"]])
+    missing = s.measure("events_missing_before", run["missing"], show=False,
+                        note="events the watermark skipped (anti-join of events and events_copy)", headline=True)
+    s.triggered_if(run["a_status"] == "in progress" and run["passed_open"],
+                   f"the watermark passed A's event {run['a_id']} while A was in progress (pg_xact_status)")
+    s.triggered_if(missing == [run["a_id"]],
+                   f"A's event {run['a_id']} is never copied: the anti-join finds it ({len(missing)} row)")
+
+    s.root_cause(f"""
+        A sequence value (or a now() timestamp) is taken while the transaction runs, not when it
+        commits. Ids become visible out of order: {ranges(run['b_ids'])} committed, {run['a_id']} still
+        open. The watermark moved past {run['a_id']} before it existed for any reader, and "id >
+        watermark" never looks back.
+        Nothing raises; the row is simply never loaded. A reconciliation finds it: rows of the
+        source the target lacks, below the highest id the target holds.""", detect=EVENTS_SKIPPED,
+                 runbook="""
+        An event older than the copy's newest one is missing from the copy: the extract's
+        watermark passed a transaction that committed later. Backfill the rows the anti-join
+        lists, then bound the extract by the oldest transaction still running.""")
+
+    with s.step("Backfill: copy the rows the anti-join lists, in one transaction") as st:
+        with s.conn.cursor() as cur:
+            cur.execute("INSERT INTO events_copy (id, payload) SELECT e.id, e.payload FROM events e "
+                        "WHERE NOT EXISTS (SELECT 1 FROM events_copy c WHERE c.id = e.id)")
+            st.result = f"{cur.rowcount} row copied"
+        s.conn.commit()
+        s.recovered_if(events_damage(s.conn) == {"missing": [], "duplicated": 0},
+                       "after the backfill, the anti-join is empty and no id is twice")
+    with s.step("From a fresh copy, the same two sessions with extract_events(): bounded by the "
+                "oldest transaction still running") as st:
+        fresh_events(s)
+        run = two_sessions(s, s.fix("extract_events"))
+        if run["waited"] >= 1:
+            s.say(f"(Other transactions on the server held the bound back for {run['waited']:.1f} s.)")
+        st.result = (f"while A was open: {run['while_open']} copied (B's event held back); after A's "
+                     f"commit: {run['after']}; run again: {run['again']}")
+        s.measure("events_missing_after", run["missing"], show=False,
+                  note="events the fixed extract never copied")
+        s.measure("held_back_while_open", run["late_by"] - run["while_open"], show=False,
+                  note="committed events the fixed extract left for later because A was still open")
+        s.recovered_if(run["a_status"] == "in progress" and not run["passed_open"],
+                       "the watermark never passed A's transaction while it was in progress (pg_xact_status)")
+        s.recovered_if(run["missing"] == [], f"the anti-join is empty: A's late event {run['a_id']} was copied")
+        s.recovered_if(run["duplicated"] == 0 and run["again"] == 0 and run["backlog"] == EVENTS,
+                       f"nothing was copied twice ({run['duplicated']} ids twice; a re-run copied "
+                       f"{run['again']})")
+    s.detect_again()
+    with s.step(f"The alternative: a lookback of {LOOKBACK} ids with an upsert (a key on events_copy), "
+                f"A's commit 2 ids late, then {LOOKBACK} ids late") as st:
+        seen = {}
+        for late_by in (2, LOOKBACK):
+            fresh_events(s, keyed=True)
+            reads = []
+
+            def extract(conn):
+                read, copied = extract_with_lookback(conn)
+                reads.append(read - copied)
+                return copied
+            seen[late_by] = two_sessions(s, extract, late_by=late_by)
+            seen[late_by]["reread"] = max(reads)
+        near, far = seen[2], seen[LOOKBACK]
+        st.result = (f"2 ids late: {len(near['missing'])} missing; {LOOKBACK} ids late: "
+                     f"{len(far['missing'])} missing; up to {near['reread']} rows re-read a run")
+        s.measure("lookback_missing", {"2 ids late": len(near["missing"]), f"{LOOKBACK} ids late": len(far["missing"])},
+                  show=False, note=f"events the lookback of {LOOKBACK} ids never copied")
+        s.recovered_if(near["missing"] == [] and far["missing"] == [far["a_id"]] and near["duplicated"] == 0,
+                       f"the lookback is a trade-off: it caught a commit 2 ids late and lost one "
+                       f"{LOOKBACK} ids late, re-reading up to {near['reread']} rows a run")
+    s.prevention("""
+        Bound each extract by what is certainly committed. Stamp every row with its writing
+        transaction (written_by xid8 DEFAULT pg_current_xact_id()), read only rows below the
+        oldest transaction still running (pg_snapshot_xmin(pg_current_snapshot()), PostgreSQL
+        13+), and move the watermark to that bound, never past a transaction in progress. It is
+        exact; its price is lag: a long transaction anywhere on the server holds every extract
+        back (measure it, and alert on it). A lookback window with an idempotent upsert is a
+        guess: it re-reads rows on every run, and a commit later than the window is still lost.""",
+                 extract_with_lookback,
+                 lesson="A watermark on an id or a timestamp skips rows that commit late: bound the "
+                        "extract by the oldest transaction still running.",
+                 questions=(
+                     "Which of your incremental extracts read 'after the last id or updated_at', and "
+                     "how long can a transaction of the source stay open?",
+                     "A lookback window of how long would be safe for your source, and what does it "
+                     "cost on every run?",
+                     "How would you notice a row the extract skipped, before a user does?"))
+
+
 if __name__ == "__main__":
     main()

@@ -1326,5 +1326,418 @@ def data_drift(s):
                      "column, and who decides?"))
 
 
+
+# == 5. refresh_lock_queue =======================================================================
+from tenacity import (Retrying, retry_if_exception_type, retry_if_result,  # noqa: E402  (this section's)
+                      stop_after_attempt, stop_after_delay, wait_fixed, wait_random)
+
+from common import budget  # noqa: E402
+from common.detect import sql_check  # noqa: E402
+from common.faults import Hooks, Instrumented  # noqa: E402
+
+LOCK_WAIT = "100ms"  # the refresh's lock_timeout (production: a second or a few)
+LOCK_WAIT_S = 0.1
+SLACK_S = 2.0        # what a busy machine may add to a wait the server measures (< QUEUE_LIMIT_S)
+ATTEMPTS = 5         # the refresh's bounded retry
+READERS = 3          # dashboards that read the table while the refresh waits
+QUEUE_LIMIT_S = 3.0  # how long the lab lets a queue stand before it ends the idle reader
+WAIT_S = 15.0        # the longest the lab waits for anything it set up
+IDLE_LIMIT = "500ms"  # the readers' idle_in_transaction_session_timeout (production: minutes)
+# Sessions this scenario opens beside the run's own two, at most at once: the idle reader, the
+# refresh, the readers and the detector's (bench/classroom.py --cost: 7 to 8 in all).
+REFRESH_SESSIONS = READERS + 3
+REFRESH_DDL = """
+    -- what the dashboards read: orders and amount per customer, rebuilt from the source
+    CREATE VIEW customer_totals_source AS
+        SELECT customer_id, count(*) AS orders, sum(amount) AS amount
+          FROM source_orders GROUP BY customer_id;
+    CREATE TABLE customer_totals AS SELECT * FROM customer_totals_source"""
+# A dashboard's query: the table's fingerprint, and how long the server kept the statement
+# before its first row (from statement_timestamp(): the wait for its lock, by the server's clock).
+READ_TOTALS = """
+    SELECT count(*), coalesce(md5(string_agg(row(t.*)::text, '|' ORDER BY customer_id)), ''),
+           extract(epoch FROM clock_timestamp() - statement_timestamp())::float8
+      FROM customer_totals t"""
+# Our sessions as the server sees them: what each waits for, who blocks it, for how long.
+QUEUE = """
+    SELECT a.pid, a.state, coalesce(a.wait_event_type, '-'), pg_blocking_pids(a.pid),
+           round(extract(epoch FROM clock_timestamp() - CASE WHEN a.wait_event_type = 'Lock'
+                 THEN a.query_start ELSE a.state_change END)::numeric, 2)
+      FROM pg_stat_activity a WHERE a.pid = ANY(%s) ORDER BY a.backend_start"""
+LOCK_QUEUE = sql_check("lock_queue_on_pipeline_tables", """
+    -- sessions waiting for a lock on the pipeline's tables, and their blockers
+    SELECT w.pid, w.mode, c.relname, pg_blocking_pids(w.pid) AS blocked_by,
+           round(extract(epoch FROM clock_timestamp() - a.query_start)
+                 ::numeric, 1) AS waiting_s
+      FROM pg_locks w
+      JOIN pg_class c ON c.oid = w.relation
+      JOIN pg_stat_activity a ON a.pid = w.pid
+     WHERE NOT w.granted AND c.relnamespace =
+           (SELECT oid FROM pg_namespace WHERE nspname = current_schema())""")
+
+
+def refresh_truncate_reload(conn) -> None:
+    """Refresh customer_totals in one transaction: empty it and reload it
+    from the source. Readers see the old totals or the new ones, never a
+    half-loaded table, and a re-run gives the same table."""
+    with conn.cursor() as cur:
+        cur.execute("TRUNCATE customer_totals")
+        cur.execute("INSERT INTO customer_totals "
+                    "SELECT * FROM customer_totals_source")
+    conn.commit()
+
+
+def refresh_build_and_swap(conn) -> None:
+    """Build the new totals in a table of their own (no reader waits for
+    that), then swap it in with a tiny transaction that waits for its
+    lock at most LOCK_WAIT: it raises LockNotAvailable (55P03) rather
+    than queue every reader behind it."""
+    with conn.cursor() as cur:
+        cur.execute("DROP TABLE IF EXISTS customer_totals_new")
+        cur.execute("CREATE TABLE customer_totals_new AS "
+                    "SELECT * FROM customer_totals_source")
+        conn.commit()  # built; the live table is untouched
+        try:
+            cur.execute("SET LOCAL lock_timeout = %s", (LOCK_WAIT,))
+            cur.execute("ALTER TABLE customer_totals "
+                        "RENAME TO customer_totals_old")
+            cur.execute("ALTER TABLE customer_totals_new "
+                        "RENAME TO customer_totals")
+            cur.execute("DROP TABLE customer_totals_old")
+            conn.commit()
+        except psycopg2.Error:
+            conn.rollback()  # the live table as it was; try again later
+            raise
+
+
+def run_refresh_once(conn, refresh_table) -> None:
+    """Run the refresh."""
+    refresh_table(conn)
+
+
+def run_refresh_retrying(conn, refresh_table) -> None:
+    """Run the refresh; when its lock did not come in time (55P03), try
+    again after a jittered pause, a bounded number of times: it never
+    queues readers for long, and one busy moment does not fail it."""
+    for attempt in Retrying(
+            retry=retry_if_exception_type(
+                psycopg2.errors.LockNotAvailable),
+            stop=stop_after_attempt(ATTEMPTS),  # then alert someone
+            wait=wait_random(0.05, 0.3),  # production: seconds to minutes
+            reraise=True):
+        with attempt:
+            refresh_table(conn)
+
+
+def in_thread(s, fn, *args) -> dict:
+    """Run fn in a thread, as a scheduler or a dashboard would; its outcome lands in the box."""
+    box = {"done": s.event(), "error": None, "result": None}
+
+    def run():
+        try:
+            box["result"] = fn(*args)
+        except Exception as exc:  # the code under test failed: its claim says so
+            box["error"] = exc
+        finally:
+            box["done"].set()
+    s.thread(run)
+    return box
+
+
+def wait_until(condition, seconds: float = WAIT_S) -> bool:
+    """Poll `condition` until it holds or `seconds` pass; return whether it held."""
+    poll = Retrying(retry=retry_if_result(lambda held: not held), stop=stop_after_delay(seconds),
+                    wait=wait_fixed(0.01), retry_error_callback=lambda state: False)
+    return poll(condition)
+
+
+def backend_alive(conn, pid: int) -> bool:
+    alive = bool(db.scalar(conn, "SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)))
+    conn.rollback()
+    return alive
+
+
+def read_totals(conn) -> tuple:
+    """(rows, checksum, seconds the server kept the statement waiting)."""
+    (n, digest, waited), = db.rows(conn, READ_TOTALS)
+    conn.rollback()
+    return n, digest, waited
+
+
+class Sessions:
+    """The scenario's sessions by name, and what the server says about them."""
+
+    def __init__(self, s):
+        self.s, self.names = s, {}
+
+    def add(self, name: str, conn):
+        self.names[db.backend_pid(conn)] = name
+        if not conn.autocommit:
+            conn.rollback()  # backend_pid's SELECT opened a transaction: end it, nothing else
+        return conn
+
+    def pid(self, name: str) -> int:
+        return next(p for p, n in self.names.items() if n == name)
+
+    def queue(self) -> list[tuple]:
+        """(name, state, waits for, blocked by, for s) of each live session of ours."""
+        found = db.rows(self.s.conn, QUEUE, (list(self.names),))
+        self.s.conn.rollback()
+        return [(self.names[pid], state, waits, [self.names.get(b, "another session") for b in blocked], secs)
+                for pid, state, waits, blocked, secs in found]
+
+    def blocked(self) -> dict[str, list[str]]:
+        """Our sessions the server shows blocked (pg_blocking_pids), each with its blockers."""
+        return {who: by for who, _, _, by, _ in self.queue() if by}
+
+    def idle_reader(self, name: str = "idle reader", **settings):
+        """A dashboard that read the totals and left its transaction open: ACCESS SHARE held."""
+        conn = self.add(name, self.s.connect(**settings))
+        db.rows(conn, READ_TOTALS)  # no commit: idle in transaction from here
+        return conn
+
+    def readers(self) -> list[dict]:
+        """READERS dashboards, each running its query in a thread of its own. No lock_timeout,
+        as dashboards have none: the lab's statement_timeout bounds their wait."""
+        boxes = []
+        for n in range(1, READERS + 1):
+            conn = self.add(f"reader {n}", self.s.connect(lock_timeout="0"))
+            boxes.append(in_thread(self.s, read_totals, conn))
+            boxes[-1]["conn"] = conn
+        return boxes
+
+
+def finished(boxes: list[dict]) -> bool:
+    return all(b["done"].is_set() for b in boxes)
+
+
+class EndIdleAfter(Hooks):
+    """The lab's hooks on the refresh's connection (faults.Instrumented): the idle reader ends its
+    transaction after the refresh's `n`-th refused attempt (55P03), and a reader reads the table
+    after each commit of the refresh."""
+
+    def __init__(self, idle, n: int, watch):
+        self.idle, self.n, self.watch = idle, n, watch
+        self.refused, self.readings = 0, []
+
+    def failed(self, conn, exc: Exception) -> None:
+        if isinstance(exc, psycopg2.errors.LockNotAvailable):
+            self.refused += 1
+            if self.refused == self.n:
+                self.idle.rollback()  # the dashboard ends its transaction
+
+    def after_end(self, conn, committed: bool) -> None:
+        if committed:
+            self.readings.append(read_totals(self.watch)[:2])
+
+
+def versions(s) -> tuple:
+    """(the table's fingerprint now, the source's): the two states a reader may see."""
+    old = db.fingerprint(s.conn, "customer_totals", "customer_id")
+    new = db.fingerprint(s.conn, "customer_totals_source", "customer_id")
+    s.conn.rollback()
+    return old, new
+
+
+def new_orders(s, n: int) -> None:
+    """More orders arrive, so that a refresh changes the totals."""
+    first = count(s.conn, "source_orders") + 1
+    s.conn.rollback()
+    arrive(s, make_orders(s.rng, n, first, DAY1 + timedelta(days=1)))
+
+
+@scenario("refresh_lock_queue", "A full refresh freezes every reader", fixes=[
+    fix("refresh_table", naive=refresh_truncate_reload, fixed=refresh_build_and_swap,
+        contract="""
+        Replace the rows of customer_totals with those of the view customer_totals_source (same
+        columns), and commit. Readers run all the while: each of them must see either the old
+        totals or the new ones, never an empty or half-loaded table. A reader may sit idle in its
+        transaction holding its lock on customer_totals: the refresh must then fail within about
+        LOCK_WAIT (raise psycopg2.errors.LockNotAvailable, SQLSTATE 55P03) rather than wait and
+        queue every later reader behind it. Graded: with a reader idle in its transaction, 3
+        readers must all be answered while it is still idle; then the reader ends, and the
+        table must hold the new totals.""",
+        hints=("TRUNCATE needs the strongest lock (ACCESS EXCLUSIVE); while it waits for it, every "
+               "reader that comes after waits behind it. How long may it wait?",
+               "Build customer_totals_new first (CREATE TABLE ... AS SELECT), commit, then in one "
+               "tiny transaction: SET LOCAL lock_timeout = LOCK_WAIT; rename the live table away, "
+               "rename the new one in, drop the old one; on an error roll back and raise.")),
+    fix("run_refresh", naive=run_refresh_once, fixed=run_refresh_retrying,
+        contract="""
+        Run refresh_table(conn) until it succeeds. It raises psycopg2.errors.LockNotAvailable
+        (55P03) when a reader holds the table at that moment: try again after a short random
+        pause, a bounded number of times (ATTEMPTS), and raise the last error when they are all
+        used up. Graded: a reader idle in its transaction ends after the second refused
+        attempt; the refresh must land on a later one.""",
+        hints=("A refused lock is a busy moment, not a broken table. What should the job do next?",
+               "tenacity: Retrying(retry=retry_if_exception_type(psycopg2.errors.LockNotAvailable), "
+               "stop=stop_after_attempt(ATTEMPTS), wait=wait_random(0.05, 0.3), reraise=True).")),
+])
+def refresh_lock_queue(s):
+    with budget.share(s, REFRESH_SESSIONS, least=REFRESH_SESSIONS):
+        setup(s, REFRESH_DDL, orders=False)
+        arrive(s, make_orders(s.rng))
+        refresh_truncate_reload(s.conn)  # the first build
+        s.description(f"""
+            Dashboards read customer_totals, orders and amount per customer, rebuilt from the
+            orders by a full refresh: TRUNCATE and reload in one transaction, the safe way to make
+            a re-run idempotent. No reader ever sees a half-loaded table. {READERS} dashboards
+            read it while the refresh runs.""")
+        s.trigger(f"""
+            One dashboard reads the table and leaves its transaction open (a BI tool, a notebook,
+            a connection pool that does not commit). New orders arrive and the refresh starts;
+            then the other dashboards query the table. No session here sets a lock_timeout: the
+            default is to wait for ever (the lab's statement_timeout,
+            {db.SESSION['statement_timeout']}, ends any wait).""")
+        sessions = Sessions(s)
+        idle = sessions.idle_reader()
+        new_orders(s, 100)
+        refresher = sessions.add("refresh", s.connect(lock_timeout="0"))
+        refresh = in_thread(s, refresh_truncate_reload, refresher)
+        s.require(wait_until(lambda: sessions.blocked().get("refresh") == ["idle reader"]),
+                  "the refresh waits for its lock behind the idle reader (pg_blocking_pids)")
+        readers = sessions.readers()
+        s.require(wait_until(lambda: len([by for by in sessions.blocked().values() if by == ["refresh"]]) == READERS),
+                  f"the {READERS} readers are blocked behind the refresh (pg_blocking_pids)")
+        queue = sessions.queue()
+        s.table(["session", "state", "waits for", "blocked by", "for s"],
+                [(name, state, waits, ", ".join(by) or "-", secs) for name, state, waits, by, secs in queue])
+        blocked = [name for name, _, _, by, _ in queue if by]
+        s.measure("sessions_blocked_before", len(blocked), show=False, headline=True,
+                  note="sessions the server showed blocked (pg_blocking_pids): the refresh and the readers")
+        s.triggered_if(len(blocked) == READERS + 1,
+                       f"{READERS} readers queue behind the refresh, which queues behind a reader idle in "
+                       f"its transaction: {len(blocked)} sessions blocked")
+
+        s.root_cause("""
+            TRUNCATE (like ALTER TABLE, DROP, REINDEX without CONCURRENTLY, VACUUM FULL) needs an
+            ACCESS EXCLUSIVE lock. It waits for the idle reader's ACCESS SHARE lock, and PostgreSQL
+            grants locks in order: every reader that asks after it waits behind the refresh, although
+            readers do not conflict with each other. One forgotten transaction freezes every dashboard,
+            and nothing fails: the load just waits, with no lock_timeout, for ever.""", detect=LOCK_QUEUE,
+                     runbook="""
+            Sessions are waiting for a lock on the pipeline's tables. Look at who blocks them
+            (pg_blocking_pids): end the session idle in its transaction (pg_terminate_backend),
+            or cancel the refresh that queues the readers; then give the refresh a lock_timeout.""")
+
+        with s.step("On call: end the idle reader's session (pg_terminate_backend); the queue drains") as st:
+            db.scalar(s.conn, "SELECT pg_terminate_backend(%s)", (sessions.pid("idle reader"),))
+            s.conn.rollback()
+            drained = wait_until(lambda: refresh["done"].is_set() and finished(readers))
+            waits = [b["result"][2] for b in readers if b["result"]]
+            s.measure("reader_wait_before_s", round(max(waits or [0]), 2), show=False,
+                      note="the longest a reader waited behind the refresh, by the server's clock")
+            st.result = (f"the refresh landed; the readers waited up to {max(waits or [0]):.2f} s"
+                         if drained and refresh["error"] is None else "the queue did not drain")
+            s.recovered_if(drained and refresh["error"] is None and len(waits) == READERS,
+                           "the refresh landed and every reader answered once the idle reader was gone")
+            for conn in [idle, refresher] + [b["conn"] for b in readers]:
+                conn.close()
+
+        sessions = Sessions(s)
+        with s.step("A reader idle in its transaction again: run_refresh(refresh_table) while "
+                    f"{READERS} dashboards read") as st:
+            idle = sessions.idle_reader()
+            new_orders(s, 100)
+            old, new = versions(s)
+            refresher = sessions.add("refresh", s.connect(lock_timeout="0"))
+            refresh = in_thread(s, s.fix("run_refresh"), refresher, s.fix("refresh_table"))
+            wait_until(lambda: refresh["done"].is_set() or "refresh" in sessions.blocked())
+            readers = sessions.readers()
+            if wait_until(lambda: finished(readers), QUEUE_LIMIT_S):  # else they queue behind the refresh
+                wait_until(lambda: refresh["done"].is_set())  # its bounded retries run out
+            stuck = sessions.blocked()  # measured while the idle reader still holds its lock
+            answered = [b["result"] for b in readers if b["result"]]
+            longest = max((r[2] for r in answered), default=None)
+            s.measure("sessions_blocked_after", len(stuck), show=False,
+                      note="sessions still blocked while the reader stayed idle, with the fix")
+            s.measure("reader_wait_after_s", None if longest is None else round(longest, 2), show=False,
+                      note="the longest a reader waited, with the fix, by the server's clock")
+            st.result = (f"{len(answered)} of {READERS} readers answered, {len(stuck)} sessions blocked"
+                         + ("" if longest is None else f", longest wait {longest:.2f} s"))
+            with s.expect(psycopg2.errors.LockNotAvailable, sqlstate="55P03"):
+                if refresh["error"] is not None:
+                    raise refresh["error"]  # the refresh's own error, raised in its thread
+            s.recovered_if(not stuck and len(answered) == READERS,
+                           "every reader answered while the idle transaction still held its lock: "
+                           f"{len(stuck)} sessions blocked (pg_blocking_pids)")
+            s.recovered_if(longest is not None and longest <= LOCK_WAIT_S + SLACK_S,
+                           f"no reader waited longer than the lock timeout ({LOCK_WAIT}, with "
+                           f"{SLACK_S:g} s of slack for a busy machine), by the server's clock")
+            idle.rollback()  # the dashboard finally ends its transaction: whatever still waits goes on
+            wait_until(lambda: refresh["done"].is_set() and finished(readers))
+            seen = [b["result"][:2] for b in readers if b["result"]]
+            for conn in [idle, refresher] + [b["conn"] for b in readers]:
+                conn.close()
+
+        sessions = Sessions(s)
+        with s.step("Again, and the idle reader ends after the refresh's second refused attempt") as st:
+            idle = sessions.idle_reader()
+            new_orders(s, 100)
+            before, after = versions(s)
+            watch = s.connect(autocommit=True)
+            hooks = EndIdleAfter(idle, 2, watch)
+            refresher = Instrumented(s.connect(lock_timeout="0"), hooks)
+            refresh = in_thread(s, s.fix("run_refresh"), refresher, s.fix("refresh_table"))
+            if not wait_until(lambda: refresh["done"].is_set(), QUEUE_LIMIT_S):
+                idle.rollback()  # the refresh queued instead of giving up: let it through
+                wait_until(lambda: refresh["done"].is_set())
+            landed = versions(s)[0]
+            st.result = (f"{hooks.refused} attempts refused (55P03), then "
+                         + ("it landed" if refresh["error"] is None else f"{type(refresh['error']).__name__}"))
+            s.measure("refused_attempts", hooks.refused, show=False,
+                      note="refresh attempts refused with 55P03 before the idle reader ended")
+            s.recovered_if(refresh["error"] is None and hooks.refused == 2 and landed == after,
+                           "the refresh landed on its third attempt, once the idle reader had ended: "
+                           "customer_totals equals the source's totals (count and checksum)")
+            readings = seen + hooks.readings
+            wrong = [r for r in seen if r not in (old, new)] + [r for r in hooks.readings if r not in (before, after)]
+            s.measure("readings_wrong", len(wrong), show=False,
+                      note="readings of the table that were neither the old totals nor the new ones")
+            s.recovered_if(not wrong and readings,
+                           f"no reader ever saw an empty or half-loaded table ({len(readings)} readings, "
+                           "each the old totals or the new ones)")
+            for conn in (idle, refresher, watch):
+                conn.close()
+
+        with s.step(f"What the server offers against the idle reader: idle_in_transaction_session_timeout "
+                    f"({IDLE_LIMIT}, set by the dashboard's session)") as st:
+            sessions = Sessions(s)
+            idle = sessions.idle_reader(idle_in_transaction_session_timeout=IDLE_LIMIT)
+            pid = sessions.pid("idle reader")
+            gone = wait_until(lambda: not backend_alive(s.conn, pid))
+            with s.expect(psycopg2.OperationalError, psycopg2.InternalError,
+                          label="the idle reader's next statement: the server had ended its session, "
+                                "OperationalError"):
+                db.rows(idle, READ_TOTALS)
+            idle.close()
+            new_orders(s, 100)
+            refresher = s.connect(lock_timeout="0")
+            done, error = attempt(s, refresher, s.fix("run_refresh"), refresher, s.fix("refresh_table"))
+            refresher.close()
+            st.result = "the server ended the idle session; the refresh " + ("landed" if error is None else "failed")
+            landed, wanted = versions(s)
+            s.recovered_if(gone and error is None and landed == wanted,
+                           f"the server ended the reader idle past {IDLE_LIMIT} (its backend is gone), "
+                           "and the refresh then landed at once")
+        s.prevention(f"""
+            Give every refresh a lock_timeout and a bounded, jittered retry: refused (55P03), it
+            leaves the queue and the readers behind it go on; it lands when the idle reader has
+            gone. Do the slow part (building the new table) without the lock, and take the
+            ACCESS EXCLUSIVE lock only for a tiny swap (ALTER TABLE ... RENAME). Views and grants
+            follow the old table: recreate them in the swap. And end forgotten transactions on the
+            server: idle_in_transaction_session_timeout, which any role may SET for its own
+            sessions and an administrator may set per role.""",
+                     "ALTER ROLE dashboards SET idle_in_transaction_session_timeout = '5min';",
+                     lesson="A refresh that waits for its lock freezes every reader behind it: give it a "
+                            "lock_timeout and a bounded retry, and take the lock only for a tiny swap.",
+                     questions=(
+                         "Which of your jobs take an ACCESS EXCLUSIVE lock (TRUNCATE, ALTER, DROP, "
+                         "REINDEX), and what do they do while they wait for it?",
+                         "Who on your server can leave a transaction open for an hour, and what ends "
+                         "it?",
+                         "How many refused attempts should page someone rather than retry?"))
+
+
 if __name__ == "__main__":
     main()

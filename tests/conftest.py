@@ -225,6 +225,17 @@ def run_control(script: str, scenario_id: str, slot: str, claim: str, target, tm
     assert result.scenario(scenario_id)["fixes"][slot].endswith("." + naive.__name__)
 
 
+def lesson_scenarios() -> list[tuple[str, str]]:
+    """(script, scenario id) of every scenario of every lesson, in the lab's order."""
+    import importlib
+
+    from common.lab import ORDER
+    from common.scenario import _REGISTRY
+
+    modules = [importlib.import_module(Path(script).stem) for script in ORDER]
+    return [(f"{m.__name__}.py", spec.id) for m in modules for spec in _REGISTRY if spec.fn.__module__ == m.__name__]
+
+
 def declared_fixes(script: str) -> list:
     """Every fix a lesson declares, each with its scenario id (imported from the script itself)."""
     import importlib

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from common.output import CONTINUED
-from conftest import clean_env, exercise_file, grade, run_script
+from conftest import clean_env, exercise_file, grade, lesson_scenarios, run_script
 
 SCRIPTS = ["fail_checkpoint_corruption.py", "fail_idempotency_break.py",
            "fail_retry_exhaustion.py", "fail_logging_failure.py"]
@@ -25,7 +25,7 @@ EXERCISES = _exercises()
 
 
 def test_every_scenario_has_an_exercise():
-    assert len(EXERCISES) == 16, EXERCISES
+    assert EXERCISES == lesson_scenarios(), EXERCISES
 
 
 @pytest.mark.parametrize("script, scenario_id", EXERCISES)

@@ -16,7 +16,7 @@ from conftest import (assert_gives_the_handout, assert_every_slot_has_a_control,
                       run_script, write_solution)
 
 SCRIPT = "fail_checkpoint_corruption.py"
-IDS = ["corruption", "db_down", "concurrent_access", "interrupted_recovery"]
+IDS = ["corruption", "db_down", "concurrent_access", "interrupted_recovery", "late_commit"]
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +129,7 @@ HEADLINES = {  # the figure the summary shows for each scenario, as the journal 
     "db_down": {"name": "rows_duplicated_before", "value": "500", "after": "0"},
     "concurrent_access": {"name": "rows_duplicated", "value": "500"},
     "interrupted_recovery": {"name": "naive_restart_claimed", "value": "no"},
+    "late_commit": {"name": "events_missing_before", "value": "101", "after": "none"},
 }
 
 
@@ -196,7 +197,9 @@ def test_negative_control_fails_with_the_claim_it_breaks(scenario_id, slot, clai
 
 
 def test_every_slot_has_a_control():
-    assert_every_slot_has_a_control(SCRIPT, CONTROLS)
+    from test_late_commit import CONTROLS as LATE_COMMIT_CONTROLS  # run in test_late_commit.py
+
+    assert_every_slot_has_a_control(SCRIPT, CONTROLS + LATE_COMMIT_CONTROLS)
 
 
 # -- plausible wrong solutions, graded through the command line as a student runs them ------------

@@ -20,7 +20,7 @@ from conftest import (ROOT, assert_every_slot_has_a_control, assert_gives_the_ha
 import fail_idempotency_break as lab
 
 SCRIPT = "fail_idempotency_break.py"
-IDS = ["duplicate_detection", "partial_failure", "constraint_violation", "data_drift"]
+IDS = ["duplicate_detection", "partial_failure", "constraint_violation", "data_drift", "refresh_lock_queue"]
 
 
 @pytest.fixture(scope="module")
@@ -251,7 +251,9 @@ def test_negative_control_fails_with_the_claim_it_breaks(scenario_id, slot, clai
 
 
 def test_every_slot_has_a_control():
-    assert_every_slot_has_a_control(SCRIPT, CONTROLS)
+    from test_refresh_lock_queue import CONTROLS as REFRESH_CONTROLS  # run in test_refresh_lock_queue.py
+
+    assert_every_slot_has_a_control(SCRIPT, CONTROLS + REFRESH_CONTROLS)
 
 
 def test_slot_code_fits_the_projector():

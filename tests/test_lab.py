@@ -1,4 +1,4 @@
-"""The whole lab in one command (lab.py): the four scripts in order, one summary of all 16
+"""The whole lab in one command (lab.py): the four scripts in order, one summary of all
 scenarios, one exit status, one combined journal and one combined handout, and the handout as a
 reader sees it in a real browser."""
 from __future__ import annotations
@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 from markdown_it import MarkdownIt
 
-from conftest import ROOT, clean_env, lab_schemas
+from conftest import ROOT, clean_env, lab_schemas, lesson_scenarios
+
+SCENARIOS = len(lesson_scenarios())  # every scenario of the four lessons
 
 from common.lab import ORDER, lab_exit_code
 
@@ -36,12 +38,12 @@ def test_one_command_runs_the_four_scripts_in_order_with_one_summary_and_one_sta
     assert proc.returncode == 0 == journal["exit_code"], proc.stdout[-3000:] + proc.stderr[-2000:]
     assert [j["script"] for j in journal["scripts"]] == list(ORDER)
     records = [r for j in journal["scripts"] for r in j["scenarios"]]
-    assert len(records) == 16 and all(r["status"] == "passed" for r in records)
-    summary = proc.stdout.split("Lab summary: 16 scenario(s) in 4 script(s)")[1]
-    assert all(r["id"] in summary for r in records) and "16 passed, 0 failed" in summary
+    assert len(records) == SCENARIOS and all(r["status"] == "passed" for r in records)
+    summary = proc.stdout.split(f"Lab summary: {SCENARIOS} scenario(s) in 4 script(s)")[1]
+    assert all(r["id"] in summary for r in records) and f"{SCENARIOS} passed, 0 failed" in summary
     said = " ".join(summary.split())  # it ends by saying where to look, and what its status means
     assert "What to look at:" in said and "exit status 0: every scenario passed." in said
-    assert sum(bool(r.get("headline")) for r in records) == 16  # the headline figure of each
+    assert sum(bool(r.get("headline")) for r in records) == SCENARIOS  # the headline figure of each
     for j in journal["scripts"]:  # each script ran with its own journal, and left nothing
         assert j["run_id"] and lab_schemas(embedded_params, j["run_id"]) == []
 
@@ -53,8 +55,8 @@ def test_the_lab_handout_holds_every_scenario_with_its_lesson_and_questions(lab)
     heads = [(t.tag, tokens[i + 1].content) for i, t in enumerate(tokens) if t.type == "heading_open"]
     assert heads[0] == ("h1", "Pipeline failure lab")
     assert [c for t, c in heads if t == "h2"] == list(ORDER)
-    assert sum(t == "h3" for t, _ in heads) == 16
-    assert sum(c == "For discussion" for _, c in heads) == 16 and text.count("> **Lesson:** ") == 16
+    assert sum(t == "h3" for t, _ in heads) == SCENARIOS
+    assert sum(c == "For discussion" for _, c in heads) == SCENARIOS and text.count("> **Lesson:** ") == SCENARIOS
     langs = {t.info for t in tokens if t.type == "fence"}
     assert {"python", "sql"} <= langs <= {"python", "sql", "text"}
     for j in journal["scripts"]:  # the summary's links lead to their scenario
@@ -100,7 +102,7 @@ def test_the_handout_renders_in_a_real_browser(lab, tmp_path):
                           f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", page.as_uri()],
                          capture_output=True, text=True, timeout=120).stdout
     assert dom.count("<table>") >= 16 and 'class="language-python"' in dom and 'class="language-sql"' in dom
-    assert "<blockquote>" in dom and dom.count("<h3>") == 16
+    assert "<blockquote>" in dom and dom.count("<h3>") == SCENARIOS
     browser.screenshot(page, png)
     width, height, distinct = _png_pixels_vary(png.read_bytes())
     assert (width, height) == (1100, 2400) and distinct > 40, distinct  # a rendered page, not a blank one
@@ -127,7 +129,7 @@ def test_lab_list_needs_no_database_and_marks_the_exercises():
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert [ln for ln in lines if not ln.startswith(" ")] == list(ORDER)
-    assert sum(ln.startswith("   ") for ln in lines) == 16 and all("[exercise]" in ln for ln in lines if ln[:1] == " ")
+    assert sum(ln.startswith("   ") for ln in lines) == SCENARIOS and all("[exercise]" in ln for ln in lines if ln[:1] == " ")
 
 
 def test_sigterm_to_the_lab_reaches_the_running_script_which_cleans_up(embedded_params, tmp_path):
@@ -182,8 +184,8 @@ def test_lab_progress_lists_all_sixteen_exercises_and_the_next_command(tmp_path)
     proc = _lab("--progress", tmp_path=tmp_path)
     assert proc.returncode == 0, proc.stderr
     rows = [ln.split() for ln in proc.stdout.splitlines() if ln.startswith("   ") and ln.rstrip().endswith("started")]
-    assert len(rows) == 16 and all(r[-2:] == ["not", "started"] for r in rows)
-    assert "0 of 16 passed at their last grade" in proc.stdout
+    assert len(rows) == SCENARIOS and all(r[-2:] == ["not", "started"] for r in rows)
+    assert f"0 of {SCENARIOS} passed at their last grade" in proc.stdout
     assert max(len(ln) for ln in proc.stdout.split("next (start it):")[0].splitlines()) <= 80
     nxt = proc.stdout.split("next (start it):")[1].split()
     assert nxt[:4] == [sys.executable, str(ROOT / "fail_checkpoint_corruption.py"), "--exercise", "corruption"]

@@ -1,0 +1,64 @@
+"""late_commit (fail_checkpoint_corruption.py), run as a user runs it, against each target."""
+import pytest
+
+import fail_checkpoint_corruption as lab
+from conftest import assert_gives_the_handout, assert_passed, run_control, run_script
+from scenario_checks import assert_brief_and_80_columns, assert_exercise_grades
+
+SCRIPT = "fail_checkpoint_corruption.py"
+ID = "late_commit"
+
+
+@pytest.fixture(scope="module")
+def full_run(target, tmp_path_factory):
+    name, env, params = target
+    return run_script(SCRIPT, "--only", ID, env=env, tmp_path=tmp_path_factory.mktemp(f"late-{name}")), params
+
+
+def test_the_late_commit_is_skipped_then_copied_exactly_once(full_run):
+    result, params = full_run
+    assert_passed(result, params, [ID])
+    record = result.scenario(ID)
+    m = record["measurements"]
+    assert m["events_missing_before"] == [lab.EVENTS + 1] and m["events_missing_after"] == []
+    assert m["held_back_while_open"] == 1  # B's committed event waited for A: the price of the bound
+    assert m["lookback_missing"] == {"2 ids late": 0, f"{lab.LOOKBACK} ids late": 1}
+    d = record["detection"]
+    assert d["check"] == "events_skipped_below_copied" and d["kind"] == "sql"
+    assert d["fired"] and d["found_broken"] == [f"{lab.EVENTS + 1}, written by A"]
+    assert d["quiet_after_fix"] and d["found_after_fix"] == [] and d["runbook"]
+    assert_gives_the_handout(result, {ID: {"name": "events_missing_before", "value": str(lab.EVENTS + 1),
+                                           "after": "none"}})
+
+
+CONTROLS = [(ID, "extract_events", "the anti-join is empty")]
+
+
+def test_the_naive_extract_in_the_slot_fails(target, tmp_path):
+    run_control(SCRIPT, *CONTROLS[0], target, tmp_path)
+
+
+WRONG = '''
+def extract_events(conn):
+    """Bounded by this transaction's own id: later than A's, still open."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT below_xid FROM watermarks WHERE job = %s", (EXTRACT,))
+        since = cur.fetchone()[0]
+        cur.execute("SELECT pg_current_xact_id()")
+        bound = cur.fetchone()[0]
+        cur.execute("INSERT INTO events_copy (id, payload) SELECT id, payload FROM events "
+                    "WHERE written_by >= %s AND written_by < %s", (since, bound))
+        copied = cur.rowcount
+        cur.execute("UPDATE watermarks SET below_xid = %s WHERE job = %s", (bound, EXTRACT))
+    conn.commit()
+    return copied
+'''
+
+
+def test_the_exercise_grades_untouched_reference_and_a_wrong_bound(target, tmp_path):
+    assert_exercise_grades(SCRIPT, ID, WRONG, "the watermark never passed A's transaction", target[1], tmp_path)
+
+
+def test_brief_keeps_the_detector_and_everything_fits_80_columns(full_run, target, tmp_path):
+    assert_brief_and_80_columns(SCRIPT, ID, full_run[0], target[1], tmp_path,
+                                (lab.extract_after_id, lab.extract_below_oldest_running, lab.extract_with_lookback))

@@ -1,0 +1,66 @@
+"""refresh_lock_queue (fail_idempotency_break.py), run as a user runs it, against each target."""
+import pytest
+
+import fail_idempotency_break as lab
+from conftest import assert_gives_the_handout, assert_passed, run_control, run_script
+from scenario_checks import assert_brief_and_80_columns, assert_exercise_grades
+
+SCRIPT = "fail_idempotency_break.py"
+ID = "refresh_lock_queue"
+
+
+@pytest.fixture(scope="module")
+def full_run(target, tmp_path_factory):
+    name, env, params = target
+    return run_script(SCRIPT, "--only", ID, env=env, tmp_path=tmp_path_factory.mktemp(f"refresh-{name}")), params
+
+
+def test_readers_queue_behind_the_refresh_then_never_wait_past_its_lock_timeout(full_run):
+    result, params = full_run
+    assert_passed(result, params, [ID])
+    record = result.scenario(ID)
+    m = record["measurements"]
+    assert m["sessions_blocked_before"] == lab.READERS + 1 and m["sessions_blocked_after"] == 0
+    assert m["reader_wait_after_s"] <= lab.LOCK_WAIT_S + lab.SLACK_S  # a bound, by the server's clock
+    assert m["refused_attempts"] == 2 and m["readings_wrong"] == 0
+    assert result.sqlstates(ID) == ["55P03"]  # the refresh gave up its place in the queue
+    assert result.error_types(ID)[-1] == "psycopg2.OperationalError"  # the session the server ended
+    d = record["detection"]
+    assert d["check"] == "lock_queue_on_pipeline_tables" and d["kind"] == "sql"
+    assert d["fired"] and len(d["found_broken"]) == lab.READERS + 1
+    assert sum("AccessExclusiveLock" in line for line in d["found_broken"]) == 1
+    assert d["quiet_after_fix"] and d["found_after_fix"] == [] and d["runbook"]
+    assert_gives_the_handout(result, {ID: {"name": "sessions_blocked_before", "value": "4", "after": "0"}})
+
+
+CONTROLS = [(ID, "refresh_table", "every reader answered while the idle transaction still held its lock"),
+            (ID, "run_refresh", "the refresh landed on its third attempt")]
+
+
+@pytest.mark.parametrize("scenario_id, slot, claim", CONTROLS, ids=[c[1] for c in CONTROLS])
+def test_the_naive_code_in_each_slot_fails(scenario_id, slot, claim, target, tmp_path):
+    run_control(SCRIPT, scenario_id, slot, claim, target, tmp_path)
+
+
+WRONG = '''
+def refresh_table(conn):
+    """No lock to wait for: empty the table and reload it, one commit each."""
+    with conn.cursor() as cur:
+        cur.execute("DELETE FROM customer_totals")
+        conn.commit()
+        cur.execute("INSERT INTO customer_totals SELECT * FROM customer_totals_source")
+    conn.commit()
+
+def run_refresh(conn, refresh_table):
+    run_refresh_retrying(conn, refresh_table)
+'''
+
+
+def test_the_exercise_grades_untouched_reference_and_a_refresh_in_two_commits(target, tmp_path):
+    assert_exercise_grades(SCRIPT, ID, WRONG, "no reader ever saw an empty or half-loaded table", target[1], tmp_path)
+
+
+def test_brief_keeps_the_detector_and_everything_fits_80_columns(full_run, target, tmp_path):
+    assert_brief_and_80_columns(SCRIPT, ID, full_run[0], target[1], tmp_path,
+                                (lab.refresh_truncate_reload, lab.refresh_build_and_swap, lab.run_refresh_once,
+                                 lab.run_refresh_retrying))
