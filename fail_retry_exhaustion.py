@@ -18,8 +18,11 @@ import common  # noqa: F401  first: the lab's signal handlers are installed from
 import contextlib
 import itertools
 import logging
+import multiprocessing.connection
+import os
 import random
 import re
+import signal
 import time
 
 import psycopg2
@@ -30,7 +33,8 @@ from tenacity import (RetryCallState, RetryError, Retrying, retry_if_exception, 
                       wait_random_exponential)
 
 from common import budget, db, main, scenario, schema
-from common.faults import Hooks, Instrumented
+from common.detect import sql_check
+from common.faults import Hooks, Instrumented, faults_enabled
 from common.fixes import fix
 from common.output import words
 
@@ -1372,6 +1376,289 @@ def non_transient(s):
             "A deadlock victim's transaction was rolled back: what must your code run again, "
             "and from where?"))
 
+
+# -- 5. poison_job ----------------------------------------------------------------------------------
+QUEUE_JOBS = 8          # jobs 1..8 in the queue; job 1's payload kills the worker that runs it
+POISON = "poison"       # the payload (a segfault, the OOM killer): the worker dies mid-job
+MAX_ATTEMPTS = 3        # a job is tried at most this often, then dead-lettered
+LEASE_S = 0.5           # a claim holds its job this long (production: minutes)
+QUEUE_WORKERS = 2       # worker processes at once (the supervisor restarts a dead one)
+MOST_KILLS = 2 * MAX_ATTEMPTS  # the lab's bound: a queue still losing workers after this is stopped
+QUEUE_LIMIT_S = 60      # the lab's bound on one run of the queue, in seconds, whatever happens
+POLL_S = 0.05           # an idle worker looks for work again this often
+KILLED = -getattr(signal, "SIGKILL", signal.SIGTERM)  # exit code of a process killed by SIGKILL
+
+
+def run_job(cur, job_id: int, payload: str) -> None:
+    """The job's work: its one effect, a row in job_effects. The poison payload kills its worker
+    first (the lab's stand-in for a segfault; FAILLAB_NO_FAULTS=1 disarms it)."""
+    if payload == POISON and faults_enabled():
+        os.kill(os.getpid(), -KILLED)  # no except, no finally, no rollback: the process is gone
+    cur.execute("INSERT INTO job_effects (job_id, worker) VALUES (%s, %s)", (job_id, os.getpid()))
+
+
+def take_job_naive(conn, work, worker: int):
+    """Naive: claim and work in one transaction; count the attempt at
+    the end. A worker killed mid-job takes its claim and its count
+    with it: the server rolls both back."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT id, payload FROM jobs WHERE state = 'queued'"
+                    " ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED")
+        row = cur.fetchone()
+        if row is None:
+            conn.commit()
+            return None
+        work(cur, *row)
+        cur.execute("UPDATE jobs SET state = 'done',"
+                    " attempts = attempts + 1 WHERE id = %s", (row[0],))
+    conn.commit()
+    return row[0]
+
+
+def take_job_leased(conn, work, worker: int):
+    """Fixed: a short committed claim counts the attempt and sets a
+    lease; a job out of attempts whose lease ran out is dead-lettered
+    with what is known; the work commits with its 'done', fenced by
+    the attempt it was claimed under."""
+    with conn.cursor() as cur:
+        cur.execute("""
+            WITH dead AS (
+              UPDATE jobs SET state = 'dead'
+              WHERE state = 'queued' AND attempts >= %(most)s
+                AND lease_until < clock_timestamp()
+              RETURNING id, payload, attempts, workers)
+            INSERT INTO dead_jobs (job_id, payload, attempts, workers,
+                                   error)
+            SELECT id, payload, attempts, workers,
+                   'lease expired, no worker came back'
+            FROM dead""", {"most": MAX_ATTEMPTS})
+        cur.execute("""
+            UPDATE jobs SET attempts = attempts + 1,
+              workers = workers || %(me)s,
+              lease_until = clock_timestamp()
+                            + make_interval(secs => %(lease)s)
+            WHERE id = (
+              SELECT id FROM jobs
+              WHERE state = 'queued' AND attempts < %(most)s
+                AND (lease_until IS NULL
+                     OR lease_until < clock_timestamp())
+              ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)
+            RETURNING id, payload, attempts""",
+                    {"me": worker, "lease": LEASE_S,
+                     "most": MAX_ATTEMPTS})
+        claimed = cur.fetchone()
+    conn.commit()  # the attempt is counted before the work starts
+    if claimed is None:
+        return None
+    job_id, payload, attempt = claimed
+    with conn.cursor() as cur:
+        work(cur, job_id, payload)
+        cur.execute("UPDATE jobs SET state = 'done', lease_until = NULL"
+                    " WHERE id = %s AND attempts = %s", (job_id, attempt))
+        if cur.rowcount == 0:  # the lease ran out and another took it
+            conn.rollback()
+            return None
+    conn.commit()
+    return job_id
+
+
+def queue_worker(params: dict, take_job) -> None:
+    """A worker process: take jobs until none is queued any more; poll while the queued ones are
+    held by others."""
+    conn = db.connect(params)
+    while True:
+        if take_job(conn, run_job, os.getpid()) is None:
+            if not db.scalar(conn, "SELECT count(*) FROM jobs WHERE state = 'queued'"):
+                conn.close()
+                return
+            conn.rollback()
+            time.sleep(POLL_S)
+
+
+def supervise(s, take_job) -> dict:
+    """The process manager (systemd, Kubernetes): keep QUEUE_WORKERS workers running while jobs
+    are queued, restart a worker that died, and record every exit code the OS reports, in
+    worker_exits. The lab's bound: after MOST_KILLS kills, or QUEUE_LIMIT_S, it stops the workers
+    (SIGTERM: exit code -15, told apart from the kills)."""
+    alive, kills, stopped = [], 0, 0
+    until = time.monotonic() + QUEUE_LIMIT_S
+
+    def start():
+        alive.append(s.spawn(queue_worker, s.params, take_job))
+
+    for _ in range(QUEUE_WORKERS):
+        start()
+    while alive and kills < MOST_KILLS and time.monotonic() < until:
+        multiprocessing.connection.wait([p.sentinel for p in alive], timeout=0.5)
+        for proc in [p for p in alive if p.exitcode is not None]:
+            alive.remove(proc)
+            kills += proc.exitcode == KILLED
+            record_exit(s, proc)
+            if proc.exitcode != 0 and db.scalar(s.conn, "SELECT count(*) FROM jobs WHERE state = 'queued'"):
+                start()
+            s.conn.commit()
+    for proc in alive:  # the lab's bound was reached
+        proc.terminate()
+        proc.join(5)
+        record_exit(s, proc)
+        stopped += 1
+    return {"kills": kills, "stopped": stopped}
+
+
+def record_exit(s, proc) -> None:
+    with s.conn.cursor() as cur:
+        cur.execute("INSERT INTO worker_exits (pid, exit_code) VALUES (%s, %s)", (proc.pid, proc.exitcode))
+    s.conn.commit()
+
+
+def fill_queue(s) -> None:
+    """A fresh queue: jobs 1..QUEUE_JOBS, job 1 the poison; no effect, no exit, no dead letter."""
+    with s.conn.cursor() as cur:
+        cur.execute("TRUNCATE jobs, job_effects, dead_jobs, worker_exits")
+        cur.execute("INSERT INTO jobs (id, payload) SELECT i, CASE WHEN i = 1 THEN %s ELSE 'job ' || i END "
+                    "FROM generate_series(1, %s) AS i", (POISON, QUEUE_JOBS))
+    s.conn.commit()
+
+
+def queue_state(s) -> dict:
+    """What the queue's tables say after a run: each job's state, attempts and effects."""
+    rows = db.rows(s.conn, "SELECT j.id, j.state, j.attempts, count(e.job_id) FROM jobs j "
+                           "LEFT JOIN job_effects e ON e.job_id = j.id GROUP BY j.id ORDER BY j.id")
+    dead = db.rows(s.conn, "SELECT job_id, attempts, workers, error FROM dead_jobs ORDER BY job_id")
+    exits = dict(db.rows(s.conn, "SELECT pid, exit_code FROM worker_exits"))
+    s.conn.commit()
+    jobs = {i: {"state": st, "attempts": n, "effects": e} for i, st, n, e in rows}
+    return {"jobs": jobs, "poison": jobs[1], "dead": dead, "exits": exits,
+            "others_once": sum(1 for i, j in jobs.items() if i != 1 and j["state"] == "done" and j["effects"] == 1),
+            "lost": [i for i, j in jobs.items() if j["state"] not in ("done", "dead")]}
+
+
+WORKERS_KILLED_UNCOUNTED = sql_check("workers_killed_uncounted", """
+    -- workers the OS reported killed (a signal: exit code < 0, the
+    -- lab's own SIGTERM aside) against the failed attempts the queue
+    -- counted (attempts of jobs not done, and retries of done ones)
+    SELECT killed, counted FROM (
+      SELECT (SELECT count(*) FROM worker_exits
+              WHERE exit_code < 0 AND exit_code <> -15) AS killed,
+             (SELECT coalesce(sum(attempts - (state = 'done')::int), 0)
+              FROM jobs) AS counted) AS k
+    WHERE killed > counted""")
+
+POISON_FIXES = [
+    fix("take_job", naive=take_job_naive, fixed=take_job_leased,
+        contract="""
+            Take the next queued job and run it: work(cur, job_id, payload) inside a
+            transaction that also marks the job 'done' (jobs: id, payload, state 'queued',
+            'done' or 'dead', attempts, workers int[], lease_until). `worker` is the process's
+            pid. Return the job's id, or None when no job can be taken now.
+            The worker may be killed (SIGKILL) inside work(): count each attempt in a short
+            transaction of its own, committed before the work starts, with a lease of
+            LEASE_S seconds (a killed worker's job is taken again once its lease ran out).
+            A queued job with MAX_ATTEMPTS attempts whose lease ran out goes to dead_jobs
+            (job_id, payload, attempts, workers, error) with state 'dead'.
+            The grader runs 8 jobs on 2 worker processes, job 1's payload kills its worker:
+            job 1 must end dead with exactly MAX_ATTEMPTS attempts, every other job done once.""",
+        hints=("A killed worker's transaction is rolled back by the server. What else was in that\n"
+               "transaction besides the work?",
+               "Commit the claim first: UPDATE jobs SET attempts = attempts + 1, workers = workers\n"
+               "|| worker, lease_until = now + LEASE_S WHERE id = (SELECT ... FOR UPDATE SKIP LOCKED);\n"
+               "before it, move jobs with attempts >= MAX_ATTEMPTS and an expired lease to dead_jobs.")),
+]
+
+
+@scenario("poison_job", "A poison job kills its worker, again and again", fixes=POISON_FIXES)
+def poison_job(s):
+    s.description(f"""
+        A job queue in a table: {QUEUE_JOBS} jobs, {QUEUE_WORKERS} worker processes taking them with FOR UPDATE
+        SKIP LOCKED, a process manager that restarts a worker that dies. A job is tried at most
+        {MAX_ATTEMPTS} times, then parked in dead_jobs for a human. Job 1's payload kills the
+        worker that runs it (a segfault in a native library, the OOM killer).""")
+    with s.conn.cursor() as cur:
+        cur.execute("CREATE TABLE jobs (id int PRIMARY KEY, payload text NOT NULL, "
+                    "state text NOT NULL DEFAULT 'queued', attempts int NOT NULL DEFAULT 0, "
+                    "workers int[] NOT NULL DEFAULT '{}', lease_until timestamptz)")
+        cur.execute("CREATE TABLE job_effects (job_id int NOT NULL, worker int NOT NULL)")
+        cur.execute("CREATE TABLE dead_jobs (job_id int PRIMARY KEY, payload text, attempts int, "
+                    "workers int[], error text, dead_at timestamptz DEFAULT clock_timestamp())")
+        cur.execute("CREATE TABLE worker_exits (pid int, exit_code int, at timestamptz DEFAULT clock_timestamp())")
+    s.conn.commit()
+    fill_queue(s)
+
+    s.trigger(f"""
+        The workers claim and work in one transaction and count the attempt when the job is
+        done (take_job_naive). Job 1 kills its worker with SIGKILL. The supervisor restarts dead
+        workers; the lab stops the queue after {MOST_KILLS} kills ({MAX_ATTEMPTS} attempts were allowed).""")
+    ran = supervise(s, take_job_naive)
+    st = queue_state(s)
+    kills = s.measure("naive_workers_killed", ran["kills"], show=False, headline=True,
+                      note="worker processes the OS reported killed by SIGKILL (exit code -9)")
+    s.require(kills > 0, f"the poison landed: the OS reported {kills} worker(s) killed by SIGKILL")
+    others = [j for i, j in st["jobs"].items() if i != 1]
+    s.table(["jobs", "state", "attempts counted", "effects"],
+            [["1 (poison)", st["poison"]["state"], st["poison"]["attempts"], st["poison"]["effects"]],
+             [f"2-{QUEUE_JOBS}", f"{sum(j['state'] == 'done' for j in others)} done",
+              sum(j["attempts"] for j in others), sum(j["effects"] for j in others)]])
+    s.measure("naive_poison_attempts", st["poison"]["attempts"], show=False,
+              note="attempts job 1's row counts after the workers it killed")
+    done = s.measure("naive_others_done", sum(j["state"] == "done" for j in others), show=False,
+                     note="jobs 2-8 done when the lab stopped the queue")
+    s.say(f"Only {done} of the {QUEUE_JOBS - 1} other jobs got done: the queue takes the lowest id first, so\n"
+          "every new worker took job 1 again; another job ran only while job 1 was held by a dying worker.")
+    s.triggered_if(kills >= MOST_KILLS and st["poison"] == {"state": "queued", "attempts": 0, "effects": 0},
+                   f"job 1 killed {kills} workers (exit code {KILLED} each), and its row still says "
+                   f"'{st['poison']['state']}', attempts {st['poison']['attempts']}: it would be taken forever")
+    s.triggered_if(not st["dead"], f"no dead letter: {len(st['dead'])} job(s) in dead_jobs, the maximum of "
+                                   f"{MAX_ATTEMPTS} attempts never reached")
+
+    s.root_cause(f"""
+        The attempt counter lived in the transaction the poison killed. When a client dies, the
+        server rolls its open transaction back: the claim (the row lock of FOR UPDATE), the work
+        and the "attempts + 1" are all undone, so the job is queued again as if it had never been
+        tried, and "at most {MAX_ATTEMPTS} attempts" never triggers. The process manager sees the
+        kills (exit code {KILLED}); the queue sees nothing. Count the attempt in its own committed
+        transaction, before the work, and let a lease say when a silent worker is gone.""",
+                 detect=WORKERS_KILLED_UNCOUNTED,
+                 runbook="""Workers are dying on a job that the queue does not count as failed: a poison job
+                     is crash-looping the workers. Find the job the dead workers held (the oldest
+                     queued job, the workers' last log lines), park it by hand, then fix how
+                     attempts are counted.""")
+    fill_queue(s)
+    with s.step("the same queue, the same poison, with take_job() in the workers") as step:
+        ran = supervise(s, s.fix("take_job"))
+        st = queue_state(s)
+        step.result = (f"{ran['kills']} worker(s) killed, {ran['stopped']} stopped by the lab; "
+                       f"job 1 {st['poison']['state']}")
+    s.table(["dead job", "attempts", "its workers", "exit codes", "error"],
+            [[j, n, words(workers), words([st["exits"].get(w) for w in workers]), e] for j, n, workers, e in st["dead"]])
+    s.measure("fixed_workers_killed", ran["kills"], show=False, note="workers killed with the fix in place")
+    s.measure("fixed_poison_attempts", st["poison"]["attempts"], show=False, note="attempts counted for job 1")
+    dead = st["dead"][0] if st["dead"] else (None, None, [], None)
+    s.recovered_if(st["poison"]["state"] == "dead" and st["poison"]["attempts"] == MAX_ATTEMPTS
+                   and dead[:2] == (1, MAX_ATTEMPTS),
+                   f"the poison job ends dead with exactly {MAX_ATTEMPTS} attempts: state "
+                   f"'{st['poison']['state']}', {st['poison']['attempts']} attempts, {len(st['dead'])} dead letter(s)")
+    s.recovered_if(len(dead[2]) == ran["kills"] == MAX_ATTEMPTS and all(st["exits"].get(w) == KILLED for w in dead[2]),
+                   f"the dead letter names the {len(dead[2])} workers that took job 1, each reported "
+                   f"killed by the OS (exit code {KILLED}); {ran['kills']} kill(s) in all")
+    s.recovered_if(st["others_once"] == QUEUE_JOBS - 1,
+                   f"every other job done exactly once: {st['others_once']} of {QUEUE_JOBS - 1}")
+    s.recovered_if(not st["lost"], f"no job lost: every job is done or dead ({words(st['lost'] or 'none')} left)")
+
+    s.prevention(f"""
+        Take a job in two transactions. The claim is short and committed: it counts the attempt,
+        names the worker and sets a lease, so a killed worker leaves its count behind. The work
+        commits together with its 'done', fenced by the attempt it was claimed under. A job whose
+        lease ran out is taken again, until it has used its {MAX_ATTEMPTS} attempts: then it goes to the
+        dead letters with what is known (its attempts, the workers that took it), not back to the
+        workers. (Queue libraries do the same: an attempt counter written when the job is locked,
+        a visibility timeout, a dead-letter queue.)""",
+        lesson="Count a job's attempt in its own committed claim, before the work: a worker that "
+               "dies takes its transaction with it, not the count.",
+        questions=(
+            "Where does your queue count attempts, and would the count survive a worker killed "
+            "in the middle of the job?",
+            "How would you notice that workers keep dying on the same job?",
+            "Who reads your dead letters, and what must a dead letter say to be worth reading?"))
 
 if __name__ == "__main__":
     main()
