@@ -68,3 +68,21 @@ def assert_brief_keeps_the_proof(script: str, scenario_id: str, target, tmp_path
     assert all(" ".join(c["claim"].split()) in shown for c in record["checks"])
     assert "It fired:" in brief.stdout and "def " not in record["sections"]["prevention"]
     assert_fits_80_columns(brief.stdout)
+
+
+
+def control_tests(script: str, scenario_id: str, controls: list[tuple[str, str]]):
+    """The two tests of a scenario's negative controls, for its test module to take in: each
+    slot's control fails on its named claim (both targets), and every slot has one."""
+    import pytest
+
+    from conftest import declared_fixes, run_control
+
+    @pytest.mark.parametrize("slot, claim", controls)
+    def test_the_naive_code_fails_its_control(slot, claim, target, tmp_path):
+        run_control(script, scenario_id, slot, claim, target, tmp_path)
+
+    def test_every_slot_has_a_control():
+        assert {f.slot for f in declared_fixes(script) if f.scenario_id == scenario_id} == {s for s, _ in controls}
+
+    return test_the_naive_code_fails_its_control, test_every_slot_has_a_control

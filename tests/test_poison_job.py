@@ -3,11 +3,9 @@ retried forever while the attempt is counted in the transaction the kill rolls b
 a committed claim with a lease, it ends in the dead letters after exactly MAX_ATTEMPTS."""
 from __future__ import annotations
 
-import pytest
-
 import fail_retry_exhaustion as lab
-from beyond import assert_brief_keeps_the_proof, assert_exercise_grades, run_passing
-from conftest import declared_fixes, run_control
+from beyond import assert_brief_keeps_the_proof, assert_exercise_grades, control_tests, run_passing
+from conftest import clean_env
 
 SCRIPT, ID = "fail_retry_exhaustion.py", "poison_job"
 
@@ -24,14 +22,7 @@ def test_the_poison_is_retried_forever_then_dead_lettered_once(target, tmp_path)
 
 CONTROLS = [("take_job", "the poison job ends dead with exactly 3 attempts")]
 
-
-@pytest.mark.parametrize("slot, claim", CONTROLS)
-def test_the_naive_claim_fails_its_control(slot, claim, target, tmp_path):
-    run_control(SCRIPT, ID, slot, claim, target, tmp_path)
-
-
-def test_every_slot_has_a_control():
-    assert {f.slot for f in declared_fixes(SCRIPT) if f.scenario_id == ID} == {s for s, _ in CONTROLS}
+test_the_naive_code_fails_its_control, test_every_slot_has_a_control = control_tests(SCRIPT, ID, CONTROLS)
 
 
 NO_DEAD_LETTER = '''
@@ -59,13 +50,9 @@ def take_job(conn, work, worker):
 
 def test_the_exercise_grades_a_claim_without_a_dead_letter_as_failed(embedded_params, tmp_path):
     """Counted and leased, but never parked: the poison kills workers until the lab stops it."""
-    from conftest import clean_env
-
     target = ("embedded", clean_env(), embedded_params)
     assert_exercise_grades(SCRIPT, ID, NO_DEAD_LETTER, "the poison job ends dead", target, tmp_path)
 
 
 def test_brief_keeps_every_check_in_80_columns(embedded_params, tmp_path):
-    from conftest import clean_env
-
     assert_brief_keeps_the_proof(SCRIPT, ID, ("embedded", clean_env(), embedded_params), tmp_path)
