@@ -22,7 +22,10 @@ import multiprocessing.connection
 import os
 import random
 import re
+import select
 import signal
+import socket
+import threading
 import time
 
 import psycopg2
@@ -34,7 +37,7 @@ from tenacity import (RetryCallState, RetryError, Retrying, retry_if_exception, 
 
 from common import budget, db, main, scenario, schema
 from common.detect import sql_check
-from common.faults import Hooks, Instrumented, faults_enabled
+from common.faults import Attempt, FaultProxy, Hooks, Instrumented, _reset, faults_enabled
 from common.fixes import fix
 from common.output import words
 
@@ -1659,6 +1662,383 @@ def poison_job(s):
             "in the middle of the job?",
             "How would you notice that workers keep dying on the same job?",
             "Who reads your dead letters, and what must a dead letter say to be worth reading?"))
+
+# -- 6. hung_attempt --------------------------------------------------------------------------------
+ATTEMPT_DEADLINE_S = 0.5  # one attempt (connect, work, commit) may take this long (production: 30 s)
+JOB_DEADLINE_S = 2.0      # the whole job, every attempt and sleep included (production: 5 min)
+LAB_LIMIT_S = 2 * JOB_DEADLINE_S  # the lab's own bound: then it lets the network heal
+UNIT_AMOUNT = 25
+# A dead network (a host gone, packets dropped): the kernel gives up on the connection by itself.
+KEEPALIVES = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2,
+              "keepalives_count": 3, "tcp_user_timeout": 10_000}  # ms: unacknowledged data
+
+
+class StallingProxy(FaultProxy):
+    """A fault proxy that can also go silent without closing anything. stall(): on the
+    connections open now, the server's replies are held back (what the client sends still
+    reaches the server), and a client that hangs up is not passed on to the server: a network
+    path that stopped answering. resume() heals it. A no-op under FAILLAB_NO_FAULTS."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self._silent: set = set()
+
+    def stall(self) -> None:
+        if faults_enabled():
+            with self._lock:
+                self._silent = set(self._open)
+
+    def resume(self) -> None:
+        self._silent = set()
+
+    def _serve(self, client, at) -> None:
+        try:
+            upstream = self._connect_upstream()
+        except OSError:
+            self.attempts.append(Attempt(at, "upstream_error"))
+            _reset(client)
+            return
+        self.attempts.append(Attempt(at, "forwarded"))
+        with self._lock:
+            self._open.update((client, upstream))
+        hung_up = False
+        try:
+            while not self._stopping.is_set():
+                silent = client in self._silent
+                if hung_up and not silent:
+                    return  # healed: now the server learns that the client is gone
+                watch = [] if hung_up else [client] if silent else [client, upstream]
+                for sock in select.select(watch, [], [], 0.05)[0]:
+                    data = sock.recv(65536)
+                    if not data and silent:
+                        hung_up = True
+                    elif not data:
+                        return
+                    else:
+                        (upstream if sock is client else client).sendall(data)
+        except (OSError, ValueError):
+            return
+        finally:
+            with self._lock:
+                self._open.discard(client)
+                self._open.discard(upstream)
+            _reset(client)
+            _reset(upstream)
+
+
+class StallAtFirstCommit(Hooks):
+    """The job's connections as the lab sees them: the proxy goes silent just before the first
+    COMMIT, which still reaches the server. Records each connection's backend pid and its socket
+    options as the OS reports them."""
+
+    def __init__(self, proxy, seen: list):
+        self.proxy, self.seen = proxy, seen
+
+    def opened(self, conn, pid: int) -> None:
+        sock = socket.socket(fileno=os.dup(conn.fileno()))
+        try:
+            options = (sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                       sock.getsockopt(socket.IPPROTO_TCP, getattr(socket, "TCP_USER_TIMEOUT", 18)))
+        finally:
+            sock.close()
+        self.seen.append({"pid": pid, "keepalive": bool(options[0]), "user_timeout_ms": options[1]})
+
+    def before_commit(self, conn) -> None:
+        if len(self.seen) == 1:
+            self.proxy.stall()
+
+
+class CancelFromOutside(Instrumented):
+    """The job's connection, whose cancel() the lab sends as pg_cancel_backend over its own
+    session: psycopg2's cancel() holds the interpreter lock while it waits for the server's
+    answer, and this lab's proxy is a thread of the same process, so it could never pass it on.
+    The request reaches the server the same way."""
+
+    def __init__(self, conn, hooks: StallAtFirstCommit, admin):
+        super().__init__(conn, hooks)
+        self._pid, self._admin = hooks.seen[-1]["pid"], admin
+
+    def cancel(self) -> None:
+        db.scalar(self._admin, "SELECT pg_cancel_backend(%s)", (self._pid,))
+
+
+def add_to_ledger(cur, unit: str) -> None:
+    """Naive: add the unit's amount; run twice, it is added twice."""
+    cur.execute("INSERT INTO ledger (unit, amount) VALUES (%s, %s)",
+                (unit, UNIT_AMOUNT))
+
+
+def add_to_ledger_once(cur, unit: str) -> None:
+    """Fixed: the unit's key first, in the same transaction: a unit an
+    abandoned attempt did commit is skipped, not added again."""
+    cur.execute("INSERT INTO applied_units (unit) VALUES (%s)"
+                " ON CONFLICT DO NOTHING", (unit,))
+    if cur.rowcount == 1:
+        cur.execute("INSERT INTO ledger (unit, amount) VALUES (%s, %s)",
+                    (unit, UNIT_AMOUNT))
+
+
+def run_unit_unbounded(connect, apply, unit: str) -> None:
+    """Naive: a stop and a wait, but nothing bounds one attempt:
+    stop_after_delay is only checked between attempts."""
+    for attempt in Retrying(
+            stop=stop_after_attempt(3) | stop_after_delay(JOB_DEADLINE_S),
+            wait=wait_fixed(0.1), reraise=True,
+            retry=retry_if_exception_type(psycopg2.OperationalError)):
+        with attempt:
+            conn = connect()
+            try:
+                with conn.cursor() as cur:
+                    apply(cur, unit)
+                conn.commit()
+            finally:
+                conn.close()
+
+
+def run_unit_with_deadline(connect, apply, unit: str) -> None:
+    """Fixed: each attempt abandons its connection at its deadline
+    (an attempt's outcome is then unknown: `apply` must be idempotent);
+    keepalives and tcp_user_timeout let the kernel give up on a dead
+    network; the stop counts the next sleep."""
+    for attempt in Retrying(
+            stop=stop_after_attempt(3)
+            | stop_before_delay(JOB_DEADLINE_S - ATTEMPT_DEADLINE_S),
+            wait=wait_fixed(0.1), reraise=True,
+            retry=retry_if_exception_type(psycopg2.OperationalError)):
+        with attempt:
+            conn = connect(**KEEPALIVES)
+            try:
+                with abandon_after(conn, ATTEMPT_DEADLINE_S):
+                    with conn.cursor() as cur:
+                        apply(cur, unit)
+                    conn.commit()
+            finally:
+                conn.close()
+
+
+@contextlib.contextmanager
+def abandon_after(conn, seconds: float):
+    """Shut the connection's socket down if the block is still running
+    after `seconds`: a read blocked on it fails at once. A cancel
+    request needs the server to act on it; this needs nothing."""
+    sock = socket.socket(fileno=os.dup(conn.fileno()))
+
+    def shut() -> None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+    timer = threading.Timer(seconds, shut)
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        sock.close()
+
+
+def timed_job(s, proxy, policy, apply, unit: str) -> dict:
+    """Run the job in a thread (the lab's bound: LAB_LIMIT_S, then the network heals), recorded in
+    job_runs as a scheduler records it. Returns how it ended, what the OS and the server saw."""
+    seen: list = []
+    params = s.via(proxy)
+    out: dict = {}
+
+    admin = s.connect(autocommit=True)
+
+    def connect(**libpq):
+        return CancelFromOutside(db.connect(params, **libpq), StallAtFirstCommit(proxy, seen), admin)
+
+    def job() -> None:
+        try:
+            policy(connect, apply, unit)
+            out["outcome"] = "done"
+        except psycopg2.Error as exc:
+            out["outcome"], out["error"] = "failed", exc
+        out["seconds"] = time.monotonic() - started
+
+    run_id = db.scalar(s.conn, "INSERT INTO job_runs (unit) VALUES (%s) RETURNING id", (unit,))
+    s.conn.commit()
+    started = time.monotonic()
+    worker = s.thread(job, name="faillab-hung-job")
+    worker.join(LAB_LIMIT_S)
+    waited = time.monotonic() - started
+    hung = worker.is_alive()
+    server = db.rows(s.conn, "SELECT state, query FROM pg_stat_activity WHERE pid = %s",
+                     (seen[0]["pid"] if seen else 0,))
+    s.conn.commit()
+    proxy.resume()
+    worker.join(10)
+    with s.conn.cursor() as cur:
+        cur.execute("UPDATE job_runs SET finished_at = clock_timestamp(), outcome = %s WHERE id = %s",
+                    (out.get("outcome", "hung"), run_id))
+    s.conn.commit()
+    return {**out, "hung": hung, "seconds": waited if hung else out.get("seconds", waited),
+            "server": server[0] if server else None, "seen": seen}
+
+
+def job_sessions_left(s, pids: list[int]) -> list:
+    """Sessions of the job still on the server idle in a transaction or holding a lock."""
+    rows = db.rows(s.conn, """
+        SELECT a.pid, a.state FROM pg_stat_activity a
+        WHERE a.pid = ANY(%s) AND (a.state LIKE 'idle in transaction%%'
+              OR EXISTS (SELECT 1 FROM pg_locks l WHERE l.pid = a.pid))""", (pids,))
+    s.conn.commit()
+    return rows
+
+
+def gone(s, pid: int, seconds: float = 5.0) -> bool:
+    """Wait (bounded) until the server no longer lists the backend."""
+    deadline = time.monotonic() + seconds
+    while db.scalar(s.conn, "SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)):
+        s.conn.commit()
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    s.conn.commit()
+    return True
+
+
+def ledger_of(s, unit: str) -> int:
+    n = db.scalar(s.conn, "SELECT count(*) FROM ledger WHERE unit = %s", (unit,))
+    s.conn.commit()
+    return n
+
+
+JOB_OVERRAN = sql_check("job_overran_deadline", sql.SQL("""
+    -- the job's last run took longer than its deadline, or is still
+    -- running past it
+    SELECT id, unit, outcome,
+           round(extract(epoch FROM coalesce(finished_at, clock_timestamp())
+                                    - started_at)::numeric, 1) AS seconds
+    FROM job_runs
+    WHERE id = (SELECT max(id) FROM job_runs)
+      AND coalesce(finished_at, clock_timestamp())
+          > started_at + make_interval(secs => {deadline})""").format(
+    deadline=sql.Literal(JOB_DEADLINE_S)))
+
+HUNG_FIXES = [
+    fix("run_unit", naive=run_unit_unbounded, fixed=run_unit_with_deadline,
+        contract="""
+            Run apply(cur, unit) and commit it, retried with a tenacity policy on
+            psycopg2.OperationalError, over connections from connect(**libpq_keywords) (call
+            it once per attempt; close each). The database may stop answering without closing
+            the connection: no attempt may last longer than ATTEMPT_DEADLINE_S (abandon its
+            connection: abandon_after), and the whole job must end within JOB_DEADLINE_S.
+            Pass KEEPALIVES to connect, so the kernel also gives up on a dead network.
+            The grader holds back the server's reply to the first COMMIT: the job must end
+            within its deadline, the socket must carry SO_KEEPALIVE and TCP_USER_TIMEOUT.""",
+        hints=("stop_after_delay is checked when an attempt has failed. What if the attempt never\n"
+               "fails, and never returns?",
+               "Wrap each attempt in abandon_after(conn, ATTEMPT_DEADLINE_S), connect with\n"
+               "connect(**KEEPALIVES), and stop before JOB_DEADLINE_S - ATTEMPT_DEADLINE_S.")),
+    fix("apply_unit", naive=add_to_ledger, fixed=add_to_ledger_once,
+        contract="""
+            Add UNIT_AMOUNT for `unit` to ledger (unit, amount) on the cursor `cur`; the caller
+            commits. An attempt abandoned at its deadline may have committed already (its
+            COMMIT reached the server, the reply did not come back): running apply again for
+            the same unit must not add it twice. applied_units (unit PRIMARY KEY) is yours.
+            The grader abandons an attempt whose COMMIT the server applied: ledger must hold
+            the unit exactly once.""",
+        hints=("After the deadline, you do not know whether the COMMIT happened. What must the\n"
+               "retry find out first?",
+               "INSERT INTO applied_units ... ON CONFLICT DO NOTHING, and add to the ledger only\n"
+               "when cur.rowcount == 1: the key and the amount commit together.")),
+]
+
+
+@scenario("hung_attempt", "An attempt that hangs: the database stops answering, nothing closes",
+          fixes=HUNG_FIXES)
+def hung_attempt(s):
+    s.description(f"""
+        A job applies one unit of work (adds {UNIT_AMOUNT} to a ledger) and commits, retried by a
+        tenacity policy: 3 attempts, 100 ms apart, stop after {JOB_DEADLINE_S:g} s (production: 5 min).
+        Its connection goes through the fault proxy. The promise: the job ends within its
+        deadline, and the unit is applied exactly once.""")
+    with s.conn.cursor() as cur:
+        cur.execute("CREATE TABLE ledger (unit text NOT NULL, amount int NOT NULL)")
+        cur.execute("CREATE TABLE applied_units (unit text PRIMARY KEY)")
+        cur.execute("CREATE TABLE job_runs (id serial PRIMARY KEY, unit text, outcome text, "
+                    "started_at timestamptz DEFAULT clock_timestamp(), finished_at timestamptz)")
+    s.conn.commit()
+    host = s.run.params.get("host") or os.environ.get("PGHOST") or "localhost"
+    port = s.run.params.get("port") or os.environ.get("PGPORT") or 5432
+    proxy = StallingProxy(str(host), int(port)).__enter__()
+    s.on_cleanup(proxy.close)
+
+    s.trigger(f"""
+        Just before the job's first COMMIT, the path to the server goes silent: the COMMIT
+        still reaches the server, its reply never comes back, and nothing is closed (a
+        stateful firewall that dropped the flow, a server frozen mid-reply). The lab waits
+        {LAB_LIMIT_S:g} s, twice the job's deadline, then heals the path.""")
+    naive = timed_job(s, proxy, run_unit_unbounded, add_to_ledger, "unit-1")
+    s.require(naive["hung"], f"the stall landed: the job's first attempt was still waiting after {LAB_LIMIT_S:g} s")
+    state, query = naive["server"] or ("gone", "")
+    s.measure("naive_waited_s", round(naive["seconds"], 1), show=False, headline=True,
+              note="seconds the naive job's first attempt had waited when the lab stopped it")
+    s.triggered_if(state == "idle" and query.strip().upper().startswith("COMMIT"),
+                   f"meanwhile the server's view of that session: '{state}', its last statement "
+                   f"{query.strip()[:20]!r}: nothing runs, so no statement_timeout can fire")
+    s.triggered_if(naive["seconds"] > JOB_DEADLINE_S and len(naive["seen"]) == 1,
+                   f"the job waited {naive['seconds']:.1f} s, past its {JOB_DEADLINE_S:g} s deadline, in attempt "
+                   f"{len(naive['seen'])}: the policy's stop is asked only after an attempt fails; it would "
+                   "wait forever")
+
+    s.root_cause("""
+        A retry policy bounds attempts and sleeps, not one attempt. When the server stops
+        answering without closing the connection, execute() and commit() wait in a socket read
+        that nothing ends: statement_timeout is the server's, and the server is not running
+        anything; TCP keepalives need an idle connection and minutes; a cancel request needs a
+        server that acts on it (a stopped backend never does). Only the client can end the
+        attempt: abandon the connection at a deadline. But then the attempt's outcome is
+        unknown: here the COMMIT had landed. So the unit retried must be idempotent.""",
+                 detect=JOB_OVERRAN,
+                 runbook="""The job's last run overran its deadline or is still running: an attempt may be
+                     hanging on a connection that no longer answers. Look at pg_stat_activity for the
+                     job's sessions, end the hung process, and check whether its last unit was
+                     applied before running it again.""")
+    with s.step("the same stall, with run_unit() and apply_unit() in the job") as st:
+        fixed = timed_job(s, proxy, s.fix("run_unit"), s.fix("apply_unit"), "unit-2")
+        error = fixed.get("error")
+        st.result = (f"{fixed.get('outcome', 'still waiting')} after {fixed['seconds']:.2f} s, "
+                     f"{len(fixed['seen'])} attempt(s)" + (f": {type(error).__name__}" if error else ""))
+    state, query = fixed["server"] or ("gone", "")
+    s.recovered_if(state == "idle" and query.strip().upper().startswith("COMMIT"),
+                   f"the abandoned attempt was ambiguous: the server had run its COMMIT (its session "
+                   f"'{state}', last statement {query.strip()[:20]!r})")
+    s.recovered_if(not fixed["hung"] and fixed.get("outcome") == "done" and fixed["seconds"] <= JOB_DEADLINE_S,
+                   f"the job ended within its {JOB_DEADLINE_S:g} s deadline: {fixed.get('outcome', 'still waiting')} "
+                   f"after {fixed['seconds']:.2f} s")
+    applied = ledger_of(s, "unit-2")
+    s.measure("fixed_ledger_rows", applied, show=False, note="times unit-2 is in the ledger")
+    s.recovered_if(applied == 1, f"nothing applied twice: unit-2 is in the ledger {applied} time(s), though the "
+                                 "abandoned attempt's COMMIT had landed")
+    first = fixed["seen"][0] if fixed["seen"] else {"keepalive": False, "user_timeout_ms": 0, "pid": 0}
+    s.recovered_if(first["keepalive"] and first["user_timeout_ms"] == KEEPALIVES["tcp_user_timeout"],
+                   f"the OS reports the job's socket with SO_KEEPALIVE {words(first['keepalive'])} and "
+                   f"TCP_USER_TIMEOUT {first['user_timeout_ms']} ms")
+    with s.step("the path heals: the proxy passes on that the abandoned client is gone") as st:
+        ended = all(gone(s, seen["pid"]) for seen in naive["seen"] + fixed["seen"])
+        left = job_sessions_left(s, [seen["pid"] for seen in naive["seen"] + fixed["seen"]])
+        st.result = f"{len(naive['seen']) + len(fixed['seen'])} sessions of the job; {len(left)} left"
+    s.recovered_if(ended and not left, f"no session of the job is left idle in a transaction or holding a lock "
+                                       f"({words([f'{p} {st}' for p, st in left]) if left else 'none'})")
+
+    s.prevention(f"""
+        Bound every attempt, not only the policy: abandon the connection at a deadline
+        ({ATTEMPT_DEADLINE_S:g} s here, from the client, since the server may not be listening), and let the
+        kernel give up on a dead network (keepalives, tcp_user_timeout). An abandoned attempt is
+        ambiguous, it may have committed: retry only a unit that is idempotent, keyed in the
+        same transaction as its effect.""",
+        abandon_after,
+        "KEEPALIVES = {\n" + "".join(f"    {k!r}: {v!r},\n" for k, v in KEEPALIVES.items()) + "}",
+        lesson="Bound each attempt, not only the retries: abandon a connection that stopped "
+               "answering, and make what you retry idempotent, since the abandoned attempt may "
+               "have committed.",
+        questions=(
+            "How long can one of your database calls wait for a reply, and what would end it?",
+            "When your client gives up on a COMMIT, how does the retry find out whether it "
+            "happened?",
+            "Which of your connections set keepalives or tcp_user_timeout, and to what?"))
 
 if __name__ == "__main__":
     main()
