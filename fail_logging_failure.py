@@ -19,8 +19,10 @@ import json
 import logging
 import logging.handlers
 import math
+import multiprocessing
 import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -34,12 +36,13 @@ from pathlib import Path
 
 import psycopg2
 import psycopg2.errors
+from psycopg2 import sql
 from psycopg2.extras import execute_values
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_fixed
 
 from common import Scenario, db, main, scenario
-from common.detect import metric_alert
-from common.faults import Hooks, hooked_cursor
+from common.detect import metric_alert, sql_check
+from common.faults import Hooks, faults_enabled, hooked_cursor
 from common.fixes import TimeLimitExceeded, fix, time_limited
 from common.metrics import total
 from common.output import words
@@ -1688,6 +1691,263 @@ def structured_parsing(s: Scenario):
                             "disagree?",
                             "Why must a formatter never raise, and what should it write instead?",
                             "What should happen to a quarantined line afterwards, and who is told?"))
+
+
+# -- 5. lost_on_kill --------------------------------------------------------------------------------
+KILL_BATCHES = 10        # the job's run: batches 1..10, each committed on its own
+KILL_AFTER = 4           # the lab kills the job (SIGKILL, as the OOM killer does) after batch 4
+CHECKS_PER_BATCH = 7     # diagnostic records the job logs per batch, before it commits
+LOG_BUFFER = 10          # MemoryHandler capacity: records held in the process before a flush
+KILLED_BY_SIGKILL = -getattr(signal, "SIGKILL", signal.SIGTERM)  # what the OS reports as the exit code
+
+
+class Stamp(logging.Filter):
+    """Every record of a run carries its run id and a sequence number (1, 2, 3...): a record
+    that is lost leaves a gap, so the loss is measured, not guessed."""
+
+    def __init__(self, run_id: str):
+        super().__init__()
+        self.run_id, self.seq = run_id, 0
+
+    def next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.run_id, record.seq = self.run_id, self.next_seq()
+        return True
+
+
+INSERT_JOB_LOG = ("INSERT INTO job_log (run_id, seq, level, message, event, batch)"
+                  " VALUES (%s, %s, %s, %s, %s, %s)")
+
+
+class JobLogHandler(logging.Handler):
+    """The log store: one row of job_log per record, over a connection of its own."""
+
+    def __init__(self, conn):
+        super().__init__()
+        self.conn = conn
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with self.conn.cursor() as cur:
+            cur.execute(INSERT_JOB_LOG, (record.run_id, record.seq, record.levelname, record.getMessage(),
+                                         getattr(record, "event", None), getattr(record, "batch", None)))
+        self.conn.commit()
+
+
+def load_rows(cur, run_id: str, batch: int) -> None:
+    cur.execute("INSERT INTO batches (run_id, batch) VALUES (%s, %s)", (run_id, batch))
+
+
+def commit_batch_naive(conn, log, stamp, batch: int) -> None:
+    """Naive: commit the batch, then log that it committed, through
+    the same buffered handler as every other record."""
+    with conn.cursor() as cur:
+        load_rows(cur, stamp.run_id, batch)
+    conn.commit()
+    log.info("batch %s committed", batch,
+             extra={"event": "batch_committed", "batch": batch})
+
+
+def commit_batch_with_event(conn, log, stamp, batch: int) -> None:
+    """Fixed: the event that proves the batch is a row of the batch's
+    own transaction: committed with it or rolled back with it, never
+    waiting in a buffer. Diagnostics stay buffered."""
+    with conn.cursor() as cur:
+        load_rows(cur, stamp.run_id, batch)
+        cur.execute(INSERT_JOB_LOG, (
+            stamp.run_id, stamp.next_seq(), "INFO",
+            f"batch {batch} committed", "batch_committed", batch))
+    conn.commit()
+
+
+def batch_job(params: dict, run_id: str, commit_batch, report, go, pause_after: int) -> None:
+    """The job, in a process of its own: per batch, CHECKS_PER_BATCH diagnostic records, then
+    commit_batch. Its records go through a MemoryHandler (flushed every LOG_BUFFER records, or at
+    ERROR). Lab instrumentation: after each batch it reports its last sequence number on `report`,
+    and after `pause_after` it waits for `go` (the lab kills it there)."""
+    conn, store = db.connect(params), db.connect(params)
+    stamp = Stamp(run_id)
+    log = logging.getLogger(f"{LOGGER_PREFIX}.lost_on_kill")
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    log.addFilter(stamp)
+    log.addHandler(logging.handlers.MemoryHandler(LOG_BUFFER, logging.ERROR, JobLogHandler(store)))
+    for batch in range(1, KILL_BATCHES + 1):
+        for row in range(1, CHECKS_PER_BATCH + 1):
+            log.info("batch %s: check %s passed", batch, row, extra={"batch": batch})
+        commit_batch(conn, log, stamp, batch)
+        report.send(("committed", batch, stamp.seq))
+        if batch == pause_after:
+            go.wait(60)
+    logging.shutdown()
+
+
+def record_log_gap(conn, run_id: str) -> tuple:
+    """At the next start: count the sequence numbers a run never
+    stored, below its last stored one, and keep the count where an
+    operator looks (log_gaps)."""
+    with conn.cursor() as cur:
+        cur.execute("""
+            INSERT INTO log_gaps
+              (run_id, lost, first_missing, last_missing)
+            SELECT %(run)s, count(*), min(n), max(n)
+            FROM generate_series(1, (SELECT max(seq) FROM job_log
+                                     WHERE run_id = %(run)s)) AS n
+            WHERE NOT EXISTS (SELECT 1 FROM job_log
+                              WHERE run_id = %(run)s AND seq = n)
+            RETURNING lost, first_missing, last_missing""",
+                    {"run": run_id})
+        gap = cur.fetchone()
+    conn.commit()
+    return gap
+
+
+def run_and_kill(s, run_id: str, commit_batch) -> dict:
+    """Run the job in a process, kill it (SIGKILL) once batch KILL_AFTER has committed, and measure:
+    the exit code the OS reports, what the job had emitted (its last report), what is stored."""
+    ctx = multiprocessing.get_context("spawn")
+    reports, report = ctx.Pipe(duplex=False)
+    go = ctx.Event()
+    proc = s.spawn(batch_job, s.params, run_id, commit_batch, report, go, KILL_AFTER)
+    emitted, deadline = 0, time.monotonic() + 60
+    while time.monotonic() < deadline and reports.poll(max(0.0, deadline - time.monotonic())):
+        _, batch, emitted = reports.recv()
+        if batch == KILL_AFTER:
+            break
+    if faults_enabled():
+        proc.kill()  # SIGKILL: no handler, no flush, no atexit
+    else:
+        go.set()  # FAILLAB_NO_FAULTS: the job runs to its end
+    proc.join(60)
+    stored, committed = db.rows(s.conn, "SELECT (SELECT count(*) FROM job_log WHERE run_id = %(r)s), "
+                                        "(SELECT count(*) FROM batches WHERE run_id = %(r)s)", {"r": run_id})[0]
+    s.conn.commit()
+    return {"exit": proc.exitcode, "emitted": emitted, "stored": stored, "committed": committed,
+            "lost": emitted - stored}
+
+
+EVENTS_MISSING = """
+    SELECT b.batch FROM batches b
+    WHERE b.run_id = {run}
+      AND NOT EXISTS (SELECT 1 FROM job_log l
+                      WHERE l.run_id = b.run_id AND l.batch = b.batch
+                        AND l.event = 'batch_committed')
+    ORDER BY b.batch"""
+LAST_RUN = "(SELECT run_id FROM batches\n                      ORDER BY committed_at DESC LIMIT 1)"
+BATCHES_WITHOUT_EVENT = sql_check("batches_without_event", sql.SQL(
+    "\n    -- the last run's committed batches whose event is not in the log" + EVENTS_MISSING
+).format(run=sql.SQL(LAST_RUN)))
+
+
+def events_missing(conn, run_id: str) -> list[int]:
+    """The batches of one run that committed without their event in job_log (the anti-join)."""
+    found = [b for b, in db.rows(conn, sql.SQL(EVENTS_MISSING).format(run=sql.Literal(run_id)))]
+    conn.commit()
+    return found
+
+
+LOST_ON_KILL_FIXES = [
+    fix("commit_batch", naive=commit_batch_naive, fixed=commit_batch_with_event,
+        contract="""
+            Commit one batch (load_rows(cur, stamp.run_id, batch) inside a transaction on
+            `conn`) and record its event: a row of job_log (INSERT_JOB_LOG: run_id, seq, level,
+            message, event 'batch_committed', batch), whose seq is stamp.next_seq(). `log` is the
+            job's logger: its records wait in a MemoryHandler of LOG_BUFFER records before they
+            reach job_log. The job is killed (SIGKILL) right after a batch committed.
+            The grader kills it after batch 4: every committed batch must have its event in
+            job_log, and the records lost must show as a gap of sequence numbers.""",
+        hints=("What happens to the records still in the MemoryHandler's buffer when the process\n"
+               "is killed? Which record must never be among them?",
+               "Write the event yourself, with cur.execute(INSERT_JOB_LOG, ...), in the batch's\n"
+               "transaction, before the commit: then it commits with the batch or not at all.")),
+]
+
+
+@scenario("lost_on_kill", "A killed job takes its buffered log records with it", fixes=LOST_ON_KILL_FIXES)
+def lost_on_kill(s: Scenario):
+    s.description(f"""
+        A job commits {KILL_BATCHES} batches; before each commit it logs {CHECKS_PER_BATCH} diagnostic records, and
+        after it, the event "batch N committed", which the operators' dashboard reads to show
+        progress. Records go through a logging.handlers.MemoryHandler that writes to the log
+        store (job_log) every {LOG_BUFFER} records: one INSERT per record would slow the job. Every
+        record carries the run id and a sequence number.""")
+    with s.conn.cursor() as cur:
+        cur.execute("CREATE TABLE batches (run_id text, batch int, committed_at timestamptz "
+                    "DEFAULT clock_timestamp(), PRIMARY KEY (run_id, batch))")
+        cur.execute("CREATE TABLE job_log (run_id text, seq int, level text, message text, event text, "
+                    "batch int, PRIMARY KEY (run_id, seq))")
+        cur.execute("CREATE TABLE log_gaps (run_id text PRIMARY KEY, lost int, first_missing int, "
+                    "last_missing int, found_at timestamptz DEFAULT clock_timestamp())")
+    s.conn.commit()
+
+    s.trigger(f"""
+        The job runs in a process of its own; once batch {KILL_AFTER} has committed, the lab kills it
+        with SIGKILL, as the OOM killer does: no exception, no finally, no atexit, no flush.""")
+    naive_run = new_run_id(s, "naive")
+    r = run_and_kill(s, naive_run, commit_batch_naive)
+    s.measure("naive_exit_code", r["exit"], show=False, note="the killed job's exit code, as the OS reports it")
+    s.require(r["exit"] == KILLED_BY_SIGKILL, f"the kill landed: the OS reports exit code {r['exit']} "
+                                              f"(killed by signal {-KILLED_BY_SIGKILL})")
+    s.table(["run", "batches committed", "records emitted", "stored", "lost"],
+            [[naive_run, r["committed"], r["emitted"], r["stored"], r["lost"]]])
+    s.measure("naive_records_lost", r["lost"], show=False, headline=True,
+              note="records the job emitted (its last sequence number) that job_log does not hold")
+    missing = events_missing(s.conn, naive_run)
+    gap = record_log_gap(s.conn, naive_run)
+    s.triggered_if(r["lost"] > 0 and missing,
+                   f"{r['lost']} records died in the buffer with the process, among them the event of "
+                   f"committed batch(es) {words(missing)}")
+    s.triggered_if(gap[0] == 0, f"the log shows no gap ({gap[0]} sequence numbers missing below the "
+                                f"last stored one): the lost tail is invisible")
+
+    s.root_cause(f"""
+        A MemoryHandler (or a QueueHandler's queue) keeps records in the process until it flushes.
+        SIGKILL ends the process at once: no logging.shutdown(), no atexit, no flush, so whatever
+        the buffer held is gone, and those are the last records, the ones that tell what the job
+        was doing when it died. The event "batch {KILL_AFTER} committed" was among them: the batch is in
+        the database, the dashboard says it never happened. A buffer is fine for diagnostics; an
+        event that proves progress must be as durable as the progress itself.""",
+                 detect=BATCHES_WITHOUT_EVENT,
+                 runbook="""Batches are committed but their events are missing from the log: the job was
+                     probably killed with records in its buffer. Trust the batches table over the
+                     log, check the kernel log for the OOM killer, and move progress events into
+                     the batch's transaction.""")
+    fixed_run = new_run_id(s, "fixed")
+    with s.step("the same job and the same kill, with commit_batch() committing each batch") as st:
+        r = run_and_kill(s, fixed_run, s.fix("commit_batch"))
+        st.result = f"exit code {r['exit']}; {r['committed']} batches committed, {r['lost']} records lost"
+    s.require(r["exit"] == KILLED_BY_SIGKILL, f"the kill landed again: exit code {r['exit']}")
+    missing = events_missing(s.conn, fixed_run)
+    s.recovered_if(r["committed"] == KILL_AFTER and not missing,
+                   f"every committed batch has its event: {r['committed']} batches, "
+                   f"{len(missing)} without one (the anti-join is empty)")
+    with s.step("at the next start: record_log_gap() counts what the killed run never stored") as st:
+        gap = record_log_gap(s.conn, fixed_run)
+        st.result = (f"log_gaps: {gap[0]} records lost, between sequence numbers {words(gap[1])} "
+                     f"and {words(gap[2])}")
+    s.measure("fixed_records_lost", r["lost"], show=False, note="diagnostic records lost on the kill, with the fix")
+    s.recovered_if(r["lost"] < LOG_BUFFER,
+                   f"the loss is bounded by the buffer: {r['lost']} records lost, fewer than {LOG_BUFFER}")
+    s.recovered_if(gap[0] == r["lost"],
+                   f"the loss is counted where an operator sees it: log_gaps says {gap[0]}, the job "
+                   f"emitted {r['emitted']} and job_log holds {r['stored']}")
+
+    s.prevention("""
+        Sort what a job logs into what proves progress and what explains it. An event that says
+        "batch committed" is data: write it in the batch's own transaction (or unbuffered, to a
+        collector outside the process), so it exists exactly when the batch does. Diagnostics may
+        wait in a buffer to keep the job fast; a kill then loses at most a buffer's worth, and
+        sequence numbers make that loss a gap the next start counts.""",
+        record_log_gap,
+        lesson="A buffered log dies with its process: write the events that prove progress in "
+               "the transaction they describe, and number the rest so a loss shows as a gap.",
+        questions=(
+            "Which of your job's log lines does someone read as proof that work was done?",
+            "How many records can your logging hold in memory, and what would a SIGKILL take "
+            "with it?",
+            "How would you know that a log is missing its last records, and not just quiet?"))
 
 
 # -- plumbing: dedicated loggers, run ids, captured stderr -----------------------------------------------

@@ -21,10 +21,15 @@ import common  # noqa: F401  first: the lab's signal handlers are installed from
 import contextlib
 import itertools
 import logging
+import multiprocessing.connection
 import os
 import random
 import re
+import select
+import signal
+import socket
 import struct
+import threading
 import time
 
 import psycopg2
@@ -36,7 +41,7 @@ from tenacity import (RetryCallState, RetryError, Retrying, retry_if_exception, 
 
 from common import budget, db, main, scenario, schema
 from common.detect import metric_alert, sql_check
-from common.faults import FaultProxy, Hooks, Instrumented, faults_enabled
+from common.faults import Attempt, FaultProxy, Hooks, Instrumented, _reset, faults_enabled
 from common.fixes import fix
 from common.metrics import total
 from common.output import words
@@ -1709,6 +1714,666 @@ def non_transient(s):
             "A deadlock victim's transaction was rolled back: what must your code run again, "
             "and from where?"))
 
+
+# -- 5. poison_job ----------------------------------------------------------------------------------
+QUEUE_JOBS = 8          # jobs 1..8 in the queue; job 1's payload kills the worker that runs it
+POISON = "poison"       # the payload (a segfault, the OOM killer): the worker dies mid-job
+MAX_ATTEMPTS = 3        # a job is tried at most this often, then dead-lettered
+LEASE_S = 0.5           # a claim holds its job this long (production: minutes)
+QUEUE_WORKERS = 2       # worker processes at once (the supervisor restarts a dead one)
+MOST_KILLS = 2 * MAX_ATTEMPTS  # the lab's bound: a queue still losing workers after this is stopped
+QUEUE_LIMIT_S = 60      # the lab's bound on one run of the queue, in seconds, whatever happens
+POLL_S = 0.05           # an idle worker looks for work again this often
+KILLED = -getattr(signal, "SIGKILL", signal.SIGTERM)  # exit code of a process killed by SIGKILL
+
+
+def do_job(cur, job_id: int, payload: str) -> None:
+    """The job's work: its one effect, a row in job_effects. The poison payload kills its worker
+    first (the lab's stand-in for a segfault; FAILLAB_NO_FAULTS=1 disarms it)."""
+    if payload == POISON and faults_enabled():
+        os.kill(os.getpid(), -KILLED)  # no except, no finally, no rollback: the process is gone
+    cur.execute("INSERT INTO job_effects (job_id, worker) VALUES (%s, %s)", (job_id, os.getpid()))
+
+
+def take_job_naive(conn, work, worker: int):
+    """Naive: claim and work in one transaction; count the attempt at
+    the end. A worker killed mid-job takes its claim and its count
+    with it: the server rolls both back."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT id, payload FROM jobs WHERE state = 'queued'"
+                    " ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED")
+        row = cur.fetchone()
+        if row is None:
+            conn.commit()
+            return None
+        work(cur, *row)
+        cur.execute("UPDATE jobs SET state = 'done',"
+                    " attempts = attempts + 1 WHERE id = %s", (row[0],))
+    conn.commit()
+    return row[0]
+
+
+def take_job_leased(conn, work, worker: int):
+    """Fixed: a short committed claim counts the attempt and sets a
+    lease; a job out of attempts whose lease ran out is dead-lettered
+    with what is known; the work commits with its 'done', fenced by
+    the attempt it was claimed under."""
+    with conn.cursor() as cur:
+        cur.execute("""
+            WITH dead AS (
+              UPDATE jobs SET state = 'dead'
+              WHERE state = 'queued' AND attempts >= %(most)s
+                AND lease_until < clock_timestamp()
+              RETURNING id, payload, attempts, workers)
+            INSERT INTO dead_jobs (job_id, payload, attempts, workers,
+                                   error)
+            SELECT id, payload, attempts, workers,
+                   'lease expired, no worker came back'
+            FROM dead""", {"most": MAX_ATTEMPTS})
+        cur.execute("""
+            UPDATE jobs SET attempts = attempts + 1,
+              workers = workers || %(me)s,
+              lease_until = clock_timestamp()
+                            + make_interval(secs => %(lease)s)
+            WHERE id = (
+              SELECT id FROM jobs
+              WHERE state = 'queued' AND attempts < %(most)s
+                AND (lease_until IS NULL
+                     OR lease_until < clock_timestamp())
+              ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)
+            RETURNING id, payload, attempts""",
+                    {"me": worker, "lease": LEASE_S,
+                     "most": MAX_ATTEMPTS})
+        claimed = cur.fetchone()
+    conn.commit()  # the attempt is counted before the work starts
+    if claimed is None:
+        return None
+    job_id, payload, attempt = claimed
+    with conn.cursor() as cur:
+        work(cur, job_id, payload)
+        cur.execute("UPDATE jobs SET state = 'done', lease_until = NULL"
+                    " WHERE id = %s AND attempts = %s", (job_id, attempt))
+        if cur.rowcount == 0:  # the lease ran out and another took it
+            conn.rollback()
+            return None
+    conn.commit()
+    return job_id
+
+
+def queue_worker(params: dict, take_job) -> None:
+    """A worker process: take jobs until none is queued any more; poll while the queued ones are
+    held by others."""
+    conn = db.connect(params)
+    while True:
+        if take_job(conn, do_job, os.getpid()) is None:
+            if not db.scalar(conn, "SELECT count(*) FROM jobs WHERE state = 'queued'"):
+                conn.close()
+                return
+            conn.rollback()
+            time.sleep(POLL_S)
+
+
+def supervise(s, take_job) -> dict:
+    """The process manager (systemd, Kubernetes): keep QUEUE_WORKERS workers running while jobs
+    are queued, restart a worker that died, and record every exit code the OS reports, in
+    worker_exits. The lab's bound: after MOST_KILLS kills, or QUEUE_LIMIT_S, it stops the workers
+    (SIGTERM: exit code -15, told apart from the kills)."""
+    alive, kills, stopped = [], 0, 0
+    until = time.monotonic() + QUEUE_LIMIT_S
+
+    def start():
+        alive.append(s.spawn(queue_worker, s.params, take_job))
+
+    for _ in range(QUEUE_WORKERS):
+        start()
+    while alive and kills < MOST_KILLS and time.monotonic() < until:
+        multiprocessing.connection.wait([p.sentinel for p in alive], timeout=0.5)
+        for proc in [p for p in alive if p.exitcode is not None]:
+            alive.remove(proc)
+            kills += proc.exitcode == KILLED
+            record_exit(s, proc)
+            if proc.exitcode != 0 and db.scalar(s.conn, "SELECT count(*) FROM jobs WHERE state = 'queued'"):
+                start()
+            s.conn.commit()
+    for proc in alive:  # the lab's bound was reached
+        proc.terminate()
+        proc.join(5)
+        record_exit(s, proc)
+        stopped += 1
+    return {"kills": kills, "stopped": stopped}
+
+
+def record_exit(s, proc) -> None:
+    with s.conn.cursor() as cur:
+        cur.execute("INSERT INTO worker_exits (pid, exit_code) VALUES (%s, %s)", (proc.pid, proc.exitcode))
+    s.conn.commit()
+
+
+def fill_queue(s) -> None:
+    """A fresh queue: jobs 1..QUEUE_JOBS, job 1 the poison; no effect, no exit, no dead letter."""
+    with s.conn.cursor() as cur:
+        cur.execute("TRUNCATE jobs, job_effects, dead_jobs, worker_exits")
+        cur.execute("INSERT INTO jobs (id, payload) SELECT i, CASE WHEN i = 1 THEN %s ELSE 'job ' || i END "
+                    "FROM generate_series(1, %s) AS i", (POISON, QUEUE_JOBS))
+    s.conn.commit()
+
+
+def queue_state(s) -> dict:
+    """What the queue's tables say after a run: each job's state, attempts and effects."""
+    rows = db.rows(s.conn, "SELECT j.id, j.state, j.attempts, count(e.job_id) FROM jobs j "
+                           "LEFT JOIN job_effects e ON e.job_id = j.id GROUP BY j.id ORDER BY j.id")
+    dead = db.rows(s.conn, "SELECT job_id, attempts, workers, error FROM dead_jobs ORDER BY job_id")
+    exits = dict(db.rows(s.conn, "SELECT pid, exit_code FROM worker_exits"))
+    s.conn.commit()
+    jobs = {i: {"state": st, "attempts": n, "effects": e} for i, st, n, e in rows}
+    return {"jobs": jobs, "poison": jobs[1], "dead": dead, "exits": exits,
+            "others_once": sum(1 for i, j in jobs.items() if i != 1 and j["state"] == "done" and j["effects"] == 1),
+            "lost": [i for i, j in jobs.items() if j["state"] not in ("done", "dead")]}
+
+
+WORKERS_KILLED_UNCOUNTED = sql_check("workers_killed_uncounted", """
+    -- workers the OS reported killed (a signal: exit code < 0, the
+    -- lab's own SIGTERM aside) against the failed attempts the queue
+    -- counted (attempts of jobs not done, and retries of done ones)
+    SELECT killed, counted FROM (
+      SELECT (SELECT count(*) FROM worker_exits
+              WHERE exit_code < 0 AND exit_code <> -15) AS killed,
+             (SELECT coalesce(sum(attempts - (state = 'done')::int), 0)
+              FROM jobs) AS counted) AS k
+    WHERE killed > counted""")
+
+POISON_FIXES = [
+    fix("take_job", naive=take_job_naive, fixed=take_job_leased,
+        contract="""
+            Take the next queued job and run it: work(cur, job_id, payload) inside a
+            transaction that also marks the job 'done' (jobs: id, payload, state 'queued',
+            'done' or 'dead', attempts, workers int[], lease_until). `worker` is the process's
+            pid. Return the job's id, or None when no job can be taken now.
+            The worker may be killed (SIGKILL) inside work(): count each attempt in a short
+            transaction of its own, committed before the work starts, with a lease of
+            LEASE_S seconds (a killed worker's job is taken again once its lease ran out).
+            A queued job with MAX_ATTEMPTS attempts whose lease ran out goes to dead_jobs
+            (job_id, payload, attempts, workers, error) with state 'dead'.
+            The grader runs 8 jobs on 2 worker processes, job 1's payload kills its worker:
+            job 1 must end dead with exactly MAX_ATTEMPTS attempts, every other job done once.""",
+        hints=("A killed worker's transaction is rolled back by the server. What else was in that\n"
+               "transaction besides the work?",
+               "Commit the claim first: UPDATE jobs SET attempts = attempts + 1, workers = workers\n"
+               "|| worker, lease_until = now + LEASE_S WHERE id = (SELECT ... FOR UPDATE SKIP LOCKED);\n"
+               "before it, move jobs with attempts >= MAX_ATTEMPTS and an expired lease to dead_jobs.")),
+]
+
+
+@scenario("poison_job", "A poison job kills its worker, again and again", fixes=POISON_FIXES)
+def poison_job(s):
+    s.description(f"""
+        A job queue in a table: {QUEUE_JOBS} jobs, {QUEUE_WORKERS} worker processes taking them with FOR UPDATE
+        SKIP LOCKED, a process manager that restarts a worker that dies. A job is tried at most
+        {MAX_ATTEMPTS} times, then parked in dead_jobs for a human. Job 1's payload kills the
+        worker that runs it (a segfault in a native library, the OOM killer).""")
+    with s.conn.cursor() as cur:
+        cur.execute("CREATE TABLE jobs (id int PRIMARY KEY, payload text NOT NULL, "
+                    "state text NOT NULL DEFAULT 'queued', attempts int NOT NULL DEFAULT 0, "
+                    "workers int[] NOT NULL DEFAULT '{}', lease_until timestamptz)")
+        cur.execute("CREATE TABLE job_effects (job_id int NOT NULL, worker int NOT NULL)")
+        cur.execute("CREATE TABLE dead_jobs (job_id int PRIMARY KEY, payload text, attempts int, "
+                    "workers int[], error text, dead_at timestamptz DEFAULT clock_timestamp())")
+        cur.execute("CREATE TABLE worker_exits (pid int, exit_code int, at timestamptz DEFAULT clock_timestamp())")
+    s.conn.commit()
+    fill_queue(s)
+
+    s.trigger(f"""
+        The workers claim and work in one transaction and count the attempt when the job is
+        done (take_job_naive). Job 1 kills its worker with SIGKILL. The supervisor restarts dead
+        workers; the lab stops the queue after {MOST_KILLS} kills ({MAX_ATTEMPTS} attempts were allowed).""")
+    ran = supervise(s, take_job_naive)
+    st = queue_state(s)
+    kills = s.measure("naive_workers_killed", ran["kills"], show=False, headline=True,
+                      note="worker processes the OS reported killed by SIGKILL (exit code -9)")
+    s.require(kills > 0, f"the poison landed: the OS reported {kills} worker(s) killed by SIGKILL")
+    others = [j for i, j in st["jobs"].items() if i != 1]
+    s.table(["jobs", "state", "attempts counted", "effects"],
+            [["1 (poison)", st["poison"]["state"], st["poison"]["attempts"], st["poison"]["effects"]],
+             [f"2-{QUEUE_JOBS}", f"{sum(j['state'] == 'done' for j in others)} done",
+              sum(j["attempts"] for j in others), sum(j["effects"] for j in others)]])
+    s.measure("naive_poison_attempts", st["poison"]["attempts"], show=False,
+              note="attempts job 1's row counts after the workers it killed")
+    done = s.measure("naive_others_done", sum(j["state"] == "done" for j in others), show=False,
+                     note="jobs 2-8 done when the lab stopped the queue")
+    s.say(f"Only {done} of the {QUEUE_JOBS - 1} other jobs got done: the queue takes the lowest id first, so\n"
+          "every new worker took job 1 again; another job ran only while job 1 was held by a dying worker.")
+    s.triggered_if(kills >= MOST_KILLS and st["poison"] == {"state": "queued", "attempts": 0, "effects": 0},
+                   f"job 1 killed {kills} workers (exit code {KILLED} each), and its row still says "
+                   f"'{st['poison']['state']}', attempts {st['poison']['attempts']}: it would be taken forever")
+    s.triggered_if(not st["dead"], f"no dead letter: {len(st['dead'])} job(s) in dead_jobs, the maximum of "
+                                   f"{MAX_ATTEMPTS} attempts never reached")
+
+    s.root_cause(f"""
+        The attempt counter lived in the transaction the poison killed. When a client dies, the
+        server rolls its open transaction back: the claim (the row lock of FOR UPDATE), the work
+        and the "attempts + 1" are all undone, so the job is queued again as if it had never been
+        tried, and "at most {MAX_ATTEMPTS} attempts" never triggers. The process manager sees the
+        kills (exit code {KILLED}); the queue sees nothing. Count the attempt in its own committed
+        transaction, before the work, and let a lease say when a silent worker is gone.""",
+                 detect=WORKERS_KILLED_UNCOUNTED,
+                 runbook="""Workers are dying on a job that the queue does not count as failed: a poison job
+                     is crash-looping the workers. Find the job the dead workers held (the oldest
+                     queued job, the workers' last log lines), park it by hand, then fix how
+                     attempts are counted.""")
+    fill_queue(s)
+    with s.step("the same queue, the same poison, with take_job() in the workers") as step:
+        ran = supervise(s, s.fix("take_job"))
+        st = queue_state(s)
+        step.result = (f"{ran['kills']} worker(s) killed, {ran['stopped']} stopped by the lab; "
+                       f"job 1 {st['poison']['state']}")
+    s.table(["dead job", "attempts", "its workers", "exit codes", "error"],
+            [[j, n, words(workers), words([st["exits"].get(w) for w in workers]), e] for j, n, workers, e in st["dead"]])
+    s.measure("fixed_workers_killed", ran["kills"], show=False, note="workers killed with the fix in place")
+    s.measure("fixed_poison_attempts", st["poison"]["attempts"], show=False, note="attempts counted for job 1")
+    dead = st["dead"][0] if st["dead"] else (None, None, [], None)
+    s.recovered_if(st["poison"]["state"] == "dead" and st["poison"]["attempts"] == MAX_ATTEMPTS
+                   and dead[:2] == (1, MAX_ATTEMPTS),
+                   f"the poison job ends dead with exactly {MAX_ATTEMPTS} attempts: state "
+                   f"'{st['poison']['state']}', {st['poison']['attempts']} attempts, {len(st['dead'])} dead letter(s)")
+    s.recovered_if(len(dead[2]) == ran["kills"] == MAX_ATTEMPTS and all(st["exits"].get(w) == KILLED for w in dead[2]),
+                   f"the dead letter names the {len(dead[2])} workers that took job 1, each reported "
+                   f"killed by the OS (exit code {KILLED}); {ran['kills']} kill(s) in all")
+    s.recovered_if(st["others_once"] == QUEUE_JOBS - 1,
+                   f"every other job done exactly once: {st['others_once']} of {QUEUE_JOBS - 1}")
+    s.recovered_if(not st["lost"], f"no job lost: every job is done or dead ({words(st['lost'] or 'none')} left)")
+
+    s.prevention(f"""
+        Take a job in two transactions. The claim is short and committed: it counts the attempt,
+        names the worker and sets a lease, so a killed worker leaves its count behind. The work
+        commits together with its 'done', fenced by the attempt it was claimed under. A job whose
+        lease ran out is taken again, until it has used its {MAX_ATTEMPTS} attempts: then it goes to the
+        dead letters with what is known (its attempts, the workers that took it), not back to the
+        workers. (Queue libraries do the same: an attempt counter written when the job is locked,
+        a visibility timeout, a dead-letter queue.)""",
+        lesson="Count a job's attempt in its own committed claim, before the work: a worker that "
+               "dies takes its transaction with it, not the count.",
+        questions=(
+            "Where does your queue count attempts, and would the count survive a worker killed "
+            "in the middle of the job?",
+            "How would you notice that workers keep dying on the same job?",
+            "Who reads your dead letters, and what must a dead letter say to be worth reading?"))
+
+# -- 6. hung_attempt --------------------------------------------------------------------------------
+ATTEMPT_DEADLINE_S = 0.5  # one attempt (connect, work, commit) may take this long (production: 30 s)
+JOB_DEADLINE_S = 2.0      # the whole job, every attempt and sleep included (production: 5 min)
+LAB_LIMIT_S = 2 * JOB_DEADLINE_S  # the lab's own bound: then it lets the network heal
+UNIT_AMOUNT = 25
+# A dead network (a host gone, packets dropped): the kernel gives up on the connection by itself.
+KEEPALIVES = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2,
+              "keepalives_count": 3, "tcp_user_timeout": 10_000}  # ms: unacknowledged data
+
+
+class StallingProxy(FaultProxy):
+    """A fault proxy that can also go silent without closing anything. stall(): on the
+    connections open now, the server's replies are held back (what the client sends still
+    reaches the server), and a client that hangs up is not passed on to the server: a network
+    path that stopped answering. resume() heals it. A no-op under FAILLAB_NO_FAULTS."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self._silent: set = set()
+
+    def stall(self) -> None:
+        if faults_enabled():
+            with self._lock:
+                self._silent = set(self._open)
+
+    def resume(self) -> None:
+        self._silent = set()
+
+    def _serve(self, client, at) -> None:
+        try:
+            upstream = self._connect_upstream()
+        except OSError:
+            self.attempts.append(Attempt(at, "upstream_error"))
+            _reset(client)
+            return
+        self.attempts.append(Attempt(at, "forwarded"))
+        with self._lock:
+            self._open.update((client, upstream))
+        hung_up = False
+        try:
+            while not self._stopping.is_set():
+                silent = client in self._silent
+                if hung_up and not silent:
+                    return  # healed: now the server learns that the client is gone
+                watch = [] if hung_up else [client] if silent else [client, upstream]
+                for sock in select.select(watch, [], [], 0.05)[0]:
+                    data = sock.recv(65536)
+                    if not data and silent:
+                        hung_up = True
+                    elif not data:
+                        return
+                    else:
+                        (upstream if sock is client else client).sendall(data)
+        except (OSError, ValueError):
+            return
+        finally:
+            with self._lock:
+                self._open.discard(client)
+                self._open.discard(upstream)
+            _reset(client)
+            _reset(upstream)
+
+
+class StallAtFirstCommit(Hooks):
+    """The job's connections as the lab sees them: the proxy goes silent just before the first
+    COMMIT, which still reaches the server. Records each connection's backend pid and its socket
+    options as the OS reports them."""
+
+    def __init__(self, proxy, seen: list):
+        self.proxy, self.seen = proxy, seen
+
+    def opened(self, conn, pid: int) -> None:
+        sock = socket.socket(fileno=os.dup(conn.fileno()))
+        try:
+            options = (sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                       sock.getsockopt(socket.IPPROTO_TCP, getattr(socket, "TCP_USER_TIMEOUT", 18)))
+        finally:
+            sock.close()
+        self.seen.append({"pid": pid, "keepalive": bool(options[0]), "user_timeout_ms": options[1]})
+
+    def before_commit(self, conn) -> None:
+        if len(self.seen) == 1:
+            self.proxy.stall()
+
+
+class CancelFromOutside(Instrumented):
+    """The job's connection, whose cancel() the lab sends as pg_cancel_backend over its own
+    session: psycopg2's cancel() holds the interpreter lock while it waits for the server's
+    answer, and this lab's proxy is a thread of the same process, so it could never pass it on.
+    The request reaches the server the same way."""
+
+    def __init__(self, conn, hooks: StallAtFirstCommit, admin):
+        super().__init__(conn, hooks)
+        self._pid, self._admin = hooks.seen[-1]["pid"], admin
+
+    def cancel(self) -> None:
+        db.scalar(self._admin, "SELECT pg_cancel_backend(%s)", (self._pid,))
+
+
+def add_to_ledger(cur, unit: str) -> None:
+    """Naive: add the unit's amount; run twice, it is added twice."""
+    cur.execute("INSERT INTO ledger (unit, amount) VALUES (%s, %s)",
+                (unit, UNIT_AMOUNT))
+
+
+def add_to_ledger_once(cur, unit: str) -> None:
+    """Fixed: the unit's key first, in the same transaction: a unit an
+    abandoned attempt did commit is skipped, not added again."""
+    cur.execute("INSERT INTO applied_units (unit) VALUES (%s)"
+                " ON CONFLICT DO NOTHING", (unit,))
+    if cur.rowcount == 1:
+        cur.execute("INSERT INTO ledger (unit, amount) VALUES (%s, %s)",
+                    (unit, UNIT_AMOUNT))
+
+
+def run_unit_unbounded(connect, apply, unit: str) -> None:
+    """Naive: a stop and a wait, but nothing bounds one attempt:
+    stop_after_delay is only checked between attempts."""
+    for attempt in Retrying(
+            stop=stop_after_attempt(3) | stop_after_delay(JOB_DEADLINE_S),
+            wait=wait_fixed(0.1), reraise=True,
+            retry=retry_if_exception_type(psycopg2.OperationalError)):
+        with attempt:
+            conn = connect()
+            try:
+                with conn.cursor() as cur:
+                    apply(cur, unit)
+                conn.commit()
+            finally:
+                conn.close()
+
+
+def run_unit_with_deadline(connect, apply, unit: str) -> None:
+    """Fixed: each attempt abandons its connection at its deadline
+    (an attempt's outcome is then unknown: `apply` must be idempotent);
+    keepalives and tcp_user_timeout let the kernel give up on a dead
+    network; the stop counts the next sleep."""
+    for attempt in Retrying(
+            stop=stop_after_attempt(3)
+            | stop_before_delay(JOB_DEADLINE_S - ATTEMPT_DEADLINE_S),
+            wait=wait_fixed(0.1), reraise=True,
+            retry=retry_if_exception_type(psycopg2.OperationalError)):
+        with attempt:
+            conn = connect(**KEEPALIVES)
+            try:
+                with abandon_after(conn, ATTEMPT_DEADLINE_S):
+                    with conn.cursor() as cur:
+                        apply(cur, unit)
+                    conn.commit()
+            finally:
+                conn.close()
+
+
+@contextlib.contextmanager
+def abandon_after(conn, seconds: float):
+    """Shut the connection's socket down if the block is still running
+    after `seconds`: a read blocked on it fails at once. A cancel
+    request needs the server to act on it; this needs nothing."""
+    sock = socket.socket(fileno=os.dup(conn.fileno()))
+
+    def shut() -> None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+    timer = threading.Timer(seconds, shut)
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        sock.close()
+
+
+def timed_job(s, proxy, policy, apply, unit: str) -> dict:
+    """Run the job in a thread (the lab's bound: LAB_LIMIT_S, then the network heals), recorded in
+    job_runs as a scheduler records it. Returns how it ended, what the OS and the server saw."""
+    seen: list = []
+    params = s.via(proxy)
+    out: dict = {}
+
+    admin = s.connect(autocommit=True)
+
+    def connect(**libpq):
+        return CancelFromOutside(db.connect(params, **libpq), StallAtFirstCommit(proxy, seen), admin)
+
+    def job() -> None:
+        try:
+            policy(connect, apply, unit)
+            out["outcome"] = "done"
+        except psycopg2.Error as exc:
+            out["outcome"], out["error"] = "failed", exc
+        out["seconds"] = time.monotonic() - started
+
+    run_id = db.scalar(s.conn, "INSERT INTO job_runs (unit) VALUES (%s) RETURNING id", (unit,))
+    s.conn.commit()
+    started = time.monotonic()
+    worker = s.thread(job, name="faillab-hung-job")
+    worker.join(LAB_LIMIT_S)
+    waited = time.monotonic() - started
+    hung = worker.is_alive()
+    server = db.rows(s.conn, "SELECT state, query FROM pg_stat_activity WHERE pid = %s",
+                     (seen[0]["pid"] if seen else 0,))
+    s.conn.commit()
+    proxy.resume()
+    worker.join(10)
+    with s.conn.cursor() as cur:
+        cur.execute("UPDATE job_runs SET finished_at = clock_timestamp(), outcome = %s WHERE id = %s",
+                    (out.get("outcome", "hung"), run_id))
+    s.conn.commit()
+    return {**out, "hung": hung, "seconds": waited if hung else out.get("seconds", waited),
+            "server": server[0] if server else None, "seen": seen}
+
+
+def job_sessions_left(s, pids: list[int]) -> list:
+    """Sessions of the job still on the server idle in a transaction or holding a lock."""
+    rows = db.rows(s.conn, """
+        SELECT a.pid, a.state FROM pg_stat_activity a
+        WHERE a.pid = ANY(%s) AND (a.state LIKE 'idle in transaction%%'
+              OR EXISTS (SELECT 1 FROM pg_locks l WHERE l.pid = a.pid))""", (pids,))
+    s.conn.commit()
+    return rows
+
+
+def gone(s, pid: int, seconds: float = 5.0) -> bool:
+    """Wait (bounded) until the server no longer lists the backend."""
+    deadline = time.monotonic() + seconds
+    while db.scalar(s.conn, "SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)):
+        s.conn.commit()
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    s.conn.commit()
+    return True
+
+
+def ledger_of(s, unit: str) -> int:
+    n = db.scalar(s.conn, "SELECT count(*) FROM ledger WHERE unit = %s", (unit,))
+    s.conn.commit()
+    return n
+
+
+JOB_OVERRAN = sql_check("job_overran_deadline", sql.SQL("""
+    -- the job's last run took longer than its deadline, or is still
+    -- running past it
+    SELECT id, unit, outcome,
+           round(extract(epoch FROM coalesce(finished_at, clock_timestamp())
+                                    - started_at)::numeric, 1) AS seconds
+    FROM job_runs
+    WHERE id = (SELECT max(id) FROM job_runs)
+      AND coalesce(finished_at, clock_timestamp())
+          > started_at + make_interval(secs => {deadline})""").format(
+    deadline=sql.Literal(JOB_DEADLINE_S)))
+
+HUNG_FIXES = [
+    fix("run_unit", naive=run_unit_unbounded, fixed=run_unit_with_deadline,
+        contract="""
+            Run apply(cur, unit) and commit it, retried with a tenacity policy on
+            psycopg2.OperationalError, over connections from connect(**libpq_keywords) (call
+            it once per attempt; close each). The database may stop answering without closing
+            the connection: no attempt may last longer than ATTEMPT_DEADLINE_S (abandon its
+            connection: abandon_after), and the whole job must end within JOB_DEADLINE_S.
+            Pass KEEPALIVES to connect, so the kernel also gives up on a dead network.
+            The grader holds back the server's reply to the first COMMIT: the job must end
+            within its deadline, the socket must carry SO_KEEPALIVE and TCP_USER_TIMEOUT.""",
+        hints=("stop_after_delay is checked when an attempt has failed. What if the attempt never\n"
+               "fails, and never returns?",
+               "Wrap each attempt in abandon_after(conn, ATTEMPT_DEADLINE_S), connect with\n"
+               "connect(**KEEPALIVES), and stop before JOB_DEADLINE_S - ATTEMPT_DEADLINE_S.")),
+    fix("apply_unit", naive=add_to_ledger, fixed=add_to_ledger_once,
+        contract="""
+            Add UNIT_AMOUNT for `unit` to ledger (unit, amount) on the cursor `cur`; the caller
+            commits. An attempt abandoned at its deadline may have committed already (its
+            COMMIT reached the server, the reply did not come back): running apply again for
+            the same unit must not add it twice. applied_units (unit PRIMARY KEY) is yours.
+            The grader abandons an attempt whose COMMIT the server applied: ledger must hold
+            the unit exactly once.""",
+        hints=("After the deadline, you do not know whether the COMMIT happened. What must the\n"
+               "retry find out first?",
+               "INSERT INTO applied_units ... ON CONFLICT DO NOTHING, and add to the ledger only\n"
+               "when cur.rowcount == 1: the key and the amount commit together.")),
+]
+
+
+@scenario("hung_attempt", "An attempt that hangs: the database stops answering, nothing closes",
+          fixes=HUNG_FIXES)
+def hung_attempt(s):
+    s.description(f"""
+        A job applies one unit of work (adds {UNIT_AMOUNT} to a ledger) and commits, retried by a
+        tenacity policy: 3 attempts, 100 ms apart, stop after {JOB_DEADLINE_S:g} s (production: 5 min).
+        Its connection goes through the fault proxy. The promise: the job ends within its
+        deadline, and the unit is applied exactly once.""")
+    with s.conn.cursor() as cur:
+        cur.execute("CREATE TABLE ledger (unit text NOT NULL, amount int NOT NULL)")
+        cur.execute("CREATE TABLE applied_units (unit text PRIMARY KEY)")
+        cur.execute("CREATE TABLE job_runs (id serial PRIMARY KEY, unit text, outcome text, "
+                    "started_at timestamptz DEFAULT clock_timestamp(), finished_at timestamptz)")
+    s.conn.commit()
+    host = s.run.params.get("host") or os.environ.get("PGHOST") or "localhost"
+    port = s.run.params.get("port") or os.environ.get("PGPORT") or 5432
+    proxy = StallingProxy(str(host), int(port)).__enter__()
+    s.on_cleanup(proxy.close)
+
+    s.trigger(f"""
+        Just before the job's first COMMIT, the path to the server goes silent: the COMMIT
+        still reaches the server, its reply never comes back, and nothing is closed (a
+        stateful firewall that dropped the flow, a server frozen mid-reply). The lab waits
+        {LAB_LIMIT_S:g} s, twice the job's deadline, then heals the path.""")
+    naive = timed_job(s, proxy, run_unit_unbounded, add_to_ledger, "unit-1")
+    s.require(naive["hung"], f"the stall landed: the job's first attempt was still waiting after {LAB_LIMIT_S:g} s")
+    state, query = naive["server"] or ("gone", "")
+    s.measure("naive_waited_s", round(naive["seconds"], 1), show=False, headline=True,
+              note="seconds the naive job's first attempt had waited when the lab stopped it")
+    s.triggered_if(state == "idle" and query.strip().upper().startswith("COMMIT"),
+                   f"meanwhile the server's view of that session: '{state}', its last statement "
+                   f"{query.strip()[:20]!r}: nothing runs, so no statement_timeout can fire")
+    s.triggered_if(naive["seconds"] > JOB_DEADLINE_S and len(naive["seen"]) == 1,
+                   f"the job waited {naive['seconds']:.1f} s, past its {JOB_DEADLINE_S:g} s deadline, in attempt "
+                   f"{len(naive['seen'])}: the policy's stop is asked only after an attempt fails; it would "
+                   "wait forever")
+
+    s.root_cause("""
+        A retry policy bounds attempts and sleeps, not one attempt. When the server stops
+        answering without closing the connection, execute() and commit() wait in a socket read
+        that nothing ends: statement_timeout is the server's, and the server is not running
+        anything; TCP keepalives need an idle connection and minutes; a cancel request needs a
+        server that acts on it (a stopped backend never does). Only the client can end the
+        attempt: abandon the connection at a deadline. But then the attempt's outcome is
+        unknown: here the COMMIT had landed. So the unit retried must be idempotent.""",
+                 detect=JOB_OVERRAN,
+                 runbook="""The job's last run overran its deadline or is still running: an attempt may be
+                     hanging on a connection that no longer answers. Look at pg_stat_activity for the
+                     job's sessions, end the hung process, and check whether its last unit was
+                     applied before running it again.""")
+    with s.step("the same stall, with run_unit() and apply_unit() in the job") as st:
+        fixed = timed_job(s, proxy, s.fix("run_unit"), s.fix("apply_unit"), "unit-2")
+        error = fixed.get("error")
+        st.result = (f"{fixed.get('outcome', 'still waiting')} after {fixed['seconds']:.2f} s, "
+                     f"{len(fixed['seen'])} attempt(s)" + (f": {type(error).__name__}" if error else ""))
+    state, query = fixed["server"] or ("gone", "")
+    s.recovered_if(state == "idle" and query.strip().upper().startswith("COMMIT"),
+                   f"the abandoned attempt was ambiguous: the server had run its COMMIT (its session "
+                   f"'{state}', last statement {query.strip()[:20]!r})")
+    s.recovered_if(not fixed["hung"] and fixed.get("outcome") == "done" and fixed["seconds"] <= JOB_DEADLINE_S,
+                   f"the job ended within its {JOB_DEADLINE_S:g} s deadline: {fixed.get('outcome', 'still waiting')} "
+                   f"after {fixed['seconds']:.2f} s")
+    applied = ledger_of(s, "unit-2")
+    s.measure("fixed_ledger_rows", applied, show=False, note="times unit-2 is in the ledger")
+    s.recovered_if(applied == 1, f"nothing applied twice: unit-2 is in the ledger {applied} time(s), though the "
+                                 "abandoned attempt's COMMIT had landed")
+    first = fixed["seen"][0] if fixed["seen"] else {"keepalive": False, "user_timeout_ms": 0, "pid": 0}
+    s.recovered_if(first["keepalive"] and first["user_timeout_ms"] == KEEPALIVES["tcp_user_timeout"],
+                   f"the OS reports the job's socket with SO_KEEPALIVE {words(first['keepalive'])} and "
+                   f"TCP_USER_TIMEOUT {first['user_timeout_ms']} ms")
+    with s.step("the path heals: the proxy passes on that the abandoned client is gone") as st:
+        ended = all(gone(s, seen["pid"]) for seen in naive["seen"] + fixed["seen"])
+        left = job_sessions_left(s, [seen["pid"] for seen in naive["seen"] + fixed["seen"]])
+        st.result = f"{len(naive['seen']) + len(fixed['seen'])} sessions of the job; {len(left)} left"
+    s.recovered_if(ended and not left, f"no session of the job is left idle in a transaction or holding a lock "
+                                       f"({words([f'{p} {st}' for p, st in left]) if left else 'none'})")
+
+    s.prevention(f"""
+        Bound every attempt, not only the policy: abandon the connection at a deadline
+        ({ATTEMPT_DEADLINE_S:g} s here, from the client, since the server may not be listening), and let the
+        kernel give up on a dead network (keepalives, tcp_user_timeout). An abandoned attempt is
+        ambiguous, it may have committed: retry only a unit that is idempotent, keyed in the
+        same transaction as its effect.""",
+        abandon_after,
+        "KEEPALIVES = {\n" + "".join(f"    {k!r}: {v!r},\n" for k, v in KEEPALIVES.items()) + "}",
+        lesson="Bound each attempt, not only the retries: abandon a connection that stopped "
+               "answering, and make what you retry idempotent, since the abandoned attempt may "
+               "have committed.",
+        questions=(
+            "How long can one of your database calls wait for a reply, and what would end it?",
+            "When your client gives up on a COMMIT, how does the retry find out whether it "
+            "happened?",
+            "Which of your connections set keepalives or tcp_user_timeout, and to what?"))
 
 if __name__ == "__main__":
     main()
