@@ -1365,7 +1365,7 @@ QUEUE = """
                  THEN a.query_start ELSE a.state_change END)::numeric, 2)
       FROM pg_stat_activity a WHERE a.pid = ANY(%s) ORDER BY a.backend_start"""
 LOCK_QUEUE = sql_check("lock_queue_on_pipeline_tables", """
-    -- sessions waiting for a lock on the pipeline's tables, and their blockers
+    -- sessions waiting for a lock on the pipeline's tables, and who blocks
     SELECT w.pid, w.mode, c.relname, pg_blocking_pids(w.pid) AS blocked_by,
            round(extract(epoch FROM clock_timestamp() - a.query_start)
                  ::numeric, 1) AS waiting_s

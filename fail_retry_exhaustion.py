@@ -29,6 +29,7 @@ import select
 import signal
 import socket
 import struct
+import textwrap
 import threading
 import time
 
@@ -385,8 +386,9 @@ def exhaustion(s):
                    f"all {attempts} attempts failed; {unit} has {loaded} of {BATCH_SIZE} rows loaded, ran {runs} times")
     with job_log() as records:
         status = run_job(s, run_unit_naive, params, unit)
-    s.say("The job itself, run_unit_naive, does that; its log holds:\n"
-          + "\n".join(f"{r.levelname} {r.getMessage()}" for r in records))
+    s.say("The job itself, run_unit_naive, does that; its log holds:")
+    s.code("\n".join(textwrap.fill(f"{r.levelname} {r.getMessage()}", 72, subsequent_indent="  ")
+                     for r in records), lang="text")  # wrapped as a log viewer would
     parked = db.scalar(s.conn, "SELECT count(*) FROM dead_letter")
     s.conn.commit()
     s.triggered_if(status == 1 and parked == 0,
@@ -2311,8 +2313,8 @@ def hung_attempt(s):
     s.measure("naive_waited_s", round(naive["seconds"], 1), show=False, headline=True,
               note="seconds the naive job's first attempt had waited when the lab stopped it")
     s.triggered_if(state == "idle" and query.strip().upper().startswith("COMMIT"),
-                   f"meanwhile the server's view of that session: '{state}', its last statement "
-                   f"{query.strip()[:20]!r}: nothing runs, so no statement_timeout can fire")
+                   f"meanwhile the server shows that session {state}, its last statement "
+                   f"{query.strip()[:20]}; nothing runs, so no statement_timeout can fire")
     s.triggered_if(naive["seconds"] > JOB_DEADLINE_S and len(naive["seen"]) == 1,
                    f"the job waited {naive['seconds']:.1f} s, past its {JOB_DEADLINE_S:g} s deadline, in attempt "
                    f"{len(naive['seen'])}: the policy's stop is asked only after an attempt fails; it would "

@@ -15,6 +15,7 @@ quiet (return nothing). Three forms:
 from __future__ import annotations
 
 import sys
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -102,14 +103,19 @@ def rules(path: Path) -> dict[str, dict]:
 
 
 def rule_text(script_stem: str, alert: str, folder: Path = ALERTS) -> str:
-    """The rule as the rules file holds it (what promtool tests), for the lesson to show."""
-    import yaml
-
+    """The rule as the rules file writes it, lines and comments as they are (what promtool tests),
+    for the lesson to show."""
     path = rules_file(script_stem, folder)
-    found = rules(path)
-    if alert not in found:
+    if alert not in rules(path):
         raise LookupError(f"no alert {alert!r} in {path}")
-    return yaml.safe_dump([found[alert]], sort_keys=False, width=74).strip()
+    lines = path.read_text(encoding="utf-8").splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.strip() in (f"- alert: {alert}", f"- alert: '{alert}'",
+                                                                     f'- alert: "{alert}"'))
+    indent = len(lines[start]) - len(lines[start].lstrip())
+    end = start + 1
+    while end < len(lines) and (not lines[end].strip() or len(lines[end]) - len(lines[end].lstrip()) > indent):
+        end += 1
+    return textwrap.dedent("\n".join(lines[start:end])).strip()
 
 
 def as_detector(value) -> Detector:
