@@ -100,13 +100,15 @@ def pytest_collection_modifyitems(config, items):
     Tests of one target (embedded, server) form a group of their own. A test that names its
     group (servers it shares with other tests) keeps it."""
     for item in items:
+        target = getattr(getattr(item, "callspec", None), "params", {}).get("target")
+        if item.get_closest_marker("matrix") or item.get_closest_marker("classroom") or target == "server":
+            item.add_marker(pytest.mark.slow)  # the quick subset, -m "not slow": the embedded target only
         info = getattr(item, "_fixtureinfo", None)
         if info is None or item.get_closest_marker("xdist_group"):
             continue
         shared = [n for n in item.fixturenames
                   if (defs := info.name2fixturedefs.get(n)) and defs[-1].scope == "module"]
         if shared:
-            target = getattr(getattr(item, "callspec", None), "params", {}).get("target")
             item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}::{shared[0]}"
                                                     + (f"[{target}]" if target else "")))
 

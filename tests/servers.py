@@ -221,10 +221,14 @@ def from_template(tool, data: Path, *initdb_args: str) -> None:
     key = hashlib.sha256(repr((str(postgres_binary.resolve()), stat.st_size, stat.st_mtime_ns, initdb_args))
                          .encode()).hexdigest()[:16]
     template = CACHE / "templates" / key
-    if not (template / "PG_VERSION").is_file():
-        with run_once_lock(f"template-{key}"):
-            if not (template / "PG_VERSION").is_file():
-                _make_template(tool, template, initdb_args)
+    try:
+        if not (template / "PG_VERSION").is_file():
+            with run_once_lock(f"template-{key}"):
+                if not (template / "PG_VERSION").is_file():
+                    _make_template(tool, template, initdb_args)
+    except OSError:  # no cache to write to: initdb every time, as without a template
+        tool("initdb", "-D", str(data), *initdb_args)
+        return
     subprocess.run(["cp", "-a", str(template), str(data)], check=True, capture_output=True, timeout=120)
 
 
