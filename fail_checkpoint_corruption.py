@@ -291,7 +291,7 @@ def kill_sweep(s, saver, old: dict, new: dict) -> dict:
         for leftover in folder.iterdir():
             leftover.unlink()
         path.write_text(json.dumps(old), encoding="utf-8")
-        proc = s.spawn(save_and_get_killed, saver, str(path), new, kill_at, log)
+        proc = s.spawn_many(save_and_get_killed, saver, str(path), new, kill_at, log)
         log.close()
         reports = drain_until_exit(proc, operations)
         operations.close()

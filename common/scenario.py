@@ -108,6 +108,7 @@ class Scenario:
         self._gates: list = []  # barriers and events, released so no worker waits forever
         self._stopping = False  # set by teardown: from then on a worker's error is expected
         self._tmpdir: Path | None = None
+        self._fork_server = False  # started by spawn_many(), stopped at teardown
         self.conn = None
         from common.metrics import Metrics
 
@@ -200,17 +201,45 @@ class Scenario:
             self._tmpdir = Path(tempfile.mkdtemp(prefix=f"faillab-{self.run.run_id}-{self.id}-"))
         return self._tmpdir
 
-    def spawn(self, target, *args) -> multiprocessing.Process:
+    def spawn(self, target, *args, method: str = "spawn") -> multiprocessing.Process:
         """Start a worker process (spawned, so it works the same on every OS); killed at teardown."""
         from common.cleanup import signals_deferred
         from common.fixes import unwrap_for_process
 
-        proc = multiprocessing.get_context("spawn").Process(
+        proc = multiprocessing.get_context(method).Process(
             target=unwrap_for_process(target), args=tuple(unwrap_for_process(a) for a in args), daemon=True)
         with signals_deferred():  # a Ctrl-C in start() would cut the pickled arguments short
             proc.start()
         self._workers.append(proc)
         return proc
+
+    def spawn_many(self, target, *args) -> multiprocessing.Process:
+        """spawn() for a scenario that starts dozens of short workers one after another: where the
+        OS can fork (not Windows), each is forked from a server process that imported the lesson
+        once, instead of being a fresh interpreter that imports it again (most of a short worker's
+        time). The worker itself is the same: fresh module state, pickled arguments, its exit code.
+        The fork server is this scenario's and stops at teardown."""
+        import json
+        from multiprocessing import forkserver, spawn
+
+        from common import forkmain
+
+        if "forkserver" not in multiprocessing.get_all_start_methods():
+            return self.spawn(target, *args)
+        if not self._fork_server:
+            main = {k: v for k, v in spawn.get_preparation_data("main").items() if k.startswith("init_main_")}
+            modules = {getattr(f, "__module__", None) for f in (target, *args) if callable(f)} - {None, "__main__"}
+            forkserver.set_forkserver_preload(["common.forkmain", *sorted(modules)])  # a student's module too
+            os.environ[forkmain.MAIN_VARIABLE] = json.dumps(main)  # the server's environment, read once
+            try:
+                forkserver.ensure_running()
+            except OSError:  # no room for its socket: start them the slow way
+                return self.spawn(target, *args)
+            finally:
+                os.environ.pop(forkmain.MAIN_VARIABLE, None)
+            self._fork_server = True
+            self._stack.callback(_stop_fork_server)
+        return self.spawn(target, *args, method="forkserver")
 
     def thread(self, target, *args, name: str | None = None) -> threading.Thread:
         """Start a worker thread; joined at teardown (workers must end on their own). A worker that
@@ -546,6 +575,13 @@ class StepResult:
 def _close_quietly(conn) -> None:
     with contextlib.suppress(Exception):
         conn.close()
+
+
+def _stop_fork_server() -> None:
+    from multiprocessing import forkserver
+
+    with contextlib.suppress(OSError, ChildProcessError):
+        forkserver._forkserver._stop()  # closes its "alive" pipe and waits for it to exit
 
 
 def _kill_process(proc) -> None:

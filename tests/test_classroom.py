@@ -19,6 +19,8 @@ from common import budget, db
 from common.scenario import Skipped
 from conftest import ROOT, clean_env, run_script
 
+pytestmark = [pytest.mark.classroom, pytest.mark.xdist_group("classroom")]  # one private server, one temp-folder count
+
 
 class Handle:
     """What budget.share and budget.room use of a scenario: the run's admin connection, name and

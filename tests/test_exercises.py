@@ -28,6 +28,7 @@ def test_every_scenario_has_an_exercise():
     assert EXERCISES == lesson_scenarios(), EXERCISES
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script, scenario_id", EXERCISES)
 def test_the_starting_file_fails_and_the_reference_passes(script, scenario_id, target, tmp_path):
     name, env, params = target

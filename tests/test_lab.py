@@ -33,6 +33,7 @@ def lab(embedded_params, tmp_path_factory):
     return proc, journal, folder / "lab.md"
 
 
+@pytest.mark.slow
 def test_one_command_runs_the_four_scripts_in_order_with_one_summary_and_one_status(lab, embedded_params):
     proc, journal, _ = lab
     assert proc.returncode == 0 == journal["exit_code"], proc.stdout[-3000:] + proc.stderr[-2000:]
@@ -48,6 +49,7 @@ def test_one_command_runs_the_four_scripts_in_order_with_one_summary_and_one_sta
         assert j["run_id"] and lab_schemas(embedded_params, j["run_id"]) == []
 
 
+@pytest.mark.slow
 def test_the_lab_handout_holds_every_scenario_with_its_lesson_and_questions(lab):
     _, journal, handout = lab
     text = handout.read_text(encoding="utf-8")
@@ -90,6 +92,7 @@ def _png_pixels_vary(png: bytes) -> tuple[int, int, int]:
     return width, height, len(set(zlib.decompress(data)))
 
 
+@pytest.mark.slow
 def test_the_handout_renders_in_a_real_browser(lab, tmp_path):
     chromium, why = browser.chromium()
     if chromium is None:

@@ -123,6 +123,7 @@ def _width_failures(result) -> dict[str, list[str]]:
 NOT_YET_80: set[str] = set()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", [
     pytest.param(s, marks=pytest.mark.xfail(strict=False, reason="slot code and SQL wider than 74 columns, "
                                             "shown through the console's fallback"))
@@ -158,6 +159,7 @@ def _repr_failures(result) -> tuple[dict[str, list[str]], dict[str, int]]:
     return failures, scanned
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_no_python_repr_in_human_output(rendered, script):
     result = rendered[script]

@@ -70,6 +70,7 @@ def wait_for_the_runner(proc: subprocess.Popen) -> None:
 HANG_S = 30  # an exit slower than this is a hang; bench/suite.py reports the real figures
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_interrupt_at_any_moment_cleans_up_and_exits_130(script, embedded_params, tmp_path):
     offsets = [0.2, 0.9, 1.7, 2.9]  # from when the runner is up
@@ -173,6 +174,7 @@ def test_corrupt_library_state_does_not_break_start_up(tmp_path, monkeypatch):
 
 
 # -- 2. concurrency -------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_three_copies_at_once_share_nothing(script, target, tmp_path):
     _, env, params = target
@@ -241,6 +243,7 @@ def test_dotenv_configuration_works_and_never_shows_the_password(pw_server, tmp_
 
 
 # -- 4. least privilege ---------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_script_passes_as_a_role_that_may_only_create_schemas(script, pw_server, tmp_path):
     result = run_script(script, env=clean_env(DATABASE_URL=pwserver.url(pw_server)), tmp_path=tmp_path)
@@ -335,6 +338,7 @@ def _landed_before_common_ran(returncode: int, sig: int, err: str) -> bool:
     return returncode == -sig or (sig == signal.SIGINT and returncode == 1 and err.strip().endswith("KeyboardInterrupt"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", EARLY_SCRIPTS)
 def test_a_signal_in_the_first_fraction_of_a_second_exits_130_and_leaves_nothing(script, embedded_params,
                                                                                  tmp_path):
@@ -910,6 +914,7 @@ def hostile_roles(pw_server):
     return pw_server
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 @pytest.mark.parametrize("setting", [s[0] for s in ROLE_SETTINGS])
 def test_hostile_role_settings_change_no_lesson(setting, script, hostile_roles, tmp_path):

@@ -20,6 +20,7 @@ import servers
 from conftest import ROOT, clean_env, lab_schemas, run_script
 
 SCRIPTS = sorted(p.name for p in ROOT.glob("fail_*.py"))
+pytestmark = pytest.mark.matrix
 
 
 def outcomes(result) -> list[tuple[str, str, str]]:
@@ -81,7 +82,7 @@ def test_connection_parameters_pickle_and_carry_the_session_without_options(embe
 
 
 # -- PostgreSQL 13 to 18 -------------------------------------------------------------------------
-@pytest.mark.parametrize("major", servers.MAJORS, ids=lambda m: f"pg{m}")
+@pytest.mark.parametrize("major", servers.by_major(servers.MAJORS), ids=lambda m: f"pg{m}")
 def test_every_script_on_every_major_version(major, embedded_params, tmp_path):
     with servers.needed():
         install = servers.postgres_install(major)
@@ -121,7 +122,8 @@ def pg18():
     return servers.wheel_install()
 
 
-@pytest.mark.parametrize("major", [18, 13], ids=lambda m: f"pg{m}")  # the newest and the oldest
+@pytest.mark.parametrize("major", [pytest.param(18, marks=servers.shared("pg18-wheel")), *servers.by_major([13])],
+                         ids=lambda m: f"pg{m}")  # the newest and the oldest
 def test_every_script_works_through_pgbouncer_in_session_mode(major, embedded_params, tmp_path):
     with servers.needed():
         install = pg18() if major == 18 else servers.postgres_install(major)
@@ -138,6 +140,7 @@ POOLS_THAT_DO_NOT_KEEP_SESSIONS = {  # what managed services give on their poole
 }
 
 
+@servers.shared("pg18-wheel")
 @pytest.mark.parametrize("pool", list(POOLS_THAT_DO_NOT_KEEP_SESSIONS))
 def test_pgbouncer_that_does_not_keep_sessions_is_refused_at_once_with_one_line(pool, embedded_params, tmp_path):
     mode, settings = pool.split()[0], POOLS_THAT_DO_NOT_KEEP_SESSIONS[pool]
@@ -156,7 +159,9 @@ def test_pgbouncer_that_does_not_keep_sessions_is_refused_at_once_with_one_line(
 
 
 # -- TLS -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("major, sslmode", [(18, "require"), (18, "verify-full"), (13, "verify-full")],
+@pytest.mark.parametrize("major, sslmode", [pytest.param(18, "require", marks=servers.shared("pg18")),
+                                             pytest.param(18, "verify-full", marks=servers.shared("pg18")),
+                                             pytest.param(13, "verify-full", marks=servers.shared("pg13"))],
                          ids=lambda v: f"pg{v}" if isinstance(v, int) else v)
 def test_every_script_works_on_a_server_that_requires_tls(major, sslmode, embedded_params, tmp_path):
     """hostssl-only pg_hba: a connection without TLS is refused. verify-full checks the
@@ -173,6 +178,7 @@ def test_every_script_works_on_a_server_that_requires_tls(major, sslmode, embedd
     assert not problems, json.dumps(problems, indent=1)
 
 
+@servers.shared("pg18")
 def test_verify_full_really_verifies_the_host_name(embedded_params, tmp_path):
     """The certificate names "localhost": by IP address, verify-full must refuse it (exit 2)."""
     with servers.needed():
@@ -210,6 +216,7 @@ HOSTILE_DATABASE_SETTINGS = {
 }
 
 
+@servers.shared("pg18-wheel")
 def test_role_and_database_defaults_cannot_change_a_lesson(embedded_params, tmp_path):
     """ALTER ROLE ... SET and ALTER DATABASE ... SET of settings that break lessons: every
     connection SETs its own, so every script passes as if they were not there."""

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from markdown_it import MarkdownIt
 
 from conftest import ROOT, clean_env, lab_schemas, run_script
@@ -91,6 +92,7 @@ def sections(text: str) -> int:
                                           ("the next step", "more", "the summary"))
 
 
+@pytest.mark.slow  # waits for an Enter on purpose
 def test_pause_waits_for_enter_before_each_section_on_a_terminal(embedded_params):
     text, code, _ = drive_in_pty([*QUICK, "--pause"], answer=True, size=(100, 60))
     assert code == 0, text[-2000:]
@@ -104,6 +106,7 @@ def test_pause_is_ignored_without_a_terminal(embedded_params, tmp_path):
     assert result.returncode == 0 and "(Enter for" not in result.stdout
 
 
+@pytest.mark.slow  # waits for an Enter on purpose
 def test_time_waiting_for_enter_is_not_the_scenarios_time(embedded_params, tmp_path):
     journal = tmp_path / "paused.json"
     text, code, wall = drive_in_pty([*QUICK, "--pause", "--json", str(journal)], answer=True, think=1.0,
