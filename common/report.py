@@ -170,8 +170,22 @@ def _scenario(record: dict, number: str, level: int) -> list[str]:
     lesson = lesson_of(record)
     if lesson:
         out += [f"> **Lesson:** {_escape(lesson)}", ""]
+    out += _runbook(record.get("detection"))
     if record.get("status") != "interrupted":
         out += [f"{h}# For discussion", ""] + [f"{n}. {q}" for n, q in enumerate(questions_of(record), 1)] + [""]
+    return out
+
+
+def _runbook(detection: dict | None) -> list[str]:
+    """The on-call entry of the scenario's detector: the check, what it found, the first response."""
+    if not detection:
+        return []
+    kind = {"sql": "SQL check", "python": "check", "metric": "alert"}.get(detection.get("kind"), "check")
+    proven = ("fired on the failure and was quiet after the fix" if detection.get("fired") and
+              detection.get("quiet_after_fix") else "not proven in this run")
+    out = [f"**Runbook** ({kind} `{detection['check']}`, {proven})", ""]
+    if detection.get("runbook"):
+        out += [_escape(detection["runbook"]), ""]
     return out
 
 

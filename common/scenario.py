@@ -12,6 +12,7 @@ import ast
 import contextlib
 import inspect
 import multiprocessing
+import os
 import random
 import re
 import sys
@@ -582,6 +583,14 @@ def _stop_fork_server() -> None:
 
     with contextlib.suppress(OSError, ChildProcessError):
         forkserver._forkserver._stop()  # closes its "alive" pipe and waits for it to exit
+    # multiprocessing made a pymp-* folder for the server's socket and removes it only when the
+    # process exits: the scenario made it, so its teardown runs that removal now (and only once).
+    from multiprocessing import process, util
+
+    for finalizer in list(util._finalizer_registry.values()):
+        if getattr(finalizer, "_callback", None) is util._remove_temp_dir:
+            finalizer()
+    process.current_process()._config.pop("tempdir", None)
 
 
 def _kill_process(proc) -> None:

@@ -35,7 +35,7 @@ def test_a_working_detector_fires_then_is_quiet(journal, scenario_id, check):
     assert detection["check"] == check and detection["fired"] is True and detection["quiet_after_fix"] is True
     assert detection["found_broken"] and detection["found_after_fix"] == []
     assert "How to detect it" in record["sections"]["root_cause"] and "It fired" in record["sections"]["root_cause"]
-    assert f"Run the" in record["sections"]["recovery"] and "quiet" in record["sections"]["recovery"]
+    assert "Run the" in record["sections"]["recovery"] and "quiet" in record["sections"]["recovery"]
 
 
 def test_a_detector_that_never_fires_fails_the_scenario(journal):

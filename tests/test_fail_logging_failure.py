@@ -21,7 +21,7 @@ from conftest import (ROOT, assert_every_slot_has_a_control, assert_passed, clea
 import fail_logging_failure as flf
 
 SCRIPT = "fail_logging_failure.py"
-IDS = ["storage", "correlation", "volume", "structured_parsing"]
+IDS = ["storage", "correlation", "volume", "structured_parsing", "lost_on_kill"]
 
 
 # -- end to end ------------------------------------------------------------------------------------
@@ -39,7 +39,7 @@ DETECTORS = {"storage": ("metric", "LogEventsLost"), "correlation": ("python", "
              "volume": ("metric", "LogErrorFlood"), "structured_parsing": ("metric", "LogEventsLost")}
 
 
-@pytest.mark.parametrize("scenario_id", IDS)
+@pytest.mark.parametrize("scenario_id", list(DETECTORS))  # lost_on_kill's: in its own file
 def test_every_detector_fires_on_the_failure_and_is_quiet_after_the_fix(result, scenario_id):
     detection = result.scenario(scenario_id)["detection"]
     assert (detection["kind"], detection["check"]) == DETECTORS[scenario_id]
@@ -167,7 +167,9 @@ def test_negative_control_fails_with_the_claim_it_breaks(scenario_id, slot, clai
 
 
 def test_every_slot_has_a_control():
-    assert_every_slot_has_a_control(SCRIPT, CONTROLS)
+    from test_lost_on_kill import CONTROLS as LOST_ON_KILL  # run in its own file
+
+    assert_every_slot_has_a_control(SCRIPT, CONTROLS + [("lost_on_kill", *c) for c in LOST_ON_KILL])
 
 
 def test_every_slot_has_a_contract_and_hints_and_prints_within_74_columns():

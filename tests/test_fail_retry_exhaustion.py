@@ -20,7 +20,7 @@ import fail_retry_exhaustion as lab
 from common.fixes import source_of
 
 SCRIPT = "fail_retry_exhaustion.py"
-IDS = ["exhaustion", "storm", "backoff_calculation", "non_transient"]
+IDS = ["exhaustion", "storm", "backoff_calculation", "non_transient", "poison_job", "hung_attempt"]
 
 
 def inconclusive(result, scenario_id: str) -> bool:
@@ -164,7 +164,11 @@ def test_negative_control_fails_with_the_claim_it_breaks(scenario_id, slot, clai
 
 
 def test_every_slot_has_a_control():
-    assert_every_slot_has_a_control(SCRIPT, CONTROLS)
+    from test_hung_attempt import CONTROLS as HUNG  # run in their own files
+    from test_poison_job import CONTROLS as POISON
+
+    assert_every_slot_has_a_control(SCRIPT, CONTROLS + [("poison_job", *c) for c in POISON]
+                                    + [("hung_attempt", *c) for c in HUNG])
 
 
 @pytest.mark.parametrize("scenario_id, slot, alert", [("exhaustion", "run_unit", "PipelineUnitLost"),

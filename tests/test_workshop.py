@@ -116,7 +116,7 @@ def test_time_waiting_for_enter_is_not_the_scenarios_time(embedded_params, tmp_p
     assert sections(text) == 6
     assert record["paused_seconds"] >= 6 * 0.99  # six prompts, each answered a second later at the earliest
     assert record["seconds"] <= wall - record["paused_seconds"]
-    assert "Scenario 3 of 4" in text  # --only keeps the scenario's number in the script
+    assert "Scenario 3 of 5" in text  # --only keeps the scenario's number in the script
 
 
 def test_keep_prints_what_to_type_and_the_drop_command_of_every_kept_schema(embedded_params, tmp_path):
