@@ -25,10 +25,8 @@ import multiprocessing.connection
 import os
 import random
 import re
-import select
 import signal
 import socket
-import struct
 import textwrap
 import threading
 import time
@@ -42,7 +40,7 @@ from tenacity import (RetryCallState, RetryError, Retrying, retry_if_exception, 
 
 from common import budget, db, main, scenario, schema
 from common.detect import metric_alert, sql_check
-from common.faults import Attempt, FaultProxy, Hooks, Instrumented, _reset, faults_enabled
+from common.faults import Hooks, Instrumented, faults_enabled
 from common.fixes import fix
 from common.metrics import total
 from common.output import words
@@ -1424,47 +1422,6 @@ def blip_over_before_retry(proxy, seen: list):
     return hook
 
 
-class GarblingProxy(FaultProxy):
-    """The fault proxy, able to garble one message: armed, it replaces the NUL that ends the next
-    simple Query a client sends (sslmode=disable: the bytes must be readable). The server finds
-    no end to the query's text and answers ERROR 08P01, "invalid string in message"; the session
-    stays usable. A no-op under FAILLAB_NO_FAULTS, like the proxy's other faults."""
-
-    armed = False
-
-    def _connect_upstream(self):
-        return _Garbling(super()._connect_upstream(), self)
-
-
-class _Garbling:
-    """The proxy's socket to the server: everything as is, except the one message it garbles."""
-
-    def __init__(self, sock, proxy: GarblingProxy):
-        self._sock, self._proxy = sock, proxy
-
-    def __getattr__(self, name):
-        return getattr(self._sock, name)
-
-    def fileno(self) -> int:
-        return self._sock.fileno()
-
-    def sendall(self, data: bytes) -> None:
-        whole_query = data[:1] == b"Q" and data.endswith(b"\0") and struct.unpack("!i", data[1:5])[0] == len(data) - 1
-        if self._proxy.armed and whole_query and faults_enabled():
-            self._proxy.armed = False
-            data = data[:-1] + b" "
-        self._sock.sendall(data)
-
-
-def garbling_proxy(s) -> GarblingProxy:
-    """A GarblingProxy in front of the scenario's server (as s.proxy() places its FaultProxy)."""
-    p = s.run.params
-    host = p.get("host") or os.environ.get("PGHOST") or "localhost"
-    proxy = GarblingProxy(str(host), int(p.get("port") or os.environ.get("PGPORT") or 5432)).__enter__()
-    s.on_cleanup(proxy.close)
-    return proxy
-
-
 def error_of(conn, *statements) -> Exception | None:
     """Run the statements in one transaction; return what the server raised (None if nothing)."""
     try:
@@ -1511,13 +1468,13 @@ def errors_a_server_raises(s) -> list[tuple[str, str | None, bool, Exception | N
     ended = error_of(victim, "SELECT 1") if gone else None
     caught.append(("session ended", None, True, ended))
     # 08P01: one garbled message on the wire
-    garbling = garbling_proxy(s)
+    garbling = s.proxy()
     try:
-        plain = s.connect(garbling.params(s.params), sslmode="disable")
+        plain = s.connect(s.via(garbling), sslmode="disable")
     except psycopg2.OperationalError as exc:  # a server that accepts TLS only: no readable bytes
         caught.append(("TLS only", "08P01", False, exc))
     else:
-        garbling.armed = True
+        garbling.garble_next_query()
         caught.append(("garbled message", "08P01", False, error_of(plain, "SELECT 1")))
     return caught
 
@@ -2010,59 +1967,6 @@ KEEPALIVES = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2,
               "keepalives_count": 3, "tcp_user_timeout": 10_000}  # ms: unacknowledged data
 
 
-class StallingProxy(FaultProxy):
-    """A fault proxy that can also go silent without closing anything. stall(): on the
-    connections open now, the server's replies are held back (what the client sends still
-    reaches the server), and a client that hangs up is not passed on to the server: a network
-    path that stopped answering. resume() heals it. A no-op under FAILLAB_NO_FAULTS."""
-
-    def __init__(self, *args, **kw):
-        super().__init__(*args, **kw)
-        self._silent: set = set()
-
-    def stall(self) -> None:
-        if faults_enabled():
-            with self._lock:
-                self._silent = set(self._open)
-
-    def resume(self) -> None:
-        self._silent = set()
-
-    def _serve(self, client, at) -> None:
-        try:
-            upstream = self._connect_upstream()
-        except OSError:
-            self.attempts.append(Attempt(at, "upstream_error"))
-            _reset(client)
-            return
-        self.attempts.append(Attempt(at, "forwarded"))
-        with self._lock:
-            self._open.update((client, upstream))
-        hung_up = False
-        try:
-            while not self._stopping.is_set():
-                silent = client in self._silent
-                if hung_up and not silent:
-                    return  # healed: now the server learns that the client is gone
-                watch = [] if hung_up else [client] if silent else [client, upstream]
-                for sock in select.select(watch, [], [], 0.05)[0]:
-                    data = sock.recv(65536)
-                    if not data and silent:
-                        hung_up = True
-                    elif not data:
-                        return
-                    else:
-                        (upstream if sock is client else client).sendall(data)
-        except (OSError, ValueError):
-            return
-        finally:
-            with self._lock:
-                self._open.discard(client)
-                self._open.discard(upstream)
-            _reset(client)
-            _reset(upstream)
-
-
 class StallAtFirstCommit(Hooks):
     """The job's connections as the lab sees them: the proxy goes silent just before the first
     COMMIT, which still reaches the server. Records each connection's backend pid and its socket
@@ -2297,10 +2201,7 @@ def hung_attempt(s):
         cur.execute("CREATE TABLE job_runs (id serial PRIMARY KEY, unit text, outcome text, "
                     "started_at timestamptz DEFAULT clock_timestamp(), finished_at timestamptz)")
     s.conn.commit()
-    host = s.run.params.get("host") or os.environ.get("PGHOST") or "localhost"
-    port = s.run.params.get("port") or os.environ.get("PGPORT") or 5432
-    proxy = StallingProxy(str(host), int(port)).__enter__()
-    s.on_cleanup(proxy.close)
+    proxy = s.proxy()
 
     s.trigger(f"""
         Just before the job's first COMMIT, the path to the server goes silent: the COMMIT

@@ -104,6 +104,8 @@ class FaultProxy:
         self.max_connections = max_connections
         self.attempts: list[Attempt] = []
         self.is_down = False
+        self._silent: set[socket.socket] = set()  # client sockets whose path has gone silent (stall)
+        self._garble_next = False
         self._open: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
@@ -155,6 +157,25 @@ class FaultProxy:
     def up(self) -> None:
         self.is_down = False
 
+    def stall(self) -> None:
+        """The path goes silent on the connections open now, and nothing is closed: what a client
+        sends still reaches the server, the server's replies are held back, and a client that
+        hangs up is not passed on (a firewall that dropped the flow). resume() heals it. A no-op
+        under FAILLAB_NO_FAULTS."""
+        if faults_enabled():
+            with self._lock:
+                self._silent = set(self._open)
+
+    def resume(self) -> None:
+        self._silent = set()
+
+    def garble_next_query(self) -> None:
+        """Replace the NUL that ends the next whole simple-Query message a client sends: the
+        server finds no end to its text and answers ERROR 08P01 ("invalid string in message"),
+        and the session stays usable. Needs readable bytes (no TLS). A no-op under
+        FAILLAB_NO_FAULTS."""
+        self._garble_next = faults_enabled()
+
     def params(self, base: dict) -> dict:
         """Connection parameters that reach the server through this proxy. libpq checks the
         server's certificate against `host`, so a TCP host name stays as it was and `hostaddr`
@@ -172,6 +193,12 @@ class FaultProxy:
         return sum(1 for a in list(self.attempts) if a.at >= since and (outcome is None or a.outcome == outcome))
 
     # -- plumbing -----------------------------------------------------------------------------
+    def _garbled(self, data: bytes) -> bytes:
+        if self._garble_next and _whole_query(data):
+            self._garble_next = False
+            return data[:-1] + b" "
+        return data
+
     def _spawn(self, fn, name, *args) -> None:
         t = threading.Thread(target=fn, args=args, name=name, daemon=True)
         self._threads = [x for x in self._threads if x.is_alive()] + [t]
@@ -234,14 +261,22 @@ class FaultProxy:
                 return
             self._open.update((client, upstream))
         pair = {client: upstream, upstream: client}
+        hung_up = False  # the client hung up while the path was silent: the server learns it on resume()
         try:
             while not self._stopping.is_set():
-                readable, _, _ = select.select(list(pair), [], [], 0.2)
+                silent = client in self._silent
+                if hung_up and not silent:
+                    return
+                watch = [] if hung_up else [client] if silent else [client, upstream]
+                readable, _, _ = select.select(watch, [], [], 0.05 if silent or hung_up else 0.2)
                 for s in readable:
                     data = s.recv(65536)
-                    if not data:
+                    if not data and silent:
+                        hung_up = True
+                    elif not data:
                         return
-                    pair[s].sendall(data)
+                    else:
+                        pair[s].sendall(self._garbled(data) if s is client else data)
         except (OSError, ValueError):
             return
         finally:
@@ -250,6 +285,12 @@ class FaultProxy:
                 self._open.discard(upstream)
             _reset(client)
             _reset(upstream)
+
+
+def _whole_query(data: bytes) -> bool:
+    """One complete simple-Query message: 'Q', its length, text ending in NUL."""
+    return data[:1] == b"Q" and data.endswith(b"\0") and len(data) >= 5 and \
+        struct.unpack("!i", data[1:5])[0] == len(data) - 1
 
 
 def _reset(s: socket.socket) -> None:

@@ -17,6 +17,7 @@ from conftest import (ROOT, assert_gives_the_handout, assert_control_fails, asse
                       lab_schemas, run_control, run_script, write_solution)
 
 import fail_retry_exhaustion as lab
+from common.faults import FaultProxy
 from common.fixes import source_of
 
 SCRIPT = "fail_retry_exhaustion.py"
@@ -207,7 +208,7 @@ BROKEN = {  # what breaks, the patch that breaks it, and the claim that must the
         "lab.refund_repeated_charges = refund_all",
         ["order 42 is charged once"]),
     "a garbled message that never garbles (08P01 never raised)": (
-        "lab._Garbling.sendall = lambda self, data: self._sock.sendall(data)",
+        "from common import faults\nfaults.FaultProxy.garble_next_query = lambda self: None",
         ["the server raised every error of the contract"]),
     "a classifier that calls 57014 transient": (
         "lab.TRANSIENT_SQLSTATES.add('57014')",
@@ -464,18 +465,21 @@ def test_permanent_errors_are_not_transient(scratch):
     assert all(lab.is_transient_naive(e) for e in errors.values())  # what the naive predicate gets wrong
 
 
-def garbled(params: dict, monkeypatch=None):
-    """Send one query through a GarblingProxy armed to garble it: (what the server raised, the
+def garbled(params: dict):
+    """Send one query through a fault proxy told to garble it: (what the server raised, the
     result of a second query on the same session)."""
-    host = params.get("host") or "localhost"
-    with lab.GarblingProxy(str(host), int(params.get("port") or 5432)) as proxy:
-        conn = db.connect(proxy.params(params), sslmode="disable")
-        try:
-            proxy.armed = True
-            error = lab.error_of(conn, "SELECT 1")
-            after = db.scalar(conn, "SELECT 2")
-        finally:
-            conn.close()
+    admin = db.connect(params)
+    try:
+        with FaultProxy.in_front_of(admin) as proxy:
+            conn = db.connect(proxy.params(params), sslmode="disable")
+            try:
+                proxy.garble_next_query()
+                error = lab.error_of(conn, "SELECT 1")
+                after = db.scalar(conn, "SELECT 2")
+            finally:
+                conn.close()
+    finally:
+        admin.close()
     return error, after
 
 
@@ -489,7 +493,7 @@ def test_a_protocol_violation_from_a_real_server_is_not_transient(embedded_param
     assert not lab.is_transient(error)
 
 
-def test_the_garbling_proxy_garbles_nothing_without_faults(embedded_params, monkeypatch):
+def test_the_proxy_garbles_nothing_without_faults(embedded_params, monkeypatch):
     monkeypatch.setenv("FAILLAB_NO_FAULTS", "1")
     assert garbled(embedded_params) == (None, 2)
 

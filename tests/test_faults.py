@@ -87,3 +87,46 @@ def test_instrumented_reports_the_server_pid_statements_commits_and_rollbacks(ra
         ("end", False),
         *[(when, "INSERT INTO t VALUES (1)") for _ in range(2) for when in ("before", "after")],
         ("commit",), ("failed", "UniqueViolation")]
+
+
+# -- the proxy's silent path ----------------------------------------------------------------------
+def test_a_stalled_path_holds_the_reply_until_it_resumes_and_closes_nothing(embedded_params):
+    import threading
+
+    from common import db
+    from common.faults import FaultProxy
+
+    admin = db.connect(embedded_params)
+    try:
+        with FaultProxy.in_front_of(admin) as proxy:
+            conn = db.connect(proxy.params(embedded_params))
+            pid = db.backend_pid(conn)
+            proxy.stall()
+            got: list = []
+            waiter = threading.Thread(target=lambda: got.append(db.scalar(conn, "SELECT 7")), daemon=True)
+            waiter.start()
+            waiter.join(1.0)
+            assert waiter.is_alive() and got == []  # the query reached the server; its reply did not come back
+            assert db.scalar(admin, "SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)) == 1
+            proxy.resume()
+            waiter.join(10)
+            assert got == [7]  # the held reply arrives once the path heals, on the same session
+            conn.close()
+    finally:
+        admin.close()
+
+
+def test_a_stall_is_a_no_op_without_faults(embedded_params, monkeypatch):
+    from common import db
+    from common.faults import FaultProxy
+
+    monkeypatch.setenv("FAILLAB_NO_FAULTS", "1")
+    admin = db.connect(embedded_params)
+    try:
+        with FaultProxy.in_front_of(admin) as proxy:
+            conn = db.connect(proxy.params(embedded_params))
+            proxy.stall()
+            assert db.scalar(conn, "SELECT 7") == 7
+            conn.close()
+    finally:
+        admin.close()
