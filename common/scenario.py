@@ -378,11 +378,12 @@ class Scenario:
     def _show_found(self, found: list) -> None:
         from common import detect as detectors
 
+        what = detectors.describe(self.detector)  # named here too: the presenter's mode shows only this
         if found:
-            self.say(f"It fired: {len(found)} found.", essential=True)
+            self.say(f"The {what} fired: {len(found)} found.", essential=True)
             self.code("\n".join(detectors.summary(found)), lang="text")
         else:
-            self.say("It found nothing.", essential=True)
+            self.say(f"The {what} found nothing.", essential=True)
 
     def prevention(self, text: str, *code, lesson: str | None = None, questions=()) -> None:
         """The design that prevents it, then the source of every fix slot as this run held it (what

@@ -66,7 +66,7 @@ def assert_brief_keeps_the_proof(script: str, scenario_id: str, target, tmp_path
     record = brief.scenario(scenario_id)
     shown = " ".join(brief.stdout.split())
     assert all(" ".join(c["claim"].split()) in shown for c in record["checks"])
-    assert "It fired:" in brief.stdout and "def " not in record["sections"]["prevention"]
+    assert " fired: " in brief.stdout and "def " not in record["sections"]["prevention"]
     assert_fits_80_columns(brief.stdout)
 
 

@@ -34,7 +34,7 @@ def test_a_working_detector_fires_then_is_quiet(journal, scenario_id, check):
     detection = record["detection"]
     assert detection["check"] == check and detection["fired"] is True and detection["quiet_after_fix"] is True
     assert detection["found_broken"] and detection["found_after_fix"] == []
-    assert "How to detect it" in record["sections"]["root_cause"] and "It fired" in record["sections"]["root_cause"]
+    assert "How to detect it" in record["sections"]["root_cause"] and " fired: " in record["sections"]["root_cause"]
     assert "Run the" in record["sections"]["recovery"] and "quiet" in record["sections"]["recovery"]
 
 
@@ -104,3 +104,12 @@ def test_metrics_folder_that_is_a_file_is_refused_at_start(tmp_path):
     (tmp_path / "taken").write_text("x")
     result = run_script(FIXTURE, "--metrics", str(tmp_path / "taken"), tmp_path=tmp_path, journal=False)
     assert result.returncode == 2 and "--metrics" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_presenters_mode_keeps_the_detector_and_its_verdicts(tmp_path):
+    result = run_script(FIXTURE, "--only", "sql_detector", "--brief", tmp_path=tmp_path)
+    said = " ".join(result.stdout.split())
+    assert result.returncode == 0
+    assert "The SQL check duplicate_keys fired: 1 found." in said
+    assert "the detector duplicate_keys fires on the broken state" in said
+    assert "the detector duplicate_keys is quiet after the recovery" in said

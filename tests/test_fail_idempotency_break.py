@@ -173,7 +173,7 @@ def test_each_detector_fires_on_the_damage_and_is_quiet_after_the_fix(journal_ru
         found = record["measurements"]["duplicates_before"]
     assert found_count(detection["found_broken"]) == found, detection["found_broken"]
     assert len(detection["runbook"].split(". ")) >= 2 and detection["runbook"].startswith(check)
-    assert "It fired" in record["sections"]["root_cause"]
+    assert " fired: " in record["sections"]["root_cause"]
 
 
 def test_the_backlog_alert_reads_what_the_job_exported(journal_run):
