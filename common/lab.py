@@ -163,6 +163,8 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory(prefix="faillab-lab-") as folder:
         for n, script in enumerate(chosen, 1):
             try:
+                if n > 1 and console.pager:  # --pause: the last summary stays until the room is ready
+                    console.wait("the next script")
                 console.header(f"Lab {n} of {len(chosen)}: {script.name}")
                 shown.flush()
             except KeyboardInterrupt:  # between two scripts: nothing of the next one has started

@@ -71,7 +71,7 @@ DETECTORS = {  # each scenario's detector: its name, its kind, and the first thi
 
 def test_every_detector_fires_on_the_broken_state_and_is_quiet_after_the_fix(full_run):
     _, result, _ = full_run
-    assert list(DETECTORS) == IDS
+    assert list(DETECTORS) == IDS[:4]  # late_commit's: in test_late_commit.py
     for scenario_id, (check, kind, first) in DETECTORS.items():
         record = result.scenario(scenario_id)
         detection = record["detection"]
@@ -80,7 +80,7 @@ def test_every_detector_fires_on_the_broken_state_and_is_quiet_after_the_fix(ful
         assert detection["found_broken"][0].startswith(first), (scenario_id, detection["found_broken"])
         assert detection["found_after_fix"] == [] and detection["runbook"], scenario_id
         assert "How to detect it" in record["sections"]["root_cause"], scenario_id
-    found = {i: result.scenario(i)["detection"]["found_broken"] for i in IDS}
+    found = {i: result.scenario(i)["detection"]["found_broken"] for i in DETECTORS}
     assert found["db_down"][-1] == "... and 495 more"  # the 500 ids of batch 3, twice each
     assert found["concurrent_access"][-1] == "... and 496 more"  # one move back, 500 ids twice
     assert len(found["interrupted_recovery"]) == 1  # the one run, its owner dead
@@ -394,6 +394,8 @@ class Sweeper:
         proc.start()
         self.procs.append(proc)
         return proc
+
+    spawn_many = spawn  # the scenario's fork server only saves start-up time; a spawned child is the same
 
 
 OLD, NEW = {"job": lab.JOB, "last_id": 1000}, {"job": lab.JOB, "last_id": 1500}

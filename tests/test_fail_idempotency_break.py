@@ -160,7 +160,7 @@ def found_count(summary: list[str]) -> int:
     return 5 + int(more.group(1)) if more else len(summary)
 
 
-@pytest.mark.parametrize("scenario_id", IDS)
+@pytest.mark.parametrize("scenario_id", list(DETECTORS))  # refresh_lock_queue's: in its own file
 def test_each_detector_fires_on_the_damage_and_is_quiet_after_the_fix(journal_run, scenario_id):
     result, _ = journal_run
     record = result.scenario(scenario_id)

@@ -558,9 +558,10 @@ def test_tolerant_reader_quarantines_bad_lines_with_numbers(tmp_path):
 
 
 def test_a_fault_that_does_not_land_fails_fast_with_its_claim(embedded_params, tmp_path):
-    """FAILLAB_NO_FAULTS=1 makes the proxy's outage a no-op: storage must stop on the claim that
-    the store refused events, not pass and not hang; the other scenarios inject no switchable
-    fault (their stall is a real lock) and still pass."""
+    """FAILLAB_NO_FAULTS=1 makes the proxy's outage and the kill no-ops: storage must stop on the
+    claim that the store refused events and lost_on_kill on the claim that the kill landed, not
+    pass and not hang; the other scenarios inject no switchable fault (their stall is a real lock)
+    and still pass."""
     result = run_script(SCRIPT, env=clean_env(FAILLAB_NO_FAULTS="1"), tmp_path=tmp_path, timeout=180)
     assert result.returncode == 1 and result.journal is not None, result.stderr[-3000:]
     records = {r["id"]: r for r in result.journal["scenarios"]}
@@ -568,7 +569,10 @@ def test_a_fault_that_does_not_land_fails_fast_with_its_claim(embedded_params, t
     record = records["storage"]
     assert record["status"] == "failed" and record["triggered"] is False and record["cleaned"] is True
     assert record["reason"] == "stopped early: run 1: the log store refused events"
-    assert all(records[i]["status"] == "passed" for i in IDS if i != "storage"), \
+    killed = records["lost_on_kill"]  # its SIGKILL is disarmed too: it stops on that claim
+    assert killed["status"] == "failed" and killed["triggered"] is False and killed["cleaned"] is True
+    assert killed["reason"].startswith("stopped early: the kill landed")
+    assert all(records[i]["status"] == "passed" for i in IDS if i not in ("storage", "lost_on_kill")), \
         {i: r.get("reason") for i, r in records.items()}
     assert lab_schemas(embedded_params, result.journal["run_id"]) == []
 

@@ -142,7 +142,7 @@ HEADLINES = {  # the figure the summary shows for each scenario; the storm's ref
 
 def test_each_scenario_gives_the_handout_its_headline_lesson_questions_and_notes(full_run):
     result, _ = full_run
-    assert list(HEADLINES) == IDS
+    assert list(HEADLINES) == IDS[:4]  # the handouts of poison_job and hung_attempt: in their own files
     # an inconclusive scenario is skipped before its headline and its prevention
     assert_gives_the_handout(result, {i: h for i, h in HEADLINES.items() if not inconclusive(result, i)})
 
