@@ -357,11 +357,13 @@ class ListenedQueueHandler(logging.handlers.QueueHandler):
     listener: logging.handlers.QueueListener | None = None
 
     def close(self):
-        if self.listener is not None:
-            self.listener.stop()  # returns once the queue is drained
-            for handler in self.listener.handlers:
+        # taken first: a close interrupted half-way (Ctrl-C) and run again
+        # at exit by logging.shutdown must not stop the listener twice
+        listener, self.listener = self.listener, None
+        if listener is not None:
+            listener.stop()  # returns once the queue is drained
+            for handler in listener.handlers:
                 handler.close()
-            self.listener = None
         super().close()
 
 

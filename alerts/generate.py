@@ -39,11 +39,14 @@ def test_document(journal: dict, folder: Path = HERE) -> str | None:
     return HEADER.format(script=journal["script"]) + yaml.safe_dump(doc, sort_keys=False, width=100)
 
 
-def run_lesson(script: Path, extra=()) -> dict:
+def run_lesson(script: Path, extra=(), env: dict | None = None) -> dict:
+    """One run of the lesson with --seed 1 (in `env`, else this environment), its journal."""
     with tempfile.TemporaryDirectory(prefix="faillab-alerts-") as folder:
         path = Path(folder) / "journal.json"
-        subprocess.run([sys.executable, str(script), "--seed", "1", "--json", str(path), *extra],
-                       stdout=subprocess.DEVNULL, check=False)
+        ran = subprocess.run([sys.executable, str(script), "--seed", "1", "--json", str(path), *extra],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, check=False)
+        if not path.exists():
+            raise SystemExit(f"{script.name} wrote no journal (exit {ran.returncode}): {ran.stderr.strip()[-500:]}")
         return json.loads(path.read_text(encoding="utf-8"))
 
 
