@@ -1448,6 +1448,7 @@ def errors_a_server_raises(s) -> list[tuple[str, str | None, bool, Exception | N
               ("duplicate key", "23505", False, error_of(conn, "INSERT INTO probe VALUES (1, 0)")),
               ("statement timeout", "57014", False,
                error_of(conn, "SET LOCAL statement_timeout = '20ms'", "SELECT pg_catalog.pg_sleep(5)"))]
+    conn.close()  # each session goes as soon as its error is had: a run keeps to its share of the server
     # 40001: a REPEATABLE READ transaction updates a row another one changed after its snapshot
     first, other = s.connect(), s.connect(autocommit=True)
     first.set_session(isolation_level="REPEATABLE READ")
@@ -1455,6 +1456,7 @@ def errors_a_server_raises(s) -> list[tuple[str, str | None, bool, Exception | N
     db.scalar(other, "UPDATE probe SET v = v + 1 WHERE id = 1 RETURNING v")
     caught.append(("update conflict", "40001", True,
                    error_of(first, "UPDATE probe SET v = v + 1 WHERE id = 1")))
+    first.close()
     # 57P01: the server ends the session; the FATAL's SQLSTATE does not reach psycopg2
     victim = s.connect()
     pid = db.backend_pid(victim)
@@ -1467,6 +1469,7 @@ def errors_a_server_raises(s) -> list[tuple[str, str | None, bool, Exception | N
     gone = not db.scalar(other, "SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,))
     ended = error_of(victim, "SELECT 1") if gone else None
     caught.append(("session ended", None, True, ended))
+    other.close()
     # 08P01: one garbled message on the wire
     garbling = s.proxy()
     try:
@@ -1476,6 +1479,7 @@ def errors_a_server_raises(s) -> list[tuple[str, str | None, bool, Exception | N
     else:
         garbling.garble_next_query()
         caught.append(("garbled message", "08P01", False, error_of(plain, "SELECT 1")))
+        plain.close()
     return caught
 
 
