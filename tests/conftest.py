@@ -81,6 +81,22 @@ def run_script(script: str, *args: str, env: dict | None = None, timeout: float 
     return Result(proc.returncode, proc.stdout, proc.stderr, data)
 
 
+def run_at_once(runs: dict, tmp_path: Path, at_once: int = 4, **kwargs) -> dict:
+    """Run several scripts at the same time, as the users of one server do (each waits for its
+    share of the server, as in a classroom): `runs` maps a key to (script, env, *args); returns
+    {key: Result}. Each run works in a folder of its own under tmp_path."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run_one(item):
+        key, (script, env, *args) = item
+        folder = Path(tmp_path) / "".join(c if c.isalnum() else "_" for c in str(key))
+        folder.mkdir(parents=True, exist_ok=True)
+        return key, run_script(script, *args, env=env, tmp_path=folder, **kwargs)
+
+    with ThreadPoolExecutor(max(1, min(at_once, len(runs)))) as pool:
+        return dict(pool.map(run_one, runs.items()))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def kept_servers():
     """Private servers with the defaults are started once per test process and reset between the

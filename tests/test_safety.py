@@ -19,7 +19,7 @@ import pytest
 import conftest
 import psycopg2
 import pwserver
-from conftest import ROOT, SERVER_URL, Result, clean_env, lab_schemas, run_script, server_reachable
+from conftest import ROOT, SERVER_URL, Result, clean_env, lab_schemas, run_at_once, run_script, server_reachable
 from common import db, embedded
 
 SCRIPTS = sorted(p.name for p in ROOT.glob("fail_*.py"))
@@ -915,13 +915,21 @@ def hostile_roles(pw_server):
     return pw_server
 
 
+@pytest.fixture(scope="module")
+def hostile_runs(hostile_roles, tmp_path_factory):
+    """Every script as every hostile role, four runs at a time on the one server (the tests below
+    read one run each): {(setting, script): Result}."""
+    runs = {(setting, script): (script, clean_env(DATABASE_URL=pwserver.url(hostile_roles, user=f"hostile_{setting}")))
+            for setting, _, _ in ROLE_SETTINGS for script in SCRIPTS}
+    return run_at_once(runs, tmp_path_factory.mktemp("hostile_runs"), timeout=400)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 @pytest.mark.parametrize("setting", [s[0] for s in ROLE_SETTINGS])
-def test_hostile_role_settings_change_no_lesson(setting, script, hostile_roles, tmp_path):
+def test_hostile_role_settings_change_no_lesson(setting, script, hostile_runs):
     expected = next(e for n, _, e in ROLE_SETTINGS if n == setting)
-    url = pwserver.url(hostile_roles, user=f"hostile_{setting}")
-    result = run_script(script, env=clean_env(DATABASE_URL=url), tmp_path=tmp_path, timeout=400)
+    result = hostile_runs[setting, script]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     bad = [(s["id"], s.get("reason")) for s in (result.journal or {}).get("scenarios", []) if s["status"] != "passed"]
     assert result.returncode == expected, f"{setting}: exit {result.returncode} {bad}\n{result.stderr[-2000:]}"

@@ -2,9 +2,10 @@
 least-privileged role), PgBouncer in session and transaction mode, TLS (require, verify-full,
 through the fault proxy too), a read-only standby, and role settings meant to break lessons.
 
-Every script runs as a user runs it (a subprocess, DATABASE_URL, the journal): each scenario
-passes, or is skipped with the reason it gives; anything else fails the test. One server at a
-time, started and removed inside the test that uses it. A table of the outcomes is printed
+Every script runs as a user runs it (a subprocess, DATABASE_URL, the journal), the four at once
+as four users of one server: each scenario passes, or is skipped with the reason it gives;
+anything else fails the test. One server at a time, started and removed inside the test that
+uses it. A table of the outcomes is printed
 (pytest -s shows it).
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pytest
 
 import pwserver
 import servers
-from conftest import ROOT, clean_env, lab_schemas, run_script
+from conftest import ROOT, clean_env, lab_schemas, run_at_once, run_script
 
 SCRIPTS = sorted(p.name for p in ROOT.glob("fail_*.py"))
 pytestmark = pytest.mark.matrix
@@ -29,13 +30,12 @@ def outcomes(result) -> list[tuple[str, str, str]]:
 
 
 def run_everywhere(env: dict, check_params: dict, tmp_path, label: str) -> dict:
-    """Run the four scripts; return {script: problem} for each that did not pass (a skip with a
-    reason is a pass), and print one line per script."""
+    """Run the four scripts at once, as four users of one server do; return {script: problem}
+    for each that did not pass (a skip with a reason is a pass), and print one line per script."""
     problems = {}
-    for script in SCRIPTS:
-        started = time.monotonic()
-        result = run_script(script, env=env, tmp_path=tmp_path)
-        took = time.monotonic() - started
+    started = time.monotonic()
+    results = run_at_once({script: (script, env) for script in SCRIPTS}, tmp_path)
+    for script, result in results.items():
         got = outcomes(result)
         bad = [(i, st, why) for i, st, why in got if st not in ("passed", "skipped") or (st == "skipped" and not why)]
         skipped = [(i, why) for i, st, why in got if st == "skipped"]
@@ -45,7 +45,9 @@ def run_everywhere(env: dict, check_params: dict, tmp_path, label: str) -> dict:
         elif lab_schemas(check_params, result.journal["run_id"]):
             problems[script] = "left its private schemas behind"
         verdict = "failed" if script in problems else ("passed" if not skipped else f"passed, skipped {skipped}")
-        print(f"\nMATRIX {label} | {script} | {verdict} | {took:.1f} s")
+        seconds = sum(r["seconds"] for r in (result.journal or {}).get("scenarios", []))
+        print(f"\nMATRIX {label} | {script} | {verdict} | scenarios {seconds:.1f} s")
+    print(f"\nMATRIX {label} | the four at once | {time.monotonic() - started:.1f} s")
     return problems
 
 
