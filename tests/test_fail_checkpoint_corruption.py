@@ -272,8 +272,7 @@ def as_save_checkpoint(saver) -> str:
     return inspect.getsource(saver).replace(f"def {saver.__name__}(", "def save_checkpoint(", 1)
 
 
-WRONG = {
-    "temp file copied into place": ("corruption", '''
+TEMP_FILE_WRITTEN = '''
 import shutil
 
 def save_checkpoint(path, state):
@@ -282,19 +281,16 @@ def save_checkpoint(path, state):
         json.dump(state, f)
         f.flush()
         os.fsync(f.fileno())
+'''
+WRONG = {
+    "temp file copied into place": ("corruption", TEMP_FILE_WRITTEN + '''\
     shutil.copyfile(tmp, path)  # not one step: the copy truncates the checkpoint first
 ''' + RESUME_OK, "always left a whole checkpoint"),
     "pathlib write_text in place": ("corruption", as_save_checkpoint(save_with_pathlib) + RESUME_OK, "always left a whole checkpoint"),
     "os.open and os.write in place": ("corruption", as_save_checkpoint(save_with_os_write) + RESUME_OK, "always left a whole checkpoint"),
     "os.truncate, then write": ("corruption", as_save_checkpoint(save_truncate_then_write) + RESUME_OK, "always left a whole checkpoint"),
-    "temp file never renamed into place": ("corruption", '''
-def save_checkpoint(path, state):
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-''' + RESUME_OK, "not killed, save_checkpoint() saved the new checkpoint"),
+    "temp file never renamed into place": ("corruption", TEMP_FILE_WRITTEN + RESUME_OK,
+                                           "not killed, save_checkpoint() saved the new checkpoint"),
     "checkpoint never trusted, only the data": ("corruption", SAVE_OK + '''
 def resume_point(conn, text):
     with conn.cursor() as cur:
