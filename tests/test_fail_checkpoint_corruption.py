@@ -471,10 +471,13 @@ lab.{name} = broken
 '''
 MISSING, DOUBLED = "DELETE FROM target_rows WHERE id = 1234", "INSERT INTO target_rows SELECT * FROM target_rows WHERE id = 1234"
 STALE, BEHIND = "UPDATE target_rows SET amount = amount + 1 WHERE id = 1234", "UPDATE checkpoints SET last_id = last_id - 1"
+AHEAD = "UPDATE checkpoints SET last_id = last_id + 500"
 LOCKED = "row lock (FOR UPDATE): each batch copied exactly once"
 BROKEN_STATES = {  # what is broken, just before which call (after how many), the claim that must fail
     "corruption, a row missing": ("corruption", "prove_exactly_once", 0, MISSING, "missing 1, duplicated 0"),
     "corruption, a row stale": ("corruption", "prove_exactly_once", 0, STALE, "equals source_rows by count and checksum"),
+    "corruption, the checkpoint a batch ahead at the re-run": ("corruption", "copy_batch_one_commit", 0, AHEAD,
+                                                               "the re-run copied the"),
     "db_down, a row doubled": ("db_down", "prove_exactly_once", 0, DOUBLED, "missing 0, duplicated 1"),
     "db_down, a row doubled after the repair": ("db_down", "exactly_once", 0, DOUBLED,
                                                 "after the repair, target_rows equals source_rows again"),
@@ -555,6 +558,8 @@ PATCHED_STATES = {  # what is broken, by which patch, the claim that must fail
     "interrupted_recovery, a row missing when worker 2 took over": ("interrupted_recovery", BREAK_AT_CALL.format(
         # words(): its 1st call, as worker 2 starts batch 3: a row of batch 1, committed long before
         name="words", at=1, statement="DELETE FROM target_rows WHERE id = 234"), "worker 2 resumed after id 1000"),
+    "interrupted_recovery, the checkpoint a batch ahead at the takeover": ("interrupted_recovery", BREAK_AT_CALL.format(
+        name="words", at=2, statement=AHEAD), "the restart copied the"),  # words(): 2nd call, worker 2 paused
 }
 
 
