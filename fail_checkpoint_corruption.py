@@ -719,12 +719,18 @@ def schema_lock_key(name: str) -> int:
 
 def job_under(s, proxy, outage: Outage):
     """connect() for the job: through the proxy, instrumented by the outage; it notes what a
-    reconnecting job finds (checkpoint, rows) the first time it connects after the drop."""
-    seen = {"attempts": 0, "after": None}
+    reconnecting job finds (checkpoint, rows) the first time it connects after the drop, and
+    counts its attempts and those refused while the database was down."""
+    seen = {"attempts": 0, "refused": 0, "after": None}
 
     def connect():
         seen["attempts"] += 1
-        conn = Instrumented(s.connect(s.via(proxy)), outage)
+        try:
+            raw = s.connect(s.via(proxy))
+        except psycopg2.OperationalError:
+            seen["refused"] += 1
+            raise
+        conn = Instrumented(raw, outage)
         if outage.landed and seen["after"] is None:
             seen["after"] = (read_checkpoint(s.conn),
                              db.scalar(s.conn, "SELECT count(*) FROM target_rows"))
@@ -855,6 +861,9 @@ def db_down(s):
                 s.recovered_if(died is None, f"{label}: the job reconnected on its own and finished")
                 s.recovered_if(sessions == 2, f"{label}: it finished on one new session "
                                               f"({sessions} sessions in all, by the server's pids)")
+                s.recovered_if(seen["attempts"] == seen["refused"] + sessions,
+                               f"{label}: {seen['attempts']} connection attempts: {sessions} reached the "
+                               f"server, {seen['refused']} refused while it was down")
                 s.recovered_if(after == (resumes_at, resumes_at),
                                f"{label}: reconnecting, the job found checkpoint {after[0]} and "
                                f"{after[1]} rows: batch 3 {fate} with its checkpoint")
