@@ -4,7 +4,7 @@ import pytest
 import fail_checkpoint_corruption as lab
 from conftest import assert_gives_the_handout, assert_passed, clean_env, run_control, run_script
 from scenario_checks import assert_brief_and_80_columns, assert_exercise_grades
-from test_fail_checkpoint_corruption import BREAK_BEFORE, assert_the_claim_fails, run_patched
+from test_fail_checkpoint_corruption import BREAK_AT_CALL, assert_the_claim_fails, run_patched
 
 SCRIPT = "fail_checkpoint_corruption.py"
 ID = "late_commit"
@@ -70,16 +70,16 @@ def test_brief_keeps_the_detector_and_everything_fits_80_columns(full_run, targe
 # the naive extract, 2nd the backfill, 3rd the fixed extract, 4th and 5th the lookback's two runs.
 LATE, TWICE = f"DELETE FROM events_copy WHERE id = {lab.EVENTS + 1}", \
     "INSERT INTO events_copy SELECT id, payload FROM events_copy WHERE id = 50"
-BROKEN_STATES = {  # what is broken, after how many calls it breaks each one, the claim that must fail
-    "the backfill, a row missing": (1, "DELETE FROM events_copy WHERE id = 50",
+BROKEN_STATES = {  # what is broken, at which call (that one only), the claim that must fail
+    "the backfill, a row missing": (2, "DELETE FROM events_copy WHERE id = 50",
                                     "after the backfill, the anti-join is empty"),
-    "the fixed extract, a row doubled": (2, TWICE, "nothing was copied twice"),
-    "the lookback, the late event lost": (3, LATE, "the lookback is a trade-off"),
+    "the fixed extract, a row doubled": (3, TWICE, "nothing was copied twice"),
+    "the lookback, the late event lost": (4, LATE, "the lookback is a trade-off"),
 }
 
 
 @pytest.mark.parametrize("name", list(BROKEN_STATES))
 def test_a_recovery_check_fails_when_the_copy_it_guards_is_broken(name, embedded_params, tmp_path):
-    skip, statement, claim = BROKEN_STATES[name]
-    patch = BREAK_BEFORE.format(name="events_damage", skip=skip, statement=statement)
+    at, statement, claim = BROKEN_STATES[name]
+    patch = BREAK_AT_CALL.format(name="events_damage", at=at, statement=statement)
     assert_the_claim_fails(run_patched(tmp_path, ID, patch, clean_env()), ID, claim)
