@@ -122,6 +122,21 @@ def compare_copy(conn) -> tuple[tuple, tuple, dict]:
     return source, target, damage(conn)
 
 
+def ids_twice(conn) -> str:
+    """The ids target_rows holds more than once, as ranges ('1001-1500'), by query."""
+    twice = [r[0] for r in db.rows(conn, "SELECT id FROM target_rows GROUP BY id "
+                                         "HAVING count(*) > 1 ORDER BY id")]
+    conn.rollback()
+    return ranges(twice)
+
+
+def ids_held(conn) -> str:
+    """The ids target_rows holds, as ranges ('1-1000, 1501-3000'), by query."""
+    held = [r[0] for r in db.rows(conn, "SELECT DISTINCT id FROM target_rows ORDER BY id")]
+    conn.rollback()
+    return ranges(held)
+
+
 def exactly_once(conn) -> bool:
     """Same count and checksum as the source, no id missing, none twice."""
     source, target, found = compare_copy(conn)
@@ -377,8 +392,8 @@ def torn_restores(values: dict) -> list:
         The file may be torn, may name another job, may have the wrong types, or may run ahead of
         the data. The grader gives it four such files while target_rows holds ids 1-1000 and
         1501-3000: each time the answer must be 1000, the last id up to which the target provably
-        holds every row; a valid checkpoint's own last_id is the answer when the target holds
-        everything up to it.""",
+        holds every row. A valid checkpoint's own last_id is the answer when the target holds
+        everything up to it: the grader's fifth file is a whole, older one at 500.""",
         hints=("Parsing is only the first check. What else must be true before last_id is worth "
                "anything, and what does the target itself say?",
                "Check the shape (a dict, job == JOB, an int last_id >= 0), then compare "
@@ -436,10 +451,12 @@ def corruption(s):
         while (last := copy_batch(cur, last)) is not None:
             pass
     s.conn.commit()
-    found = damage(s.conn)
-    s.measure("rows_missing_before", found["missing"], "ids 1001-1500, silently skipped",
+    found, held = damage(s.conn), ids_held(s.conn)
+    s.measure("rows_missing_before", found["missing"], f"the target holds ids {held}",
               headline=True)
     s.triggered_if(found["missing"] == BATCH, "the resumed job finished 'successfully', with rows missing")
+    s.triggered_if(held == f"1-{2 * BATCH}, {3 * BATCH + 1}-{SOURCE_ROWS}",
+                   f"the ids skipped are batch 3's, {2 * BATCH + 1}-{3 * BATCH}, which the checkpoint claimed")
 
     s.root_cause("""
         (a) open(path, "w") empties the file first; until the last write lands there is no valid
@@ -460,8 +477,10 @@ def corruption(s):
     s.conn.rollback()
     files = [("torn by a kill", sweep["torn_text"]), ("saved before its batch committed", ran_ahead),
              ("another job's, restored by mistake", json.dumps({"job": "refunds_copy", "last_id": 2500})),
-             ("last_id written as text", json.dumps({"job": JOB, "last_id": "1500"}))]
-    with s.step("Ask resume_point() where to resume, for four checkpoint files (parse, shape, checksum)") as st:
+             ("last_id written as text", json.dumps({"job": JOB, "last_id": "1500"})),
+             ("an older one, whole and true", json.dumps({"job": JOB, "last_id": BATCH}))]
+    with s.step("Ask resume_point() where to resume, for four bad checkpoint files and a good one "
+                "(parse, shape, checksum)") as st:
         answers = []
         for label, text in files:
             try:
@@ -471,23 +490,31 @@ def corruption(s):
             s.conn.rollback()
         s.table(["checkpoint file", "content", "resume_point() returned"],
                 [[label, text or "(empty)", words(answer)] for (label, text), answer in zip(files, answers)])
-        right = sum(1 for a in answers if type(a) is int and a == valid_id)
-        st.result = f"{right} of {len(files)} right"
-        s.recovered_if(right == len(files), f"resume_point() said {valid_id} for every bad file "
-                                            f"(the target holds ids 1-{valid_id} and 1501-3000)")
+        *bad, good = answers
+        right = sum(1 for a in bad if type(a) is int and a == valid_id)
+        st.result = f"{right} of {len(bad)} bad files right; the good one: {words(good)}"
+        s.recovered_if(right == len(bad), f"resume_point() said {valid_id} for every bad file "
+                                          f"(the target holds ids {held})")
+        s.recovered_if(good == BATCH, f"resume_point() trusted the good file: {words(good)}, "
+                                      "the last_id it names")
     resume = answers[1]
     s.require(type(resume) is int, "resume_point() gave an id to resume from")
     with s.step(f"Rewind: delete target rows after {resume} and store that checkpoint, in one transaction") as st:
         with s.conn.cursor() as cur:
             cur.execute("DELETE FROM target_rows WHERE id > %s", (resume,))
-            st.result = f"{cur.rowcount} rows removed"
+            removed = cur.rowcount
+            st.result = f"{removed} rows removed"
             set_checkpoint(cur, resume)
         s.conn.commit()
+        s.recovered_if(removed == SOURCE_ROWS - 3 * BATCH, f"the rewind removed the {removed} rows "
+                                                           f"after {resume}, ids {3 * BATCH + 1}-{SOURCE_ROWS}")
     with s.step("Re-run the job: each batch commits in one transaction with its checkpoint") as st:
         batches = 0
         while copy_batch_one_commit(s.conn) is not None:
             batches += 1
         st.result = f"{batches} batches"
+        s.recovered_if(batches == (SOURCE_ROWS - resume) // BATCH, f"the re-run copied the {batches} "
+                                                                   f"batches after {resume}")
     prove_exactly_once(s)
     with s.step("Kill save_checkpoint() the same way: before each of its file operations") as st:
         sweep = kill_sweep(s, s.fix("save_checkpoint"), old, new)
@@ -500,6 +527,9 @@ def corruption(s):
         s.recovered_if(sweep["points"] and not bad and not sweep["crashed"],
                        "killed before any of its file operations, save_checkpoint() "
                        "always left a whole checkpoint, old or new")
+        s.recovered_if(len(sweep["points"]) == len(sweep["operations"]),
+                       f"one kill before each of the {len(sweep['operations'])} file operations the "
+                       "unkilled save made")
         s.recovered_if(sweep["finished"] == "new", "not killed, save_checkpoint() saved the new checkpoint")
     s.measure("rows_missing_after", damage(s.conn)["missing"], show=False,
               note="ids of source_rows missing from target_rows after the re-run")
@@ -572,10 +602,14 @@ def run_job_resilient(connect, copy_next_batch) -> None:
                 conn.close()
 
 
-FAULTS = {  # where the job's connection drops in batch 3 (ids 1001-1500): short name, what happens
-    "write": ("before the checkpoint write", "after batch 3's data, before its checkpoint is written"),
-    "commit": ("COMMIT never arrives", "while batch 3's COMMIT is on its way: the server never gets it"),
-    "reply": ("reply to COMMIT lost", "after the server committed batch 3, before its reply arrives"),
+FAULTS = {  # where the job's connection drops in batch 3 (ids 1001-1500): short name, what happens,
+    # and where a reconnecting job must find checkpoint and data: batch 3 lost whole, or committed whole
+    "write": ("before the checkpoint write", "after batch 3's data, before its checkpoint is written",
+              2 * BATCH, "lost"),
+    "commit": ("COMMIT never arrives", "while batch 3's COMMIT is on its way: the server never gets it",
+               2 * BATCH, "lost"),
+    "reply": ("reply to COMMIT lost", "after the server committed batch 3, before its reply arrives",
+              3 * BATCH, "committed"),
 }
 
 
@@ -594,12 +628,14 @@ class Outage(Hooks):
         self.errors: list[Exception] = []
         self.landed = False
         self.pid = 0  # the server's pid of the job's current connection
+        self.sessions: list[int] = []  # the server's pid of every session the job opened
         self.over = s.event()
         self.stop = s.event()  # set by teardown: no lab thread waits past the scenario
 
     # the hooks, called from the job's own connection
     def opened(self, conn, pid: int) -> None:
         self.wrote_checkpoint, self.pid = False, pid
+        self.sessions.append(pid)
 
     def before_execute(self, conn, text: str) -> None:
         if self.point == "write" and self.armed and self.data_inserts >= 3 and is_checkpoint_write(text):
@@ -683,12 +719,18 @@ def schema_lock_key(name: str) -> int:
 
 def job_under(s, proxy, outage: Outage):
     """connect() for the job: through the proxy, instrumented by the outage; it notes what a
-    reconnecting job finds (checkpoint, rows) the first time it connects after the drop."""
-    seen = {"attempts": 0, "after": None}
+    reconnecting job finds (checkpoint, rows) the first time it connects after the drop, and
+    counts its attempts and those refused while the database was down."""
+    seen = {"attempts": 0, "refused": 0, "after": None}
 
     def connect():
         seen["attempts"] += 1
-        conn = Instrumented(s.connect(s.via(proxy)), outage)
+        try:
+            raw = s.connect(s.via(proxy))
+        except psycopg2.OperationalError:
+            seen["refused"] += 1
+            raise
+        conn = Instrumented(raw, outage)
         if outage.landed and seen["after"] is None:
             seen["after"] = (read_checkpoint(s.conn),
                              db.scalar(s.conn, "SELECT count(*) FROM target_rows"))
@@ -754,7 +796,11 @@ def db_down(s):
         s.require(outage.landed, "the connection dropped between the data and its checkpoint")
         s.require(outage.over.wait(WAIT_S), "the database came back")
         restart_ck = read_checkpoint(s.conn)
+        rows_in = db.scalar(s.conn, "SELECT count(*) FROM target_rows")
         s.conn.rollback()
+        s.triggered_if((restart_ck, rows_in) == (2 * BATCH, 3 * BATCH),
+                       f"the drop fell in batch 3: the target holds {rows_in} rows, "
+                       f"the committed checkpoint says {restart_ck}")
         s.say(f"The database is back. The committed checkpoint says last_id = {restart_ck}. Restarting.")
         outage.close()
         run_job_once(lambda: s.connect(s.via(proxy)), copy_batch_two_commits)
@@ -762,6 +808,8 @@ def db_down(s):
         s.measure("rows_duplicated_before", found["duplicated"], show=False,
                   note="rows of batch 3 the naive restart copied a second time", headline=True)
         s.triggered_if(found["duplicated"] == BATCH, f"the restart copied batch 3 ({BATCH} rows) a second time")
+        twice = ids_twice(s.conn)
+        s.triggered_if(twice == f"{2 * BATCH + 1}-{3 * BATCH}", f"the ids copied twice are {twice}: batch 3")
 
         s.root_cause("""
             Data and checkpoint were committed separately. The data commit succeeded; the checkpoint
@@ -781,7 +829,7 @@ def db_down(s):
             s.conn.commit()
             s.recovered_if(exactly_once(s.conn), "after the repair, target_rows equals source_rows again")
         results = []
-        for point, (label, story) in FAULTS.items():
+        for point, (label, story, resumes_at, fate) in FAULTS.items():
             with s.step(f"From an empty target, run_job(): the connection drops {story}") as st:
                 restart_job(s)
                 outage = Outage(s, proxy, point)
@@ -799,20 +847,31 @@ def db_down(s):
                 outage.close()
                 found = damage(s.conn)
                 after = seen["after"] or ("-", "-")
-                results.append([label, seen["attempts"] if died is None else f"gave up ({type(died).__name__})",
+                sessions = len(set(outage.sessions))
+                results.append([label, sessions if died is None else f"gave up ({type(died).__name__})",
                                 after[0], after[1], found["missing"], found["duplicated"]])
                 st.result = (f"the job saw {type(outage.errors[0]).__name__}, then " +
                              ("finished" if died is None else f"gave up ({type(died).__name__})"))
                 s.measure(f"connections_{point}", seen["attempts"], show=False,
-                          note=f"connections run_job() opened: {label}")
+                          note=f"connections run_job() opened or tried: {label}")
+                s.measure(f"sessions_{point}", sessions, show=False,
+                          note=f"server sessions the job used (distinct pids): {label}")
                 s.measure(f"after_reconnect_{point}", {"checkpoint": after[0], "rows": after[1]},
                           show=False, note=f"checkpoint and rows found on reconnecting: {label}")
                 s.recovered_if(died is None, f"{label}: the job reconnected on its own and finished")
+                s.recovered_if(sessions == 2, f"{label}: it finished on one new session "
+                                              f"({sessions} sessions in all, by the server's pids)")
+                s.recovered_if(seen["attempts"] == seen["refused"] + sessions,
+                               f"{label}: {seen['attempts']} connection attempts: {sessions} reached the "
+                               f"server, {seen['refused']} refused while it was down")
+                s.recovered_if(after == (resumes_at, resumes_at),
+                               f"{label}: reconnecting, the job found checkpoint {after[0]} and "
+                               f"{after[1]} rows: batch 3 {fate} with its checkpoint")
                 s.recovered_if(after[0] == after[1] != "-" and exactly_once(s.conn),
                                f"{label}: the checkpoint matched the data after reconnecting, "
                                "and every id ended up exactly once")
         s.say("What the job found when it reconnected (checkpoint, rows in the target), and the copy at the end:")
-        s.table(["connection lost", "connections", "checkpoint", "rows", "missing", "duplicated"], results)
+        s.table(["connection lost", "sessions", "checkpoint", "rows", "missing", "duplicated"], results)
         s.say("1000 = 1000: the batch was lost with its checkpoint. 1500 = 1500: the server committed both, "
               "though the client never heard. Either way the checkpoint says where the data is.")
         prove_exactly_once(s)
@@ -1032,8 +1091,13 @@ def concurrent_access(s):
         s.measure("checkpoint_moved_backwards", backwards, show=False,
                   note="writes that took the checkpoint back (a lost update)")
         s.triggered_if(found["duplicated"] == BATCH, f"batch 1 was copied twice ({BATCH} duplicate rows)")
+        twice = ids_twice(s.conn)
+        s.triggered_if(twice == f"1-{BATCH}", f"both workers read checkpoint 0: the ids copied twice "
+                                              f"are {twice}, batch 1")
         s.triggered_if(backwards == 1 and read_checkpoint(s.conn) == BATCH,
                        "lost update: B's write took the checkpoint back over A's")
+        s.triggered_if(moves == [BATCH, 2 * BATCH, BATCH], f"the history shows A's two moves, then B's "
+                                                           f"stale one: {' -> '.join(map(str, moves))}")
         s.conn.rollback()
 
         s.root_cause("""
@@ -1045,7 +1109,7 @@ def concurrent_access(s):
             duplicate rows, set the checkpoint to where the data is complete, and guard the
             read-copy-write with a row lock or a version check.""")
 
-        per_worker = SOURCE_ROWS // BATCH // 2
+        per_worker, conflicts = SOURCE_ROWS // BATCH // 2, {}
         for number, (slot, label) in enumerate((("worker_locked", "row lock (FOR UPDATE)"),
                                                 ("worker_compare_and_set", "compare-and-set on version")), 1):
             with s.step(f"Fix {number}, {label}: two workers of {per_worker} batches, the same race") as st:
@@ -1061,11 +1125,11 @@ def concurrent_access(s):
                 s.measure(f"{slot}_damage", found, show=False, note=f"ids missing and twice: {label}")
                 ok = not errors and exactly_once(s.conn) and checkpoint == SOURCE_ROWS
                 s.recovered_if(ok, f"{label}: each batch copied exactly once, checkpoint at {SOURCE_ROWS}")
-                if slot == "worker_compare_and_set":
-                    s.measure("compare_and_set_conflicts", race.rollbacks, show=False,
-                              note="batches rolled back because the version had moved")
-                    s.recovered_if(race.rollbacks >= 1, "compare-and-set: the loser noticed, rolled back its "
-                                                        "batch and retried")
+                conflicts[slot] = race.rollbacks
+        lost = s.measure("compare_and_set_conflicts", conflicts["worker_compare_and_set"], show=False,
+                         note="batches rolled back because the version had moved")
+        s.recovered_if(lost >= 1, f"compare-and-set: the loser noticed, rolled back its batch and retried "
+                                  f"({lost} rolled back)")
         s.detect_again()  # before fix 3 empties the target
         with s.step("Fix 3, let the database refuse: REPEATABLE READ, two writers of one row") as st:
             restart_job(s)
@@ -1316,11 +1380,16 @@ def interrupted_recovery(s):
               "the server saw the client go and rolled back its open batch at once")
     s.conn.rollback()
     row = lease_row(s)
-    s.table(["status", "owner (killed)", "last_id", "rows in target"],
-            [[row["status"], row["owner"], row["last_id"], db.scalar(s.conn, "SELECT count(*) FROM target_rows")]])
+    rows_in = db.scalar(s.conn, "SELECT count(*) FROM target_rows")
     s.conn.rollback()
-    s.triggered_if(row["status"] == "in_progress" and proc.exitcode != 0,
+    s.table(["status", "owner (killed)", "last_id", "rows in target"],
+            [[row["status"], row["owner"], row["last_id"], rows_in]])
+    s.triggered_if(proc.exitcode == -getattr(signal, "SIGKILL", signal.SIGTERM),
+                   f"the OS reports the job process killed by its signal (exit code {proc.exitcode})")
+    s.triggered_if((row["status"], row["owner"]) == ("in_progress", f"{socket.gethostname()}:{proc.pid}"),
                    "the run is left 'in_progress', held by a dead owner")
+    s.triggered_if((row["last_id"], rows_in) == (2 * BATCH, 2 * BATCH),
+                   f"batch 3 died with the process: checkpoint {row['last_id']}, {rows_in} rows")
     s.require(wait_until(lambda: heartbeat_older_than_lease(s), WAIT_S),
               f"the dead owner's heartbeat aged past the lease ({LEASE_S:g} s, server clock)")
     claimed = claim_if_idle(s.conn, owner_id(), LEASE_S)
@@ -1353,7 +1422,7 @@ def interrupted_recovery(s):
         rows_in = db.scalar(s.conn, "SELECT count(*) FROM target_rows")
         s.conn.rollback()
         st.result = f"token {token2}; checkpoint now {row['last_id']}, {rows_in} rows in the target"
-        s.recovered_if(row["last_id"] == 3 * BATCH and rows_in == 3 * BATCH,
+        s.recovered_if((row["last_id"], rows_in) == (3 * BATCH, 3 * BATCH),
                        "worker 2 resumed after id 1000: batch 3 was rolled back with the killed process")
     with s.step("While worker 2 is alive, a third restart runs claim_job()") as st:
         age = lease_row(s)["heartbeat_age"]
@@ -1363,6 +1432,7 @@ def interrupted_recovery(s):
         s.conn.rollback()
         s.recovered_if(not live, f"find_stuck_runs() finds nothing while worker 2 is alive ({len(live)} found)")
         st.result = f"worker 2's heartbeat is {age:.2f} s old; claimed: {words(third is not None)}"
+        s.recovered_if(age < LEASE_S, f"worker 2's heartbeat is within the lease ({age:.2f} s < {LEASE_S:g} s)")
         s.require(third is None, "a live owner's lease is not taken (its heartbeat is fresh)")
     with s.step("Worker 2 stalls inside batch 4 (a long GC pause); when its lease has expired, "
                 "the restart claims the job and finishes it") as st:
@@ -1373,7 +1443,10 @@ def interrupted_recovery(s):
         batches = 0
         while s.fix("write_batch")(s.conn, token3) is not None:
             batches += 1
-        st.result = f"token {token3}; {batches} batches, checkpoint {lease_row(s)['last_id']}"
+        done = lease_row(s)["last_id"]
+        st.result = f"token {token3}; {batches} batches, checkpoint {done}"
+        s.recovered_if((batches, done) == ((SOURCE_ROWS - 3 * BATCH) // BATCH, SOURCE_ROWS),
+                       f"the restart copied the {batches} batches after 1500, to checkpoint {done}")
     with s.step("Worker 2 wakes up and finishes batch 4 with its old token") as st:
         go.set()
         end = next_report(reports, "end", WAIT_S)
@@ -1619,8 +1692,12 @@ def late_commit(s):
         ["extract", "id > watermark", f"{run['after']} copied"]])
     missing = s.measure("events_missing_before", run["missing"], show=False,
                         note="events the watermark skipped (anti-join of events and events_copy)", headline=True)
-    s.triggered_if(run["a_status"] == "in progress" and run["passed_open"],
+    s.triggered_if((run["a_status"], run["passed_open"]) == ("in progress", True),
                    f"the watermark passed A's event {run['a_id']} while A was in progress (pg_xact_status)")
+    s.triggered_if((run["backlog"], run["while_open"], run["last_id"], run["after"])
+                   == (EVENTS, 1, run["b_ids"][-1], 0),
+                   f"the extract copied the {run['backlog']} events, then B's {run['while_open']} with "
+                   f"the watermark to {run['last_id']}, then {run['after']} after A's commit")
     s.triggered_if(missing == [run["a_id"]],
                    f"A's event {run['a_id']} is never copied: the anti-join finds it ({len(missing)} row)")
 
@@ -1640,8 +1717,11 @@ def late_commit(s):
         with s.conn.cursor() as cur:
             cur.execute("INSERT INTO events_copy (id, payload) SELECT e.id, e.payload FROM events e "
                         "WHERE NOT EXISTS (SELECT 1 FROM events_copy c WHERE c.id = e.id)")
-            st.result = f"{cur.rowcount} row copied"
+            backfilled = cur.rowcount
+            st.result = f"{backfilled} row copied"
         s.conn.commit()
+        s.recovered_if(backfilled == len(missing), f"the backfill copied the {backfilled} row "
+                                                   "the anti-join listed")
         s.recovered_if(events_damage(s.conn) == {"missing": [], "duplicated": 0},
                        "after the backfill, the anti-join is empty and no id is twice")
     with s.step("From a fresh copy, the same two sessions with extract_events(): bounded by the "
@@ -1650,7 +1730,7 @@ def late_commit(s):
         run = two_sessions(s, s.fix("extract_events"))
         if run["waited"] >= 1:
             s.say(f"(Other transactions on the server held the bound back for {run['waited']:.1f} s.)")
-        st.result = (f"while A was open: {run['while_open']} copied (B's event held back); after A's "
+        st.result = (f"while A was open: {run['while_open']} copied; after A's "
                      f"commit: {run['after']}; run again: {run['again']}")
         s.measure("events_missing_after", run["missing"], show=False,
                   note="events the fixed extract never copied")
@@ -1662,6 +1742,9 @@ def late_commit(s):
         s.recovered_if(run["duplicated"] == 0 and run["again"] == 0 and run["backlog"] == EVENTS,
                        f"nothing was copied twice ({run['duplicated']} ids twice; a re-run copied "
                        f"{run['again']})")
+        s.recovered_if(run["while_open"] + run["after"] == run["late_by"] + 1,
+                       f"A's and B's events were copied once in all: {run['while_open']} while A was "
+                       f"open, {run['after']} after its commit")
     s.detect_again()
     with s.step(f"The alternative: a lookback of {LOOKBACK} ids with an upsert (a key on events_copy), "
                 f"A's commit 2 ids late, then {LOOKBACK} ids late") as st:
@@ -1681,7 +1764,8 @@ def late_commit(s):
                      f"{len(far['missing'])} missing; up to {near['reread']} rows re-read a run")
         s.measure("lookback_missing", {"2 ids late": len(near["missing"]), f"{LOOKBACK} ids late": len(far["missing"])},
                   show=False, note=f"events the lookback of {LOOKBACK} ids never copied")
-        s.recovered_if(near["missing"] == [] and far["missing"] == [far["a_id"]] and near["duplicated"] == 0,
+        s.recovered_if((near["missing"], far["missing"], near["duplicated"], near["reread"])
+                       == ([], [far["a_id"]], 0, LOOKBACK),
                        f"the lookback is a trade-off: it caught a commit 2 ids late and lost one "
                        f"{LOOKBACK} ids late, re-reading up to {near['reread']} rows a run")
     s.prevention("""

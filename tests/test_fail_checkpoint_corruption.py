@@ -272,8 +272,7 @@ def as_save_checkpoint(saver) -> str:
     return inspect.getsource(saver).replace(f"def {saver.__name__}(", "def save_checkpoint(", 1)
 
 
-WRONG = {
-    "temp file copied into place": ("corruption", '''
+TEMP_FILE_WRITTEN = '''
 import shutil
 
 def save_checkpoint(path, state):
@@ -282,11 +281,21 @@ def save_checkpoint(path, state):
         json.dump(state, f)
         f.flush()
         os.fsync(f.fileno())
+'''
+WRONG = {
+    "temp file copied into place": ("corruption", TEMP_FILE_WRITTEN + '''\
     shutil.copyfile(tmp, path)  # not one step: the copy truncates the checkpoint first
 ''' + RESUME_OK, "always left a whole checkpoint"),
     "pathlib write_text in place": ("corruption", as_save_checkpoint(save_with_pathlib) + RESUME_OK, "always left a whole checkpoint"),
     "os.open and os.write in place": ("corruption", as_save_checkpoint(save_with_os_write) + RESUME_OK, "always left a whole checkpoint"),
     "os.truncate, then write": ("corruption", as_save_checkpoint(save_truncate_then_write) + RESUME_OK, "always left a whole checkpoint"),
+    "temp file never renamed into place": ("corruption", TEMP_FILE_WRITTEN + RESUME_OK,
+                                           "not killed, save_checkpoint() saved the new checkpoint"),
+    "checkpoint never trusted, only the data": ("corruption", SAVE_OK + '''
+def resume_point(conn, text):
+    with conn.cursor() as cur:
+        return gap_free_until(cur)
+''', "resume_point() trusted the good file"),
     "checkpoint trusted whenever it parses": ("corruption", SAVE_OK + '''
 def resume_point(conn, text):
     try:
@@ -462,14 +471,21 @@ lab.{name} = broken
 '''
 MISSING, DOUBLED = "DELETE FROM target_rows WHERE id = 1234", "INSERT INTO target_rows SELECT * FROM target_rows WHERE id = 1234"
 STALE, BEHIND = "UPDATE target_rows SET amount = amount + 1 WHERE id = 1234", "UPDATE checkpoints SET last_id = last_id - 1"
+AHEAD = "UPDATE checkpoints SET last_id = last_id + 500"
 LOCKED = "row lock (FOR UPDATE): each batch copied exactly once"
 BROKEN_STATES = {  # what is broken, just before which call (after how many), the claim that must fail
     "corruption, a row missing": ("corruption", "prove_exactly_once", 0, MISSING, "missing 1, duplicated 0"),
     "corruption, a row stale": ("corruption", "prove_exactly_once", 0, STALE, "equals source_rows by count and checksum"),
+    "corruption, the checkpoint a batch ahead at the re-run": ("corruption", "copy_batch_one_commit", 0, AHEAD,
+                                                               "the re-run copied the"),
     "db_down, a row doubled": ("db_down", "prove_exactly_once", 0, DOUBLED, "missing 0, duplicated 1"),
+    "db_down, a row doubled after the repair": ("db_down", "exactly_once", 0, DOUBLED,
+                                                "after the repair, target_rows equals source_rows again"),
     "db_down, a row doubled after a drop": ("db_down", "exactly_once", 1, DOUBLED, "the checkpoint matched the data"),
     "concurrent_access, a row doubled": ("concurrent_access", "exactly_once", 0, DOUBLED, LOCKED),
     "concurrent_access, the checkpoint one behind": ("concurrent_access", "damage", 1, BEHIND, LOCKED),
+    "concurrent_access, a row doubled under compare-and-set": ("concurrent_access", "exactly_once", 1, DOUBLED,
+                                                               "compare-and-set on version: each batch copied"),
     "interrupted_recovery, a row missing": ("interrupted_recovery", "prove_exactly_once", 0, MISSING, "missing 1"),
     "interrupted_recovery, a late write doubled": ("interrupted_recovery", "damage", 0, DOUBLED, "late write was refused"),
 }
@@ -483,16 +499,74 @@ def run_patched(tmp_path, scenario_id: str, patch: str, env: dict):
     return run_script(str(wrapper), "--only", scenario_id, env=env, tmp_path=tmp_path)
 
 
-@pytest.mark.parametrize("name", list(BROKEN_STATES))
-def test_a_recovery_check_fails_when_the_state_it_guards_is_broken(name, embedded_params, tmp_path):
-    scenario_id, function, skip, statement, claim = BROKEN_STATES[name]
-    patch = BREAK_BEFORE.format(name=function, skip=skip, statement=statement)
-    result = run_patched(tmp_path, scenario_id, patch, clean_env())
+def assert_the_claim_fails(result, scenario_id: str, claim: str) -> None:
+    """The run of `scenario_id` (alone, as --only ran it) failed on the recovery claim `claim`,
+    and only there: the failure was triggered, everything cleaned, no lab error."""
+    assert [r["id"] for r in result.journal["scenarios"]] == [scenario_id]
     record = result.scenario(scenario_id)
     assert result.returncode == 1 and record["triggered"] is True and record["cleaned"] is True, result.stdout[-3000:]
     failed = [c["claim"] for c in record["checks"] if c["phase"] == "recovered" and not c["ok"]]
     assert any(claim in c for c in failed), failed
     assert not [e for e in record["observed_errors"] if e["type"].startswith("common.")], record["observed_errors"]
+
+
+@pytest.mark.parametrize("name", list(BROKEN_STATES))
+def test_a_recovery_check_fails_when_the_state_it_guards_is_broken(name, embedded_params, tmp_path):
+    scenario_id, function, skip, statement, claim = BROKEN_STATES[name]
+    patch = BREAK_BEFORE.format(name=function, skip=skip, statement=statement)
+    assert_the_claim_fails(run_patched(tmp_path, scenario_id, patch, clean_env()), scenario_id, claim)
+
+
+# Where the call before the check takes no connection: the scenario's own, remembered from the
+# call that builds its tables, breaks the state at the n-th call of `name` only.
+BREAK_AT_CALL = '''
+seen, calls, real = {{}}, [], lab.{name}
+def remembering(build):
+    def wrapped(s, *args, **kwargs):
+        seen["s"] = s
+        return build(s, *args, **kwargs)
+    return wrapped
+lab.fresh_pipeline, lab.fresh_events = remembering(lab.fresh_pipeline), remembering(lab.fresh_events)
+def broken(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == {at}:
+        conn = seen["s"].conn
+        conn.rollback()
+        with conn.cursor() as cur:
+            cur.execute({statement!r})
+        conn.commit()
+    return real(*args, **kwargs)
+lab.{name} = broken
+'''
+# db_down: the drop has landed in a run of the fixed job; the committed checkpoint moves one back
+# before the job reconnects and reads it
+BEHIND_AFTER_A_DROP = '''
+real_failed = lab.Outage.failed
+def failed(self, conn, exc):
+    landed = self.landed
+    real_failed(self, conn, exc)
+    if self.landed and not landed and self.s.phase == "recovered" and self.point == "write":
+        with self.watch.cursor() as cur:
+            cur.execute("UPDATE checkpoints SET last_id = last_id - 1")
+lab.Outage.failed = failed
+'''
+PATCHED_STATES = {  # what is broken, by which patch, the claim that must fail
+    "corruption, a row gone before the rewind": ("corruption", BREAK_AT_CALL.format(  # words(): its 7th call
+        name="words", at=7, statement="DELETE FROM target_rows WHERE id = 2000"), "the rewind removed the"),
+    "db_down, the checkpoint one behind after a drop": ("db_down", BEHIND_AFTER_A_DROP,
+                                                        "before the checkpoint write: reconnecting, the job found"),
+    "interrupted_recovery, a row missing when worker 2 took over": ("interrupted_recovery", BREAK_AT_CALL.format(
+        # words(): its 1st call, as worker 2 starts batch 3: a row of batch 1, committed long before
+        name="words", at=1, statement="DELETE FROM target_rows WHERE id = 234"), "worker 2 resumed after id 1000"),
+    "interrupted_recovery, the checkpoint a batch ahead at the takeover": ("interrupted_recovery", BREAK_AT_CALL.format(
+        name="words", at=2, statement=AHEAD), "the restart copied the"),  # words(): 2nd call, worker 2 paused
+}
+
+
+@pytest.mark.parametrize("name", list(PATCHED_STATES))
+def test_a_recovery_check_fails_when_a_patch_breaks_what_it_guards(name, embedded_params, tmp_path):
+    scenario_id, patch, claim = PATCHED_STATES[name]
+    assert_the_claim_fails(run_patched(tmp_path, scenario_id, patch, clean_env()), scenario_id, claim)
 
 
 CANCEL_INSTEAD_OF_DROP = '''

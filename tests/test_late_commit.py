@@ -2,8 +2,9 @@
 import pytest
 
 import fail_checkpoint_corruption as lab
-from conftest import assert_gives_the_handout, assert_passed, run_control, run_script
+from conftest import assert_gives_the_handout, assert_passed, clean_env, run_control, run_script
 from scenario_checks import assert_brief_and_80_columns, assert_exercise_grades
+from test_fail_checkpoint_corruption import BREAK_AT_CALL, assert_the_claim_fails, run_patched
 
 SCRIPT = "fail_checkpoint_corruption.py"
 ID = "late_commit"
@@ -62,3 +63,23 @@ def test_the_exercise_grades_untouched_reference_and_a_wrong_bound(target, tmp_p
 def test_brief_keeps_the_detector_and_everything_fits_80_columns(full_run, target, tmp_path):
     assert_brief_and_80_columns(SCRIPT, ID, full_run[0], target[1], tmp_path,
                                 (lab.extract_after_id, lab.extract_below_oldest_running, lab.extract_with_lookback))
+
+
+# -- the checks checked: the copy broken just before events_damage() reads it ---------------------
+# events_damage() runs at the end of each run of the two sessions and after the backfill: 1st call
+# the naive extract, 2nd the backfill, 3rd the fixed extract, 4th and 5th the lookback's two runs.
+LATE, TWICE = f"DELETE FROM events_copy WHERE id = {lab.EVENTS + 1}", \
+    "INSERT INTO events_copy SELECT id, payload FROM events_copy WHERE id = 50"
+BROKEN_STATES = {  # what is broken, at which call (that one only), the claim that must fail
+    "the backfill, a row missing": (2, "DELETE FROM events_copy WHERE id = 50",
+                                    "after the backfill, the anti-join is empty"),
+    "the fixed extract, a row doubled": (3, TWICE, "nothing was copied twice"),
+    "the lookback, the late event lost": (4, LATE, "the lookback is a trade-off"),
+}
+
+
+@pytest.mark.parametrize("name", list(BROKEN_STATES))
+def test_a_recovery_check_fails_when_the_copy_it_guards_is_broken(name, embedded_params, tmp_path):
+    at, statement, claim = BROKEN_STATES[name]
+    patch = BREAK_AT_CALL.format(name="events_damage", at=at, statement=statement)
+    assert_the_claim_fails(run_patched(tmp_path, ID, patch, clean_env()), ID, claim)
