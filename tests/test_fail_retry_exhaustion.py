@@ -248,78 +248,59 @@ def test_a_storm_whose_limit_never_came_into_force_fails_on_that_claim(target, t
 # -- every recovery check checked: the state it guards broken just before it looks ------------------
 BREAK = '''
 real_{name}, calls_{name} = lab.{name}, []
-def broken_{name}(*args, **kwargs):  # call `name` as the lesson does, breaking things when `when`
+def broken_{name}(*args, **kwargs):  # lab.{name} as the lesson calls it, with the state broken
     calls_{name}.append(1)
     n, conn = len(calls_{name}), getattr(args[0], "conn", args[0])
-    if {before!r} and {when}:
+    def sql(statement):  # on the scenario's connection
         conn.rollback()
         with conn.cursor() as cur:
-            for statement in {before!r}:
-                cur.execute(statement)
+            cur.execute(statement)
         conn.commit()
+    if {before!r} and {when}:
+        {code}
     result = real_{name}(*args, **kwargs)
-    if {when}:
-        {after}
+    if not {before!r} and {when}:
+        {code}
     return result
 lab.{name} = broken_{name}
 '''
 
 
-def breaking(name: str, when: str, before: tuple = (), after: str = "pass") -> str:
-    """A patch: every call of lab.`name` for which `when` holds (n: the call's number, args: its
-    arguments) first runs the SQL `before` on the scenario's connection, then `after` (Python, on
-    `result`) once the call returned."""
-    return BREAK.format(name=name, when=when, before=tuple(before), after=after)
-
-
-BROKEN_STATES = {  # scenario, what is broken, the patch, the claim that must then fail
-    "exhaustion, the dead letter one attempt short": ("exhaustion", breaking(
-        "run_job", "n == 2", after="conn.cursor().execute('UPDATE dead_letter SET attempts = attempts - 1'); "
-                                   "conn.commit()"),
-        "is parked with its real error and 5 attempts"),
-    "exhaustion, the ended replay's mark without its work": ("exhaustion", breaking(
-        "batch_state", "n == 4", ["UPDATE dead_letter SET replayed_at = now()"]),
-        "done and marked, or neither"),
-    "exhaustion, a row of the replayed unit missing": ("exhaustion", breaking(
-        "batch_state", "n == 5", ["DELETE FROM target_rows WHERE id = 61"]),
-        "ran exactly once and is loaded and marked: ran 1 time(s), 9 of 10 rows"),
-    "exhaustion, the replayed unit run twice": ("exhaustion", breaking(
-        "batch_state", "n == 5", ["INSERT INTO unit_runs (unit) VALUES ('batch-0007')"]),
-        "ran exactly once and is loaded and marked: ran 2 time(s)"),
-    "exhaustion, the replayed unit left pending": ("exhaustion", breaking(
-        "batch_state", "n == 5", ["UPDATE dead_letter SET replayed_at = NULL"]),
-        "ran exactly once and is loaded and marked: ran 1 time(s), 10 of 10 rows equal to source, 1 dead"),
-    "storm, a worker's batch written twice in the jittered run": ("storm", breaking(
-        "run_storm", "args[3].startswith('fix')", after="result['rows'] += 1"),
-        "every one of the"),
-    "backoff_calculation, the worst case one sleep past the cap": ("backoff_calculation", breaking(
-        "drive", "n == 3", after="result['sleeps'] = result['sleeps'][:-1] + [lab.CAP_S + 1]"),
-        "every sleep within the 30 s cap"),
-    "backoff_calculation, the same seed drawing other sleeps": ("backoff_calculation", breaking(
-        "drive", "n == 5", after="result['sleeps'] = [0.9 * x for x in result['sleeps']]"),
-        "the sleeps are drawn from the generator the policy is given"),
-    "backoff_calculation, the slow stop one sleep and one attempt later": ("backoff_calculation", breaking(
-        "drive", "n == 7", after="result['gave_up_at'] += lab.CAP_S + lab.ATTEMPT_TIMEOUT_S"),
-        "given up within the 300 s deadline"),
-    "backoff_calculation, the policy at 1:1000 one sleep off": ("backoff_calculation", breaking(
-        "drive", "n == 8", after="result['sleeps'][-1] *= 2"),
-        "at 1:1000 it is the same policy"),
-    "non_transient, order 43 charged twice": ("non_transient", breaking(
-        "in_transaction", "args[1] is lab.record_payment and args[2:] == (43,)", after="real_in_transaction(*args)"),
+BROKEN_STATES = {  # what is broken: (lab function, `code` run before or after the call when `when`
+    #                 holds, n: the call's number, args: its arguments; the claim that must then fail)
+    "exhaustion, the dead letter one attempt short": ("run_job", "after", "n == 2",
+        "sql('UPDATE dead_letter SET attempts = attempts - 1')", "is parked with its real error and 5 attempts"),
+    "exhaustion, the ended replay's mark without its work": ("batch_state", "before", "n == 4",
+        "sql('UPDATE dead_letter SET replayed_at = now()')", "done and marked, or neither"),
+    "exhaustion, a row of the replayed unit missing": ("batch_state", "before", "n == 5",
+        "sql('DELETE FROM target_rows WHERE id = 61')", "loaded and marked: ran 1 time(s), 9 of 10 rows"),
+    "exhaustion, the replayed unit run twice": ("batch_state", "before", "n == 5",
+        "sql(\"INSERT INTO unit_runs (unit) VALUES ('batch-0007')\")", "loaded and marked: ran 2 time(s)"),
+    "exhaustion, the replayed unit left pending": ("batch_state", "before", "n == 5",
+        "sql('UPDATE dead_letter SET replayed_at = NULL')", "10 of 10 rows equal to source, 1 dead letter"),
+    "storm, a worker's batch written twice in the jittered run": ("run_storm", "after",
+        "args[3].startswith('fix')", "result['rows'] += 1", "every one of the"),
+    "backoff_calculation, the worst case one sleep past the cap": ("drive", "after", "n == 3",
+        "result['sleeps'][-1] = lab.CAP_S + 1", "every sleep within the 30 s cap"),
+    "backoff_calculation, the same seed drawing other sleeps": ("drive", "after", "n == 5",
+        "result['sleeps'] = [0.9 * x for x in result['sleeps']]", "drawn from the generator the policy is given"),
+    "backoff_calculation, the slow stop one sleep and one attempt later": ("drive", "after", "n == 7",
+        "result['gave_up_at'] += lab.CAP_S + lab.ATTEMPT_TIMEOUT_S", "given up within the 300 s deadline"),
+    "backoff_calculation, the policy at 1:1000 one sleep off": ("drive", "after", "n == 8",
+        "result['sleeps'][-1] *= 2", "at 1:1000 it is the same policy"),
+    "non_transient, order 43 charged twice": ("in_transaction", "after",
+        "args[1] is lab.record_payment and args[2:] == (43,)", "real_in_transaction(*args)",
         "order 43 is charged exactly once"),
-    "non_transient, a transfer applied twice": ("non_transient", breaking(
-        "transfer", "args[1] == 1", after="real_transfer(*args[:4])"),
+    "non_transient, a transfer applied twice": ("transfer", "after", "args[1] == 1", "real_transfer(*args[:4])",
         "each transfer applied exactly once"),
-    "poison_job, another job done twice": ("poison_job", breaking(
-        "queue_state", "n == 2", ["INSERT INTO job_effects SELECT * FROM job_effects WHERE job_id = 5"]),
+    "poison_job, another job done twice": ("queue_state", "before", "n == 2",
+        "sql('INSERT INTO job_effects SELECT * FROM job_effects WHERE job_id = 5')",
         "every other job done exactly once: 6 of 7"),
-    "poison_job, a worker of the dead letter not killed": ("poison_job", breaking(
-        "queue_state", "n == 2", ["UPDATE worker_exits SET exit_code = 0 WHERE pid = "
-                                  "(SELECT workers[1] FROM dead_jobs WHERE job_id = 1)"]),
+    "poison_job, a worker of the dead letter not killed": ("queue_state", "before", "n == 2",
+        "sql('UPDATE worker_exits SET exit_code = 0 WHERE pid = (SELECT workers[1] FROM dead_jobs)')",
         "the dead letter names the 3 workers that took job 1, each reported killed"),
-    "hung_attempt, the unit applied twice": ("hung_attempt", breaking(
-        "ledger_of", "n == 1", ["INSERT INTO ledger (unit, amount) VALUES ('unit-2', 25)"]),
-        "nothing applied twice: unit-2 is in the ledger 2 time(s)"),
+    "hung_attempt, the unit applied twice": ("ledger_of", "before", "n == 1",
+        "sql(\"INSERT INTO ledger (unit, amount) VALUES ('unit-2', 25)\")", "unit-2 is in the ledger 2 time(s)"),
 }
 
 
@@ -327,7 +308,9 @@ BROKEN_STATES = {  # scenario, what is broken, the patch, the claim that must th
 def test_a_recovery_check_fails_when_the_state_it_guards_is_broken(name, embedded_params, tmp_path):
     """Each recovery claim of each scenario, shown to fail when what it guards is broken (a row
     missing, doubled, stale, a figure off) just before it looks; the failure itself still shown."""
-    scenario_id, patch, claim = BROKEN_STATES[name]
+    function, position, when, code, claim = BROKEN_STATES[name]
+    patch = BREAK.format(name=function, before=position == "before", when=when, code=code)
+    scenario_id = name.split(",")[0]
     result = run_patched(tmp_path, clean_env(), scenario_id, patch)
     record = result.scenario(scenario_id)
     if inconclusive(result, scenario_id):  # the storm on a machine too busy to time it
