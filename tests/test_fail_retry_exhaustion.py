@@ -190,7 +190,11 @@ def run_patched(tmp_path, env, scenario_id: str, patch: str):
     with the lesson imported as `lab`): a bug, or a fault that does not land, made on purpose."""
     wrapper = tmp_path / "patched_lesson.py"
     wrapper.write_text(f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nimport fail_retry_exhaustion as lab\n"
-                       f"from common import main\n{patch}\nmain()\n")
+                       f"from common import main\n{patch}\n"
+                       "if __name__ == '__main__':  # not again in a spawned worker\n"
+                       "    sys.modules['__main__'].__file__ = lab.__file__  # its name, its alerts\n"
+                       "    sys.modules['__main__'].__doc__ = lab.__doc__\n"
+                       "    main()\n")
     return run_script(str(wrapper), "--only", scenario_id, env=env, tmp_path=tmp_path)
 
 
@@ -241,6 +245,83 @@ def test_a_storm_whose_limit_never_came_into_force_fails_on_that_claim(target, t
     assert record["cleaned"] is True and lab_schemas(params, result.journal["run_id"]) == []
 
 
+# -- every recovery check checked: the state it guards broken just before it looks ------------------
+BREAK = '''
+real_{name}, calls_{name} = lab.{name}, []
+def broken_{name}(*args, **kwargs):  # lab.{name} as the lesson calls it, with the state broken
+    calls_{name}.append(1)
+    n, conn = len(calls_{name}), getattr(args[0], "conn", args[0])
+    def sql(statement):  # on the scenario's connection
+        conn.rollback()
+        with conn.cursor() as cur:
+            cur.execute(statement)
+        conn.commit()
+    if {before!r} and {when}:
+        {code}
+    result = real_{name}(*args, **kwargs)
+    if not {before!r} and {when}:
+        {code}
+    return result
+lab.{name} = broken_{name}
+'''
+
+
+BROKEN_STATES = {  # what is broken: (lab function, `code` run before or after the call when `when`
+    #                 holds, n: the call's number, args: its arguments; the claim that must then fail)
+    "exhaustion, the dead letter one attempt short": ("run_job", "after", "n == 2",
+        "sql('UPDATE dead_letter SET attempts = attempts - 1')", "is parked with its real error and 5 attempts"),
+    "exhaustion, the ended replay's mark without its work": ("batch_state", "before", "n == 4",
+        "sql('UPDATE dead_letter SET replayed_at = now()')", "done and marked, or neither"),
+    "exhaustion, a row of the replayed unit missing": ("batch_state", "before", "n == 5",
+        "sql('DELETE FROM target_rows WHERE id = 61')", "loaded and marked: ran 1 time(s), 9 of 10 rows"),
+    "exhaustion, the replayed unit run twice": ("batch_state", "before", "n == 5",
+        "sql(\"INSERT INTO unit_runs (unit) VALUES ('batch-0007')\")", "loaded and marked: ran 2 time(s)"),
+    "exhaustion, the replayed unit left pending": ("batch_state", "before", "n == 5",
+        "sql('UPDATE dead_letter SET replayed_at = NULL')", "10 of 10 rows equal to source, 1 dead letter"),
+    "storm, a worker's batch written twice in the jittered run": ("run_storm", "after",
+        "args[3].startswith('fix')", "result['rows'] += 1", "every one of the"),
+    "backoff_calculation, the worst case one sleep past the cap": ("drive", "after", "n == 3",
+        "result['sleeps'][-1] = lab.CAP_S + 1", "every sleep within the 30 s cap"),
+    "backoff_calculation, the same seed drawing other sleeps": ("drive", "after", "n == 5",
+        "result['sleeps'] = [0.9 * x for x in result['sleeps']]", "drawn from the generator the policy is given"),
+    "backoff_calculation, the slow stop one sleep and one attempt later": ("drive", "after", "n == 7",
+        "result['gave_up_at'] += lab.CAP_S + lab.ATTEMPT_TIMEOUT_S", "given up within the 300 s deadline"),
+    "backoff_calculation, the policy at 1:1000 one sleep off": ("drive", "after", "n == 8",
+        "result['sleeps'][-1] *= 2", "at 1:1000 it is the same policy"),
+    "non_transient, order 43 charged twice": ("in_transaction", "after",
+        "args[1] is lab.record_payment and args[2:] == (43,)", "real_in_transaction(*args)",
+        "order 43 is charged exactly once"),
+    "non_transient, a transfer applied twice": ("transfer", "after", "args[1] == 1", "real_transfer(*args[:4])",
+        "each transfer applied exactly once"),
+    "poison_job, another job done twice": ("queue_state", "before", "n == 2",
+        "sql('INSERT INTO job_effects SELECT * FROM job_effects WHERE job_id = 5')",
+        "every other job done exactly once: 6 of 7"),
+    "poison_job, a worker of the dead letter not killed": ("queue_state", "before", "n == 2",
+        "sql('UPDATE worker_exits SET exit_code = 0 WHERE pid = (SELECT workers[1] FROM dead_jobs)')",
+        "the dead letter names the 3 workers that took job 1, each reported killed"),
+    "hung_attempt, the unit applied twice": ("ledger_of", "before", "n == 1",
+        "sql(\"INSERT INTO ledger (unit, amount) VALUES ('unit-2', 25)\")", "unit-2 is in the ledger 2 time(s)"),
+}
+
+
+@pytest.mark.parametrize("name", list(BROKEN_STATES))
+def test_a_recovery_check_fails_when_the_state_it_guards_is_broken(name, embedded_params, tmp_path):
+    """Each recovery claim of each scenario, shown to fail when what it guards is broken (a row
+    missing, doubled, stale, a figure off) just before it looks; the failure itself still shown."""
+    function, position, when, code, claim = BROKEN_STATES[name]
+    patch = BREAK.format(name=function, before=position == "before", when=when, code=code)
+    scenario_id = name.split(",")[0]
+    result = run_patched(tmp_path, clean_env(), scenario_id, patch)
+    record = result.scenario(scenario_id)
+    if inconclusive(result, scenario_id):  # the storm on a machine too busy to time it
+        pytest.skip(record["reason"])
+    assert result.returncode == 1 and record["triggered"] is True and record["cleaned"] is True, \
+        result.stdout[-3000:]
+    failed = [c["claim"] for c in record["checks"] if c["phase"] == "recovered" and not c["ok"]]
+    assert any(claim in c for c in failed), (claim, failed)
+    assert lab_schemas(embedded_params, result.journal["run_id"]) == []
+
+
 # -- faults that do not land: FAILLAB_NO_FAULTS=1 makes the proxy's outage a no-op -------------------
 FAULT_NOT_LANDED = {  # each scenario stops on the claim that its outage landed
     "exhaustion": "stopped early: the outage landed: the proxy refused the job's connections to batch-0007",
@@ -269,10 +350,15 @@ def test_every_scenario_whose_outage_does_not_land_fails_on_that_claim(embedded_
 
 def test_a_replay_that_waits_for_the_lock_is_right_too(target, tmp_path):
     """FOR UPDATE without SKIP LOCKED: the second replayer waits for the first one's commit, then
-    finds nothing left to do. Slower, but exactly once: graded as passing."""
+    finds nothing left to do. Slower, but exactly once: graded as passing. Its SQL is written in
+    lower case over several lines, which the lab's hooks must read as well as the lesson's."""
     _, env, params = target
-    write_solution(tmp_path, SCRIPT, "exhaustion", "run_unit = run_unit_dead_letter\n\n" + source_of(
-        lab.replay_dead_letters).replace("FOR UPDATE SKIP LOCKED", "FOR UPDATE"))
+    replay = source_of(lab.replay_dead_letters)
+    for upper, lower in (('"SELECT unit FROM dead_letter"', '"select unit\\n  from dead_letter"'),
+                         ("FOR UPDATE SKIP LOCKED", "for update"), ('"UPDATE dead_letter', '"update\\n  dead_letter')):
+        assert upper in replay
+        replay = replay.replace(upper, lower)
+    write_solution(tmp_path, SCRIPT, "exhaustion", "run_unit = run_unit_dead_letter\n\n" + replay)
     result = grade(SCRIPT, "exhaustion", tmp_path, env)
     assert result.returncode == 0 and result.scenario("exhaustion")["status"] == "passed", result.stdout[-3000:]
     assert lab_schemas(params, result.journal["run_id"]) == []
@@ -604,6 +690,11 @@ def test_only_database_errors_are_classified():
 
 
 # -- the backoff arithmetic ----------------------------------------------------------------------
+def test_human_names_the_largest_unit_that_fits():
+    assert lab.human(2 ** 30) == "34.0 years" and lab.human(2 ** 20) == "12.1 days"
+    assert lab.human(1024) == "17.1 min" and lab.human(3600) == "1.0 h" and lab.human(59.5) == "59.50 s"
+
+
 def test_backoff_schedule_follows_the_policy():
     assert lab.backoff_schedule(wait_exponential(multiplier=1, max=10), 7) == [1, 2, 4, 8, 10, 10]
     assert lab.backoff_schedule(wait_fixed(0.5), 4) == [0.5, 0.5, 0.5]
