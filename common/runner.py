@@ -82,6 +82,10 @@ def run_scenario(run: Run, spec: ScenarioSpec, index: int) -> dict:
                                       interrupted=interrupted is not None)
     if cannot_wait is not None:
         _fail_start(str(cannot_wait))
+    for name, exc in s.worker_errors if status == "passed" else ():  # a worker that crashed: no pass
+        claim = f"unexpected {output.error_type(exc)} in worker {name}: {output.redact(str(exc).strip())[:300]}"
+        s.checks.append(Check(s.phase, False, claim))
+        reason = reason or claim
     reason = student_verdicts(s, reason)
     triggered, recovered = s.verdicts()
     if status == "passed" and not (triggered and recovered and cleaned):

@@ -108,6 +108,7 @@ class Scenario:
         self._workers: list = []  # threads and processes, stopped before anything else
         self._gates: list = []  # barriers and events, released so no worker waits forever
         self._stopping = False  # set by teardown: from then on a worker's error is expected
+        self.worker_errors: list[tuple[str, BaseException]] = []  # a worker's unexpected error fails the run
         self._tmpdir: Path | None = None
         self._fork_server = False  # started by spawn_many(), stopped at teardown
         self.conn = None
@@ -245,12 +246,13 @@ class Scenario:
     def thread(self, target, *args, name: str | None = None) -> threading.Thread:
         """Start a worker thread; joined at teardown (workers must end on their own). A worker that
         fails because teardown ended its work (a broken barrier, a terminated backend) ends quietly;
-        any other failure of a worker is shown as usual."""
+        any other failure of a worker is shown as usual, and fails the scenario (runner)."""
         def run():
             try:
                 target(*args)
-            except Exception:
+            except Exception as exc:
                 if not self._stopping:
+                    self.worker_errors.append((threading.current_thread().name, exc))
                     raise
 
         t = threading.Thread(target=run, name=name or f"faillab-{self.id}", daemon=True)

@@ -15,6 +15,7 @@ BROKEN = "tests/fixtures/fail_broken.py"
     ("crash_in_trigger", "triggered"),
     ("crash_in_recovery", "recovered"),
     ("unfinished_after_pass", "recovered"),
+    ("crash_in_worker", "recovered"),  # a worker thread's error: no pass, though every claim held
 ])
 def test_a_crash_or_an_early_stop_after_passing_checks_fails_its_phase(scenario_id, phase, tmp_path):
     result = run_script(BROKEN, "--only", scenario_id, tmp_path=tmp_path)
@@ -23,6 +24,15 @@ def test_a_crash_or_an_early_stop_after_passing_checks_fails_its_phase(scenario_
     assert record["status"] == "failed" and record[phase] is False
     assert any(c["ok"] for c in record["checks"]), "the fixture passes a check before it crashes"
     assert record["cleaned"] is True
+
+
+def test_a_worker_thread_that_crashes_fails_the_scenario_by_name(tmp_path):
+    result = run_script(BROKEN, "--only", "crash_in_worker", tmp_path=tmp_path)
+    record = result.scenario("crash_in_worker")
+    failed = [c["claim"] for c in record["checks"] if not c["ok"]]
+    assert result.returncode == 1 and record["triggered"] is True and record["recovered"] is False, failed
+    assert failed == ["unexpected KeyError in worker the loader: 'missing'"], failed
+    assert record["reason"] == failed[0] and record["cleaned"] is True
 
 
 def test_the_fix_runs_through_its_slot_and_prevention_prints_it(tmp_path):
