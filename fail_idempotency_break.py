@@ -317,10 +317,12 @@ def prove_idempotent(s, rerun, tables: tuple[str, ...] = ("orders",)) -> None:
 
 # -- the lab's fault: the server ends the load's connection in the middle of it ----------------
 KILL_SWITCH = """
-    CREATE SEQUENCE kill_switch_fired;   -- a sequence: its count survives the rollback
+    CREATE SEQUENCE kill_switch_fired;   -- sequences: what they hold survives the rollback
+    CREATE SEQUENCE kill_switch_order;   -- the order it fired at: 1350 for ORD-01350
     CREATE FUNCTION kill_switch() RETURNS trigger LANGUAGE plpgsql AS $$
     BEGIN
         IF nextval('kill_switch_fired') = 1 THEN  -- once: the next run gets through
+            PERFORM setval('kill_switch_order', substr(NEW.order_ref, 5)::bigint);
             PERFORM pg_terminate_backend(pg_backend_pid());
             PERFORM pg_catalog.pg_sleep(5);        -- the end lands here, mid-statement
         END IF;
@@ -334,21 +336,22 @@ KILL_SWITCH = """
 def server_ends_connection(s, when: sql.Composable = sql.SQL("true")):
     """Arm a one-shot fault from outside the load: the first row written to orders that matches
     `when` makes the server end that connection (pg_terminate_backend), in the middle of the
-    statement. Yields a function that says whether it fired; disarmed on the way out. Under
-    FAILLAB_NO_FAULTS=1 it is never armed, so the claims that it landed must fail."""
+    statement. Yields a function that says at which order it fired, as the server recorded it
+    (1350 for ORD-01350), or None; disarmed on the way out. Under FAILLAB_NO_FAULTS=1 it is never
+    armed, so the claims that it landed must fail."""
     if not faults_enabled():
-        yield lambda: False
+        yield lambda: None
         return
     with s.conn.cursor() as cur:
         cur.execute(sql.SQL(KILL_SWITCH).format(when=when))
     s.conn.commit()
     try:
-        yield lambda: bool(db.scalar(s.conn, "SELECT is_called FROM kill_switch_fired"))
+        yield lambda: db.scalar(s.conn, "SELECT last_value FROM kill_switch_order WHERE is_called")
     finally:
         s.conn.rollback()
         with s.conn.cursor() as cur:
             cur.execute("DROP TRIGGER kill_switch ON orders; DROP FUNCTION kill_switch(); "
-                        "DROP SEQUENCE kill_switch_fired")
+                        "DROP SEQUENCE kill_switch_fired, kill_switch_order")
         s.conn.commit()
 
 
@@ -839,7 +842,7 @@ def partial_failure(s):
     load = s.fix("load_extract")
     before = visible_state(s)
     ended_ref = fixed[ENDED_AT - 1]["order_ref"]
-    with server_ends_connection(s, sql.SQL("NEW.order_ref = {}").format(sql.Literal(ended_ref))) as fired:
+    with server_ends_connection(s, sql.SQL("NEW.order_ref = {}").format(sql.Literal(ended_ref))) as fired_at:
         with s.step(f"The source corrects line {first_bad}; run the load. The server ends its "
                     f"connection at line {ENDED_AT} (pg_terminate_backend)") as st:
             job = s.connect()
@@ -848,7 +851,9 @@ def partial_failure(s):
             after = visible_state(s)
             st.result = (f"orders {before.rows} -> {after.rows} rows, "
                          f"load_rejects {before.rejects} -> {after.rejects}")
-        s.recovered_if(connection_ended(s, job, backend, error) and fired(),
+        at = s.measure("connection_ended_at", fired_at(), show=False,
+                       note="the order whose row the server ended the load at, as the server recorded it")
+        s.recovered_if(connection_ended(s, job, backend, error) and at == ENDED_AT,
                        f"the server ended the load's connection at line {ENDED_AT}: its backend is "
                        f"gone from pg_stat_activity, the error a lost connection, not a cancel (57014)")
     s.measure("rows_after_lost_connection", after.rows, show=False,
@@ -1063,7 +1068,7 @@ def constraint_violation(s):
                                f"{len({r['order_ref'] for r in deltas[0]})} orders"
                    + (f" (not: {', '.join(missed[:3])})" if missed else ""))
     before2 = visible_state(s)
-    with server_ends_connection(s) as fired:
+    with server_ends_connection(s) as fired_at:
         with s.step("Load delta 2; the server ends the connection at its first write to "
                     "orders, after the validation") as st:
             backend = backend_of(job)
@@ -1071,7 +1076,7 @@ def constraint_violation(s):
             after2 = visible_state(s)
             st.result = (f"orders {before2.rows} -> {after2.rows} rows, "
                          f"load_rejects {before2.rejects} -> {after2.rejects}")
-        s.recovered_if(connection_ended(s, job, backend, error) and fired(),
+        s.recovered_if(connection_ended(s, job, backend, error) and fired_at() is not None,
                        "the server ended the connection of delta 2 between its validation and its "
                        "upsert: its backend is gone from pg_stat_activity, the error a lost "
                        "connection, not a cancel (57014)")
@@ -1373,8 +1378,8 @@ from common import budget  # noqa: E402
 from common.detect import sql_check  # noqa: E402
 from common.faults import Hooks, Instrumented  # noqa: E402
 
-LOCK_WAIT = "100ms"  # the refresh's lock_timeout (production: a second or a few)
-LOCK_WAIT_S = 0.1
+LOCK_WAIT_S = 0.1    # the refresh's lock_timeout (production: a second or a few)
+LOCK_WAIT = f"{LOCK_WAIT_S * 1000:g}ms"
 SLACK_S = 2.0        # what a busy machine may add to a wait the server measures (< QUEUE_LIMIT_S)
 ATTEMPTS = 5         # the refresh's bounded retry
 READERS = 3          # dashboards that read the table while the refresh waits
