@@ -823,7 +823,8 @@ def partial_failure(s):
     lost = s.measure("rolled_back_in_open_batch", len(rolled_back), show=False,
                      note="good rows lost with the open batch at the first bad row")
     s.triggered_if(rolled_back == list(range(committed + 1, first_bad)),
-                   f"the {lost} good rows {committed + 1}..{first_bad - 1} of the open batch "
+                   f"the {lost} good rows {min(rolled_back, default=None)}.."
+                   f"{max(rolled_back, default=None)} of the open batch "
                    "were rolled back with it; the lines after it were never tried")
     s.root_cause(f"""
         The commit boundary (every {COMMIT_EVERY} rows) is not the unit of work (the extract):
@@ -897,6 +898,7 @@ def partial_failure(s):
 
 
 # == 3. constraint_violation =====================================================================
+EDITS = 20  # orders edited in each hourly delta
 CONSTRAINTS_DDL = """
     CREATE TABLE customers (customer_id integer PRIMARY KEY);
     INSERT INTO customers SELECT generate_series(1, {customers});
@@ -986,9 +988,9 @@ DELTAS_NOT_LOADED = metric_alert("OrderDeltasNotLoaded", lambda values: [
         between its validation and its upsert, and nothing of delta 2 may be visible; the
         re-booked order and the unknown customer are set aside; ORD-00007 holds its newest
         version; orders equals the newest source versions.""",
-        hints=("""
+        hints=(f"""
             ON CONFLICT covers one case only. Which three rows make the single
-            INSERT fail, and what happens to the 20 good rows of each delta?""", """
+            INSERT fail, and what happens to the {EDITS} good rows of each delta?""", """
             Stage the delta; move the rows with an unknown customer, or with the
             invoice_no of another order, into load_rejects (DELETE ... RETURNING
             feeding an INSERT); then upsert_from_staging (DISTINCT ON, newest
@@ -1006,8 +1008,9 @@ def constraint_violation(s):
     before = snapshot(s.conn, "orders")
     s.require(before[0] == ORDERS, f"the naive upsert loaded the day's {ORDERS} orders")
 
-    def delta(hour: int, *extra: dict) -> list[dict]:  # an hourly API delta: 20 edited orders + extra rows
-        return arrive(s, [edit(s.rng, r, timedelta(hours=hour)) for r in s.rng.sample(base[10:], 20)] + list(extra))
+    def delta(hour: int, *extra: dict) -> list[dict]:  # an hourly API delta: EDITS edited orders + extra rows
+        return arrive(s, [edit(s.rng, r, timedelta(hours=hour)) for r in s.rng.sample(base[10:], EDITS)]
+                      + list(extra))
     order7 = base[6]
     deltas = [
         delta(1, edit(s.rng, order7, timedelta(hours=1, minutes=5)),    # ORD-00007 edited twice in the hour
@@ -1018,7 +1021,7 @@ def constraint_violation(s):
                   "customer_id": 9999})]                                # a customer not synced yet
     sizes = [len(d) for d in deltas]
     s.trigger(f"""
-        Three hourly deltas of 20 edited orders arrive ({" + ".join(map(str, sizes))} rows),
+        Three hourly deltas of {EDITS} edited orders arrive ({" + ".join(map(str, sizes))} rows),
         each with a row ON CONFLICT was never asked about: ORD-00007 twice in one batch; a
         re-booked order ORD-02001 carrying ORD-00042's invoice number; an order ORD-02002 for
         customer 9999, not synced yet.""")

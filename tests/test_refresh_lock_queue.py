@@ -82,3 +82,21 @@ def test_a_refresh_that_did_not_land_fails_its_claim(call, embedded_params, tmp_
     record = run_patched(ID, patch, ("embedded", clean_env(), embedded_params), tmp_path)
     failed = [c["claim"] for c in record["checks"] if c["phase"] == "recovered" and not c["ok"]]
     assert len(failed) == 1 and LANDED[call] in failed[0], failed
+
+
+AFTER_ONE = """
+real_init = lab.EndIdleAfter.__init__
+def after_one(self, idle, n, watch):  # the idle reader ends after the first refusal, not the second
+    real_init(self, idle, 1, watch)
+lab.EndIdleAfter.__init__ = after_one
+"""
+
+
+def test_an_idle_reader_that_ends_too_early_fails_the_attempts_claim(embedded_params, tmp_path):
+    """The hook's moment is pinned by the refusals the refresh really got (55P03), not assumed."""
+    from test_fail_idempotency_break import failed_claims, run_patched
+
+    record = run_patched(ID, AFTER_ONE, ("embedded", clean_env(), embedded_params), tmp_path)
+    assert record["measurements"]["refused_attempts"] == 1
+    failed = failed_claims(record)
+    assert len(failed) == 1 and "the refresh landed on its third attempt" in failed[0], failed
