@@ -1560,13 +1560,15 @@ def finished(boxes: list[dict]) -> bool:
 class EndIdleAfter(Hooks):
     """The lab's hooks on the refresh's connection (faults.Instrumented): the idle reader ends its
     transaction after the refresh's `n`-th refused attempt (55P03), and a reader reads the table
-    after each commit of the refresh."""
+    after each commit of the refresh. `errors`: the SQLSTATE of every error the server answered
+    the refresh with, kept apart from the count that decides the moment."""
 
     def __init__(self, idle, n: int, watch):
         self.idle, self.n, self.watch = idle, n, watch
-        self.refused, self.readings = 0, []
+        self.refused, self.errors, self.readings = 0, [], []
 
     def failed(self, conn, exc: Exception) -> None:
+        self.errors.append(getattr(exc, "pgcode", None))
         if isinstance(exc, psycopg2.errors.LockNotAvailable):
             self.refused += 1
             if self.refused == self.n:
@@ -1740,13 +1742,14 @@ def refresh_lock_queue(s):
                 idle.rollback()  # the refresh queued instead of giving up: let it through
                 wait_until(lambda: refresh["done"].is_set())
             landed = versions(s)[0]
-            st.result = (f"{hooks.refused} attempts refused (55P03), then "
+            refused = s.measure("refused_attempts", hooks.errors.count("55P03"), show=False,
+                                note="refresh attempts refused with 55P03 before the idle reader ended")
+            st.result = (f"{refused} attempts refused (55P03), then "
                          + ("it landed" if refresh["error"] is None else f"{type(refresh['error']).__name__}"))
-            s.measure("refused_attempts", hooks.refused, show=False,
-                      note="refresh attempts refused with 55P03 before the idle reader ended")
-            s.recovered_if(refresh["error"] is None and hooks.refused == 2 and landed == after,
+            s.recovered_if(refresh["error"] is None and hooks.errors == ["55P03"] * 2 and landed == after,
                            "the refresh landed on its third attempt, once the idle reader had ended: "
-                           "customer_totals equals the source's totals (count and checksum)")
+                           "the server refused two (55P03), nothing else; customer_totals equals the "
+                           "source's totals (count and checksum)")
             readings = seen + hooks.readings
             wrong = [r for r in seen if r not in (old, new)] + [r for r in hooks.readings if r not in (before, after)]
             s.measure("readings_wrong", len(wrong), show=False,
