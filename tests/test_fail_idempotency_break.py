@@ -396,9 +396,12 @@ def test_a_repair_that_keeps_the_oldest_row_fails_right_after_the_repair(target,
     record = run_patched("duplicate_detection", KEEP_OLDEST, target, tmp_path)
     failed = failed_claims(record)
     assert record["measurements"]["not_newest_after_repair"] > 0
-    # only the check right after the repair sees it: the reload then overwrites the evidence
+    # the check right after the repair sees it, and the reload that then overwrites the evidence
+    # writes the versions the repair should have kept; the final proof sees nothing
     assert failed == ["right after the repair, each table holds the newest version of every order, "
-                      "once: count, sum and checksum as expected_orders"]
+                      "once: count, sum and checksum as expected_orders",
+                      f"the {lab.RETYPED} re-typed keys land on their canonical orders: no error, no new "
+                      "row, nothing written (the repair kept day 2's versions)"]
 
 
 @pytest.mark.parametrize("scenario_id, claim", [
