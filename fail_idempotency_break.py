@@ -868,8 +868,9 @@ def partial_failure(s):
         s.measure("staged_rowcount", written, show=False,
                   note="rows the run on a new connection wrote, rejects included")
         st.result = f"{written} rows written, rejects included" if error is None else "the load failed"
-    s.recovered_if(error is None and written == ORDERS - committed,
-                   f"the run completes and writes the {ORDERS - committed} missing rows, not the "
+    missing = ORDERS - committed
+    s.recovered_if(error is None and written == missing,
+                   f"the run completes and writes the {missing} missing rows, not the "
                    f"{committed} already in" + ("" if error is None else
                                                  f" (it raised {type(error).__name__})"))
     with s.step("Read load_rejects: the rows set aside, with the server's error") as st:
@@ -1689,7 +1690,7 @@ def refresh_lock_queue(s):
             s.recovered_if(drained and refresh["error"] is None and len(waits) == READERS and landed == wanted,
                            "the refresh landed (customer_totals equals the source's totals) and every "
                            "reader answered once the idle reader was gone")
-            s.triggered_if(len(waits) == READERS and least <= min(waits) <= max(waits) <= most,
+            s.triggered_if([least <= wait <= most for wait in waits] == [True] * READERS,
                            f"each reader waited {least:.2f} s at least (seen blocked until the idle "
                            f"reader ended) and {most:.2f} s at most, by the server's clock")
             for conn in [idle, refresher] + [b["conn"] for b in readers]:
