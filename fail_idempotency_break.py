@@ -869,7 +869,7 @@ def partial_failure(s):
                   note="rows the run on a new connection wrote, rejects included")
         st.result = f"{written} rows written, rejects included" if error is None else "the load failed"
     missing = ORDERS - committed
-    s.recovered_if(error is None and written == missing,
+    s.recovered_if((error, written) == (None, missing),
                    f"the run completes and writes the {missing} missing rows, not the "
                    f"{committed} already in" + ("" if error is None else
                                                  f" (it raised {type(error).__name__})"))
@@ -1099,7 +1099,8 @@ def constraint_violation(s):
     newest7 = deltas[0][-1]  # the later of ORD-00007's two edits in the first delta
     held7 = db.rows(s.conn, "SELECT amount, updated_at FROM orders WHERE order_ref = %s", (newest7["order_ref"],))
     s.recovered_if(held7 == [(newest7["amount"], newest7["updated_at"])],
-                   f"ORD-00007 holds its newest version ({newest7['amount']}, {newest7['updated_at']:%H:%M})")
+                   f"{newest7['order_ref']} holds its newest version ({newest7['amount']}, "
+                   f"{newest7['updated_at']:%H:%M})")
     written = [first, second, third]
     done = None if None in written else sum(written)
     s.measure("rows_written", done, show=False, note="rows the three deltas wrote with load_checked")
