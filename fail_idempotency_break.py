@@ -16,9 +16,11 @@ import common  # noqa: F401  first: its signal handlers are installed from the f
 import contextlib
 import hashlib
 import json
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
+from typing import NamedTuple
 
 import psycopg2
 from psycopg2 import sql
@@ -315,10 +317,12 @@ def prove_idempotent(s, rerun, tables: tuple[str, ...] = ("orders",)) -> None:
 
 # -- the lab's fault: the server ends the load's connection in the middle of it ----------------
 KILL_SWITCH = """
-    CREATE SEQUENCE kill_switch_fired;   -- a sequence: its count survives the rollback
+    CREATE SEQUENCE kill_switch_fired;   -- sequences: what they hold survives the rollback
+    CREATE SEQUENCE kill_switch_order;   -- the order it fired at: 1350 for ORD-01350
     CREATE FUNCTION kill_switch() RETURNS trigger LANGUAGE plpgsql AS $$
     BEGIN
         IF nextval('kill_switch_fired') = 1 THEN  -- once: the next run gets through
+            PERFORM setval('kill_switch_order', substr(NEW.order_ref, 5)::bigint);
             PERFORM pg_terminate_backend(pg_backend_pid());
             PERFORM pg_catalog.pg_sleep(5);        -- the end lands here, mid-statement
         END IF;
@@ -332,21 +336,22 @@ KILL_SWITCH = """
 def server_ends_connection(s, when: sql.Composable = sql.SQL("true")):
     """Arm a one-shot fault from outside the load: the first row written to orders that matches
     `when` makes the server end that connection (pg_terminate_backend), in the middle of the
-    statement. Yields a function that says whether it fired; disarmed on the way out. Under
-    FAILLAB_NO_FAULTS=1 it is never armed, so the claims that it landed must fail."""
+    statement. Yields a function that says at which order it fired, as the server recorded it
+    (1350 for ORD-01350), or None; disarmed on the way out. Under FAILLAB_NO_FAULTS=1 it is never
+    armed, so the claims that it landed must fail."""
     if not faults_enabled():
-        yield lambda: False
+        yield lambda: None
         return
     with s.conn.cursor() as cur:
         cur.execute(sql.SQL(KILL_SWITCH).format(when=when))
     s.conn.commit()
     try:
-        yield lambda: bool(db.scalar(s.conn, "SELECT is_called FROM kill_switch_fired"))
+        yield lambda: db.scalar(s.conn, "SELECT last_value FROM kill_switch_order WHERE is_called")
     finally:
         s.conn.rollback()
         with s.conn.cursor() as cur:
             cur.execute("DROP TRIGGER kill_switch ON orders; DROP FUNCTION kill_switch(); "
-                        "DROP SEQUENCE kill_switch_fired")
+                        "DROP SEQUENCE kill_switch_fired, kill_switch_order")
         s.conn.commit()
 
 
@@ -384,9 +389,17 @@ def connection_ended(s, job, backend: tuple, error) -> bool:
             and bool(job.closed) and not listed)
 
 
-def visible_state(s) -> tuple:
-    """What a reader of the target sees: the orders snapshot and the rejects."""
-    return snapshot(s.conn, "orders"), count(s.conn, "load_rejects")
+class Visible(NamedTuple):
+    """What a reader of the target sees: orders (its snapshot) and the rejects."""
+    rows: int
+    total: Decimal
+    checksum: str
+    duplicates: int
+    rejects: int
+
+
+def visible_state(s) -> Visible:
+    return Visible(*snapshot(s.conn, "orders"), count(s.conn, "load_rejects"))
 
 
 def not_held(conn, rows: list[dict]) -> list[str]:
@@ -553,8 +566,12 @@ def duplicate_detection(s):
               note="web-shop keys (NULL store_id) twice in orders_v2")
     s.measure("duplicates_case_whitespace", spelling, show=False,
               note="re-typed store keys twice in orders_v2")
-    s.measure("duplicates_before", surrogate + null_store + spelling, show=False,
+    held_twice = {t: duplicate_keys(s.conn, t) for t in ("orders_v1", "orders_v2")}
+    s.measure("duplicates_before", sum(held_twice.values()), show=False,
               note="business keys held twice, the three causes together", headline=True)
+    s.triggered_if(held_twice == {"orders_v1": surrogate, "orders_v2": null_store + spelling},
+                   f"the three causes are every key held twice: {held_twice['orders_v1']} in "
+                   f"orders_v1, {held_twice['orders_v2']} in orders_v2")
     s.triggered_if(surrogate == ORDERS, f"orders_v1 holds every one of the {ORDERS} orders twice")
     s.triggered_if(null_store == web_shop, f"orders_v2 holds every one of the {web_shop} web-shop orders twice")
     s.triggered_if(spelling == RETYPED, f"orders_v2 holds each of the {RETYPED} re-typed store orders twice")
@@ -614,8 +631,9 @@ def duplicate_detection(s):
         rows_now = {t: count(s.conn, t) for t in keys}
         st.result = (f"{written} rows written; orders_v1 {rows_now['orders_v1']} rows, "
                      f"orders_v2 {rows_now['orders_v2']}" if error is None else "the load failed")
-    s.recovered_if(error is None and rows_now == {t: ORDERS for t in keys},
-                   f"the {RETYPED} re-typed keys land on their canonical orders: no error, no new row")
+    s.recovered_if((error, written, rows_now) == (None, 0, {t: ORDERS for t in keys}),
+                   f"the {RETYPED} re-typed keys land on their canonical orders: no error, no new "
+                   "row, nothing written (the repair kept day 2's versions)")
     prove_idempotent(s, lambda: load_all([day1, day2]), tuple(keys))
     s.prevention("""
         Make the unique index the business key, NULL-safe and canonical, and name it as the
@@ -639,6 +657,8 @@ BAD_LINES = {1234: Decimal("-19.99"),        # a refund sent as a negative order
              1500: Decimal("250000000.00"),  # an order in rupiah: numeric(10, 2) overflows
              1800: Decimal("-5.00")}         # another negative amount, further down
 ENDED_AT = 1350  # the line at which the server ends the recovery's first load
+# What the naive load leaves: its full batches before the first bad line (1200 rows).
+PREFIX = (min(BAD_LINES) - 1) // COMMIT_EVERY * COMMIT_EVERY
 
 
 def with_bad_rows(rows: list[dict]) -> list[dict]:
@@ -747,7 +767,7 @@ def unloaded_orders(conn) -> list[tuple]:
         the same version, are not written again.
         Graded: the server ends the first run's connection at line {ENDED_AT}: orders and
         load_rejects must look exactly as before it; the next run writes the
-        {ORDERS - 1200} missing rows (2 of them as rejects: lines 1500 and 1800), and a run
+        {ORDERS - PREFIX} missing rows (2 of them as rejects: lines 1500 and 1800), and a run
         after that writes nothing.""",
         hints=("""
             Count the COMMITs: what does a reader see when the server ends the
@@ -763,7 +783,7 @@ def unloaded_orders(conn) -> list[tuple]:
         arrived) that are neither in orders nor set aside in load_rejects, one item per
         order, by business key (store_id and order_ref, compared upper case and without
         blanks); an empty list when the load is complete.
-        Graded: on the {ORDERS - 1200} orders the stopped naive load never wrote it fires; after
+        Graded: on the {ORDERS - PREFIX} orders the stopped naive load never wrote it fires; after
         the recovery (orders holds {ORDERS - 2} orders, load_rejects 2) it finds nothing.""",
         hints=("""
             Two rows of the extract are refused on purpose and set aside: what
@@ -790,14 +810,22 @@ def partial_failure(s):
     committed = s.measure("committed_before_error", count(s.conn, "orders"), show=False,
                           note="rows the naive load committed before its first bad row: a prefix",
                           headline=True)
-    lost = s.measure("rolled_back_in_open_batch", first_bad - 1 - committed, show=False,
+    held = {ref for ref, in db.rows(s.conn, "SELECT order_ref FROM orders")}
+    lines_in = {n for n, r in enumerate(extract, 1) if r["order_ref"] in held}
+    batches = s.measure("committed_batches", db.scalar(
+        s.conn, "SELECT count(DISTINCT xmin::text) FROM orders"), show=False,
+        note="transactions that wrote the rows orders holds (distinct xmin)")
+    s.triggered_if((committed, lines_in, batches) == (PREFIX, set(range(1, PREFIX + 1)),
+                                                     PREFIX // COMMIT_EVERY),
+                   f"{committed} of {ORDERS} rows are in, lines 1..{PREFIX}, written by "
+                   f"{batches} transactions: the batches committed before line {first_bad} stay")
+    rolled_back = [n for n in range(1, first_bad) if n not in lines_in]
+    lost = s.measure("rolled_back_in_open_batch", len(rolled_back), show=False,
                      note="good rows lost with the open batch at the first bad row")
-    every_full_batch = (first_bad - 1) // COMMIT_EVERY * COMMIT_EVERY
-    s.triggered_if(committed == every_full_batch,
-                   f"{committed} of {ORDERS} rows are in: the {committed // COMMIT_EVERY} batches "
-                   f"committed before line {first_bad} stay")
-    s.say(f"The {lost} good rows {committed + 1}..{first_bad - 1} were rolled back with the "
-          f"open batch; rows {first_bad + 1}..{ORDERS} were never tried.")
+    s.triggered_if(rolled_back == list(range(committed + 1, first_bad)),
+                   f"the {lost} good rows {min(rolled_back, default=None)}.."
+                   f"{max(rolled_back, default=None)} of the open batch "
+                   "were rolled back with it; the lines after it were never tried")
     s.root_cause(f"""
         The commit boundary (every {COMMIT_EVERY} rows) is not the unit of work (the extract):
         a failure at any row, a bad value or a lost connection, leaves a prefix behind, and
@@ -815,30 +843,34 @@ def partial_failure(s):
     load = s.fix("load_extract")
     before = visible_state(s)
     ended_ref = fixed[ENDED_AT - 1]["order_ref"]
-    with server_ends_connection(s, sql.SQL("NEW.order_ref = {}").format(sql.Literal(ended_ref))) as fired:
+    with server_ends_connection(s, sql.SQL("NEW.order_ref = {}").format(sql.Literal(ended_ref))) as fired_at:
         with s.step(f"The source corrects line {first_bad}; run the load. The server ends its "
                     f"connection at line {ENDED_AT} (pg_terminate_backend)") as st:
             job = s.connect()
             backend = backend_of(job)
             _, error = attempt(s, job, load, job, fixed, key)
             after = visible_state(s)
-            st.result = (f"orders {before[0][0]} -> {after[0][0]} rows, "
-                         f"load_rejects {before[1]} -> {after[1]}")
-        s.recovered_if(connection_ended(s, job, backend, error) and fired(),
+            st.result = (f"orders {before.rows} -> {after.rows} rows, "
+                         f"load_rejects {before.rejects} -> {after.rejects}")
+        at = s.measure("connection_ended_at", fired_at(), show=False,
+                       note="the order whose row the server ended the load at, as the server recorded it")
+        s.recovered_if(connection_ended(s, job, backend, error) and at == ENDED_AT,
                        f"the server ended the load's connection at line {ENDED_AT}: its backend is "
                        f"gone from pg_stat_activity, the error a lost connection, not a cancel (57014)")
-    s.measure("rows_after_lost_connection", after[0][0], show=False,
+    s.measure("rows_after_lost_connection", after.rows, show=False,
               note="rows in orders after the one-commit load lost its connection")
-    s.recovered_if(after == before, f"nothing of the interrupted load is visible: orders is still "
-                                    f"the {committed}-row prefix, same checksum; load_rejects as before")
+    s.recovered_if((after, after.rows) == (before, committed),
+                   f"nothing of the interrupted load is visible: orders is still the "
+                   f"{committed}-row prefix, same checksum; load_rejects as before")
     with s.step("Run it again, on a new connection") as st:
         job = s.connect()
         written, error = attempt(s, job, load, job, fixed, key)
         s.measure("staged_rowcount", written, show=False,
                   note="rows the run on a new connection wrote, rejects included")
         st.result = f"{written} rows written, rejects included" if error is None else "the load failed"
-    s.recovered_if(error is None and written == ORDERS - committed,
-                   f"the run completes and writes the {ORDERS - committed} missing rows, not the "
+    missing = ORDERS - committed
+    s.recovered_if((error, written) == (None, missing),
+                   f"the run completes and writes the {missing} missing rows, not the "
                    f"{committed} already in" + ("" if error is None else
                                                  f" (it raised {type(error).__name__})"))
     with s.step("Read load_rejects: the rows set aside, with the server's error") as st:
@@ -867,6 +899,7 @@ def partial_failure(s):
 
 
 # == 3. constraint_violation =====================================================================
+EDITS = 20  # orders edited in each hourly delta
 CONSTRAINTS_DDL = """
     CREATE TABLE customers (customer_id integer PRIMARY KEY);
     INSERT INTO customers SELECT generate_series(1, {customers});
@@ -956,9 +989,9 @@ DELTAS_NOT_LOADED = metric_alert("OrderDeltasNotLoaded", lambda values: [
         between its validation and its upsert, and nothing of delta 2 may be visible; the
         re-booked order and the unknown customer are set aside; ORD-00007 holds its newest
         version; orders equals the newest source versions.""",
-        hints=("""
+        hints=(f"""
             ON CONFLICT covers one case only. Which three rows make the single
-            INSERT fail, and what happens to the 20 good rows of each delta?""", """
+            INSERT fail, and what happens to the {EDITS} good rows of each delta?""", """
             Stage the delta; move the rows with an unknown customer, or with the
             invoice_no of another order, into load_rejects (DELETE ... RETURNING
             feeding an INSERT); then upsert_from_staging (DISTINCT ON, newest
@@ -976,8 +1009,9 @@ def constraint_violation(s):
     before = snapshot(s.conn, "orders")
     s.require(before[0] == ORDERS, f"the naive upsert loaded the day's {ORDERS} orders")
 
-    def delta(hour: int, *extra: dict) -> list[dict]:  # an hourly API delta: 20 edited orders + extra rows
-        return arrive(s, [edit(s.rng, r, timedelta(hours=hour)) for r in s.rng.sample(base[10:], 20)] + list(extra))
+    def delta(hour: int, *extra: dict) -> list[dict]:  # an hourly API delta: EDITS edited orders + extra rows
+        return arrive(s, [edit(s.rng, r, timedelta(hours=hour)) for r in s.rng.sample(base[10:], EDITS)]
+                      + list(extra))
     order7 = base[6]
     deltas = [
         delta(1, edit(s.rng, order7, timedelta(hours=1, minutes=5)),    # ORD-00007 edited twice in the hour
@@ -988,22 +1022,25 @@ def constraint_violation(s):
                   "customer_id": 9999})]                                # a customer not synced yet
     sizes = [len(d) for d in deltas]
     s.trigger(f"""
-        Three hourly deltas of 20 edited orders arrive ({" + ".join(map(str, sizes))} rows),
+        Three hourly deltas of {EDITS} edited orders arrive ({" + ".join(map(str, sizes))} rows),
         each with a row ON CONFLICT was never asked about: ORD-00007 twice in one batch; a
         re-booked order ORD-02001 carrying ORD-00042's invoice number; an order ORD-02002 for
         customer 9999, not synced yet.""")
     behind = rows_behind(s)
     behind.set(sum(sizes))  # the job's backlog: every delta received, none loaded yet
+    refused = []  # the SQLSTATE the server refused each delta with
     for batch, error, state in zip(deltas, (psycopg2.errors.CardinalityViolation, psycopg2.errors.UniqueViolation,
                                             psycopg2.errors.ForeignKeyViolation), ("21000", "23505", "23503")):
-        with s.expect(error, sqlstate=state):
+        with s.expect(error, sqlstate=state) as caught:
             load_upsert_naive(s.conn, batch, key)
             behind.dec(len(batch))  # a committed delta is off the backlog
         s.conn.rollback()
-    s.measure("rows_blocked", sum(sizes), show=False,
-              note="rows of the three deltas the naive upsert could not write", headline=True)
-    s.triggered_if(snapshot(s.conn, "orders") == before,
-                   f"none of the {sum(sizes)} rows was written: one bad row stops its whole batch")
+        refused.append(getattr(caught.exc, "pgcode", None))
+    blocked = s.measure("rows_blocked", sum(len(d) for d, state in zip(deltas, refused) if state), show=False,
+                        note="rows of the three deltas the naive upsert could not write", headline=True)
+    s.triggered_if((refused, snapshot(s.conn, "orders")) == (["21000", "23505", "23503"], before),
+                   f"none of the {blocked} rows was written: one bad row stops its whole batch "
+                   f"({', '.join(map(str, refused))})")
     s.root_cause("""
         ON CONFLICT handles one thing: a conflict on its arbiter index, with a row already in
         the table. A key twice in the same statement would be updated twice (21000). A conflict
@@ -1016,7 +1053,6 @@ def constraint_violation(s):
         23505, 23503, 23514) blocks its whole batch and every run after it; set that row aside
         (load_rejects) and load the rest. A lost connection only needs the run again.""")
     load = s.fix("load_delta")
-    written = [None, None, None]
     pending = set(range(len(deltas)))  # the fixed job starts from the same three deltas
 
     def load_delta(n: int, job):  # one run of the job for delta n: off the backlog once committed
@@ -1028,23 +1064,23 @@ def constraint_violation(s):
     with s.step("Load delta 1 with load_checked: dedupe (newest first), set aside what the "
                 "target would refuse, upsert the rest") as st:
         job = s.connect()
-        written[0], error = load_delta(0, job)
-        st.result = f"{written[0]} rows written" if error is None else "the load failed"
+        first, error = load_delta(0, job)
+        st.result = f"{first} rows written" if error is None else "the load failed"
     s.recovered_if(error is None, "delta 1 loads without an error")
     missed = not_held(s.conn, deltas[0])
     s.recovered_if(not missed, f"orders holds the newest version of each of delta 1's "
                                f"{len({r['order_ref'] for r in deltas[0]})} orders"
                    + (f" (not: {', '.join(missed[:3])})" if missed else ""))
     before2 = visible_state(s)
-    with server_ends_connection(s) as fired:
+    with server_ends_connection(s) as fired_at:
         with s.step("Load delta 2; the server ends the connection at its first write to "
                     "orders, after the validation") as st:
             backend = backend_of(job)
             _, error = load_delta(1, job)
             after2 = visible_state(s)
-            st.result = (f"orders {before2[0][0]} -> {after2[0][0]} rows, "
-                         f"load_rejects {before2[1]} -> {after2[1]}")
-        s.recovered_if(connection_ended(s, job, backend, error) and fired(),
+            st.result = (f"orders {before2.rows} -> {after2.rows} rows, "
+                         f"load_rejects {before2.rejects} -> {after2.rejects}")
+        s.recovered_if(connection_ended(s, job, backend, error) and fired_at() is not None,
                        "the server ended the connection of delta 2 between its validation and its "
                        "upsert: its backend is gone from pg_stat_activity, the error a lost "
                        "connection, not a cancel (57014)")
@@ -1052,8 +1088,8 @@ def constraint_violation(s):
                                       "no reject of it in load_rejects")
     with s.step("Load delta 2 again on a new connection, then delta 3") as st:
         job = s.connect()
-        (written[1], error2), (written[2], error3) = [load_delta(n, job) for n in (1, 2)]
-        st.result = (f"{written[1]} and {written[2]} rows written" if not (error2 or error3)
+        (second, error2), (third, error3) = [load_delta(n, job) for n in (1, 2)]
+        st.result = (f"{second} and {third} rows written" if not (error2 or error3)
                      else "a load failed")
     s.recovered_if(not (error2 or error3), "deltas 2 and 3 load without an error")
     rejects = show_rejects(s)
@@ -1063,9 +1099,15 @@ def constraint_violation(s):
     newest7 = deltas[0][-1]  # the later of ORD-00007's two edits in the first delta
     held7 = db.rows(s.conn, "SELECT amount, updated_at FROM orders WHERE order_ref = %s", (newest7["order_ref"],))
     s.recovered_if(held7 == [(newest7["amount"], newest7["updated_at"])],
-                   f"ORD-00007 holds its newest version ({newest7['amount']}, {newest7['updated_at']:%H:%M})")
+                   f"{newest7['order_ref']} holds its newest version ({newest7['amount']}, "
+                   f"{newest7['updated_at']:%H:%M})")
+    written = [first, second, third]
     done = None if None in written else sum(written)
     s.measure("rows_written", done, show=False, note="rows the three deltas wrote with load_checked")
+    set_aside = {ref for ref, _, _ in rejects}
+    due = [len({r["order_ref"] for r in d} - set_aside) for d in deltas]  # one row per order
+    s.recovered_if(written == due, "each delta writes one row per order it carries, less the "
+                                   f"ones set aside: {', '.join(map(str, due))} rows")
     superseded = sum(len(d) - len({r["order_ref"] for r in d}) for d in deltas)  # ORD-00007's older edit
     s.recovered_if(done == sum(sizes) - len(rejects) - superseded,
                    f"every row of the deltas is accounted for: {sum(sizes)} = {done} written + "
@@ -1253,10 +1295,13 @@ def data_drift(s):
               note="sum(amount) of orders_by_hash above the source")
     s.measure("stale_rows", stale, show=False, note="orders whose correction DO NOTHING ignored")
     s.measure("stale_total_gap", float(stale_gap), show=False, note="sum(amount) of orders below the source")
-    s.triggered_if(hashed_extra == fixes and overcount > 0,
-                   f"the hash key stores each of the {fixes} corrected orders twice: the total is too high")
-    s.triggered_if(stale == fixes and stale_gap > 0,
-                   f"DO NOTHING keeps {fixes} stale amounts: the total is too low")
+    was = {a["order_ref"]: (a["amount"], b["amount"]) for a, b in zip(day1, day2) if a != b}
+    s.triggered_if((hashed_extra, overcount) == (fixes, sum(old for old, _ in was.values())),
+                   f"the hash key stores each of the {fixes} corrected orders twice: the total is "
+                   f"{overcount} too high, their old amounts")
+    s.triggered_if((stale, stale_gap) == (fixes, sum(new - old for old, new in was.values())),
+                   f"DO NOTHING keeps {fixes} stale amounts: the total is {stale_gap} too low, "
+                   "what their corrections added")
     arrive(s, day3)  # recorded as the source's only now, so the figures above compare days 1 and 2
     s.root_cause("""
         A row hash identifies a version, not an order: a correction is a new hash, so it is
@@ -1286,18 +1331,21 @@ def data_drift(s):
         s.measure("unmapped_fields", unmapped, show=False, note="day-3 fields orders has no column for")
         st.result = (f"not in orders: {', '.join(unmapped) or 'none'}; "
                      f"type differs: {', '.join(mistyped) or 'none'}")
-    s.recovered_if(unmapped == ["currency"] and not mistyped,
+    s.recovered_if((unmapped, mistyped) == (["currency"], []),
                    "the shape check finds the one new field, currency, and no type change")
     load = s.fix("upsert_from_staging"), s.fix("as_values")
 
     def load_fixed(extract) -> int:
         return load_upsert(s.conn, extract, key, upsert=load[0], values=load[1])
     with s.step("Load days 2 and 3 with the fixes: explicit column map, newest version wins") as st:
-        written, error = attempt(s, s.conn, lambda: sum(map(load_fixed, (day2, day3))))
-        s.measure("upsert_rowcount", written, show=False, note="rows the fixed load of days 2 and 3 wrote")
-        st.result = f"{written} rows written; currency not loaded" if error is None else "the load failed"
-    s.recovered_if(written == fixes + late_fixes + new_orders,
-                   f"exactly the {fixes} + {late_fixes} corrections and the {new_orders} new orders were written")
+        written, error = attempt(s, s.conn, lambda: {"day 2": load_fixed(day2), "day 3": load_fixed(day3)})
+        s.measure("upsert_rowcount", None if error else sum(written.values()), show=False,
+                  note="rows the fixed load of days 2 and 3 wrote")
+        st.result = (f"{written['day 2']} and {written['day 3']} rows written; currency not loaded"
+                     if error is None else "the load failed")
+    s.recovered_if(written == {"day 2": fixes, "day 3": late_fixes + new_orders},
+                   f"exactly the {fixes} + {late_fixes} corrections and the {new_orders} new orders "
+                   "were written, each on its day")
     s.recovered_if(snapshot(s.conn, "orders")[:3] == snapshot(s.conn, "expected_orders")[:3],
                    "orders now equals the newest source version of every order, before any replay")
     with s.step("A late replay of day 1 arrives: older versions must not overwrite newer ones") as st:
@@ -1306,7 +1354,7 @@ def data_drift(s):
         replay, error = attempt(s, s.conn, load_fixed, day1)
         s.measure("late_replay_rowcount", replay, show=False, note="rows the late replay wrote")
         st.result = f"{late} older versions seen, {replay} rows written"
-    s.recovered_if(late == len(corrected) and replay == 0,
+    s.recovered_if((late, replay) == (len(corrected), 0),
                    f"the replay wrote nothing: all {len(corrected)} newer versions kept")
     prove_idempotent(s, lambda: sum(map(load_fixed, (day1, day2, day3))))
     s.prevention("""
@@ -1335,8 +1383,8 @@ from common import budget  # noqa: E402
 from common.detect import sql_check  # noqa: E402
 from common.faults import Hooks, Instrumented  # noqa: E402
 
-LOCK_WAIT = "100ms"  # the refresh's lock_timeout (production: a second or a few)
-LOCK_WAIT_S = 0.1
+LOCK_WAIT_S = 0.1    # the refresh's lock_timeout (production: a second or a few)
+LOCK_WAIT = f"{LOCK_WAIT_S * 1000:g}ms"
 SLACK_S = 2.0        # what a busy machine may add to a wait the server measures (< QUEUE_LIMIT_S)
 ATTEMPTS = 5         # the refresh's bounded retry
 READERS = 3          # dashboards that read the table while the refresh waits
@@ -1514,13 +1562,15 @@ def finished(boxes: list[dict]) -> bool:
 class EndIdleAfter(Hooks):
     """The lab's hooks on the refresh's connection (faults.Instrumented): the idle reader ends its
     transaction after the refresh's `n`-th refused attempt (55P03), and a reader reads the table
-    after each commit of the refresh."""
+    after each commit of the refresh. `errors`: the SQLSTATE of every error the server answered
+    the refresh with, kept apart from the count that decides the moment."""
 
     def __init__(self, idle, n: int, watch):
         self.idle, self.n, self.watch = idle, n, watch
-        self.refused, self.readings = 0, []
+        self.refused, self.errors, self.readings = 0, [], []
 
     def failed(self, conn, exc: Exception) -> None:
+        self.errors.append(getattr(exc, "pgcode", None))
         if isinstance(exc, psycopg2.errors.LockNotAvailable):
             self.refused += 1
             if self.refused == self.n:
@@ -1539,11 +1589,15 @@ def versions(s) -> tuple:
     return old, new
 
 
-def new_orders(s, n: int) -> None:
-    """More orders arrive, so that a refresh changes the totals."""
+def new_orders(s, n: int) -> tuple:
+    """More orders arrive, so that a refresh changes the totals. Returns versions(s): they differ,
+    or a refresh that did nothing would pass for one that landed."""
     first = count(s.conn, "source_orders") + 1
     s.conn.rollback()
     arrive(s, make_orders(s.rng, n, first, DAY1 + timedelta(days=1)))
+    old, new = versions(s)
+    s.require(old != new, f"{n} new orders arrived: the table no longer equals the source's totals")
+    return old, new
 
 
 @scenario("refresh_lock_queue", "A full refresh freezes every reader", fixes=[
@@ -1594,11 +1648,13 @@ def refresh_lock_queue(s):
         new_orders(s, 100)
         refresher = sessions.add("refresh", s.connect(lock_timeout="0"))
         refresh = in_thread(s, refresh_truncate_reload, refresher)
-        s.require(wait_until(lambda: sessions.blocked().get("refresh") == ["idle reader"]),
+        s.require(wait_until(lambda: sessions.blocked() == {"refresh": ["idle reader"]}),
                   "the refresh waits for its lock behind the idle reader (pg_blocking_pids)")
+        asked = time.monotonic()  # the readers ask; each wait the server measures is within ...
         readers = sessions.readers()
         s.require(wait_until(lambda: len([by for by in sessions.blocked().values() if by == ["refresh"]]) == READERS),
                   f"the {READERS} readers are blocked behind the refresh (pg_blocking_pids)")
+        queued = time.monotonic()  # ... and from here on all of them are, until the idle reader ends
         queue = sessions.queue()
         s.table(["session", "state", "waits for", "blocked by", "for s"],
                 [(name, state, waits, ", ".join(by) or "-", secs) for name, state, waits, by, secs in queue])
@@ -1621,16 +1677,23 @@ def refresh_lock_queue(s):
             or cancel the refresh that queues the readers; then give the refresh a lock_timeout.""")
 
         with s.step("On call: end the idle reader's session (pg_terminate_backend); the queue drains") as st:
+            least = time.monotonic() - queued
             db.scalar(s.conn, "SELECT pg_terminate_backend(%s)", (sessions.pid("idle reader"),))
             s.conn.rollback()
             drained = wait_until(lambda: refresh["done"].is_set() and finished(readers))
+            most = time.monotonic() - asked
             waits = [b["result"][2] for b in readers if b["result"]]
             s.measure("reader_wait_before_s", round(max(waits or [0]), 2), show=False,
                       note="the longest a reader waited behind the refresh, by the server's clock")
             st.result = (f"the refresh landed; the readers waited up to {max(waits or [0]):.2f} s"
                          if drained and refresh["error"] is None else "the queue did not drain")
-            s.recovered_if(drained and refresh["error"] is None and len(waits) == READERS,
-                           "the refresh landed and every reader answered once the idle reader was gone")
+            landed, wanted = versions(s)
+            s.recovered_if(drained and refresh["error"] is None and len(waits) == READERS and landed == wanted,
+                           "the refresh landed (customer_totals equals the source's totals) and every "
+                           "reader answered once the idle reader was gone")
+            s.triggered_if([least <= wait <= most for wait in waits] == [True] * READERS,
+                           f"each reader waited {least:.2f} s at least (seen blocked until the idle "
+                           f"reader ended) and {most:.2f} s at most, by the server's clock")
             for conn in [idle, refresher] + [b["conn"] for b in readers]:
                 conn.close()
 
@@ -1638,8 +1701,7 @@ def refresh_lock_queue(s):
         with s.step("A reader idle in its transaction again: run_refresh(refresh_table) while "
                     f"{READERS} dashboards read") as st:
             idle = sessions.idle_reader()
-            new_orders(s, 100)
-            old, new = versions(s)
+            old, new = new_orders(s, 100)
             refresher = sessions.add("refresh", s.connect(lock_timeout="0"))
             refresh = in_thread(s, s.fix("run_refresh"), refresher, s.fix("refresh_table"))
             wait_until(lambda: refresh["done"].is_set() or "refresh" in sessions.blocked())
@@ -1673,8 +1735,7 @@ def refresh_lock_queue(s):
         sessions = Sessions(s)
         with s.step("Again, and the idle reader ends after the refresh's second refused attempt") as st:
             idle = sessions.idle_reader()
-            new_orders(s, 100)
-            before, after = versions(s)
+            before, after = new_orders(s, 100)
             watch = s.connect(autocommit=True)
             hooks = EndIdleAfter(idle, 2, watch)
             refresher = Instrumented(s.connect(lock_timeout="0"), hooks)
@@ -1683,13 +1744,14 @@ def refresh_lock_queue(s):
                 idle.rollback()  # the refresh queued instead of giving up: let it through
                 wait_until(lambda: refresh["done"].is_set())
             landed = versions(s)[0]
-            st.result = (f"{hooks.refused} attempts refused (55P03), then "
+            refused = s.measure("refused_attempts", hooks.errors.count("55P03"), show=False,
+                                note="refresh attempts refused with 55P03 before the idle reader ended")
+            st.result = (f"{refused} attempts refused (55P03), then "
                          + ("it landed" if refresh["error"] is None else f"{type(refresh['error']).__name__}"))
-            s.measure("refused_attempts", hooks.refused, show=False,
-                      note="refresh attempts refused with 55P03 before the idle reader ended")
-            s.recovered_if(refresh["error"] is None and hooks.refused == 2 and landed == after,
+            s.recovered_if(refresh["error"] is None and hooks.errors == ["55P03"] * 2 and landed == after,
                            "the refresh landed on its third attempt, once the idle reader had ended: "
-                           "customer_totals equals the source's totals (count and checksum)")
+                           "the server refused two (55P03), nothing else; customer_totals equals the "
+                           "source's totals (count and checksum)")
             readings = seen + hooks.readings
             wrong = [r for r in seen if r not in (old, new)] + [r for r in hooks.readings if r not in (before, after)]
             s.measure("readings_wrong", len(wrong), show=False,

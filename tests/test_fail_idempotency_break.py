@@ -396,9 +396,12 @@ def test_a_repair_that_keeps_the_oldest_row_fails_right_after_the_repair(target,
     record = run_patched("duplicate_detection", KEEP_OLDEST, target, tmp_path)
     failed = failed_claims(record)
     assert record["measurements"]["not_newest_after_repair"] > 0
-    # only the check right after the repair sees it: the reload then overwrites the evidence
+    # the check right after the repair sees it, and the reload that then overwrites the evidence
+    # writes the versions the repair should have kept; the final proof sees nothing
     assert failed == ["right after the repair, each table holds the newest version of every order, "
-                      "once: count, sum and checksum as expected_orders"]
+                      "once: count, sum and checksum as expected_orders",
+                      f"the {lab.RETYPED} re-typed keys land on their canonical orders: no error, no new "
+                      "row, nothing written (the repair kept day 2's versions)"]
 
 
 @pytest.mark.parametrize("scenario_id, claim", [
@@ -414,6 +417,24 @@ def test_a_cancelled_statement_is_not_a_lost_connection(scenario_id, claim, targ
     assert len(failed) == 1 and claim in failed[0], failed
     assert record["measurements"]["lost_connection_sqlstate"] == "57014"   # each part measured
     assert record["measurements"]["ended_backend_listed"] is True
+
+
+ELSEWHERE = """
+real_switch = lab.server_ends_connection
+def switch_on_another_line(s, when=None):  # the kill switch fires one row later than the lesson says
+    return real_switch(s, lab.sql.SQL("NEW.order_ref = 'ORD-01351'"))
+lab.server_ends_connection = switch_on_another_line
+"""
+
+
+def test_a_fault_that_lands_on_another_line_fails_on_its_claim(embedded_params, tmp_path):
+    """Where the connection ended is what the server recorded, not what the lesson meant."""
+    from conftest import clean_env
+
+    record = run_patched("partial_failure", ELSEWHERE, ("embedded", clean_env(), embedded_params), tmp_path)
+    assert record["measurements"]["connection_ended_at"] == 1351
+    assert failed_claims(record) == [c["claim"] for c in record["checks"]
+                                     if c["claim"].startswith("the server ended the load's connection at line 1350")]
 
 
 def test_a_fault_that_does_not_land_fails_on_its_claim(embedded_params, tmp_path):
@@ -462,6 +483,89 @@ lab.prove_idempotent = damaged_then_proven
     failed = failed_claims(run_patched("data_drift", patch, target, tmp_path))
     for claim in claims:
         assert any(claim in c for c in failed), (claim, failed)
+
+
+# -- every recovery check checked: the recovered state broken just before the check looks ---------
+BREAK_BEFORE = """
+real, calls = lab.{function}, []
+def broken(first, *args, **kwargs):  # break the state once, just before this call; then let it run
+    calls.append(1)
+    if len(calls) == {call}:
+        conn = getattr(first, "conn", first)
+        conn.rollback()
+        with conn.cursor() as cur:
+            cur.execute({statement!r})
+        conn.commit()
+    return real(first, *args, **kwargs)
+lab.{function} = broken
+"""
+UNCHANGED = ("(SELECT min(o.order_ref) FROM orders o JOIN expected_orders e USING (store_id, order_ref) "
+             "WHERE o.amount = e.amount)")  # an order no extract corrected
+CORRECTED = "(SELECT min(order_ref) FROM orders WHERE updated_at > '2026-03-03')"  # one corrected since day 1
+BROKEN_STATES = {  # what is broken, just before which call (the how-many-th) of which function, the claims that fail
+    "duplicate_detection, a key held three times": (
+        "repair_duplicates", 1, "INSERT INTO orders_v1 (store_id, order_ref, customer_id, invoice_no, amount, "
+        "updated_at) SELECT store_id, order_ref, customer_id, invoice_no, amount, updated_at FROM orders_v1 "
+        "WHERE order_ref = 'ORD-00001' LIMIT 1", "one copy removed per key held twice"),
+    "duplicate_detection, a row missing after the repair": (
+        "snapshot", 1, "DELETE FROM orders_v2 WHERE order_ref = 'ORD-00001'",
+        "right after the repair, each table holds the newest version of every order"),
+    "duplicate_detection, a row missing before the reload": (
+        "attempt", 1, "DELETE FROM orders_v1 WHERE order_ref = 'ORD-00002'",
+        "re-typed keys land on their canonical orders: no error, no new row, nothing written"),
+    "partial_failure, the prefix a row short": (
+        "visible_state", 1, "DELETE FROM orders WHERE order_ref = 'ORD-00001'",
+        ("nothing of the interrupted load is visible: orders is still the 1200-row prefix",
+         "the run completes and writes the 800 missing rows")),  # it wrote 801
+    "partial_failure, a reject the lost load left": (
+        "visible_state", 2, "INSERT INTO load_rejects VALUES ('ORD-01500', '22003', 'left by the lost load')",
+        "nothing of the interrupted load is visible"),
+    "partial_failure, a reject with another SQLSTATE": (
+        "show_rejects", 1, "UPDATE load_rejects SET sqlstate = '23514' WHERE order_ref = 'ORD-01500'",
+        "load_rejects names exactly lines 1500 (22003) and 1800 (23514)"),
+    "constraint_violation, ORD-00007 a cent off after delta 1": (
+        "not_held", 1, "UPDATE orders SET amount = amount - 0.01 WHERE order_ref = 'ORD-00007'",
+        "orders holds the newest version of each of delta 1's"),
+    "constraint_violation, a reject of the lost delta 2": (
+        "visible_state", 2, "INSERT INTO load_rejects VALUES ('ORD-02001', '23505', 'left by the lost load')",
+        "nothing of delta 2 is visible"),
+    "constraint_violation, a reject missing": (
+        "show_rejects", 1, "DELETE FROM load_rejects WHERE order_ref = 'ORD-02002'",
+        "the re-booked order and the unknown customer are set aside"),
+    "constraint_violation, a row of delta 2 already in": (  # delta 2's edits are the versions of 08:xx
+        "attempt", 3, "UPDATE orders o SET amount = s.amount, updated_at = s.updated_at FROM source_orders s "
+        "WHERE s.received = (SELECT min(received) FROM source_orders WHERE updated_at "
+        "BETWEEN '2026-03-02 08:00+00' AND '2026-03-02 08:30+00') AND o.order_ref = s.order_ref",
+        "each delta writes one row per order it carries"),
+    "data_drift, one more order changed": (
+        "detect_drift", 1, f"UPDATE orders SET amount = amount - 0.01 WHERE order_ref = {UNCHANGED}",
+        "the drift query finds exactly the 80 corrected orders"),
+    "data_drift, a column retyped": (
+        "shape_check", 1, "ALTER TABLE orders ALTER COLUMN customer_id TYPE bigint",
+        "the shape check finds the one new field, currency, and no type change"),
+    "data_drift, a row missing before the load": (
+        "attempt", 1, f"DELETE FROM orders WHERE order_ref = {UNCHANGED}",
+        "the 100 new orders were written, each on its day"),
+    "data_drift, a correction older than day 1": (
+        "detect_drift", 2, f"UPDATE orders SET updated_at = updated_at - interval '3 days' "
+        f"WHERE order_ref = {CORRECTED}", "the replay wrote nothing"),
+    "data_drift, a cent off after the load": (
+        "snapshot", 1, "UPDATE orders SET amount = amount + 0.01 WHERE order_ref = 'ORD-00001'",
+        "orders now equals the newest source version of every order, before any replay"),
+}
+
+
+@pytest.mark.parametrize("name", list(BROKEN_STATES))
+def test_a_recovery_check_fails_when_the_state_it_guards_is_broken(name, embedded_params, tmp_path):
+    from conftest import clean_env
+
+    function, call, statement, claim = BROKEN_STATES[name]
+    patch = BREAK_BEFORE.format(function=function, call=call, statement=statement)
+    record = run_patched(name.split(",")[0], patch, ("embedded", clean_env(), embedded_params), tmp_path)
+    failed = [c["claim"] for c in record["checks"] if c["phase"] == "recovered" and not c["ok"]]
+    for one in (claim,) if isinstance(claim, str) else claim:
+        assert any(one in c for c in failed), (one, failed)
+    assert not [e for e in record["observed_errors"] if e["type"].startswith("common.")], record["observed_errors"]
 
 
 # -- the version-dependent business key ----------------------------------------------------------

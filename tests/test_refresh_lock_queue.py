@@ -2,7 +2,7 @@
 import pytest
 
 import fail_idempotency_break as lab
-from conftest import assert_gives_the_handout, assert_passed, run_control, run_script
+from conftest import assert_gives_the_handout, assert_passed, clean_env, run_control, run_script
 from scenario_checks import assert_brief_and_80_columns, assert_exercise_grades
 
 SCRIPT = "fail_idempotency_break.py"
@@ -64,3 +64,39 @@ def test_brief_keeps_the_detector_and_everything_fits_80_columns(full_run, targe
     assert_brief_and_80_columns(SCRIPT, ID, full_run[0], target[1], tmp_path,
                                 (lab.refresh_truncate_reload, lab.refresh_build_and_swap, lab.run_refresh_once,
                                  lab.run_refresh_retrying))
+
+
+# Each refresh that claims to have landed is checked against a table broken just before the check:
+# customer_totals a unit off, before the n-th versions() (3 new_orders before it, 4 landed checks).
+OFF = "UPDATE customer_totals SET amount = amount + 1 WHERE customer_id = (SELECT min(customer_id) FROM customer_totals)"
+LANDED = {2: "the refresh landed (customer_totals equals the source's totals)",
+          5: "the refresh landed on its third attempt",
+          7: "and the refresh then landed at once"}
+
+
+@pytest.mark.parametrize("call", list(LANDED), ids=["on call", "bounded retry", "idle timeout"])
+def test_a_refresh_that_did_not_land_fails_its_claim(call, embedded_params, tmp_path):
+    from test_fail_idempotency_break import BREAK_BEFORE, run_patched
+
+    patch = BREAK_BEFORE.format(function="versions", call=call, statement=OFF)
+    record = run_patched(ID, patch, ("embedded", clean_env(), embedded_params), tmp_path)
+    failed = [c["claim"] for c in record["checks"] if c["phase"] == "recovered" and not c["ok"]]
+    assert len(failed) == 1 and LANDED[call] in failed[0], failed
+
+
+AFTER_ONE = """
+real_init = lab.EndIdleAfter.__init__
+def after_one(self, idle, n, watch):  # the idle reader ends after the first refusal, not the second
+    real_init(self, idle, 1, watch)
+lab.EndIdleAfter.__init__ = after_one
+"""
+
+
+def test_an_idle_reader_that_ends_too_early_fails_the_attempts_claim(embedded_params, tmp_path):
+    """The hook's moment is pinned by the refusals the refresh really got (55P03), not assumed."""
+    from test_fail_idempotency_break import failed_claims, run_patched
+
+    record = run_patched(ID, AFTER_ONE, ("embedded", clean_env(), embedded_params), tmp_path)
+    assert record["measurements"]["refused_attempts"] == 1
+    failed = failed_claims(record)
+    assert len(failed) == 1 and "the refresh landed on its third attempt" in failed[0], failed
