@@ -451,14 +451,16 @@ def event_ids(conn, run_id: str) -> set[str]:
 
 
 class CountsDrops:
-    """Lab instrumentation, mixed into a handler from outside: count the records it dropped and keep
-    the first error, then do what the standard library does (Handler.handleError prints
-    '--- Logging error ---' to stderr and carries on)."""
+    """Lab instrumentation, mixed into a handler from outside: count the records it dropped (and the
+    kind of event each was) and keep the first error, then do what the standard library does
+    (Handler.handleError prints '--- Logging error ---' to stderr and carries on)."""
     failed = 0
+    dropped_kinds: tuple = ()
     first_error: BaseException | None = None
 
     def handleError(self, record):
         self.failed += 1
+        self.dropped_kinds += (getattr(record, "fields", {}).get("kind"),)
         self.first_error = self.first_error or sys.exc_info()[1]
         super().handleError(record)
 
@@ -1648,6 +1650,8 @@ def structured_parsing(s: Scenario):
     s.observe(sink.first_error, note="Writing: a Decimal in the fields, inside the formatter (the record is lost):")
     show_logging_errors(s, stderr)
     dropped = sink.failed
+    s.triggered_if(set(sink.dropped_kinds) == {"not_serializable"},
+                   f"the formatter lost only events holding a Decimal: {dropped} of them")
     with s.expect(json.JSONDecodeError, label="Reading: json.loads, at the first broken line,"):
         read_lines_naive(naive_file)
     parseable, unparseable = python_parses(naive_file)
