@@ -664,7 +664,7 @@ def storage(s: Scenario):
         st.result = f"first replay inserted {first}, second {second} (ON CONFLICT skipped them all); spool removed"
     stored, distinct, _ = run_totals(s.conn, fixed.run_id)
     s.recovered_if(first == spooled - already and second == 0,
-                   f"the replay inserted exactly the {spooled - already} spooled events the store "
+                   f"the replay inserted exactly the {first} spooled events the store "
                    f"lacked; run again, {second}")
     if already:
         s.say(f"""
@@ -974,7 +974,7 @@ def correlation(s: Scenario):
     s.triggered_if(local_missing == in_pool,
                    f"threading.local: {local_missing} of {local_rows} rows have no run id at all (each one a "
                    "pool thread logged)")
-    if not getattr(sys.flags, "thread_inherit_context", False):  # 3.14+ can give a new thread its starter's context
+    if not threads_inherit_context():  # 3.14+ can give a new thread its starter's context
         s.triggered_if(plain_missing + plain_wrong == in_pool,
                        f"ContextVar, plain submit: {plain_missing + plain_wrong} of {plain_rows} rows lack their id "
                        "(each one a pool thread logged)")
@@ -1665,9 +1665,10 @@ def structured_parsing(s: Scenario):
     if untranslatable:
         s.observe(untranslatable[0], note="... and, line by line, the \\u0000 of a NUL (22P05):")
     by_state = Counter(exc.pgcode for _, exc in rejected)
+    lines = len(parseable) + len(unparseable)
     s.table(["what", "count"], [["events emitted", naive.emitted],
                                 ["lost in the formatter (TypeError)", dropped],
-                                ["lines in the file", len(parseable) + len(unparseable)],
+                                ["lines in the file", lines],
                                 ["lines json.loads cannot parse", len(unparseable)],
                                 ["lines jsonb rejects: NaN, Infinity (22P02)", by_state["22P02"]],
                                 ["lines jsonb rejects: \\u0000 (22P05)", by_state["22P05"]],
@@ -1678,6 +1679,11 @@ def structured_parsing(s: Scenario):
     s.measure("rows_rejected_before", len(rejected), show=False)
     s.measure("stored_before", stored_before, show=False)
     lost = s.measure("lost_before", naive.emitted - stored_before, show=False)
+    s.triggered_if(lines > naive.emitted - dropped,
+                   f"the file has {lines} lines for the {naive.emitted - dropped} events written: a "
+                   "newline or a traceback breaks an event into several")
+    s.triggered_if(stored_before == len(parseable) - sum(by_state.values()),
+                   f"stored: the {stored_before} lines that both json.loads and jsonb accept")
     s.triggered_if(dropped > 0 and lost > 0 and unparseable
                    and by_state["22P02"] and by_state["22P05"],
                    f"{lost} of {naive.emitted} events never reached the store (emitted - stored)")
@@ -2067,6 +2073,22 @@ def killed_by(exitcode: int | None) -> signal.Signals | None:
     with contextlib.suppress(ValueError):
         return signal.Signals(-exitcode) if exitcode is not None and exitcode < 0 else None
     return None
+
+
+def threads_inherit_context() -> bool:
+    """Whether a new thread starts in a copy of its starter's context (sys.flags.thread_inherit_context,
+    Python 3.14+), measured: a thread started where a ContextVar is set reads it."""
+    probe: contextvars.ContextVar[str | None] = contextvars.ContextVar("probe", default=None)
+    seen = []
+
+    def start_one() -> None:
+        probe.set("the starter's")
+        thread = threading.Thread(target=lambda: seen.append(probe.get()), name="faillab-probe")
+        thread.start()
+        thread.join()
+
+    contextvars.copy_context().run(start_one)
+    return seen == ["the starter's"]
 
 
 def new_run_id(s: Scenario, label: str) -> str:
