@@ -762,3 +762,21 @@ def assert_fails_on_its_claim(result, scenario_id: str, claim: str) -> None:
     failed = [c["claim"] for c in record["checks"] if c["phase"] == "recovered" and not c["ok"]]
     assert any(claim in c for c in failed), failed
     assert not any(c.startswith(("unexpected ", "stopped early")) for c in failed), failed
+
+
+LINE_WRITTEN_TWICE = '''
+real_write_feed = lab.write_feed
+def last_line_twice(s, name, format_event):  # the fixed feed's last line written again
+    report, path, sink, stderr = real_write_feed(s, name, format_event)
+    if name == "fixed":
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        path.write_text("".join(lines + lines[-1:]), encoding="utf-8")
+    return report, path, sink, stderr
+lab.write_feed = last_line_twice
+'''
+
+
+def test_a_line_written_twice_is_not_one_event_per_line(embedded_params, tmp_path):
+    """The store skips the second copy (ON CONFLICT), so only the count of lines read sees it."""
+    result = run_patched(tmp_path, "structured_parsing", LINE_WRITTEN_TWICE, clean_env())
+    assert_fails_on_its_claim(result, "structured_parsing", "one event per line")
