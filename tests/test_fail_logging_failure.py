@@ -744,6 +744,19 @@ BROKEN_STATES = {  # the scenario, the patch that breaks its state just before a
         "structured_parsing", before("lab.run_totals", FIXED_RUN, DELETE_RUN_ROW), "events loaded into jsonb"),
     "structured_parsing, a quote lost on the way": (
         "structured_parsing", before("lab.run_totals", FIXED_RUN, UNQUOTE), "survive the round trip exactly"),
+    "correlation, a row of the story missing": (
+        "correlation", before("db.rows", querying("to_char(logged_at"),
+                              "DELETE FROM pipeline_log WHERE id IN (SELECT max(id) FROM pipeline_log "
+                              "WHERE fields->>'design' = 'fixed, overlapping' GROUP BY correlation_id)"),
+        "one query tells one run's whole story"),
+    "correlation, a row with no run id logged after the check": ("correlation", """
+checks = []
+def second_check(conn, query, *params):  # the check's run that names the runs to acknowledge
+    checks.extend(["WITH story AS" in str(query)] * ("WITH story AS" in str(query)))
+    return len(checks) == 2
+break_before(db, "rows", second_check, "INSERT INTO pipeline_log (level, logger, message) VALUES "
+                                       "('INFO', 'elsewhere', 'a row no run can claim')")""",
+        "rows moved, the rows with no run id"),
 }
 
 
@@ -780,3 +793,28 @@ def test_a_line_written_twice_is_not_one_event_per_line(embedded_params, tmp_pat
     """The store skips the second copy (ON CONFLICT), so only the count of lines read sees it."""
     result = run_patched(tmp_path, "structured_parsing", LINE_WRITTEN_TWICE, clean_env())
     assert_fails_on_its_claim(result, "structured_parsing", "one event per line")
+
+
+# Bugs of the recovery's own steps: a pre-flight that never writes, a replay that skips a line.
+RECOVERY_BUGS = {
+    "a pre-flight that only opens the file": (
+        "lab.check_spool = lambda path: open(path, 'a', encoding='utf-8').close()",
+        "it is ENOSPC (errno 28): the full disk is found before the job starts"),
+    "a replay that skips the spool's last line": ("""
+real_replay = lab.replay_spool
+def replay_but_the_last(conn, spool):
+    lines = spool.read_text(encoding="utf-8").rstrip("\\n").split("\\n")
+    short = spool.with_name("short.jsonl")
+    short.write_text("\\n".join(lines[:-1]) + "\\n", encoding="utf-8")
+    try:
+        return real_replay(conn, short)
+    finally:
+        short.unlink()
+lab.replay_spool = replay_but_the_last""", "the replay inserted exactly the"),
+}
+
+
+@pytest.mark.parametrize("bug", list(RECOVERY_BUGS))
+def test_a_bug_in_a_recovery_step_fails_its_claim(bug, embedded_params, tmp_path):
+    patch, claim = RECOVERY_BUGS[bug]
+    assert_fails_on_its_claim(run_patched(tmp_path, "storage", patch, clean_env()), "storage", claim)
