@@ -1727,6 +1727,9 @@ def structured_parsing(s: Scenario):
                    f"the reader read past its bad lines and set aside exactly the {len(refused)} that "
                    "json.loads or jsonb refuse, by number")
     s.recovered_if(quarantine is not None and not rejected_old, "every line the reader passed loads into jsonb")
+    s.recovered_if(len(good_old) + len(quarantine or []) == lines,
+                   f"it read each of the {lines} lines once: {len(good_old)} passed + "
+                   f"{len(quarantine or [])} quarantined")
 
     with s.step("Write the same feed with the fixed formatter (Prevention shows it)") as st:
         fixed, fixed_file, fixed_sink, _ = write_feed(s, "fixed", s.fix("format_event"))
@@ -1755,7 +1758,7 @@ def structured_parsing(s: Scenario):
     s.recovered_if(dropped_after == 0, "no record dropped by the formatter (no '--- Logging error ---')")
     s.recovered_if(len(good) == fixed.emitted and not quarantine_after,
                    f"100% of the {len(good)} lines parse, one event per line")
-    s.recovered_if(stored == distinct == fixed.emitted and not rejected_after,
+    s.recovered_if(stored_after == stored == distinct == fixed.emitted and not rejected_after,
                    f"all {stored} of {fixed.emitted} events loaded into jsonb")
     s.recovered_if(kept == originals, "quotes, newlines, backslashes and unicode survive the round trip exactly")
     naive_file.unlink()
@@ -2015,14 +2018,16 @@ def lost_on_kill(s: Scenario):
                    f"{len(missing)} without one (the anti-join is empty)")
     with s.step("at the next start: record_log_gap() counts what the killed run never stored") as st:
         gap = record_log_gap(s.conn, fixed_run)
-        st.result = (f"log_gaps: {gap[0]} records lost, between sequence numbers {words(gap[1])} "
-                     f"and {words(gap[2])}")
+        st.result = f"log_gaps: {gap[0]} records lost, the last of them sequence number {words(gap[2])}"
     s.measure("fixed_records_lost", r["lost"], show=False, note="diagnostic records lost on the kill, with the fix")
     s.recovered_if(r["lost"] < LOG_BUFFER,
                    f"the loss is bounded by the buffer: {r['lost']} records lost, fewer than {LOG_BUFFER}")
     s.recovered_if(gap[0] == r["lost"],
                    f"the loss is counted where an operator sees it: log_gaps says {gap[0]}, the job "
                    f"emitted {r['emitted']} and job_log holds {r['stored']}")
+    s.recovered_if(gap[2] == r["emitted"] - 1,
+                   f"the gap ends at {words(gap[2])}, just below the last batch's event ({r['emitted']}), "
+                   "which committed with its batch")
 
     s.prevention("""
         Sort what a job logs into what proves progress and what explains it. An event that says
