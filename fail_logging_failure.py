@@ -1689,6 +1689,14 @@ def structured_parsing(s: Scenario):
     s.triggered_if(dropped > 0 and lost > 0 and unparseable
                    and by_state["22P02"] and by_state["22P05"],
                    f"{lost} of {naive.emitted} events never reached the store (emitted - stored)")
+    in_store, _, _ = run_totals(s.conn, naive.run_id)
+    s.triggered_if(naive.emitted - in_store == lost, f"the store holds {in_store} of the naive run's events: "
+                                                     f"{lost} short, as the alert's gauges will say")
+    text_of = dict(parseable)
+    refused_kinds = {state: {json.loads(text_of[n])["fields"]["kind"] for n, exc in rejected if exc.pgcode == state}
+                     for state in by_state}
+    s.triggered_if(refused_kinds == {"22P02": {"nan", "infinity"}, "22P05": {"nul"}},
+                   "jsonb refused exactly the NaN and Infinity events (22P02) and the NUL ones (22P05)")
 
     export_run(s, "parsing.naive", naive)
     s.root_cause("""
@@ -1760,7 +1768,7 @@ def structured_parsing(s: Scenario):
     s.recovered_if(dropped_after == 0, "no record dropped by the formatter (no '--- Logging error ---')")
     s.recovered_if(len(good) == fixed.emitted and not quarantine_after,
                    f"100% of the {len(good)} lines parse, one event per line")
-    s.recovered_if(stored_after == stored == distinct == fixed.emitted and not rejected_after,
+    s.recovered_if(stored_after == stored == distinct == fixed.emitted == FEED_EVENTS and not rejected_after,
                    f"all {stored} of {fixed.emitted} events loaded into jsonb")
     s.recovered_if(kept == originals, "quotes, newlines, backslashes and unicode survive the round trip exactly")
     naive_file.unlink()
