@@ -351,6 +351,12 @@ def test_formatter_round_trips_unicode():
     assert len(line.split("\n")) == 1
 
 
+def test_json_safe_names_each_non_finite_float():
+    """The feed holds NaN and +Infinity only: -Infinity is checked here."""
+    assert [flf.json_safe(x) for x in (float("nan"), float("inf"), float("-inf"), -1.5)] == [
+        "NaN", "Infinity", "-Infinity", -1.5]
+
+
 def test_formatter_makes_nul_loadable():
     _, event = formatted(make_record("a\x00b", fields={"code": "AB\x00", "k\x00": ["\x00"]}))
     assert event["message"] == "a\ufffdb"
