@@ -1309,8 +1309,9 @@ def volume(s: Scenario):
                coalesce(sum((fields->>'suppressed')::int), 0)
         FROM pipeline_log WHERE correlation_id = %s AND fields ? 'error_key' GROUP BY 1 ORDER BY 1""",
                        (fixed.run_id,))
+    on_record = {k: kept + sup for k, kept, sup in recorded}
     s.table(["distinct error", "true count", "rows with traceback", "suppressed", "on record"],
-            [[k, fixed.errors[k], kept, sup, kept + sup] for k, kept, sup in recorded])
+            [[k, fixed.errors[k], kept, sup, on_record[k]] for k, kept, sup in recorded])
     summaries = db.scalar(s.conn, "SELECT count(*) FROM pipeline_log WHERE correlation_id = %s "
                           "AND fields ? 'suppressed'", (fixed.run_id,))
     samples = sum(kept for _, kept, _ in recorded)
@@ -1318,7 +1319,6 @@ def volume(s: Scenario):
                                                         len(fixed.errors)],
                    f"the fixed run's {fixed_rows} rows: {samples} with a traceback ({KEEP_PER_ERROR} per error) "
                    f'+ {summaries} summaries ("same error x N suppressed"), one per error')
-    on_record = {k: kept + sup for k, kept, sup in recorded}
     miscounted = sum(on_record.get(k) != n for k, n in fixed.errors.items())
     s.measure("fixed_job_seconds", round(fixed.seconds, 3), show=False)
     s.measure("fixed_slowest_log_s", round(fixed.slowest_log_s, 4), show=False)
@@ -1330,9 +1330,10 @@ def volume(s: Scenario):
     s.measure("errors_miscounted_after", miscounted, show=False)
     redundant_after = s.measure("redundant_rows_after", redundant_rows(s.conn, fixed.run_id), show=False)
     export_errors(s, "volume.fixed", fixed.run_id)
-    s.recovered_if(slowest_ms < bound_ms and stall.waiting >= 1,
-                   f"the stalled store did not hold the job up: an INSERT waited on the {STORM_STALL_S:g} s stall, "
-                   f"the job's slowest logging call ({slowest_ms:.1f} ms) stayed under {bound_ms:.0f} ms")
+    s.recovered_if(stall.waiting >= 1, f"the stall landed: an INSERT waited on the {STORM_STALL_S:g} s stall")
+    s.recovered_if(slowest_ms < bound_ms,
+                   f"the stalled store did not hold the job up: the job's slowest logging call "
+                   f"({slowest_ms:.1f} ms) stayed under {bound_ms:.0f} ms")
     s.recovered_if(fixed.seconds < naive.seconds,
                    "the job ran faster than the naive one, stall and all")
     s.recovered_if(inserts * 3 <= fixed_rows,
