@@ -503,6 +503,10 @@ def events_before(record: int) -> int:
     return 1 + (record - 1) // EVENT_EVERY
 
 
+LONGEST_PAUSE = """
+    SELECT lag((fields->>'record')::int) OVER w, logged_at - lag(logged_at) OVER w
+    FROM pipeline_log WHERE correlation_id = %s WINDOW w AS (ORDER BY id)
+    ORDER BY 2 DESC NULLS LAST LIMIT 1"""  # the event after which a run's events paused longest
 LAST_STORED_RECORD = "SELECT max((fields->>'record')::int) FROM pipeline_log WHERE correlation_id = %s"
 
 INCOMPLETE_RUNS = """
@@ -590,6 +594,10 @@ def storage(s: Scenario):
                    f"run 1 finished 'successfully' and lost {lost} of {default.emitted} events")
     s.triggered_if(stalled.waiting >= 1 and default.slowest_log_s >= STALL_S / 2,
                    "run 1: the stalled store held one logging call, and so the job, for most of the stall")
+    [(paused_after, pause)] = db.rows(s.conn, LONGEST_PAUSE, (default.run_id,))
+    s.triggered_if(paused_after == STALL_AT,
+                   f"run 1's own timestamps place it: the job paused {pause.total_seconds():.2f} s after "
+                   f"the event of record {paused_after:,}")
     s.triggered_if(logging_errors == lost + file_dropped,
                    f"stderr got one '--- Logging error ---' per event a sink dropped: "
                    f"{logging_errors} = {lost} + {file_dropped}")
