@@ -1269,7 +1269,7 @@ def volume(s: Scenario):
     s.triggered_if(redundant == bad - KEEP_PER_ERROR * len(naive.errors) > 0,
                    f"{redundant:,} of those rows repeat an error already on record (all but the first "
                    f"{KEEP_PER_ERROR} of each)")
-    s.triggered_if(share > 0.5, f"the job spent {pct:.0f}% of its time logging "
+    s.triggered_if(pct > 50, f"the job spent {pct:.0f}% of its time logging "
                                 f"({naive.seconds:.2f} s vs {baseline.seconds:.3f} s without logging)")
 
     export_errors(s, "volume.naive", naive.run_id)
