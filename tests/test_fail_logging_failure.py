@@ -351,6 +351,12 @@ def test_formatter_round_trips_unicode():
     assert len(line.split("\n")) == 1
 
 
+def test_json_safe_names_each_non_finite_float():
+    """The feed holds NaN and +Infinity only: -Infinity is checked here."""
+    assert [flf.json_safe(x) for x in (float("nan"), float("inf"), float("-inf"), -1.5)] == [
+        "NaN", "Infinity", "-Infinity", -1.5]
+
+
 def test_formatter_makes_nul_loadable():
     _, event = formatted(make_record("a\x00b", fields={"code": "AB\x00", "k\x00": ["\x00"]}))
     assert event["message"] == "a\ufffdb"
@@ -632,3 +638,189 @@ def read_lines(path):
     assert any("no record dropped by the formatter" in c for c in failed), failed
     assert record["measurements"]["dropped_after"] == flf.FEED_EVENTS
     assert lab_schemas(params, result.journal["run_id"]) == []
+
+
+# -- the checks checked: the recovered state broken just before a claim looks at it ---------------
+WRAPPER = '''
+import sys
+sys.path.insert(0, {root!r})
+import common
+import fail_logging_failure as lab
+from common import db
+
+
+def break_before(owner, name, when, *statements, act=None):
+    """Break the state once, just before the first call of owner.name that `when` picks: run
+    `statements` on the call's connection (%(run)s: its run id), or `act` on its arguments."""
+    real, done = getattr(owner, name), []
+
+    def broken(*args):
+        if not done and when(*args):
+            done.append(True)
+            if act is not None:
+                act(*args)
+            if statements:
+                with args[0].cursor() as cur:
+                    for statement in statements:
+                        cur.execute(statement, {{"run": args[1] if isinstance(args[1], str) else None}})
+                args[0].commit()
+        return real(*args)
+    setattr(owner, name, broken)
+
+
+{patch}
+sys.modules["__main__"].__file__ = lab.__file__  # the script's name, its alerts, its workers
+sys.modules["__main__"].__doc__ = lab.__doc__
+common.main()
+'''
+
+
+def run_patched(tmp_path, scenario_id: str, patch: str, env: dict):
+    """One scenario of the lesson, run from a tiny wrapper that first applies `patch` to it."""
+    wrapper = tmp_path / "patched_lesson.py"
+    wrapper.write_text(WRAPPER.format(root=str(ROOT), patch=patch), encoding="utf-8")
+    return run_script(str(wrapper), "--only", scenario_id, env=env, tmp_path=tmp_path)
+
+
+FIXED_RUN = "lambda conn, run_id: run_id.startswith('fixed-')"  # the call that reads the fixed run
+
+
+def querying(text: str) -> str:
+    """A `when` that picks the db.rows call whose query holds `text`."""
+    return f"lambda conn, query, *params: {text!r} in str(query)"
+
+
+def before(call: str, when: str, *statements: str) -> str:
+    """A patch that runs `statements` just before `call` (lab.f or db.f) picked by `when`."""
+    owner, name = call.split(".")
+    return f"break_before({owner}, {name!r}, {when}, " + ", ".join(map(repr, statements)) + ")"
+
+
+def last_spooled_line(change: str) -> str:
+    """A patch that edits the spool file (its last event line) just before the lesson reads it."""
+    return f"""
+def edit(spool):
+    lines = [x for x in spool.read_text(encoding="utf-8").split("\\n") if x.strip()]
+    spool.write_text("".join(x + "\\n" for x in {change}), encoding="utf-8")
+break_before(lab, "spooled_event_ids", lambda spool: True, act=edit)"""
+
+
+def copy_row(row: str) -> str:
+    return ("DROP INDEX pipeline_log_event_id; INSERT INTO pipeline_log (logged_at, level, logger, message, "
+            "correlation_id, fields) SELECT logged_at, level, logger, message, correlation_id, fields "
+            f"FROM pipeline_log WHERE id = {row}")
+
+
+RUN_ROW = "(SELECT max(id) FROM pipeline_log WHERE correlation_id = %(run)s)"
+SUMMARY = "(SELECT min(id) FROM pipeline_log WHERE fields ? 'suppressed')"
+FIXED_ROWS, STORM_ROWS = querying("IN (%s, %s) GROUP BY 1, 2"), querying("count(*) FILTER (WHERE fields ? ")
+DELETE_RUN_ROW = f"DELETE FROM pipeline_log WHERE id = {RUN_ROW}"
+RELABEL = ("UPDATE pipeline_log SET correlation_id = correlation_id || '-other' WHERE id = (SELECT min(id) "
+           "FROM pipeline_log WHERE fields->>'design' = 'fixed, overlapping')")
+UNACKNOWLEDGE = ("UPDATE job_runs SET acknowledged = false WHERE run_id = (SELECT min(run_id) FROM job_runs "
+                 "WHERE acknowledged)")
+ONE_SHORT = ("UPDATE pipeline_log SET fields = jsonb_set(fields, '{suppressed}', "
+             f"to_jsonb((fields->>'suppressed')::int - 1)) WHERE id = {SUMMARY}")
+UNQUOTE = ("UPDATE pipeline_log SET message = replace(message, '\"', '') "
+           "WHERE correlation_id = %(run)s AND fields->>'kind' = 'quote'")
+BROKEN_STATES = {  # the scenario, the patch that breaks its state just before a check, the claim that must fail
+    "storage, an event missing after the replay": (
+        "storage", before("lab.run_totals", FIXED_RUN, DELETE_RUN_ROW), "none lost: stored == emitted"),
+    "storage, an event doubled after the replay": (
+        "storage", before("lab.run_totals", FIXED_RUN, copy_row(RUN_ROW)), "no duplicate:"),
+    "storage, a spooled event lost": ("storage", last_spooled_line("lines[:-1]"), "each event was stored or spooled"),
+    "storage, a spooled event doubled": (
+        "storage", last_spooled_line("lines + lines[-1:]"), "each event was stored or spooled"),
+    "correlation, a fixed row with the other run's id": (
+        "correlation", before("db.rows", FIXED_ROWS, RELABEL), "overlapping runs:"),
+    "correlation, a fixed row doubled": ("correlation", before("db.rows", FIXED_ROWS, copy_row(
+        "(SELECT max(id) FROM pipeline_log WHERE fields->>'design' = 'fixed, one pool thread')")),
+        "events is one row, no more"),
+    "correlation, a named run left unacknowledged": (
+        "correlation", before("db.rows", querying("SELECT DISTINCT l.fields"), UNACKNOWLEDGE),
+        "every run whose story broke was named by the check and acknowledged"),
+    "volume, a summary missing": (
+        "volume", before("db.rows", STORM_ROWS, f"DELETE FROM pipeline_log WHERE id = {SUMMARY}"),
+        "each with its true count"),
+    "volume, a suppressed count one short": ("volume", before("db.rows", STORM_ROWS, ONE_SHORT),
+                                             "each with its true count"),
+    "volume, a traceback sample doubled": ("volume", before("db.rows", STORM_ROWS, copy_row(
+        "(SELECT max(id) FROM pipeline_log WHERE fields ? 'exception')")), "no redundant traceback row"),
+    "structured_parsing, an event missing after the load": (
+        "structured_parsing", before("lab.run_totals", FIXED_RUN, DELETE_RUN_ROW), "events loaded into jsonb"),
+    "structured_parsing, a quote lost on the way": (
+        "structured_parsing", before("lab.run_totals", FIXED_RUN, UNQUOTE), "survive the round trip exactly"),
+    "correlation, a row of the story missing": (
+        "correlation", before("db.rows", querying("to_char(logged_at"),
+                              "DELETE FROM pipeline_log WHERE id IN (SELECT max(id) FROM pipeline_log "
+                              "WHERE fields->>'design' = 'fixed, overlapping' GROUP BY correlation_id)"),
+        "one query tells one run's whole story"),
+    "correlation, a row with no run id logged after the check": ("correlation", """
+checks = []
+def second_check(conn, query, *params):  # the check's run that names the runs to acknowledge
+    checks.extend(["WITH story AS" in str(query)] * ("WITH story AS" in str(query)))
+    return len(checks) == 2
+break_before(db, "rows", second_check, "INSERT INTO pipeline_log (level, logger, message) VALUES "
+                                       "('INFO', 'elsewhere', 'a row no run can claim')")""",
+        "rows moved, the rows with no run id"),
+}
+
+
+@pytest.mark.parametrize("name", list(BROKEN_STATES))
+def test_a_recovery_check_fails_when_the_state_it_guards_is_broken(name, embedded_params, tmp_path):
+    scenario_id, patch, claim = BROKEN_STATES[name]
+    result = run_patched(tmp_path, scenario_id, patch, clean_env())
+    assert_fails_on_its_claim(result, scenario_id, claim)
+
+
+def assert_fails_on_its_claim(result, scenario_id: str, claim: str) -> None:
+    """The run is red on the named recovery claim, with the failure shown and everything cleaned."""
+    record = result.scenario(scenario_id)
+    assert result.returncode == 1 and record["triggered"] is True and record["cleaned"] is True, \
+        result.stdout[-3000:] + result.stderr[-3000:]
+    failed = [c["claim"] for c in record["checks"] if c["phase"] == "recovered" and not c["ok"]]
+    assert any(claim in c for c in failed), failed
+    assert not any(c.startswith(("unexpected ", "stopped early")) for c in failed), failed
+
+
+LINE_WRITTEN_TWICE = '''
+real_write_feed = lab.write_feed
+def last_line_twice(s, name, format_event):  # the fixed feed's last line written again
+    report, path, sink, stderr = real_write_feed(s, name, format_event)
+    if name == "fixed":
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        path.write_text("".join(lines + lines[-1:]), encoding="utf-8")
+    return report, path, sink, stderr
+lab.write_feed = last_line_twice
+'''
+
+
+def test_a_line_written_twice_is_not_one_event_per_line(embedded_params, tmp_path):
+    """The store skips the second copy (ON CONFLICT), so only the count of lines read sees it."""
+    result = run_patched(tmp_path, "structured_parsing", LINE_WRITTEN_TWICE, clean_env())
+    assert_fails_on_its_claim(result, "structured_parsing", "one event per line")
+
+
+# Bugs of the recovery's own steps: a pre-flight that never writes, a replay that skips a line.
+RECOVERY_BUGS = {
+    "a pre-flight that only opens the file": (
+        "lab.check_spool = lambda path: open(path, 'a', encoding='utf-8').close()",
+        "it is ENOSPC (errno 28): the full disk is found before the job starts"),
+    "a replay that skips the spool's last line": ("""
+real_replay = lab.replay_spool
+def replay_but_the_last(conn, spool):
+    lines = spool.read_text(encoding="utf-8").rstrip("\\n").split("\\n")
+    short = spool.with_name("short.jsonl")
+    short.write_text("\\n".join(lines[:-1]) + "\\n", encoding="utf-8")
+    try:
+        return real_replay(conn, short)
+    finally:
+        short.unlink()
+lab.replay_spool = replay_but_the_last""", "the replay inserted exactly the"),
+}
+
+
+@pytest.mark.parametrize("bug", list(RECOVERY_BUGS))
+def test_a_bug_in_a_recovery_step_fails_its_claim(bug, embedded_params, tmp_path):
+    patch, claim = RECOVERY_BUGS[bug]
+    assert_fails_on_its_claim(run_patched(tmp_path, "storage", patch, clean_env()), "storage", claim)
