@@ -199,8 +199,11 @@ class Scenario:
     @property
     def tmpdir(self) -> Path:
         """A private folder for files; removed at teardown."""
+        from common.cleanup import signals_deferred
+
         if self._tmpdir is None:
-            self._tmpdir = Path(tempfile.mkdtemp(prefix=f"faillab-{self.run.run_id}-{self.id}-"))
+            with signals_deferred():  # a Ctrl-C between making the folder and keeping its name would leak it
+                self._tmpdir = Path(tempfile.mkdtemp(prefix=f"faillab-{self.run.run_id}-{self.id}-"))
         return self._tmpdir
 
     def spawn(self, target, *args, method: str = "spawn") -> multiprocessing.Process:
