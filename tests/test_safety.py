@@ -345,7 +345,12 @@ def test_a_signal_in_the_first_fraction_of_a_second_exits_130_and_leaves_nothing
                                                                                  tmp_path):
     args = [script] + (["--only", "sleeps"] if script == BROKEN else [])
     report = []
-    for n, offset in enumerate(EARLY_OFFSETS):
+    # A busy machine starts Python slower, and more signals land before common/ runs: then later
+    # offsets are added until half of all signals landed in common's hands (the test is never vacuous).
+    offsets = list(EARLY_OFFSETS)
+    for n, offset in enumerate(offsets):
+        if n == len(offsets) - 1 and sum(code == 130 for _, _, code in report) < len(offsets) // 2 and n < 40:
+            offsets.append(offset * 1.25)
         sig = (signal.SIGINT, signal.SIGTERM)[n % 2]
         journal = tmp_path / f"j{n}.json"
         proc = start(args, clean_env(), journal)
@@ -361,7 +366,7 @@ def test_a_signal_in_the_first_fraction_of_a_second_exits_130_and_leaves_nothing
         assert "Traceback" not in err, err[-2000:]
         if data and data["run_id"]:
             assert lab_schemas(embedded_params, data["run_id"]) == [] and run_dirs(data["run_id"]) == []
-    assert sum(code == 130 for _, _, code in report) >= len(EARLY_OFFSETS) // 2, report  # not vacuous
+    assert sum(code == 130 for _, _, code in report) >= len(offsets) // 2, report  # not vacuous
     print(f"\n{script}: (offset s, signal, exit) {report}")
 
 
