@@ -628,14 +628,16 @@ class Outage(Hooks):
         self.errors: list[Exception] = []
         self.landed = False
         self.pid = 0  # the server's pid of the job's current connection
-        self.sessions: list[int] = []  # the server's pid of every session the job opened
+        # Every session the job opened: the server's pid, and libpq's key of the session (a pooler
+        # such as PgBouncer gives each client its own, while its server pid may be a pooled one's).
+        self.sessions: list[tuple[int, int]] = []
         self.over = s.event()
         self.stop = s.event()  # set by teardown: no lab thread waits past the scenario
 
     # the hooks, called from the job's own connection
     def opened(self, conn, pid: int) -> None:
         self.wrote_checkpoint, self.pid = False, pid
-        self.sessions.append(pid)
+        self.sessions.append((pid, conn.info.backend_pid))
 
     def before_execute(self, conn, text: str) -> None:
         if self.point == "write" and self.armed and self.data_inserts >= 3 and is_checkpoint_write(text):
@@ -855,12 +857,12 @@ def db_down(s):
                 s.measure(f"connections_{point}", seen["attempts"], show=False,
                           note=f"connections run_job() opened or tried: {label}")
                 s.measure(f"sessions_{point}", sessions, show=False,
-                          note=f"server sessions the job used (distinct pids): {label}")
+                          note=f"sessions the job opened (distinct backend keys): {label}")
                 s.measure(f"after_reconnect_{point}", {"checkpoint": after[0], "rows": after[1]},
                           show=False, note=f"checkpoint and rows found on reconnecting: {label}")
                 s.recovered_if(died is None, f"{label}: the job reconnected on its own and finished")
                 s.recovered_if(sessions == 2, f"{label}: it finished on one new session "
-                                              f"({sessions} sessions in all, by the server's pids)")
+                                              f"({sessions} sessions in all, by their backend keys)")
                 s.recovered_if(seen["attempts"] == seen["refused"] + sessions,
                                f"{label}: {seen['attempts']} connection attempts: {sessions} reached the "
                                f"server, {seen['refused']} refused while it was down")
