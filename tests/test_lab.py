@@ -50,6 +50,19 @@ def test_one_command_runs_the_four_scripts_in_order_with_one_summary_and_one_sta
 
 
 @pytest.mark.slow
+def test_every_scenario_makes_every_claim_it_always_makes(lab):
+    """A branch inverted or a step never run makes a claim fewer, though every claim made held."""
+    import claims
+
+    _, journal, _ = lab
+    golden = json.loads(claims.GOLDEN.read_text(encoding="utf-8"))
+    assert sorted(golden) == sorted(sid for _, sid in lesson_scenarios())  # every scenario has its claims
+    assert claims.missing(journal, golden) == {}
+    never = {sid: ["a claim no run makes"] for sid in claims.shapes(journal)}
+    assert claims.missing(journal, never) == never  # the comparison can fail
+
+
+@pytest.mark.slow
 def test_the_lab_handout_holds_every_scenario_with_its_lesson_and_questions(lab):
     _, journal, handout = lab
     text = handout.read_text(encoding="utf-8")
