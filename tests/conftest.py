@@ -117,7 +117,8 @@ def pytest_collection_modifyitems(config, items):
     group (servers it shares with other tests) keeps it."""
     for item in items:
         target = getattr(getattr(item, "callspec", None), "params", {}).get("target")
-        if item.get_closest_marker("matrix") or item.get_closest_marker("classroom") or target == "server":
+        if item.get_closest_marker("matrix") or item.get_closest_marker("classroom") or target == "server" \
+                or item.name.startswith("test_a_recovery_check_fails_when"):  # a run per broken state
             item.add_marker(pytest.mark.slow)  # the quick subset, -m "not slow": the embedded target only
         info = getattr(item, "_fixtureinfo", None)
         if info is None or item.get_closest_marker("xdist_group"):
