@@ -81,6 +81,28 @@ def run_script(script: str, *args: str, env: dict | None = None, timeout: float 
     return Result(proc.returncode, proc.stdout, proc.stderr, data)
 
 
+PATCHED_LESSON = '''\
+import sys
+sys.path.insert(0, {root!r})
+import common  # first: from here on a signal exits 130
+import {module} as lab
+from common import db
+{patch}
+if __name__ == "__main__":  # the lesson's run, not again in a worker process it spawns
+    sys.modules["__main__"].__file__ = lab.__file__  # the lesson's name, its alerts, its workers
+    sys.modules["__main__"].__doc__ = lab.__doc__
+    common.main()
+'''
+
+
+def run_patched(script: str, scenario_id: str, patch: str, env: dict, tmp_path: Path) -> Result:
+    """One scenario of a lesson, run from a tiny wrapper that first applies `patch` (Python, the
+    lesson imported as `lab`): a bug in it, a state broken on purpose, a fault that does not land."""
+    wrapper = Path(tmp_path) / "patched_lesson.py"
+    wrapper.write_text(PATCHED_LESSON.format(root=str(ROOT), module=Path(script).stem, patch=patch), encoding="utf-8")
+    return run_script(str(wrapper), "--only", scenario_id, env=env, tmp_path=tmp_path)
+
+
 def run_at_once(runs: dict, tmp_path: Path, at_once: int = 4, **kwargs) -> dict:
     """Run several scripts at the same time, as the users of one server do (each waits for its
     share of the server, as in a classroom): `runs` maps a key to (script, env, *args); returns

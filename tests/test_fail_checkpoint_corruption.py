@@ -8,6 +8,7 @@ import re
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
+import conftest
 import fail_checkpoint_corruption as lab
 from common import killpoints
 from common.fixes import source_of
@@ -445,17 +446,6 @@ def test_an_atomic_saver_meets_a_kill_point_at_each_operation_and_survives(saver
 
 
 # -- the checks checked: the lesson run from a tiny wrapper with one function patched --------------
-WRAPPER = '''
-import sys
-sys.path.insert(0, {root!r})
-import common
-import fail_checkpoint_corruption as lab
-from common import db
-{patch}
-sys.modules["__main__"].__file__ = lab.__file__  # the script's name, its alerts, its workers
-sys.modules["__main__"].__doc__ = lab.__doc__
-common.main()
-'''
 BREAK_BEFORE = '''
 real, calls = lab.{name}, []
 def broken(first, *args):  # break the recovered state, then let the check look at it
@@ -492,11 +482,7 @@ BROKEN_STATES = {  # what is broken, just before which call (after how many), th
 
 
 def run_patched(tmp_path, scenario_id: str, patch: str, env: dict):
-    from conftest import ROOT
-
-    wrapper = tmp_path / "patched_lesson.py"
-    wrapper.write_text(WRAPPER.format(root=str(ROOT), patch=patch), encoding="utf-8")
-    return run_script(str(wrapper), "--only", scenario_id, env=env, tmp_path=tmp_path)
+    return conftest.run_patched(SCRIPT, scenario_id, patch, env, tmp_path)
 
 
 def assert_the_claim_fails(result, scenario_id: str, claim: str) -> None:

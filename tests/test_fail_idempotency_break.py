@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import re
-import shutil
 from decimal import Decimal
 
 import psycopg2
@@ -17,6 +16,7 @@ from common.scenario import _REGISTRY
 from conftest import (ROOT, assert_every_slot_has_a_control, assert_gives_the_handout, assert_passed, grade,
                       run_control, run_script, write_solution)
 
+import conftest
 import fail_idempotency_break as lab
 
 SCRIPT = "fail_idempotency_break.py"
@@ -350,15 +350,10 @@ def test_a_wrong_solution_fails_with_the_claim_it_breaks(name, target, tmp_path)
 
 # -- checks that check: the lesson run with one of its pieces wrong ------------------------------
 def run_patched(scenario_id: str, patch: str, target, tmp_path):
-    """Run one scenario of the lesson from a tiny wrapper script that first applies `patch` to
-    the lesson module (imported as `lab`), as a real bug in it would be."""
+    """Run one scenario of the lesson with `patch` applied to it (imported as `lab`), as a real bug
+    in it would be; the fault must still land and the run clean up."""
     _, env, _ = target
-    wrapper = tmp_path / "patched_idempotency.py"
-    wrapper.write_text(f'"""The lesson with a bug."""\nimport sys\nsys.path.insert(0, {str(ROOT)!r})\n'
-                       f"import fail_idempotency_break as lab\n{patch}\nfrom common import main\nmain()\n")
-    (tmp_path / "alerts").mkdir()
-    shutil.copy(ROOT / "alerts" / "fail_idempotency_break.rules.yml", tmp_path / "alerts" / "patched_idempotency.rules.yml")
-    result = run_script(str(wrapper), "--only", scenario_id, env=env, tmp_path=tmp_path)
+    result = conftest.run_patched(SCRIPT, scenario_id, patch, env, tmp_path)
     record = result.scenario(scenario_id)
     assert result.returncode == 1 and record["triggered"] is True and record["cleaned"] is True, result.stdout[-3000:]
     return record

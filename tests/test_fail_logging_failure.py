@@ -18,6 +18,7 @@ import pytest
 from conftest import (ROOT, assert_every_slot_has_a_control, assert_passed, clean_env, grade, lab_schemas, run_control,
                       run_script, write_solution)
 
+import conftest
 import fail_logging_failure as flf
 
 SCRIPT = "fail_logging_failure.py"
@@ -641,14 +642,7 @@ def read_lines(path):
 
 
 # -- the checks checked: the recovered state broken just before a claim looks at it ---------------
-WRAPPER = '''
-import sys
-sys.path.insert(0, {root!r})
-import common
-import fail_logging_failure as lab
-from common import db
-
-
+BREAK_BEFORE = '''
 def break_before(owner, name, when, *statements, act=None):
     """Break the state once, just before the first call of owner.name that `when` picks: run
     `statements` on the call's connection (%(run)s: its run id), or `act` on its arguments."""
@@ -662,24 +656,16 @@ def break_before(owner, name, when, *statements, act=None):
             if statements:
                 with args[0].cursor() as cur:
                     for statement in statements:
-                        cur.execute(statement, {{"run": args[1] if isinstance(args[1], str) else None}})
+                        cur.execute(statement, {"run": args[1] if isinstance(args[1], str) else None})
                 args[0].commit()
         return real(*args)
     setattr(owner, name, broken)
-
-
-{patch}
-sys.modules["__main__"].__file__ = lab.__file__  # the script's name, its alerts, its workers
-sys.modules["__main__"].__doc__ = lab.__doc__
-common.main()
 '''
 
 
 def run_patched(tmp_path, scenario_id: str, patch: str, env: dict):
-    """One scenario of the lesson, run from a tiny wrapper that first applies `patch` to it."""
-    wrapper = tmp_path / "patched_lesson.py"
-    wrapper.write_text(WRAPPER.format(root=str(ROOT), patch=patch), encoding="utf-8")
-    return run_script(str(wrapper), "--only", scenario_id, env=env, tmp_path=tmp_path)
+    """One scenario of the lesson, run with break_before() at hand and `patch` applied to it."""
+    return conftest.run_patched(SCRIPT, scenario_id, BREAK_BEFORE + patch, env, tmp_path)
 
 
 FIXED_RUN = "lambda conn, run_id: run_id.startswith('fixed-')"  # the call that reads the fixed run

@@ -13,9 +13,10 @@ import pytest
 from tenacity import stop_after_delay, stop_before_delay, wait_exponential, wait_fixed
 
 from common import db
-from conftest import (ROOT, assert_gives_the_handout, assert_control_fails, assert_every_slot_has_a_control, assert_passed, clean_env, grade,
+from conftest import (assert_gives_the_handout, assert_control_fails, assert_every_slot_has_a_control, assert_passed, clean_env, grade,
                       lab_schemas, run_control, run_script, write_solution)
 
+import conftest
 import fail_retry_exhaustion as lab
 from common.faults import FaultProxy
 from common.fixes import source_of
@@ -186,16 +187,9 @@ def test_the_alert_still_fires_when_the_naive_code_runs_the_recovery(embedded_pa
 
 
 def run_patched(tmp_path, env, scenario_id: str, patch: str):
-    """Run one scenario of the lesson from a wrapper script that first applies `patch` (Python,
-    with the lesson imported as `lab`): a bug, or a fault that does not land, made on purpose."""
-    wrapper = tmp_path / "patched_lesson.py"
-    wrapper.write_text(f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nimport fail_retry_exhaustion as lab\n"
-                       f"from common import main\n{patch}\n"
-                       "if __name__ == '__main__':  # not again in a spawned worker\n"
-                       "    sys.modules['__main__'].__file__ = lab.__file__  # its name, its alerts\n"
-                       "    sys.modules['__main__'].__doc__ = lab.__doc__\n"
-                       "    main()\n")
-    return run_script(str(wrapper), "--only", scenario_id, env=env, tmp_path=tmp_path)
+    """Run one scenario of the lesson with `patch` applied: a bug, or a fault that does not land,
+    made on purpose."""
+    return conftest.run_patched(SCRIPT, scenario_id, patch, env, tmp_path)
 
 
 BROKEN = {  # what breaks, the patch that breaks it, and the claim that must then fail
