@@ -291,12 +291,18 @@ def _postgres(install: Path, *, settings: dict | None = None, hba: list[str] | N
             f.write("".join(f"{k} = {_conf_value(v)}\n" for k, v in conf.items()))
         if hba is not None:
             (data / "pg_hba.conf").write_text("\n".join(hba) + "\n")
-        started = tool("pg_ctl", "-D", str(data), "-o", f"-h {listen} -p {port} -k {root}", "-l",
-                       str(root / "log"), "-w", "-t", "60", "start", check=False)
+        for _ in range(5):  # free_port()'s port may be taken before the server binds it (a proxy, a
+            #                 server of another test process): then another port
+            started = tool("pg_ctl", "-D", str(data), "-o", f"-h {listen} -p {port} -k {root}", "-l",
+                           str(root / "log"), "-w", "-t", "60", "start", check=False)
+            log = (root / "log").read_text(errors="replace") if (root / "log").exists() else ""
+            if started.returncode == 0 or "Address already in use" not in log:
+                break
+            (root / "log").unlink()
+            port = free_port()
         try:
             if started.returncode != 0:
-                log = (root / "log").read_text(errors="replace")[-800:] if (root / "log").exists() else ""
-                raise RuntimeError(f"pg_ctl start failed: {started.stdout}{started.stderr}\n{log}")
+                raise RuntimeError(f"pg_ctl start failed: {started.stdout}{started.stderr}\n{log[-800:]}")
             yield {"host": "127.0.0.1", "port": port, "dbname": "postgres", "user": "postgres",
                    "socket_dir": str(root), "data": str(data), "log": str(root / "log")}
         finally:
