@@ -415,7 +415,8 @@ def _run(script: str, args, console: output.Console, selected: list[ScenarioSpec
             console.wrapped(f"target: {display}  [{kind.replace(' ', chr(0xA0))}]", "", hang="        ")
             console.line(f"server: PostgreSQL {run.server_version}; private schemas {db.SCHEMA_PREFIX}{run_id}_*")
             if swept:
-                console.line(f"   removed {len(swept)} thing(s) left by killed runs: {', '.join(swept)}", "dim")
+                console.wrapped(f"removed {len(swept)} thing(s) left by killed runs: {', '.join(swept)}",
+                                "   ", hang="     ", style="dim")
             reports = None
             if student is not None:  # logging's own error reports are counted for the grade
                 from common import exercise
