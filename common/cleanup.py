@@ -34,16 +34,13 @@ def teardown(run: Run, s: Scenario, before: "Footprint", stop_hard: bool,
     from common import db
 
     leftovers: list[str] = []
+    wait_s = 0.5 if interrupted else 3
     with signals_deferred():
         try:
             s._stop_workers(run.admin, stop_hard)
             s._stack.close()
         except Exception as exc:
             leftovers.append(f"cleanup error {output.error_type(exc)}: {exc}")
-        if s._tmpdir is not None:
-            shutil.rmtree(s._tmpdir, ignore_errors=True)
-            if s._tmpdir.exists():
-                leftovers.append(f"folder {s._tmpdir}")
         if db.created_oid("schema", s.schema) is None:
             pass  # never created (its name was someone else's, or the run stopped before): nothing to drop
         elif run.args.keep:
@@ -58,8 +55,37 @@ def teardown(run: Run, s: Scenario, before: "Footprint", stop_hard: bool,
                     leftovers.append(f"schema {s.schema}")
             except Exception as exc:
                 leftovers.append(f"schema {s.schema} ({output.error_type(exc)})")
-        leftovers += _leftovers(run, s, before, 0.5 if interrupted else 3)
+        _wait_for_threads(before, wait_s)  # a thread of the run may still write into the folder
+        if s._tmpdir is not None and not _remove_folder(s._tmpdir):
+            leftovers.append(f"folder {s._tmpdir}")
+        leftovers += _leftovers(run, s, before, wait_s)
     return not leftovers, leftovers
+
+
+def _remove_folder(path: Path) -> bool:
+    """Remove the scenario's folder; True once it is gone. It is renamed first (atomic), so a
+    thread of the run that still writes into it by its path (a log spool, say, whose close a
+    Ctrl-C cut short) gets FileNotFoundError, instead of making a new file between rmtree's
+    listing and its rmdir, which would leave the folder behind."""
+    doomed = path.with_name(path.name + "-removed")
+    try:
+        os.rename(path, doomed)
+    except OSError:
+        doomed = path  # gone already, or renaming is refused: remove it where it is
+    shutil.rmtree(doomed, ignore_errors=True)
+    return not path.exists() and not doomed.exists()
+
+
+def _new_threads(before: Footprint) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.ident not in before.threads and t.is_alive()]
+
+
+def _wait_for_threads(before: Footprint, wait_s: float) -> list[threading.Thread]:
+    """Wait up to wait_s for the threads the scenario started to end; those still alive."""
+    deadline = time.monotonic() + wait_s
+    while (extra := _new_threads(before)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return extra
 
 
 # -- what a scenario leaves, measured against what was there before it ---------------------------
@@ -181,13 +207,7 @@ def _leftovers(run: Run, s: Scenario, before: Footprint, wait_s: float) -> list[
     from common import db, embedded
     import psutil
 
-    deadline = time.monotonic() + wait_s
-    while True:
-        extra = [t for t in threading.enumerate() if t.ident not in before.threads and t.is_alive()]
-        if not extra or time.monotonic() > deadline:
-            break
-        time.sleep(0.02)
-    found = [f"thread {t.name}" for t in extra]
+    found = [f"thread {t.name}" for t in _wait_for_threads(before, wait_s)]
     watchdog = embedded.watchdog_pid()
     children = [p for p in psutil.Process().children(recursive=True)
                 if p.pid != watchdog and p.is_running() and p.status() != psutil.STATUS_ZOMBIE

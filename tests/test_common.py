@@ -360,3 +360,47 @@ def test_a_clean_scenario_is_cleaned_whatever_its_outcome(embedded_params, tmp_p
         record = result.scenario("leaks")
         assert record["status"] == status and record["cleaned"] is True, record
         assert "left behind" not in (record.get("reason") or "")
+
+
+@pytest.mark.parametrize("remove", ["lab", "plain rmtree"])
+def test_a_folder_a_thread_still_writes_into_is_removed(tmp_path, remove):
+    """A thread of the run that still appends to a file in the scenario's folder (a log spool
+    whose close a Ctrl-C cut short) must not keep the folder alive; a plain rmtree loses that race."""
+    import shutil
+    import threading
+
+    from common.cleanup import _remove_folder
+
+    def remover(path):
+        if remove == "lab":
+            return _remove_folder(path)
+        shutil.rmtree(path, ignore_errors=True)
+        return not path.exists()
+
+    left = 0
+    for n in range(40):
+        folder, stop = tmp_path / f"run-{n}", threading.Event()
+        folder.mkdir()
+        for i in range(50):
+            (folder / f"f{i}").write_text("x")
+
+        def spool():
+            while not stop.is_set():
+                try:
+                    with open(folder / "spool.jsonl", "a") as f:
+                        f.write("{}\n")
+                except FileNotFoundError:
+                    pass  # the folder is gone: the writer's lines are lost, as they would be
+        writer = threading.Thread(target=spool)
+        writer.start()
+        time.sleep(0.005)
+        try:
+            left += not remover(folder)
+        finally:
+            stop.set()
+            writer.join()
+    if remove == "lab":
+        assert left == 0
+    else:  # the race is real: without the rename, some folders stay
+        assert left > 0
+
