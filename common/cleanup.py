@@ -6,6 +6,7 @@ sweeps only what a run whose locks are free left behind.
 """
 from __future__ import annotations
 
+import codecs
 import contextlib
 import os
 import re
@@ -309,22 +310,66 @@ def signals_deferred():
 SIGNALS = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
 
 
-def raise_interrupted(signum, frame):
-    raise Interrupted(signum)
+# Signals received and not yet handled by the runner: the backstop for an exception that was lost.
+_received: list[int] = []
+# Python's codecs, which C code calls (psycopg2 decodes a server's error message with one).
+_CODECS = (os.path.dirname(codecs.__file__) + os.sep + "encodings" + os.sep, codecs.__file__)
 
 
+def _exception(signum: int) -> BaseException:
+    return KeyboardInterrupt() if signum == signal.SIGINT else Interrupted(signum)
+
+
+def on_signal(signum, frame):
+    """Ctrl-C raises KeyboardInterrupt; SIGTERM and SIGHUP raise Interrupted. Not inside a codec
+    called from C: psycopg2 builds its exception for a server error by decoding the message with
+    the connection's Python codec, and clears whatever that call raises, so a Ctrl-C raised there
+    is lost and the run goes on with the server's error (seen: an interrupted run that went on to
+    fail on a lock timeout and exit 1). There the signal is only kept, and raised at the next
+    checkpoint (raise_if_signalled), a moment later. The same checkpoints catch an exception that
+    other code loses: raised in a callback Python cannot raise from (a weakref callback, a
+    __del__: see _unraisable), or swallowed by an `except BaseException`."""
+    _received.append(signum)
+    if frame is not None and frame.f_code.co_filename.startswith(_CODECS):
+        return
+    raise _exception(signum)
+
+
+def _unraisable(unraisable) -> None:
+    """sys.unraisablehook: the exception of a signal that landed in a callback Python cannot raise
+    from is not printed as "Exception ignored in ..."; _received keeps the signal for the next
+    checkpoint. Anything else goes to the usual hook."""
+    if isinstance(unraisable.exc_value, (KeyboardInterrupt, Interrupted)) and _received:
+        return
+    sys.__unraisablehook__(unraisable)
+
+
+def raise_if_signalled() -> None:
+    """A checkpoint, in the main thread: a signal was received and the runner has not stopped for
+    it yet (its exception was deferred, or lost on the way): raise it now."""
+    if _received and threading.current_thread() is threading.main_thread():
+        raise _exception(_received[0])
+
+
+def signalled() -> bool:
+    return bool(_received)
+
+
+def signal_handled() -> None:
+    """The runner has stopped for the signal: nothing is left to raise."""
+    _received.clear()
 
 
 def arm_signals() -> None:
     """From here on, Ctrl-C raises KeyboardInterrupt and SIGTERM/SIGHUP raise Interrupted, so every
-    `finally` runs. A signal that came during start-up (see common/__init__.py) exits 130 now:
-    nothing had been created yet."""
+    `finally` runs (see on_signal). A signal that came during start-up (see common/__init__.py)
+    exits 130 now: nothing had been created yet."""
     import common
 
     common.exit_if_interrupted()
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    for sig in SIGNALS[1:]:
-        signal.signal(sig, raise_interrupted)
+    sys.unraisablehook = _unraisable
+    for sig in SIGNALS:
+        signal.signal(sig, on_signal)
 
 
 # -- what killed runs leave ------------------------------------------------------------------

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from common import config, output
 from common.cleanup import (SIGNALS, Interrupted, arm_signals, footprint, guard_standard_streams, liveness,
+                            raise_if_signalled, signal_handled, signalled,
                             signals_deferred, sweep, teardown, watch_writes)
 from common.output import SECTIONS
 from common.scenario import _REGISTRY, Check, Run, Scenario, ScenarioSpec, Skipped, Unfinished
@@ -57,6 +58,7 @@ def run_scenario(run: Run, spec: ScenarioSpec, index: int) -> dict:
         db.create_schema(run.admin, s.schema)
         s.conn = s.connect()
         spec.fn(s)
+        raise_if_signalled()  # a signal whose exception the scenario's code lost on the way
     except Skipped as exc:
         status, reason = "skipped", str(exc)
         console.wrapped(f"skipped: {exc}", hang="     ", style="bold")
@@ -69,14 +71,19 @@ def run_scenario(run: Run, spec: ScenarioSpec, index: int) -> dict:
         s.checks.append(Check(s.phase, False, reason))  # whatever passed before, this phase did not end
     except (KeyboardInterrupt, Interrupted) as exc:
         status, reason, interrupted = "interrupted", "interrupted by signal", exc
+        signal_handled()
     except db.StartupError:  # a name somebody else took: the run cannot go on (exit 2), after cleanup
         raise
-    except Exception as exc:  # an error the scenario did not expect: show it, fail the scenario
-        reason = f"unexpected {output.error_type(exc)}: {output.redact(str(exc).strip())[:300]}"
-        s.checks.append(Check(s.phase, False, reason))  # a crash fails its phase, whatever passed before
-        console.line()
-        console.line("   " + s.slots.crash_heading(exc), "bad", "error")  # the student's own error, as theirs
-        console.exception(exc, "error")
+    except Exception as exc:
+        if signalled():  # a signal came, and this error took the place of its exception (see on_signal)
+            status, reason, interrupted = "interrupted", "interrupted by signal", exc
+            signal_handled()
+        else:  # an error the scenario did not expect: show it, fail the scenario
+            reason = f"unexpected {output.error_type(exc)}: {output.redact(str(exc).strip())[:300]}"
+            s.checks.append(Check(s.phase, False, reason))  # a crash fails its phase, whatever passed before
+            console.line()
+            console.line("   " + s.slots.crash_heading(exc), "bad", "error")  # the student's own error, as theirs
+            console.exception(exc, "error")
     finally:
         cleaned, leftovers = teardown(run, s, before, stop_hard=status != "passed" or reason is not None,
                                       interrupted=interrupted is not None)
@@ -422,6 +429,7 @@ def _run(script: str, args, console: output.Console, selected: list[ScenarioSpec
                 from common import exercise
                 reports = stack.enter_context(exercise.logging_reports())
             for spec in selected:
+                raise_if_signalled()
                 records.append(run_scenario(run, spec, _REGISTRY.index(spec) + 1))
                 if student is not None:
                     exercise.grade(console, records[-1], reports)

@@ -298,6 +298,7 @@ class Scenario:
 
     # -- what scenarios use: the six sections -----------------------------------------------------
     def _enter(self, name: str) -> None:
+        _checkpoint()
         target = SECTIONS.index(name)
         if target < self._section:
             raise RuntimeError(f"section {name!r} after {SECTIONS[self._section]!r}: sections only move forward")
@@ -324,6 +325,7 @@ class Scenario:
         """A paragraph in the current section, reflowed to the terminal. In the presenter's mode
         (--brief) a section shows the first paragraph of its first text only, unless `essential`
         says otherwise (True: show all of it; False: never in brief)."""
+        _checkpoint()
         console, section = self.run.console, self._current
         first = self._said == 0
         self._said += 1
@@ -511,6 +513,7 @@ class Scenario:
         raise Skipped(reason)
 
     def _check(self, phase: str, ok: bool, claim: str) -> bool:
+        _checkpoint()
         self.checks.append(Check(phase, ok, claim))
         self.metrics.sample(self.metrics_phase)
         console = self.run.console
@@ -582,6 +585,13 @@ class StepResult:
 def _close_quietly(conn) -> None:
     with contextlib.suppress(Exception):
         conn.close()
+
+
+def _checkpoint() -> None:
+    """Where a scenario's text or a claim is printed: a signal whose exception was lost is raised."""
+    from common.cleanup import raise_if_signalled
+
+    raise_if_signalled()
 
 
 def _stop_fork_server() -> None:

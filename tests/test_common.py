@@ -404,3 +404,70 @@ def test_a_folder_a_thread_still_writes_into_is_removed(tmp_path, remove):
     else:  # the race is real: without the rename, some folders stay
         assert left > 0
 
+
+# -- a signal is never lost ----------------------------------------------------------------------
+SIGNAL_IN_CODEC = ROOT / "tests" / "fixtures" / "signal_in_codec.py"
+
+
+def _signal_in_codec(handler: str, signame: str, nth: int, params: dict) -> tuple[dict | None, str]:
+    dsn = " ".join(f"{k}={v}" for k, v in params.items())
+    proc = subprocess.run([sys.executable, str(SIGNAL_IN_CODEC), handler, signame, str(nth), dsn],
+                          capture_output=True, text=True, timeout=60, env=clean_env())
+    out = proc.stdout.strip()
+    return (json.loads(out) if out else None), proc.stderr
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_signal_while_psycopg2_decodes_an_error_is_raised_never_lost(embedded_params, signame):
+    """psycopg2 decodes a server error's texts with a Python codec and clears what that call
+    raises. A signal that lands there must still stop the run: from execute() itself, or from the
+    next checkpoint, with nothing printed."""
+    expected = "KeyboardInterrupt" if signame == "SIGINT" else "Interrupted"
+    codec_calls = _signal_in_codec("lab", signame, 0, embedded_params)[0]["codec_calls"]
+    assert codec_calls >= 2, "psycopg2 no longer decodes through a Python codec: nothing to test"
+    lost_by_python = []
+    for nth in range(1, codec_calls + 1):
+        lab, lab_err = _signal_in_codec("lab", signame, nth, embedded_params)
+        assert lab is not None and expected in (lab["execute"], lab["checkpoint"]), (nth, lab, lab_err)
+        assert "Traceback" not in lab_err, lab_err
+        python, _ = _signal_in_codec("python", signame, nth, embedded_params)
+        if python is None or expected not in (python["execute"], python["checkpoint"]):
+            lost_by_python.append(nth)
+    # the control: a handler that raises at once, in the codec, loses the signal at some of them
+    assert lost_by_python, "no codec call loses a signal any more: psycopg2 changed"
+
+
+@pytest.mark.parametrize("signame, then", [("SIGINT", "goes on"), ("SIGTERM", "goes on"), ("SIGINT", "error")])
+def test_a_signal_whose_exception_the_code_lost_still_stops_the_run(embedded_params, tmp_path, signame, then):
+    env = {**clean_env(), "LOST_SIGNAL": signame, "LOST_THEN": then}
+    result = run_script(BROKEN, "--only", "loses_a_signal,skips", env=env, tmp_path=tmp_path)
+    assert result.returncode == 130, result.stdout[-2000:] + result.stderr[-2000:]
+    record = result.scenario("loses_a_signal")
+    assert record["status"] == "interrupted" and record["cleaned"], record
+    assert result.scenario("skips")["status"] == "interrupted"  # the run stopped: never started
+    assert "Traceback" not in result.stderr and lab_schemas(embedded_params, result.journal["run_id"]) == []
+
+
+@pytest.mark.parametrize("hook", ["lab", "python"])
+def test_a_signal_in_a_callback_python_cannot_raise_from_is_kept_not_printed(hook):
+    """A weakref callback's exception is "ignored" by Python: a signal landing there is kept for
+    the next checkpoint, and not printed. With Python's own hook (the control) it is printed."""
+    code = f"""
+import signal, sys, weakref
+sys.path.insert(0, {str(ROOT)!r})
+from common import cleanup
+if {hook!r} == "lab":
+    sys.unraisablehook = cleanup._unraisable  # as arm_signals installs it
+class Thing:
+    pass
+thing = Thing()
+ref = weakref.ref(thing, lambda r: cleanup.on_signal(signal.SIGTERM, sys._getframe()))
+del thing  # the callback runs, and the signal's exception is raised in it
+try:
+    cleanup.raise_if_signalled()
+except cleanup.Interrupted:
+    print("raised at the checkpoint")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "raised at the checkpoint"
+    assert ("Exception ignored" in proc.stderr) == (hook == "python"), proc.stderr
