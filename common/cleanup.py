@@ -297,7 +297,7 @@ def signals_deferred():
     pending: list[int] = []
     old = {sig: signal.getsignal(sig) for sig in SIGNALS}
     for sig in SIGNALS:
-        signal.signal(sig, lambda n, f: pending.append(n))
+        signal.signal(sig, lambda n, f: None if _is_echo() else pending.append(n))
     try:
         yield
     finally:
@@ -312,6 +312,7 @@ SIGNALS = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, 
 
 # Signals received and not yet handled by the runner: the backstop for an exception that was lost.
 _received: list[int] = []
+_echoes = [0]  # signals this process sent itself again (see _echo) that have not arrived yet
 # Python's codecs, which C code calls (psycopg2 decodes a server's error message with one).
 _CODECS = (os.path.dirname(codecs.__file__) + os.sep + "encodings" + os.sep, codecs.__file__)
 
@@ -328,18 +329,45 @@ def on_signal(signum, frame):
     fail on a lock timeout and exit 1). There the signal is only kept, and raised at the next
     checkpoint (raise_if_signalled), a moment later. The same checkpoints catch an exception that
     other code loses: raised in a callback Python cannot raise from (a weakref callback, a
-    __del__: see _unraisable), or swallowed by an `except BaseException`."""
-    _received.append(signum)
+    __del__: see _unraisable), or swallowed by an `except BaseException`. A kept signal is also
+    sent again a moment later (_echo), so a run waiting in a sleep or a lock meanwhile stops."""
+    if not _is_echo():
+        _received.append(signum)
+    elif not _received:
+        return  # the runner stopped for the signal before its echo came
     if frame is not None and frame.f_code.co_filename.startswith(_CODECS):
+        _echo(signum)
         return
     raise _exception(signum)
 
 
+def _is_echo() -> bool:
+    if _echoes[0]:
+        _echoes[0] -= 1
+        return True
+    return False
+
+
+def _echo(signum: int) -> None:
+    """Send a kept signal to the main thread again after 50 ms, unless the runner has stopped for
+    it by then: a real signal interrupts what the main thread waits in (a checkpoint would not
+    come until the wait ended, a minute later in a scenario that sleeps). Written by hand: the
+    standard library's _thread.interrupt_main() does not interrupt a blocking call."""
+    def again():
+        if _received:
+            _echoes[0] += 1
+            signal.pthread_kill(threading.main_thread().ident, signum)
+    timer = threading.Timer(0.05, again)
+    timer.name, timer.daemon = "faillab-signal", True
+    timer.start()
+
+
 def _unraisable(unraisable) -> None:
     """sys.unraisablehook: the exception of a signal that landed in a callback Python cannot raise
-    from is not printed as "Exception ignored in ..."; _received keeps the signal for the next
-    checkpoint. Anything else goes to the usual hook."""
+    from is not printed as "Exception ignored in ..."; the signal is kept for the next checkpoint,
+    and sent again. Anything else goes to the usual hook."""
     if isinstance(unraisable.exc_value, (KeyboardInterrupt, Interrupted)) and _received:
+        _echo(_received[0])
         return
     sys.__unraisablehook__(unraisable)
 

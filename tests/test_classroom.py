@@ -362,7 +362,8 @@ WAITER = """
 import sys, time
 sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
 from test_classroom import Handle
-from common import budget
+from common import budget, cleanup
+cleanup.arm_signals()  # a script's handlers: psycopg2 may lose a KeyboardInterrupt raised in its codec calls
 h = Handle(dict(host="127.0.0.1", port=int(sys.argv[2]), dbname="postgres", user=sys.argv[3]), "waiter")
 h.say = lambda text: print(text, flush=True)
 try:

@@ -467,7 +467,32 @@ try:
     cleanup.raise_if_signalled()
 except cleanup.Interrupted:
     print("raised at the checkpoint")
+cleanup.signal_handled()
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip() == "raised at the checkpoint"
     assert ("Exception ignored" in proc.stderr) == (hook == "python"), proc.stderr
+
+
+def test_a_kept_signal_is_sent_again_and_ends_a_wait_that_has_no_checkpoint():
+    """A signal kept in a codec frame must not wait for a checkpoint that a long sleep or lock
+    wait postpones: it is sent again, and ends the wait at once."""
+    code = f"""
+import signal, sys, time
+sys.path.insert(0, {str(ROOT)!r})
+from common import cleanup
+for sig in cleanup.SIGNALS:
+    signal.signal(sig, cleanup.on_signal)
+in_a_codec = eval(compile("sys._getframe()", cleanup._CODECS[0] + "a_codec.py", "eval"))
+cleanup.on_signal(signal.SIGTERM, in_a_codec)  # kept, not raised
+started = time.monotonic()
+try:
+    time.sleep(30)
+    print("slept through")
+except cleanup.Interrupted:
+    print(f"interrupted after {{time.monotonic() - started:.1f}} s")
+cleanup.signal_handled()
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.startswith("interrupted after"), proc.stdout + proc.stderr
+    assert float(proc.stdout.split()[2]) < 10 and not proc.stderr  # 30 s without the echo
