@@ -1821,7 +1821,7 @@ def supervise(s, take_job) -> dict:
     until = time.monotonic() + QUEUE_LIMIT_S
 
     def start():
-        alive.append(s.spawn(queue_worker, s.params, take_job))
+        alive.append(s.spawn_many(queue_worker, s.params, take_job))
 
     for _ in range(QUEUE_WORKERS):
         start()
