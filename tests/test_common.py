@@ -362,47 +362,53 @@ def test_a_clean_scenario_is_cleaned_whatever_its_outcome(embedded_params, tmp_p
         assert "left behind" not in (record.get("reason") or "")
 
 
+_WRITE_AT_RMDIR: dict = {}  # the folder test_a_folder_... writes into when rmtree gets to its rmdir
+
+
+def _write_at_rmdir(event: str, args: tuple) -> None:
+    """An audit hook (pytest's process keeps it; it acts only while a test arms it): a thread of
+    the run appends to its spool by the folder's path just as rmtree, having emptied the folder,
+    is about to remove it: the race, at its one bad moment, every time."""
+    if event == "os.rmdir" and "folder" in _WRITE_AT_RMDIR:
+        folder = _WRITE_AT_RMDIR.pop("folder")
+        try:
+            with open(folder / "spool.jsonl", "a") as f:
+                f.write("{}\n")
+        except FileNotFoundError:
+            pass  # the folder is gone from that path: the writer's line is lost, as it would be
+
+
 @pytest.mark.parametrize("remove", ["lab", "plain rmtree"])
 def test_a_folder_a_thread_still_writes_into_is_removed(tmp_path, remove):
     """A thread of the run that still appends to a file in the scenario's folder (a log spool
-    whose close a Ctrl-C cut short) must not keep the folder alive; a plain rmtree loses that race."""
+    whose close a Ctrl-C cut short) must not keep the folder alive. With a plain rmtree (the
+    control) the write between emptying and rmdir leaves it behind."""
     import shutil
-    import threading
 
     from common.cleanup import _remove_folder
 
-    def remover(path):
+    if not getattr(_write_at_rmdir, "installed", False):
+        sys.addaudithook(_write_at_rmdir)
+        _write_at_rmdir.installed = True
+    folder = tmp_path / "faillab-run-storage-x"
+    folder.mkdir()
+    for i in range(5):
+        (folder / f"f{i}").write_text("x")
+    _WRITE_AT_RMDIR["folder"] = folder
+    try:
         if remove == "lab":
-            return _remove_folder(path)
-        shutil.rmtree(path, ignore_errors=True)
-        return not path.exists()
-
-    left = 0
-    for n in range(40):
-        folder, stop = tmp_path / f"run-{n}", threading.Event()
-        folder.mkdir()
-        for i in range(50):
-            (folder / f"f{i}").write_text("x")
-
-        def spool():
-            while not stop.is_set():
-                try:
-                    with open(folder / "spool.jsonl", "a") as f:
-                        f.write("{}\n")
-                except FileNotFoundError:
-                    pass  # the folder is gone: the writer's lines are lost, as they would be
-        writer = threading.Thread(target=spool)
-        writer.start()
-        time.sleep(0.005)
-        try:
-            left += not remover(folder)
-        finally:
-            stop.set()
-            writer.join()
+            removed = _remove_folder(folder)
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed = not folder.exists()
+        wrote = "folder" not in _WRITE_AT_RMDIR  # the write really came, at the rmdir
+    finally:
+        _WRITE_AT_RMDIR.clear()
+    assert wrote
     if remove == "lab":
-        assert left == 0
-    else:  # the race is real: without the rename, some folders stay
-        assert left > 0
+        assert removed and not list(tmp_path.iterdir())  # renamed copy included
+    else:
+        assert not removed and [p.name for p in folder.iterdir()] == ["spool.jsonl"]  # left behind
 
 
 # -- a signal is never lost ----------------------------------------------------------------------
