@@ -129,6 +129,14 @@ def kept_servers():
         yield kept
 
 
+# Out of the quick subset too: a run per broken state, the grading of students' code (a run per
+# wrong solution or exercise file), and the sweeps and walkthroughs that run a lesson many times.
+SLOW_BY_NAME = ("test_a_recovery_check_fails_when", "test_a_wrong_solution_fails")
+SLOW_IF_NAMED = ("exercise_grades", "saver_is_caught_whatever_api", "saver_meets_a_kill_point",
+                 "generator_reproduces_the_checked_in_series", "pause_shows_no_reveal",
+                 "broken_embedded_data_folder", "formatter_that_never_returns")
+
+
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     """With pytest-xdist's --dist loadgroup, the tests that use a module-scoped fixture (a server
@@ -140,7 +148,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         target = getattr(getattr(item, "callspec", None), "params", {}).get("target")
         if item.get_closest_marker("matrix") or item.get_closest_marker("classroom") or target == "server" \
-                or item.name.startswith("test_a_recovery_check_fails_when"):  # a run per broken state
+                or item.name.startswith(SLOW_BY_NAME) or item.path.name == "test_exercises.py" \
+                or any(part in item.name for part in SLOW_IF_NAMED):
             item.add_marker(pytest.mark.slow)  # the quick subset, -m "not slow": the embedded target only
         info = getattr(item, "_fixtureinfo", None)
         if info is None or item.get_closest_marker("xdist_group"):
