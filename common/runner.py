@@ -296,6 +296,7 @@ def main(argv=None) -> None:
         code = _run(script, args, console, selected, student)
     except (KeyboardInterrupt, Interrupted):
         code = 130
+        signal_handled()
     for sig in SIGNALS:  # all is cleaned and written: a signal now must not turn the exit into a crash
         signal.signal(sig, signal.SIG_IGN)
     sys.exit(code)
@@ -441,6 +442,7 @@ def _run(script: str, args, console: output.Console, selected: list[ScenarioSpec
             _fail_start(str(exc))
         except (KeyboardInterrupt, Interrupted):
             exit_code = 130
+            signal_handled()  # no echo of it may land in the summary
     if exit_code == 130:  # a second Ctrl-C (the lab passes one on too) must not cut the summary and journal short
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         console.pager = False  # nor wait for an Enter nobody will press
