@@ -102,32 +102,33 @@ class Footprint:
 
 
 # Every object this role owns, anywhere in the database, described as a reader would name it.
-# Only objects made after initdb (OID 16384 and up, PostgreSQL's FirstNormalObjectId): a
-# superuser owns the ~6,000 built-in ones, which no run can make, and listing them twice per
-# scenario cost more than the rest of the measure.
+# Only objects made after initdb (OID FIRST_NORMAL_OID and up): a superuser owns the ~6,000
+# built-in ones, which no run can make, and listing them twice per scenario cost more than the
+# rest of the measure.
+FIRST_NORMAL_OID = 16384  # PostgreSQL's FirstNormalObjectId: the first OID given after initdb
 OWNED_OBJECTS_IN_SCHEMAS = """
     WITH me AS (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = current_user),
     owned (what, nsp) AS (
-        SELECT 'schema ' || nspname, nspname FROM pg_catalog.pg_namespace WHERE nspowner IN (SELECT oid FROM me) AND oid >= 16384
+        SELECT 'schema ' || nspname, nspname FROM pg_catalog.pg_namespace WHERE nspowner IN (SELECT oid FROM me) AND oid >= {first}
         UNION ALL
         SELECT CASE c.relkind WHEN 'v' THEN 'view ' WHEN 'm' THEN 'materialized view ' WHEN 'S' THEN 'sequence '
                               WHEN 'i' THEN 'index ' WHEN 'I' THEN 'index ' WHEN 'f' THEN 'foreign table '
                               WHEN 'c' THEN 'type ' ELSE 'table ' END || n.nspname || '.' || c.relname, n.nspname
         FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-        WHERE c.relowner IN (SELECT oid FROM me) AND c.relkind <> 't' AND c.oid >= 16384
+        WHERE c.relowner IN (SELECT oid FROM me) AND c.relkind <> 't' AND c.oid >= {first}
         UNION ALL
         SELECT 'function ' || p.oid::pg_catalog.regprocedure::text, n.nspname  -- qualified: off the path
         FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
-        WHERE p.proowner IN (SELECT oid FROM me) AND p.oid >= 16384
+        WHERE p.proowner IN (SELECT oid FROM me) AND p.oid >= {first}
         UNION ALL
         SELECT 'type ' || n.nspname || '.' || t.typname, n.nspname
         FROM pg_catalog.pg_type t JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace
-        WHERE t.typowner IN (SELECT oid FROM me) AND t.typrelid = 0 AND t.oid >= 16384
+        WHERE t.typowner IN (SELECT oid FROM me) AND t.typrelid = 0 AND t.oid >= {first}
           AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_type e WHERE e.typarray = t.oid)
         UNION ALL
         SELECT 'operator ' || o.oid::pg_catalog.regoperator::text, n.nspname
         FROM pg_catalog.pg_operator o JOIN pg_catalog.pg_namespace n ON n.oid = o.oprnamespace
-        WHERE o.oprowner IN (SELECT oid FROM me) AND o.oid >= 16384
+        WHERE o.oprowner IN (SELECT oid FROM me) AND o.oid >= {first}
         {database_wide})
     SELECT what, nsp FROM owned
     WHERE nsp IS NULL OR (nsp NOT LIKE 'pg\\_temp\\_%' AND nsp NOT LIKE 'pg\\_toast%')"""
@@ -151,10 +152,11 @@ def owned_objects_query():
     from psycopg2 import sql
 
     elsewhere = sql.SQL("").join(
-        sql.SQL("\n        UNION ALL SELECT {} || {}::text, NULL FROM pg_catalog.{} WHERE {} IN (SELECT oid FROM me) AND oid >= 16384")
-        .format(sql.Literal(label + " "), sql.Identifier(name), sql.Identifier(catalog), sql.Identifier(owner))
+        sql.SQL("\n        UNION ALL SELECT {} || {}::text, NULL FROM pg_catalog.{} WHERE {} IN (SELECT oid FROM me) AND oid >= {}")
+        .format(sql.Literal(label + " "), sql.Identifier(name), sql.Identifier(catalog), sql.Identifier(owner),
+                sql.Literal(FIRST_NORMAL_OID))
         for label, catalog, name, owner in OWNED_ELSEWHERE)
-    return sql.SQL(OWNED_OBJECTS_IN_SCHEMAS).format(database_wide=elsewhere)
+    return sql.SQL(OWNED_OBJECTS_IN_SCHEMAS).format(database_wide=elsewhere, first=sql.Literal(FIRST_NORMAL_OID))
 # Sessions of this role in this database that are not this run's (another student sharing the role).
 OTHER_SESSIONS = """
     SELECT count(*) FROM pg_catalog.pg_stat_activity
