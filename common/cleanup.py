@@ -357,11 +357,17 @@ def _echo(signum: int) -> None:
     """Send a kept signal to the main thread again after 50 ms, unless the runner has stopped for
     it by then: a real signal interrupts what the main thread waits in (a checkpoint would not
     come until the wait ended, a minute later in a scenario that sleeps). Written by hand: the
-    standard library's _thread.interrupt_main() does not interrupt a blocking call."""
+    standard library's _thread.interrupt_main() does not interrupt a blocking call; it is the
+    fallback where there is no pthread_kill (Windows)."""
+    import _thread
+
     def again():
         if _received:
             _echoes[0] += 1
-            signal.pthread_kill(threading.main_thread().ident, signum)
+            if hasattr(signal, "pthread_kill"):
+                signal.pthread_kill(threading.main_thread().ident, signum)
+            else:
+                _thread.interrupt_main(signum)
     timer = threading.Timer(0.05, again)
     timer.name, timer.daemon = "faillab-signal", True
     timer.start()

@@ -502,3 +502,28 @@ cleanup.signal_handled()
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.stdout.startswith("interrupted after"), proc.stdout + proc.stderr
     assert float(proc.stdout.split()[2]) < 10 and not proc.stderr  # 30 s without the echo
+
+
+def test_where_there_is_no_pthread_kill_a_kept_signal_still_comes_back():
+    """Windows has no signal.pthread_kill: the echo falls back to _thread.interrupt_main, which
+    a busy main thread meets at once (it cannot end a blocking wait there)."""
+    code = f"""
+import signal, sys, time
+sys.path.insert(0, {str(ROOT)!r})
+del signal.pthread_kill
+from common import cleanup
+for sig in cleanup.SIGNALS:
+    signal.signal(sig, cleanup.on_signal)
+in_a_codec = eval(compile("sys._getframe()", cleanup._CODECS[0] + "a_codec.py", "eval"))
+cleanup.on_signal(signal.SIGTERM, in_a_codec)  # kept, not raised
+deadline = time.monotonic() + 30
+try:
+    while time.monotonic() < deadline:
+        pass
+    print("never came back")
+except cleanup.Interrupted:
+    print("came back")
+cleanup.signal_handled()
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "came back" and not proc.stderr, proc.stdout + proc.stderr
