@@ -35,7 +35,13 @@ def _record(signum, frame) -> None:
 
 
 def _exit_130(signum, frame) -> None:
+    _pending.append(signum)  # kept: should the exception be lost (see cleanup.on_signal), arming exits
     raise SystemExit(130)
+
+
+def _interrupt(signum, frame) -> None:
+    _pending.append(signum)
+    raise KeyboardInterrupt
 
 
 def _quiet_interrupt(kind, value, tb) -> None:
@@ -85,7 +91,7 @@ if _guarded:
     exit_if_interrupted()
     # From here on Ctrl-C is a KeyboardInterrupt, as in any Python program (so a tool built on
     # common can catch it), ending with 130 if nothing does; SIGTERM and SIGHUP exit 130.
-    _signal.signal(_signal.SIGINT, _signal.default_int_handler)
+    _signal.signal(_signal.SIGINT, _interrupt)
     for _sig in _SIGNALS[1:]:
         _signal.signal(_sig, _exit_130)
     _sys.excepthook = _quiet_interrupt

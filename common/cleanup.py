@@ -300,6 +300,7 @@ def signals_deferred():
         yield
         return
     pending: list[int] = []
+    _deferring.append(True)
     old = {sig: signal.getsignal(sig) for sig in SIGNALS}
     for sig in SIGNALS:
         signal.signal(sig, lambda n, f: None if _is_echo() else pending.append(n))
@@ -308,6 +309,7 @@ def signals_deferred():
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
+        _deferring.pop()
         if pending:
             raise Interrupted(pending[0])
 
@@ -318,6 +320,7 @@ SIGNALS = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, 
 # Signals received and not yet handled by the runner: the backstop for an exception that was lost.
 _received: list[int] = []
 _echoes = [0]  # signals this process sent itself again (see _echo) that have not arrived yet
+_deferring: list[bool] = []  # inside signals_deferred: cleanup runs to its end, no checkpoint raises
 # Python's codecs, which C code calls (psycopg2 decodes a server's error message with one).
 _CODECS = (os.path.dirname(codecs.__file__) + os.sep + "encodings" + os.sep, codecs.__file__)
 
@@ -386,7 +389,7 @@ def _unraisable(unraisable) -> None:
 def raise_if_signalled() -> None:
     """A checkpoint, in the main thread: a signal was received and the runner has not stopped for
     it yet (its exception was deferred, or lost on the way): raise it now."""
-    if _received and threading.current_thread() is threading.main_thread():
+    if _received and not _deferring and threading.current_thread() is threading.main_thread():
         raise _exception(_received[0])
 
 

@@ -87,6 +87,9 @@ def run_scenario(run: Run, spec: ScenarioSpec, index: int) -> dict:
     finally:
         cleaned, leftovers = teardown(run, s, before, stop_hard=status != "passed" or reason is not None,
                                       interrupted=interrupted is not None)
+    if signalled():  # a signal whose exception was lost, and then a skip or an early stop: still a stop
+        status, reason, interrupted = "interrupted", "interrupted by signal", Interrupted(0)
+        signal_handled()
     if cannot_wait is not None:
         _fail_start(str(cannot_wait))
     for name, exc in s.worker_errors if status == "passed" else ():  # a worker that crashed: no pass
