@@ -87,6 +87,11 @@ import tenacity  # noqa: E402,F401
 from common.runner import main  # noqa: E402
 from common.scenario import Scenario, scenario  # noqa: E402
 
+from common.cleanup import CHILDREN_LOG, watch_writes  # noqa: E402
+
+if not _guarded and CHILDREN_LOG in _sys.modules["os"].environ:
+    watch_writes()  # a child process of a run (a scenario's worker): what it creates is the run's too
+
 if _guarded:
     exit_if_interrupted()
     # From here on Ctrl-C is a KeyboardInterrupt, as in any Python program (so a tool built on

@@ -98,7 +98,9 @@ class Footprint:
     objects: set | None
     roles: set | None
     writes: int
-    others: int  # sessions of this role that are not this run's: they could make objects too
+    children: int  # bytes of the run's log of paths its child processes created (see _audit)
+    since: str | None  # the server's clock when it was measured
+    others: frozenset  # pids of the sessions of this role that are not this run's
 
 
 # Every object this role owns, anywhere in the database, described as a reader would name it.
@@ -157,10 +159,13 @@ def owned_objects_query():
                 sql.Literal(FIRST_NORMAL_OID))
         for label, catalog, name, owner in OWNED_ELSEWHERE)
     return sql.SQL(OWNED_OBJECTS_IN_SCHEMAS).format(database_wide=elsewhere, first=sql.Literal(FIRST_NORMAL_OID))
-# Sessions of this role in this database that are not this run's (another student sharing the role).
+# Sessions of this role in this database that are not this run's (another student sharing the
+# role), and the server's clock: read before and after a scenario.
 OTHER_SESSIONS = """
-    SELECT count(*) FROM pg_catalog.pg_stat_activity
-    WHERE usename = current_user AND datname = pg_catalog.current_database()
+    SELECT pg_catalog.clock_timestamp()::text, pid, state IS DISTINCT FROM 'idle'
+           OR backend_start >= %(since)s OR state_change >= %(since)s
+    FROM pg_catalog.pg_stat_activity RIGHT JOIN (SELECT) one ON usename = current_user
+      AND datname = pg_catalog.current_database()
       AND application_name IS DISTINCT FROM pg_catalog.current_setting('application_name')"""
 # Roles this run could have made: named as its own, or (PostgreSQL 16 on) roles whose creator,
 # a role that is not a superuser, was made their admin member by CREATE ROLE.
@@ -173,17 +178,34 @@ RUN_ROLES = """
 
 def footprint(run: Run) -> Footprint:
     """Measure what exists before a scenario starts."""
+    since, others, _ = _other_sessions(run, None)
     return Footprint({t.ident for t in threading.enumerate()}, _owned_objects(run), _run_roles(run),
-                     len(_CREATED_PATHS), _other_sessions(run))
+                     len(_CREATED_PATHS), _children_log_size(), since, others)
 
 
-def _other_sessions(run: Run) -> int:
+def _other_sessions(run: Run, since: str | None) -> tuple[str | None, frozenset, bool]:
+    """The server's clock, the pids of this role's sessions that are not this run's, and whether
+    any of them could have made an object since `since`: in a statement or a transaction now, or
+    connected or done anything since (state_change moves with every statement). An idle session
+    that did nothing cannot have made one."""
     from common import db
 
     try:
-        return int(db.scalar(run.admin, OTHER_SESSIONS))
+        found = db.rows(run.admin, OTHER_SESSIONS, {"since": since or "infinity"})
     except Exception:
-        return 0
+        return None, frozenset(), True
+    return found[0][0], frozenset(pid for _, pid, _ in found if pid is not None), any(b for _, pid, b in found
+                                                                                      if pid is not None)
+
+
+def _busy_others(run: Run, before: Footprint) -> bool:
+    """Could a session of this role that is not this run's have made an object during the
+    scenario? Yes if one was busy since it began, or one that was there has gone (it may have
+    worked before it left). One that came and went between the two readings is not seen."""
+    if before.since is None:
+        return True
+    _, now, busy = _other_sessions(run, before.since)
+    return busy or bool(before.others - now)
 
 
 def _owned_objects(run: Run) -> set | None:
@@ -233,19 +255,30 @@ def _leftovers(run: Run, s: Scenario, before: Footprint, wait_s: float) -> list[
     else:
         found += [f"role {r}" for r in sorted(roles - before.roles)]
         # A new object of this role is this run's only if no other session of the role could have
-        # made it: with a role shared by someone connected meanwhile, it may be theirs.
-        if not (before.others or _other_sessions(run)):
-            kept = f" {s.schema}."
-            found += sorted(o for o in objects - before.objects if f"schema {s.schema}" != o and kept not in f" {o}")
-    found += created_paths(before.writes, s)
+        # made it: with a role shared by someone who worked meanwhile, it may be theirs (said so).
+        kept = f" {s.schema}."
+        new = sorted(o for o in objects - before.objects if f"schema {s.schema}" != o and kept not in f" {o}")
+        if new and _busy_others(run, before):
+            s.measurements["objects_not_attributed"] = (
+                f"{len(new)} new object(s) of this role not counted as the run's: another session of "
+                f"the role worked meanwhile ({', '.join(new[:3])}{', ...' if len(new) > 3 else ''})")
+        else:
+            found += new
+    found += created_paths(before.writes, s, before.children)
     return found
 
 
-# -- files this process created ------------------------------------------------------------------
+# -- files this process and its children created -------------------------------------------------
 # Filled by an audit hook (watch_writes): a path opened for writing that did not exist, a folder
-# made, a rename, link or temp file to a new name. Only this process's own creations count, so a
-# file another program writes in the same folder meanwhile is never blamed on the run.
+# made, a rename, link or temp file to a new name. Only the run's own creations count, so a file
+# another program writes in the same folder meanwhile is never blamed on the run. The run's own
+# process keeps them in _CREATED_PATHS; its child processes (a scenario's workers, forked or
+# spawned: they inherit the hook or install it as they import common) append them, a line each,
+# to the run's log named by CHILDREN_LOG, which the run reads.
 _CREATED_PATHS: list[str] = []
+CHILDREN_LOG = "FAILLAB_CREATED_BY_CHILDREN"
+_RUN_PID: list[int] = []  # the run's own process, once watch_writes(run=True) was called there
+_IN_HOOK = threading.local()
 _WRITE_EVENTS = frozenset({"open", "os.mkdir", "os.rename", "os.link", "os.symlink",
                            "tempfile.mkstemp", "tempfile.mkdtemp"})
 
@@ -267,21 +300,56 @@ def _audit(event: str, args: tuple) -> None:
         path = os.path.abspath(os.fsdecode(path))
         if "__pycache__" in path or (event not in ("tempfile.mkstemp", "tempfile.mkdtemp") and os.path.lexists(path)):
             return
-        _CREATED_PATHS.append(path)
+        if _RUN_PID and _RUN_PID[0] == os.getpid():
+            _CREATED_PATHS.append(path)
+        elif (log := os.environ.get(CHILDREN_LOG)) and path != log and not getattr(_IN_HOOK, "on", False):
+            _IN_HOOK.on = True  # the log's own open is an audit event too
+            try:
+                fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                try:
+                    os.write(fd, path.encode("utf-8", "surrogateescape") + b"\n")  # one write: atomic
+                finally:
+                    os.close(fd)
+            finally:
+                _IN_HOOK.on = False
     except Exception:  # an audit hook must never break what it watches
         return
 
 
-def watch_writes() -> None:
-    """Install the audit hook once per process (it cannot be removed)."""
+def watch_writes(run: bool = False) -> None:
+    """Install the audit hook once per process (it cannot be removed): `run` in the run's own
+    process, without it in a child process of a run (see CHILDREN_LOG)."""
+    if run:
+        _RUN_PID[:] = [os.getpid()]
     if not getattr(watch_writes, "installed", False):
         sys.addaudithook(_audit)
         watch_writes.installed = True
 
 
-def created_paths(since: int, s: Scenario) -> list[str]:
-    """The files and folders this process created since `since` that still exist, outermost only."""
-    alive = sorted({p for p in _CREATED_PATHS[since:] if os.path.lexists(p)})
+def children_log(run_id: str) -> Path:
+    return Path(tempfile.gettempdir()) / f"faillab-{run_id}.created"
+
+
+def _children_log_size() -> int:
+    with contextlib.suppress(OSError, KeyError):
+        return os.path.getsize(os.environ[CHILDREN_LOG])
+    return 0
+
+
+def _created_by_children(since: int) -> list[str]:
+    try:
+        with open(os.environ[CHILDREN_LOG], "rb") as f:
+            f.seek(since)
+            return [line.decode("utf-8", "surrogateescape") for line in f.read().splitlines() if line]
+    except (OSError, KeyError):
+        return []
+
+
+def created_paths(since: int, s: Scenario, children_since: int = 0) -> list[str]:
+    """The files and folders this process created since `since`, or its child processes since
+    `children_since` (bytes of their log), that still exist, outermost only."""
+    made = _CREATED_PATHS[since:] + _created_by_children(children_since)
+    alive = sorted({p for p in made if os.path.lexists(p)})
     outer = [p for p in alive if not any(p.startswith(q + os.sep) for q in alive if q != p)]
     return [f"{'folder' if os.path.isdir(p) else 'file'} {p}" for p in outer]
 
@@ -432,9 +500,12 @@ def liveness(admin, run_id: str):
     with contextlib.suppress(OSError):  # no writable temp folder: the run makes no folder either
         lock = fasteners.InterProcessLock(str(_run_lock_file(run_id)))
         lock.acquire()
+    os.environ[CHILDREN_LOG] = str(children_log(run_id))  # the run's child processes inherit it
     try:
         yield
     finally:
+        os.environ.pop(CHILDREN_LOG, None)
+        children_log(run_id).unlink(missing_ok=True)
         if lock is not None:
             with contextlib.suppress(Exception):
                 lock.release()
@@ -479,6 +550,7 @@ def sweep_dead_folders(own_run: str | None = None) -> list[str]:
                 shutil.rmtree(path, ignore_errors=True)
                 if not path.exists():
                     removed.append(f"folder {path.name}")
+            children_log(run_id).unlink(missing_ok=True)
             lock_file.unlink(missing_ok=True)
         finally:
             with contextlib.suppress(Exception):

@@ -293,7 +293,7 @@ def main(argv=None) -> None:
                         f"{', '.join(sorted(slots)) or 'none'}")
     check_output_paths(args)
     arm_signals()
-    watch_writes()  # from now on, every file this process creates is known: a scenario's leak is named
+    watch_writes(run=True)  # from now on, every file the run creates is known: a scenario's leak is named
     code = 0
     try:
         code = _run(script, args, console, selected, student)

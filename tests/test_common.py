@@ -1,11 +1,14 @@
 """The plumbing in common/: configuration, masking, output, the proxy, the runner's exit codes."""
+import contextlib
 import io
 import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import psycopg2
 import pytest
@@ -287,6 +290,35 @@ LEAKS = {  # what the fixture leaves -> how the journal's reason names it
     "file": lambda run_id, cwd: f"file {cwd / 'left-behind.txt'}",
     "thread": lambda run_id, cwd: "thread fixture-listener",
 }
+MORE_LEAKS = {  # the same, measured once each (the outcome does not change how they are measured)
+    "spawned file": LEAKS["file"],
+    "forked file": LEAKS["file"],
+    "role": lambda run_id, cwd: f"role faillab_{run_id}_leaked",
+    "process": lambda run_id, cwd: "process ",  # and its pid
+    "temp file": lambda run_id, cwd: f"file {Path(tempfile.gettempdir()) / f'labtest-leak-{run_id}.txt'}",
+    "home file": lambda run_id, cwd: f"file {Path.home() / f'labtest-leak-{run_id}.txt'}",
+}
+LEAK_CASES = ([(leak, outcome) for leak in sorted(LEAKS) for outcome in ("pass", "crash", "skip", "fail", "stop")]
+              + [(leak, "pass") for leak in MORE_LEAKS])
+
+
+def _remove_leak(leak: str, server: dict, run_id: str, reason: str) -> None:
+    """Undo what the fixture left, so the test leaves nothing either."""
+    import servers
+
+    if leak == "role":
+        conn = psycopg2.connect(**servers.libpq(server))
+        conn.autocommit = True
+        try:
+            conn.cursor().execute(f'DROP ROLE IF EXISTS "faillab_{run_id}_leaked"')
+        finally:
+            conn.close()
+    elif leak == "process":
+        pid = int(reason.split("left behind: process ", 1)[1].split(",")[0].split(";")[0])
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    elif leak in ("temp file", "home file"):
+        Path(MORE_LEAKS[leak](run_id, None).split(" ", 1)[1]).unlink(missing_ok=True)
 
 
 def _url(server: dict) -> str:
@@ -295,18 +327,43 @@ def _url(server: dict) -> str:
     return servers.url(server)
 
 
-@pytest.mark.parametrize("outcome", ["pass", "crash", "skip"])
-@pytest.mark.parametrize("leak", sorted(LEAKS))
+OUTCOME_REASONS = {"crash": "unexpected ZeroDivisionError", "skip": "needs PostgreSQL 99", "fail": "recovered",
+                   "stop": "stopped early: the fixture stops early"}
+
+
+@pytest.mark.parametrize("leak, outcome", LEAK_CASES, ids=[f"{leak}-{outcome}" for leak, outcome in LEAK_CASES])
 def test_a_leak_is_named_and_fails_the_scenario_whatever_its_outcome(leak, outcome, lone_server, tmp_path):
     env = clean_env(FAILLAB_FIXTURE_LEAK=leak, FAILLAB_FIXTURE_OUTCOME=outcome, DATABASE_URL=_url(lone_server))
     result = run_script(HOSTILE, "--only", "leaks", env=env, tmp_path=tmp_path)
     run_id = result.journal["run_id"]
     record = result.scenario("leaks")
-    assert _leaked_functions(lone_server, run_id) == (leak == "function")
-    assert result.returncode == 1 and record["status"] == "failed" and record["cleaned"] is False, record
-    assert f"left behind: {LEAKS[leak](run_id, tmp_path)}" in record["reason"], record["reason"]
-    if outcome != "pass":  # the outcome's own reason stays first
-        assert record["reason"].startswith("unexpected ZeroDivisionError" if outcome == "crash" else "needs PostgreSQL 99")
+    try:
+        assert _leaked_functions(lone_server, run_id) == (leak == "function")
+        assert result.returncode == 1 and record["status"] == "failed" and record["cleaned"] is False, record
+        named = (LEAKS.get(leak) or MORE_LEAKS[leak])(run_id, tmp_path)
+        assert f"left behind: {named}" in record["reason"], record["reason"]
+        if outcome != "pass":  # the outcome's own reason stays first
+            assert record["reason"].startswith(OUTCOME_REASONS[outcome]), record["reason"]
+    finally:
+        _remove_leak(leak, lone_server, run_id, record.get("reason") or "")
+
+
+def test_a_leak_is_named_while_an_idle_session_of_the_same_role_is_connected(lone_server, tmp_path):
+    """A psql of the same role left open and idle did nothing meanwhile: it cannot have made the
+    function, so the run's leak is still the run's."""
+    import servers
+
+    idle = psycopg2.connect(**servers.libpq(lone_server), application_name="an idle psql")
+    try:
+        env = clean_env(FAILLAB_FIXTURE_LEAK="function", DATABASE_URL=_url(lone_server))
+        result = run_script(HOSTILE, "--only", "leaks", env=env, tmp_path=tmp_path)
+    finally:
+        idle.close()
+    run_id = result.journal["run_id"]
+    record = result.scenario("leaks")
+    assert _leaked_functions(lone_server, run_id) == 1
+    assert result.returncode == 1 and record["cleaned"] is False, record
+    assert f"left behind: {LEAKS['function'](run_id, tmp_path)}" in record["reason"], record["reason"]
 
 
 def _start_ready(scenario_id: str, server: dict, tmp_path, **env):
@@ -350,6 +407,7 @@ def test_what_another_session_of_the_same_role_makes_meanwhile_is_not_the_runs_l
     record = json.loads((tmp_path / "j.json").read_text())["scenarios"][0]
     assert _leaked_functions(lone_server, run_id) == 1
     assert proc.returncode == 0 and record["cleaned"] is True, record
+    assert record["measurements"]["objects_not_attributed"].startswith("1 new object(s)"), record  # and says so
 
 
 def test_a_clean_scenario_is_cleaned_whatever_its_outcome(embedded_params, tmp_path):
