@@ -389,7 +389,7 @@ def test_a_signal_in_the_first_fraction_of_a_second_exits_130_and_leaves_nothing
         assert "Traceback" not in err, err[-2000:]
         if data and data["run_id"]:
             assert lab_schemas(embedded_params, data["run_id"]) == [] and run_dirs(data["run_id"]) == []
-    assert sum(code == 130 for _, _, code in report) >= len(offsets) // 2, report  # not vacuous
+    assert _stopped_by_common(report) >= len(offsets) // 2, report  # not vacuous
     print(f"\n{script}: (offset s, signal, exit) {report}")
 
 
@@ -990,3 +990,43 @@ def test_a_missing_role_is_named_not_blamed_on_host_and_port(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert f"role {role} does not exist" in lines[0] and "CREATE ROLE" in lines[0] and "host and port" not in lines[0]
+
+
+def test_a_fifo_put_in_the_journals_place_during_the_run_does_not_block_its_end(embedded_params, tmp_path):
+    """The path was a regular file when the run started; a FIFO with no reader put there meanwhile
+    would block an ordinary open() for ever. The run ends at once, with one line and exit 2."""
+    journal = tmp_path / "j.json"
+    proc = start([BROKEN, "--only", "sleeps"], clean_env(), journal)
+    try:
+        wait_ready(proc)
+        journal.unlink(missing_ok=True)
+        os.mkfifo(journal)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)  # a bound for a hang, not a timing claim
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 2, err[-2000:]
+    assert f"error: --json {journal} could not be written" in err and "Traceback" not in err, err[-2000:]
+
+
+def test_writing_a_journal_into_a_fifo_fails_at_once(tmp_path):
+    from common.runner import write_file
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    raised = []
+
+    def write():
+        try:
+            write_file(str(fifo), "{}")
+        except OSError as exc:
+            raised.append(exc)
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    writer.join(10)  # a bound for a hang, not a timing claim
+    blocked = writer.is_alive()
+    if blocked:  # in open(): a reader lets it go, and the test fails
+        os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
+        writer.join(10)
+    assert not blocked and raised, "write_file blocked on a FIFO"
