@@ -104,6 +104,7 @@ def test_storage_replays_every_event_exactly_once_and_the_figures_reconcile(resu
     assert m["stored_live_after"] + m["spooled_after"] - m["spooled_already_stored"] == m["stored_after"]
     assert m["second_replay_inserted"] == 0
     assert m["stall_waiting_sessions"] >= 1  # the stall met a writer: the fault landed
+    assert m["stall_insert_waited_s"] >= flf.STALL_S  # ... and held its INSERT the whole stall, as the server timed it
 
 
 def test_correlation_counts_every_kind_of_mislabelled_row(result):
@@ -126,7 +127,7 @@ def test_volume_fixed_design_batches_and_keeps_true_counts(result):
     # the kept samples, plus one summary per distinct error
     assert m["fixed_rows"] == STORM_DISTINCT_ERRORS * (flf.KEEP_PER_ERROR + 1)
     assert m["fixed_insert_statements"] * 3 <= m["fixed_rows"]
-    assert m["stall_waiting_sessions"] >= 1
+    assert m["stall_waiting_sessions"] >= 1 and m["stall_insert_waited_s"] >= flf.STORM_STALL_S
     assert m["redundant_rows_after"] == 0 and m["errors_miscounted_after"] == 0
     assert m["fixed_bytes"] * 10 < m["naive_bytes"]
 
@@ -810,3 +811,45 @@ lab.replay_spool = replay_but_the_last""", "the replay inserted exactly the"),
 def test_a_bug_in_a_recovery_step_fails_its_claim(bug, embedded_params, tmp_path):
     patch, claim = RECOVERY_BUGS[bug]
     assert_fails_on_its_claim(run_patched(tmp_path, "storage", patch, clean_env()), "storage", claim)
+
+
+# A stall that misses: the lock held 0.05 s instead of the 1 s the scenario states, or never
+# taken. The server times the INSERT that waited on it, so the claim of the whole stall fails.
+SHORT_STALL = """
+real_stall_store, stalls = lab.stall_store, []
+def short_stall(s, seconds):
+    stalls.append(seconds)
+    return real_stall_store(s, 0.05 if len(stalls) == {which} else seconds)
+lab.stall_store = short_stall"""
+NO_STALL = """
+def no_stall(s, seconds):  # no lock taken: nothing for an INSERT to wait on
+    stall = lab.Stall(seconds, settled=s.event())
+    stall.settled.set()
+    return stall
+lab.stall_store = no_stall"""
+STALLS_THAT_MISS = {  # the scenario, the patch, the claim that must fail
+    "volume, a 0.05 s stall": ("volume", SHORT_STALL.format(which=1), "the stall landed: an INSERT waited"),
+    "volume, no stall": ("volume", NO_STALL, "the stall landed: an INSERT waited"),
+    "storage, a 0.05 s stall in the fixed run": (  # the second stall: run 1 still meets the whole one
+        "storage", SHORT_STALL.format(which=2), "the handler wrote while the job ran: an INSERT waited"),
+}
+
+
+@pytest.mark.parametrize("name", list(STALLS_THAT_MISS))
+def test_a_stall_shorter_than_stated_fails_the_claim_of_the_wait(name, embedded_params, tmp_path):
+    scenario_id, patch, claim = STALLS_THAT_MISS[name]
+    result = run_patched(tmp_path, scenario_id, patch, clean_env())
+    assert_fails_on_its_claim(result, scenario_id, claim)
+    if scenario_id == "volume":
+        waited = result.scenario("volume")["measurements"]["stall_insert_waited_s"]
+        assert waited < flf.STORM_STALL_S / 2, waited  # the server saw the short wait, not the stated one
+
+
+def test_storage_run_1_fails_its_trigger_when_its_stall_is_short(embedded_params, tmp_path):
+    """Run 1's stall cut to 0.05 s: the trigger's claim of the whole stall fails, measured."""
+    result = run_patched(tmp_path, "storage", SHORT_STALL.format(which=1), clean_env())
+    record = result.scenario("storage")
+    assert result.returncode == 1 and record["triggered"] is False and record["cleaned"] is True
+    failed = [c["claim"] for c in record["checks"] if c["phase"] == "triggered" and not c["ok"]]
+    assert any(c.startswith("run 1: an INSERT waited") for c in failed), failed
+    assert record["measurements"]["naive_stall_insert_waited_s"] < flf.STALL_S / 2
