@@ -171,6 +171,15 @@ def export_run(s: Scenario, job: str, report: JobReport) -> None:
     s.gauge("pipeline_log_events_stored", "Rows of a run in the log store", ["job"]).labels(job).set(stored)
 
 
+def records_dropped(s: Scenario, job: str, reason: str):
+    """The job's own counter of the log records its logging dropped, by reason (store_failed,
+    file_failed, format_failed, unparseable, rejected_by_store), counted where each is lost: in a
+    handler's handleError, or where a loader sets a line aside. The series exists from the run's
+    start, at 0, so an alert on its increase sees the first drop."""
+    return s.counter("pipeline_log_records_dropped_total", "Log records the job's logging dropped, by reason",
+                     ["job", "reason"]).labels(job, reason)
+
+
 def events_lost(values: dict) -> list:
     """The alert LogEventsLost, read from the run's metrics: emitted and not stored."""
     lost = total(values, "pipeline_log_events_emitted") - total(values, "pipeline_log_events_stored")
@@ -465,13 +474,17 @@ def event_ids(conn, run_id: str) -> set[str]:
 class CountsDrops:
     """Lab instrumentation, mixed into a handler from outside: count the records it dropped (and the
     kind of event each was) and keep the first error, then do what the standard library does
-    (Handler.handleError prints '--- Logging error ---' to stderr and carries on)."""
+    (Handler.handleError prints '--- Logging error ---' to stderr and carries on). `dropped_total`,
+    when set, is the job's counter (records_dropped): production counts its drops right here."""
     failed = 0
     dropped_kinds: tuple = ()
     first_error: BaseException | None = None
+    dropped_total = None
 
     def handleError(self, record):
         self.failed += 1
+        if self.dropped_total is not None:
+            self.dropped_total.inc()
         self.dropped_kinds += (getattr(record, "fields", {}).get("kind"),)
         self.first_error = self.first_error or sys.exc_info()[1]
         super().handleError(record)
@@ -551,7 +564,10 @@ def storage(s: Scenario):
 
     faults = {STALL_AT: lambda: stalls.append(stall_store(s, STALL_S)), OUTAGE_AT: outage}
     store = WatchedDatabaseHandler(through_proxy)
+    store.dropped_total = records_dropped(s, "storage.default", "store_failed")
     fallback = WatchedFile(FULL_DISK, encoding="utf-8") if FULL_DISK.exists() else None
+    if fallback:
+        fallback.dropped_total = records_dropped(s, "storage.default", "file_failed")
     disk = (f"The fallback file is {FULL_DISK}: every write to it fails with a real ENOSPC." if fallback else
             f"No {FULL_DISK} on this OS: the full-disk fallback is left out here, not simulated.")
     s.trigger(f"""
@@ -675,6 +691,11 @@ def storage(s: Scenario):
         spooled_ids = spooled_event_ids(spool)  # ... and spooled
         stored_live, spooled = len(held), len(spooled_ids)
         already = sum(e in held for e in spooled_ids)  # spooled, and yet stored already
+        # Its drops: what neither the store nor the spool holds (the fixed sink counts the same in
+        # its `dropped`, a batch the spool refused; read here from the store and the file, so any
+        # handler in the slot is counted alike).
+        neither = max(0, fixed.emitted - (stored_live + spooled - already))
+        records_dropped(s, "storage.fixed", "store_failed").inc(neither)
         st.result = f"its logging closed with {stored_live} events stored and {spooled} spooled"
     s.recovered_if(stored_live + spooled - already == fixed.emitted,
                    f"when its logging closed, each event was stored or spooled, once: {stored_live} "
@@ -1618,6 +1639,7 @@ def write_feed(s: Scenario, name: str, format_event) -> tuple[JobReport, Path, W
     path = s.tmpdir / f"feed-{name}.jsonl"
     sink = WatchedFile(path, encoding="utf-8")
     sink.setFormatter(FunctionFormatter(format_event))
+    sink.dropped_total = records_dropped(s, f"parsing.{name}", "format_failed")
     with contextlib.redirect_stderr(io.StringIO()) as stderr, job_logger(f"parsing.{name}", sink) as log:
         run_feed(log, report)
     if isinstance(sink.first_error, OSError):  # the file could not be written (a full disk): not the formatter
@@ -1690,6 +1712,8 @@ def structured_parsing(s: Scenario):
             insert_events(cur, [text for _, text in parseable])
     s.conn.rollback()
     stored_before, rejected = load_lines(s.conn, parseable)  # measured line by line
+    records_dropped(s, "parsing.naive", "unparseable").inc(len(unparseable))
+    records_dropped(s, "parsing.naive", "rejected_by_store").inc(len(rejected))
     untranslatable = [exc for _, exc in rejected if exc.pgcode == "22P05"]
     if untranslatable:
         s.observe(untranslatable[0], note="... and, line by line, the \\u0000 of a NUL (22P05):")
@@ -1779,6 +1803,8 @@ def structured_parsing(s: Scenario):
             s.observe(exc, note="The reader stopped at a bad line:")
             good, quarantine_after = [], [None]
         stored_after, rejected_after = load_lines(s.conn, good)
+        records_dropped(s, "parsing.fixed", "unparseable").inc(len(quarantine_after))
+        records_dropped(s, "parsing.fixed", "rejected_by_store").inc(len(rejected_after))
         st.result = (f"{len(good)} lines passed, {len(quarantine_after)} quarantined; {stored_after} loaded, "
                      f"{len(rejected_after)} rejected by jsonb")
     stored, distinct, _ = run_totals(s.conn, fixed.run_id)

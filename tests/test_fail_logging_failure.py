@@ -60,6 +60,48 @@ def test_the_alerts_see_what_the_store_measured(result):
     assert volume["detection"]["found_broken"] == [f"{STORM_ERRORS} traceback rows, {STORM_DISTINCT_ERRORS} distinct errors"]
 
 
+def dropped_by_series(folder) -> dict:
+    """pipeline_log_records_dropped_total of every .prom file under folder, read with
+    prometheus_client's own parser: {(phase, job, reason): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    dropped = {}
+    for path in sorted(folder.rglob("*.prom")):
+        phase = path.name.split(".")[-2]  # <scenario>.<phase>.prom
+        for family in text_string_to_metric_families(path.read_text(encoding="utf-8")):
+            for sample in family.samples:
+                if sample.name == "pipeline_log_records_dropped_total":
+                    dropped[(phase, sample.labels["job"], sample.labels["reason"])] = sample.value
+    return dropped
+
+
+def test_the_dropped_counter_is_what_the_store_and_the_loader_measured(embedded_params, tmp_path):
+    """The job's counter of dropped records, as Prometheus would scrape it, against the figures the
+    lesson measured: emitted - stored for the failing store, the lines the loader set aside."""
+    folder = tmp_path / "metrics"
+    result = run_script(SCRIPT, "--only", "storage,structured_parsing", "--metrics", str(folder),
+                        env=clean_env(), tmp_path=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    storage = result.scenario("storage")["measurements"]
+    parsing = result.scenario("structured_parsing")["measurements"]
+    expected = {
+        ("naive", "storage.default", "store_failed"): storage["emitted_before"] - storage["stored_before"],
+        ("fixed", "storage.fixed", "store_failed"): storage["emitted_after"] - storage["stored_after"],
+        ("naive", "parsing.naive", "format_failed"): parsing["lost_in_formatter"],
+        ("naive", "parsing.naive", "unparseable"): parsing["lines_unparseable_before"],
+        ("naive", "parsing.naive", "rejected_by_store"): parsing["rows_rejected_before"],
+        ("fixed", "parsing.fixed", "format_failed"): parsing["dropped_after"],
+        ("fixed", "parsing.fixed", "unparseable"): parsing["lines_unparseable_after"],
+        ("fixed", "parsing.fixed", "rejected_by_store"): parsing["rows_rejected_after"],
+    }
+    if "fallback_file_dropped" in storage:  # a /dev/full to fail on
+        expected[("naive", "storage.default", "file_failed")] = storage["fallback_file_dropped"]
+    assert dropped_by_series(folder) == expected
+    # the fixture's own figure, worked out independently of the run
+    assert expected[("naive", "storage.default", "store_failed")] == EVENTS_PER_RUN - STORED_BEFORE_OUTAGE
+    assert min(v for k, v in expected.items() if k[0] == "naive") > 0  # each reason really dropped some
+
+
 def test_the_correlation_check_names_runs_that_have_no_row_at_all(result):
     """Under a global variable, the run that started first has not one row of its own: only a
     check that starts from the scheduler's runs can name it."""
