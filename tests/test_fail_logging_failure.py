@@ -60,6 +60,48 @@ def test_the_alerts_see_what_the_store_measured(result):
     assert volume["detection"]["found_broken"] == [f"{STORM_ERRORS} traceback rows, {STORM_DISTINCT_ERRORS} distinct errors"]
 
 
+def dropped_by_series(folder) -> dict:
+    """pipeline_log_records_dropped_total of every .prom file under folder, read with
+    prometheus_client's own parser: {(phase, job, reason): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    dropped = {}
+    for path in sorted(folder.rglob("*.prom")):
+        phase = path.name.split(".")[-2]  # <scenario>.<phase>.prom
+        for family in text_string_to_metric_families(path.read_text(encoding="utf-8")):
+            for sample in family.samples:
+                if sample.name == "pipeline_log_records_dropped_total":
+                    dropped[(phase, sample.labels["job"], sample.labels["reason"])] = sample.value
+    return dropped
+
+
+def test_the_dropped_counter_is_what_the_store_and_the_loader_measured(embedded_params, tmp_path):
+    """The job's counter of dropped records, as Prometheus would scrape it, against the figures the
+    lesson measured: emitted - stored for the failing store, the lines the loader set aside."""
+    folder = tmp_path / "metrics"
+    result = run_script(SCRIPT, "--only", "storage,structured_parsing", "--metrics", str(folder),
+                        env=clean_env(), tmp_path=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    storage = result.scenario("storage")["measurements"]
+    parsing = result.scenario("structured_parsing")["measurements"]
+    expected = {
+        ("naive", "storage.default", "store_failed"): storage["emitted_before"] - storage["stored_before"],
+        ("fixed", "storage.fixed", "store_failed"): storage["emitted_after"] - storage["stored_after"],
+        ("naive", "parsing.naive", "format_failed"): parsing["lost_in_formatter"],
+        ("naive", "parsing.naive", "unparseable"): parsing["lines_unparseable_before"],
+        ("naive", "parsing.naive", "rejected_by_store"): parsing["rows_rejected_before"],
+        ("fixed", "parsing.fixed", "format_failed"): parsing["dropped_after"],
+        ("fixed", "parsing.fixed", "unparseable"): parsing["lines_unparseable_after"],
+        ("fixed", "parsing.fixed", "rejected_by_store"): parsing["rows_rejected_after"],
+    }
+    if "fallback_file_dropped" in storage:  # a /dev/full to fail on
+        expected[("naive", "storage.default", "file_failed")] = storage["fallback_file_dropped"]
+    assert dropped_by_series(folder) == expected
+    # the fixture's own figure, worked out independently of the run
+    assert expected[("naive", "storage.default", "store_failed")] == EVENTS_PER_RUN - STORED_BEFORE_OUTAGE
+    assert min(v for k, v in expected.items() if k[0] == "naive") > 0  # each reason really dropped some
+
+
 def test_the_correlation_check_names_runs_that_have_no_row_at_all(result):
     """Under a global variable, the run that started first has not one row of its own: only a
     check that starts from the scheduler's runs can name it."""
@@ -104,6 +146,7 @@ def test_storage_replays_every_event_exactly_once_and_the_figures_reconcile(resu
     assert m["stored_live_after"] + m["spooled_after"] - m["spooled_already_stored"] == m["stored_after"]
     assert m["second_replay_inserted"] == 0
     assert m["stall_waiting_sessions"] >= 1  # the stall met a writer: the fault landed
+    assert m["stall_insert_waited_s"] >= flf.STALL_S  # ... and held its INSERT the whole stall, as the server timed it
 
 
 def test_correlation_counts_every_kind_of_mislabelled_row(result):
@@ -126,7 +169,7 @@ def test_volume_fixed_design_batches_and_keeps_true_counts(result):
     # the kept samples, plus one summary per distinct error
     assert m["fixed_rows"] == STORM_DISTINCT_ERRORS * (flf.KEEP_PER_ERROR + 1)
     assert m["fixed_insert_statements"] * 3 <= m["fixed_rows"]
-    assert m["stall_waiting_sessions"] >= 1
+    assert m["stall_waiting_sessions"] >= 1 and m["stall_insert_waited_s"] >= flf.STORM_STALL_S
     assert m["redundant_rows_after"] == 0 and m["errors_miscounted_after"] == 0
     assert m["fixed_bytes"] * 10 < m["naive_bytes"]
 
@@ -810,3 +853,45 @@ lab.replay_spool = replay_but_the_last""", "the replay inserted exactly the"),
 def test_a_bug_in_a_recovery_step_fails_its_claim(bug, embedded_params, tmp_path):
     patch, claim = RECOVERY_BUGS[bug]
     assert_fails_on_its_claim(run_patched(tmp_path, "storage", patch, clean_env()), "storage", claim)
+
+
+# A stall that misses: the lock held 0.05 s instead of the 1 s the scenario states, or never
+# taken. The server times the INSERT that waited on it, so the claim of the whole stall fails.
+SHORT_STALL = """
+real_stall_store, stalls = lab.stall_store, []
+def short_stall(s, seconds):
+    stalls.append(seconds)
+    return real_stall_store(s, 0.05 if len(stalls) == {which} else seconds)
+lab.stall_store = short_stall"""
+NO_STALL = """
+def no_stall(s, seconds):  # no lock taken: nothing for an INSERT to wait on
+    stall = lab.Stall(seconds, settled=s.event())
+    stall.settled.set()
+    return stall
+lab.stall_store = no_stall"""
+STALLS_THAT_MISS = {  # the scenario, the patch, the claim that must fail
+    "volume, a 0.05 s stall": ("volume", SHORT_STALL.format(which=1), "the stall landed: an INSERT waited"),
+    "volume, no stall": ("volume", NO_STALL, "the stall landed: an INSERT waited"),
+    "storage, a 0.05 s stall in the fixed run": (  # the second stall: run 1 still meets the whole one
+        "storage", SHORT_STALL.format(which=2), "the handler wrote while the job ran: an INSERT waited"),
+}
+
+
+@pytest.mark.parametrize("name", list(STALLS_THAT_MISS))
+def test_a_stall_shorter_than_stated_fails_the_claim_of_the_wait(name, embedded_params, tmp_path):
+    scenario_id, patch, claim = STALLS_THAT_MISS[name]
+    result = run_patched(tmp_path, scenario_id, patch, clean_env())
+    assert_fails_on_its_claim(result, scenario_id, claim)
+    if scenario_id == "volume":
+        waited = result.scenario("volume")["measurements"]["stall_insert_waited_s"]
+        assert waited < flf.STORM_STALL_S / 2, waited  # the server saw the short wait, not the stated one
+
+
+def test_storage_run_1_fails_its_trigger_when_its_stall_is_short(embedded_params, tmp_path):
+    """Run 1's stall cut to 0.05 s: the trigger's claim of the whole stall fails, measured."""
+    result = run_patched(tmp_path, "storage", SHORT_STALL.format(which=1), clean_env())
+    record = result.scenario("storage")
+    assert result.returncode == 1 and record["triggered"] is False and record["cleaned"] is True
+    failed = [c["claim"] for c in record["checks"] if c["phase"] == "triggered" and not c["ok"]]
+    assert any(c.startswith("run 1: an INSERT waited") for c in failed), failed
+    assert record["measurements"]["naive_stall_insert_waited_s"] < flf.STALL_S / 2
