@@ -970,6 +970,7 @@ class Race(Hooks):
         self.rollbacks = 0
         self.done = {"A": False, "B": False}
         self.pids: dict[str, int] = {}
+        self.waits: list[dict] = []  # every lock wait of a worker the race saw (see blocked)
         self.stop = s.event()
 
     def worker(self, name: str) -> "Hooks":
@@ -991,9 +992,26 @@ class Race(Hooks):
         return Seat()
 
     def blocked(self, name: str) -> bool:
+        """Worker `name` waits on a lock, as the server sees it. A wait is recorded with what the
+        server says of it: the pids it waits on (pg_blocking_pids), and whether it waits for a
+        row of checkpoints (pg_locks: a tuple lock on that table, taken while the row's locker is
+        awaited)."""
         with self.watch_lock:
-            return bool(db.scalar(self.watch, "SELECT count(*) FROM pg_stat_activity WHERE pid = %s "
-                                  "AND wait_event_type = 'Lock'", (self.pids.get(name),)))
+            rows = db.rows(self.watch, """
+                SELECT pg_blocking_pids(a.pid), EXISTS (
+                         SELECT 1 FROM pg_locks l WHERE l.pid = a.pid AND l.locktype = 'tuple'
+                            AND l.relation = 'checkpoints'::regclass)
+                  FROM pg_stat_activity a WHERE a.pid = %s AND a.wait_event_type = 'Lock'""",
+                           (self.pids.get(name),))
+        if rows:
+            self.waits.append({"waiter": name, "blocked_by": sorted(rows[0][0]), "checkpoint_row": rows[0][1]})
+        return bool(rows)
+
+    def waited_on_row_lock(self) -> list[str]:
+        """The workers whose read of the checkpoint the server saw waiting on the other worker's
+        lock on the checkpoint row, while that worker held its transaction after its own read."""
+        return sorted({w["waiter"] for w in self.waits if w["checkpoint_row"] and w["blocked_by"]
+                       == [self.pids["B" if w["waiter"] == "A" else "A"]]})
 
     def read(self, name: str) -> None:
         self.reads[name] += 1
@@ -1128,6 +1146,14 @@ def concurrent_access(s):
                 ok = not errors and exactly_once(s.conn) and checkpoint == SOURCE_ROWS
                 s.recovered_if(ok, f"{label}: each batch copied exactly once, checkpoint at {SOURCE_ROWS}")
                 conflicts[slot] = race.rollbacks
+                if slot == "worker_locked":  # the claim its name makes: the read takes a row lock
+                    waiters = s.measure("row_lock_waits", race.waits, show=False,
+                                        note="lock waits of a worker after the other's read: pids it "
+                                             "waited on, and whether on a checkpoints row")
+                    s.recovered_if(race.waited_on_row_lock(),
+                                   f"{label}: the second worker's read of the checkpoint waited on the "
+                                   f"first one's lock on its row (pg_blocking_pids, pg_locks: "
+                                   f"{len(waiters)} waits seen)")
         lost = s.measure("compare_and_set_conflicts", conflicts["worker_compare_and_set"], show=False,
                          note="batches rolled back because the version had moved")
         s.recovered_if(lost >= 1, f"compare-and-set: the loser noticed, rolled back its batch and retried "

@@ -349,6 +349,10 @@ def worker_compare_and_set(conn, batches):
 
 from fail_checkpoint_corruption import worker_compare_and_set as worker_compare_and_set_reference
 ''', "row lock (FOR UPDATE): each batch copied exactly once"),
+    # Exactly once too, but optimistic (a version check, no lock): the slot claims a row lock.
+    "version check in the row-lock slot": ("concurrent_access", '''
+worker_locked = worker_compare_and_set
+''', "row lock (FOR UPDATE): the second worker's read of the checkpoint waited on the first one's lock"),
     "lease taken without checking the heartbeat": ("interrupted_recovery", '''
 def claim_job(conn, owner, lease_s):
     with conn.cursor() as cur:
