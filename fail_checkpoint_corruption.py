@@ -59,7 +59,7 @@ def prefix_checksum(cur, table: str, last_id: int) -> str:
     return cur.fetchone()[0]
 
 
-def set_checkpoint(cur, last_id: int) -> None:
+def set_checkpoint(cur, last_id: int, job: str = JOB) -> None:
     """Move the checkpoint row and append the move to checkpoint_history."""
     cur.execute("SELECT count(*) FROM source_rows WHERE id <= %s", (last_id,))
     rows_done = cur.fetchone()[0]
@@ -67,13 +67,13 @@ def set_checkpoint(cur, last_id: int) -> None:
     cur.execute("INSERT INTO checkpoints (job, last_id, rows_done, checksum) VALUES (%s, %s, %s, %s) "
                 "ON CONFLICT (job) DO UPDATE SET last_id = excluded.last_id, rows_done = excluded.rows_done, "
                 "checksum = excluded.checksum, version = checkpoints.version + 1, updated_at = clock_timestamp()",
-                (JOB, last_id, rows_done, checksum))
+                (job, last_id, rows_done, checksum))
     cur.execute("INSERT INTO checkpoint_history (job, last_id, rows_done, checksum) VALUES (%s, %s, %s, %s)",
-                (JOB, last_id, rows_done, checksum))
+                (job, last_id, rows_done, checksum))
 
 
-def read_checkpoint(conn) -> int:
-    return db.scalar(conn, "SELECT coalesce(max(last_id), 0) FROM checkpoints WHERE job = %s", (JOB,)) or 0
+def read_checkpoint(conn, job: str = JOB) -> int:
+    return db.scalar(conn, "SELECT coalesce(max(last_id), 0) FROM checkpoints WHERE job = %s", (job,)) or 0
 
 
 def gap_free_until(cur) -> int:
@@ -1058,6 +1058,7 @@ CHECKPOINT_RACE = sql_check("checkpoint_race", """
 # Sessions concurrent_access opens beside the run's own two, at most at once: two workers and
 # the race's watcher (bench/classroom.py --cost: 5 in all).
 RACE_SESSIONS = 3
+RR_JOB = "orders_copy_rr"  # fix 3's job: its own checkpoint row, beside the recovered one
 
 
 @scenario("concurrent_access", "Concurrent checkpoint access", fixes=[
@@ -1158,23 +1159,30 @@ def concurrent_access(s):
                          note="batches rolled back because the version had moved")
         s.recovered_if(lost >= 1, f"compare-and-set: the loser noticed, rolled back its batch and retried "
                                   f"({lost} rolled back)")
-        s.detect_again()  # before fix 3 empties the target
-        with s.step("Fix 3, let the database refuse: REPEATABLE READ, two writers of one row") as st:
-            restart_job(s)
+        with s.step("Fix 3, let the database refuse: REPEATABLE READ, two writers of one checkpoint "
+                    "row (a job of its own: the copy stays as fix 2 left it)") as st:
+            with s.conn.cursor() as cur:
+                cur.execute("INSERT INTO checkpoints (job) VALUES (%s)", (RR_JOB,))
+            s.conn.commit()
             first, second = s.connect(), s.connect()
             for c in (first, second):
                 c.set_session(isolation_level="REPEATABLE READ")
-                read_checkpoint(c)  # both snapshots taken
+                read_checkpoint(c, RR_JOB)  # both snapshots taken
             with first.cursor() as cur:
-                set_checkpoint(cur, BATCH)
+                set_checkpoint(cur, BATCH, RR_JOB)
             first.commit()
             with s.expect(psycopg2.errors.SerializationFailure, sqlstate="40001"):
                 with second.cursor() as cur:
-                    set_checkpoint(cur, BATCH)
+                    set_checkpoint(cur, BATCH, RR_JOB)
             second.rollback()
             first.close()
             second.close()
+            with s.conn.cursor() as cur:  # that job's rows go: the state is the recovered one again
+                cur.execute("DELETE FROM checkpoint_history WHERE job = %s", (RR_JOB,))
+                cur.execute("DELETE FROM checkpoints WHERE job = %s", (RR_JOB,))
+            s.conn.commit()
             st.result = "the second writer got 40001; it must retry from a fresh snapshot"
+        s.detect_again()  # on the copy the fixes recovered
         s.prevention("""
             Make "read checkpoint, do batch, move checkpoint" one transaction that holds the checkpoint
             row (FOR UPDATE, or an advisory lock per job), or check the version when you write it, or run
@@ -1601,12 +1609,13 @@ def extract_with_lookback(conn) -> tuple[int, int]:
 
 
 def fresh_events(s, keyed: bool = False) -> None:
-    """The known starting state: EVENTS committed events, an empty copy, watermarks at zero."""
+    """The known starting state: EVENTS committed events, an empty copy (with a key or without),
+    watermarks at zero."""
     s.conn.rollback()
     with s.conn.cursor() as cur:
         cur.execute("TRUNCATE events, events_copy, watermarks RESTART IDENTITY")
-        has_key = "SELECT count(*) FROM pg_constraint WHERE conrelid = 'events_copy'::regclass AND contype = 'p'"
-        if keyed and not db.scalar(s.conn, has_key):
+        cur.execute("ALTER TABLE events_copy DROP CONSTRAINT IF EXISTS events_copy_pkey")
+        if keyed:
             cur.execute("ALTER TABLE events_copy ADD CONSTRAINT events_copy_pkey PRIMARY KEY (id)")
         cur.execute("INSERT INTO events (payload) SELECT 'event ' || n FROM generate_series(1, %s) n", (EVENTS,))
         cur.execute("INSERT INTO watermarks (job) VALUES (%s)", (EXTRACT,))
@@ -1752,28 +1761,6 @@ def late_commit(s):
                                                    "the anti-join listed")
         s.recovered_if(events_damage(s.conn) == {"missing": [], "duplicated": 0},
                        "after the backfill, the anti-join is empty and no id is twice")
-    with s.step("From a fresh copy, the same two sessions with extract_events(): bounded by the "
-                "oldest transaction still running") as st:
-        fresh_events(s)
-        run = two_sessions(s, s.fix("extract_events"))
-        if run["waited"] >= 1:
-            s.say(f"(Other transactions on the server held the bound back for {run['waited']:.1f} s.)")
-        st.result = (f"while A was open: {run['while_open']} copied; after A's "
-                     f"commit: {run['after']}; run again: {run['again']}")
-        s.measure("events_missing_after", run["missing"], show=False,
-                  note="events the fixed extract never copied")
-        s.measure("held_back_while_open", run["late_by"] - run["while_open"], show=False,
-                  note="committed events the fixed extract left for later because A was still open")
-        s.recovered_if(run["a_status"] == "in progress" and not run["passed_open"],
-                       "the watermark never passed A's transaction while it was in progress (pg_xact_status)")
-        s.recovered_if(run["missing"] == [], f"the anti-join is empty: A's late event {run['a_id']} was copied")
-        s.recovered_if(run["duplicated"] == 0 and run["again"] == 0 and run["backlog"] == EVENTS,
-                       f"nothing was copied twice ({run['duplicated']} ids twice; a re-run copied "
-                       f"{run['again']})")
-        s.recovered_if(run["while_open"] + run["after"] == run["late_by"] + 1,
-                       f"A's and B's events were copied once in all: {run['while_open']} while A was "
-                       f"open, {run['after']} after its commit")
-    s.detect_again()
     with s.step(f"The alternative: a lookback of {LOOKBACK} ids with an upsert (a key on events_copy), "
                 f"A's commit 2 ids late, then {LOOKBACK} ids late") as st:
         seen = {}
@@ -1796,6 +1783,28 @@ def late_commit(s):
                        == ([], [far["a_id"]], 0, LOOKBACK),
                        f"the lookback is a trade-off: it caught a commit 2 ids late and lost one "
                        f"{LOOKBACK} ids late, re-reading up to {near['reread']} rows a run")
+    with s.step("From a fresh copy, the same two sessions with extract_events(): bounded by the "
+                "oldest transaction still running") as st:
+        fresh_events(s)
+        run = two_sessions(s, s.fix("extract_events"))
+        if run["waited"] >= 1:
+            s.say(f"(Other transactions on the server held the bound back for {run['waited']:.1f} s.)")
+        st.result = (f"while A was open: {run['while_open']} copied; after A's "
+                     f"commit: {run['after']}; run again: {run['again']}")
+        s.measure("events_missing_after", run["missing"], show=False,
+                  note="events the fixed extract never copied")
+        s.measure("held_back_while_open", run["late_by"] - run["while_open"], show=False,
+                  note="committed events the fixed extract left for later because A was still open")
+        s.recovered_if(run["a_status"] == "in progress" and not run["passed_open"],
+                       "the watermark never passed A's transaction while it was in progress (pg_xact_status)")
+        s.recovered_if(run["missing"] == [], f"the anti-join is empty: A's late event {run['a_id']} was copied")
+        s.recovered_if(run["duplicated"] == 0 and run["again"] == 0 and run["backlog"] == EVENTS,
+                       f"nothing was copied twice ({run['duplicated']} ids twice; a re-run copied "
+                       f"{run['again']})")
+        s.recovered_if(run["while_open"] + run["after"] == run["late_by"] + 1,
+                       f"A's and B's events were copied once in all: {run['while_open']} while A was "
+                       f"open, {run['after']} after its commit")
+    s.detect_again()  # on the copy the fixed extract made
     s.prevention("""
         Bound each extract by what is certainly committed. Stamp every row with its writing
         transaction (written_by xid8 DEFAULT pg_current_xact_id()), read only rows below the

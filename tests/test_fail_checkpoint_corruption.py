@@ -125,6 +125,24 @@ def test_the_alert_rules_pass_promtool_on_the_series_this_run_recorded(full_run,
     assert got.returncode != 0
 
 
+def assert_the_detector_runs_last(record: dict) -> None:
+    """The recovery ends with the detector's run on the recovered state, quiet: it is the last
+    step of 🔧 (in its blocks and its printed text) and its claim the last one the scenario makes."""
+    check = record["detection"]["check"]
+    ran = f"Run the SQL check {check} again"
+    steps = [b["text"] for b in record["blocks"]["recovery"] if b["kind"] == "step"]
+    assert steps[-1] == ran, steps
+    numbered = re.findall(r"^ *\d+\. (.*)$", record["sections"]["recovery"], re.M)
+    assert numbered[-1].startswith(ran), numbered
+    last = record["checks"][-1]
+    assert (last["phase"], last["ok"], last["claim"]) == \
+        ("recovered", True, f"the detector {check} is quiet after the recovery"), record["checks"][-3:]
+
+
+def test_concurrent_access_ends_its_recovery_with_the_detector_quiet(full_run):
+    assert_the_detector_runs_last(full_run[1].scenario("concurrent_access"))
+
+
 HEADLINES = {  # the figure the summary shows for each scenario, as the journal gives it
     "corruption": {"name": "rows_missing_before", "value": "500", "after": "0"},
     "db_down": {"name": "rows_duplicated_before", "value": "500", "after": "0"},
