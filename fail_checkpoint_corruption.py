@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import common  # noqa: F401  first: the signal handlers are installed from the first instant
 
+import contextlib
 import hashlib
 import json
 import multiprocessing
@@ -150,6 +151,63 @@ def prove_exactly_once(s) -> None:
     s.recovered_if(source == target, "target_rows equals source_rows by count and checksum")
     s.recovered_if(found == {"missing": 0, "duplicated": 0},
                    f"every id exactly once (missing {found['missing']}, duplicated {found['duplicated']})")
+
+
+# -- what the job exports to Prometheus: measured by the server around its runs, outside its code ----
+# Source rows the checkpoint has not reached (behind: the next run copies them), and rows it passed
+# that the target lacks (skipped: no run ever will).
+CHECKPOINT_LAG = """
+    SELECT count(*) FILTER (WHERE s.id > c.last_id),
+           count(*) FILTER (WHERE s.id <= c.last_id AND NOT EXISTS
+                              (SELECT 1 FROM target_rows t WHERE t.id = s.id))
+      FROM source_rows s,
+           (SELECT coalesce(max(last_id), 0) AS last_id FROM checkpoints WHERE job = %s) c"""
+
+
+class JobMetrics:
+    """The job's metrics, as its scheduler exports them after each run: the rows the run added to
+    the target (by count), the lag (CHECKPOINT_LAG, or the query given) and the time of the last
+    run that succeeded (the server's clock as it ended)."""
+
+    def __init__(self, s, target: str = "target_rows", lag: str = CHECKPOINT_LAG, job: str = JOB):
+        self.s, self.target, self.lag, self.job = s, target, lag, job
+        self.seen = self.rows()
+
+    def rows(self) -> int:
+        self.s.conn.rollback()
+        n = db.scalar(self.s.conn, sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(self.target)))
+        self.s.conn.rollback()
+        return n
+
+    def start(self) -> None:
+        """A run starts: rows it finds are not its own (the lab may have emptied the target)."""
+        self.seen = self.rows()
+
+    @contextlib.contextmanager
+    def run(self):
+        """One run of the job: exported when it ends, whether it succeeded or raised."""
+        self.start()
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            self.export(ok)
+
+    def export(self, succeeded: bool) -> None:
+        s, now = self.s, self.rows()
+        s.counter("pipeline_rows_copied_total", "Rows the job's runs added to the target"
+                  ).inc(max(0, now - self.seen))
+        self.seen = now
+        (behind, skipped), = db.rows(s.conn, self.lag, (self.job,))
+        lag = s.gauge("pipeline_checkpoint_lag_rows", "Source rows the checkpoint has not "
+                      "reached (behind) or passed without copying (skipped)", ["state"])
+        lag.labels(state="behind").set(behind)
+        lag.labels(state="skipped").set(skipped)
+        last = s.gauge("pipeline_last_success_timestamp_seconds", "When a run of the job last succeeded")
+        if succeeded:
+            last.set(db.scalar(s.conn, "SELECT extract(epoch FROM clock_timestamp())::float8"))
+        s.conn.rollback()
 
 
 def wait_until(condition, seconds: float = WAIT_S, every: float = 0.01) -> bool:
@@ -793,7 +851,8 @@ def db_down(s):
             at once; an operator restarts the job.""")
         outage = Outage(s, proxy, "write")
         connect, _ = job_under(s, proxy, outage)
-        with s.expect(psycopg2.OperationalError):
+        job = JobMetrics(s)
+        with s.expect(psycopg2.OperationalError), job.run():
             run_job_once(connect, copy_batch_two_commits)
         s.require(outage.landed, "the connection dropped between the data and its checkpoint")
         s.require(outage.over.wait(WAIT_S), "the database came back")
@@ -805,7 +864,8 @@ def db_down(s):
                        f"the committed checkpoint says {restart_ck}")
         s.say(f"The database is back. The committed checkpoint says last_id = {restart_ck}. Restarting.")
         outage.close()
-        run_job_once(lambda: s.connect(s.via(proxy)), copy_batch_two_commits)
+        with job.run():
+            run_job_once(lambda: s.connect(s.via(proxy)), copy_batch_two_commits)
         found = damage(s.conn)
         s.measure("rows_duplicated_before", found["duplicated"], show=False,
                   note="rows of batch 3 the naive restart copied a second time", headline=True)
@@ -839,7 +899,8 @@ def db_down(s):
                 connect, seen = job_under(s, proxy, outage)
                 died = None
                 try:
-                    s.fix("run_job")(connect, s.fix("copy_next_batch"))
+                    with job.run():
+                        s.fix("run_job")(connect, s.fix("copy_next_batch"))
                 except Exception as exc:  # the code under test gave up: that is its result
                     died = exc
                 if watcher is not None:
@@ -1395,6 +1456,7 @@ def find_stuck_runs_past_lease(conn) -> list:
 def interrupted_recovery(s):
     fresh_pipeline(s, keyed=False)
     restart_job(s)
+    job = JobMetrics(s)
     s.description(f"""
         The job runs as its own process and marks its run in the checkpoint row: status
         'in_progress', its owner, a heartbeat renewed with each batch. Batches commit with their
@@ -1420,6 +1482,9 @@ def interrupted_recovery(s):
     s.conn.rollback()
     s.table(["status", "owner (killed)", "last_id", "rows in target"],
             [[row["status"], row["owner"], row["last_id"], rows_in]])
+    s.measure("killed_run", {"checkpoint": row["last_id"], "rows": rows_in}, show=False,
+              note="checkpoint and rows in the target after the kill")
+    job.export(succeeded=False)  # the run the kill ended
     s.triggered_if(proc.exitcode == -getattr(signal, "SIGKILL", signal.SIGTERM),
                    f"the OS reports the job process killed by its signal (exit code {proc.exitcode})")
     s.triggered_if((row["status"], row["owner"]) == ("in_progress", f"{socket.gethostname()}:{proc.pid}"),
@@ -1447,6 +1512,7 @@ def interrupted_recovery(s):
     reports, report = ctx.Pipe(duplex=False)
     go = ctx.Event()
     with s.step("Worker 2 (a new process) runs claim_job(), then write_batch() from the checkpoint") as st:
+        job.start()
         worker = s.spawn(job_process, s.params, s.fix("claim_job"), s.fix("write_batch"), 2, report, go)
         claim = next_report(reports, "claimed", WAIT_S * 2)
         token2 = claim[1] if claim else None
@@ -1479,6 +1545,7 @@ def interrupted_recovery(s):
         batches = 0
         while s.fix("write_batch")(s.conn, token3) is not None:
             batches += 1
+        job.export(succeeded=True)  # the restart's run, and worker 2's batch before its stall
         done = lease_row(s)["last_id"]
         st.result = f"token {token3}; {batches} batches, checkpoint {done}"
         s.recovered_if((batches, done) == ((SOURCE_ROWS - 3 * BATCH) // BATCH, SOURCE_ROWS),
@@ -1490,6 +1557,7 @@ def interrupted_recovery(s):
         row = lease_row(s)
         found = damage(s.conn)
         refused = end is not None and end[0] == "raised"
+        job.export(succeeded=end is not None and end[0] == "finished")  # worker 2's run ends
         st.result = f"worker 2: {end[1] if refused else (end[0] if end else 'no answer')}"
         s.measure("late_write", {"checkpoint": row["last_id"], "duplicated": found["duplicated"]},
                   show=False, note="checkpoint and ids twice after the stalled owner woke up")
@@ -1537,6 +1605,14 @@ LATE_DDL = """
 # The anti-join that proves a copy complete: source rows the target lacks.
 MISSING_EVENTS = ("SELECT e.id FROM events e WHERE NOT EXISTS (SELECT 1 FROM events_copy c WHERE c.id = e.id) "
                   "ORDER BY e.id")
+# The extract's lag: events its watermark has not reached (behind), and events it passed that the
+# copy lacks (skipped). An event is passed once the id watermark or the xid bound covers it.
+WATERMARK_LAG = """
+    SELECT count(*) FILTER (WHERE NOT passed),
+           count(*) FILTER (WHERE passed AND NOT EXISTS
+                              (SELECT 1 FROM events_copy c WHERE c.id = e.id))
+      FROM (SELECT e.id, e.id <= w.last_id OR e.written_by < w.below_xid AS passed
+              FROM events e JOIN watermarks w ON w.job = %s) e"""
 # What an operator schedules: rows the target lacks below the highest id it already holds.
 EVENTS_SKIPPED = sql_check("events_skipped_below_copied", """
     SELECT e.id, e.payload FROM events e
@@ -1650,6 +1726,14 @@ def settle(s) -> float:
 
 # two_sessions() opens the job's, A's and B's sessions beside the run's own two: 5 in all, within
 # a run's usual few (budget.RUN_PEAK; bench/classroom.py --cost), so it takes no share.
+def exported(job: JobMetrics, extract):
+    """The extract as its scheduler runs it: each run exported when it ends."""
+    def run(conn):
+        with job.run():
+            return extract(conn)
+    return run
+
+
 def two_sessions(s, extract, late_by: int = 1) -> dict:
     """One deterministic interleaving, as Hermitage writes them, each step ordered by the sessions
     themselves (no thread, no sleep): the extract copies the backlog; A writes one event and stays
@@ -1720,7 +1804,8 @@ def late_commit(s):
         Two real sessions write. A inserts an event and stays open (a big batch, a slow lock);
         B inserts the next event and commits. The extract runs between B's commit and A's. The
         order of the steps is set by the sessions themselves: nothing waits on a clock.""")
-    run = two_sessions(s, extract_after_id)
+    job = JobMetrics(s, "events_copy", WATERMARK_LAG, EXTRACT)
+    run = two_sessions(s, exported(job, extract_after_id))
     s.table(["session", "step", "what the server said"], [
         ["A", "BEGIN; INSERT", f"id {run['a_id']}, transaction {run['a_status']}"],
         ["B", "INSERT; COMMIT", f"id {ranges(run['b_ids'])}, committed"],
@@ -1786,7 +1871,7 @@ def late_commit(s):
     with s.step("From a fresh copy, the same two sessions with extract_events(): bounded by the "
                 "oldest transaction still running") as st:
         fresh_events(s)
-        run = two_sessions(s, s.fix("extract_events"))
+        run = two_sessions(s, exported(job, s.fix("extract_events")))
         if run["waited"] >= 1:
             s.say(f"(Other transactions on the server held the bound back for {run['waited']:.1f} s.)")
         st.result = (f"while A was open: {run['while_open']} copied; after A's "
