@@ -24,7 +24,10 @@ IDS = ["corruption", "db_down", "concurrent_access", "interrupted_recovery", "la
 def full_run(target, tmp_path_factory):
     """One run of the script per target, shared by the end-to-end tests below."""
     name, env, params = target
-    return name, run_script(SCRIPT, env=env, tmp_path=tmp_path_factory.mktemp(f"checkpoint-{name}")), params
+    folder = tmp_path_factory.mktemp(f"checkpoint-{name}")
+    result = run_script(SCRIPT, "--metrics", "metrics", env=env, tmp_path=folder)
+    result.metrics = folder / "metrics" / "fail_checkpoint_corruption"  # the .prom files, by scenario and run
+    return name, result, params
 
 
 def test_every_scenario_demonstrates_recovers_and_cleans(full_run):
@@ -123,6 +126,80 @@ def test_the_alert_rules_pass_promtool_on_the_series_this_run_recorded(full_run,
     (tmp_path / "t.test.yml").write_text(yaml.safe_dump(doc), encoding="utf-8")
     got = subprocess.run([tool, "test", "rules", "t.test.yml"], cwd=tmp_path, capture_output=True, text=True)
     assert got.returncode != 0
+
+
+def assert_the_detector_runs_last(record: dict) -> None:
+    """The recovery ends with the detector's run on the recovered state, quiet: it is the last
+    step of 🔧 (in its blocks and its printed text) and its claim the last one the scenario makes."""
+    check = record["detection"]["check"]
+    ran = f"Run the SQL check {check} again"
+    steps = [b["text"] for b in record["blocks"]["recovery"] if b["kind"] == "step"]
+    assert steps[-1] == ran, steps
+    numbered = re.findall(r"^ *\d+\. (.*)$", record["sections"]["recovery"], re.M)
+    assert numbered[-1].startswith(ran), numbered
+    last = record["checks"][-1]
+    assert (last["phase"], last["ok"], last["claim"]) == \
+        ("recovered", True, f"the detector {check} is quiet after the recovery"), record["checks"][-3:]
+
+
+def test_concurrent_access_ends_its_recovery_with_the_detector_quiet(full_run):
+    assert_the_detector_runs_last(full_run[1].scenario("concurrent_access"))
+
+
+def exported(folder, scenario_id: str) -> dict[str, dict[str, float]]:
+    """What --metrics wrote for a scenario, parsed as Prometheus reads it: {run: {series: value}}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from common.metrics import series_name
+
+    return {phase: {series_name(sample.name, sample.labels): sample.value
+                    for family in text_string_to_metric_families(
+                        (folder / f"{scenario_id}.{phase}.prom").read_text(encoding="utf-8"))
+                    for sample in family.samples if not sample.name.endswith("_created")}
+            for phase in ("naive", "fixed")}
+
+
+def job_figures(copied, behind, skipped) -> dict[str, float]:
+    return {"pipeline_rows_copied_total": copied, 'pipeline_checkpoint_lag_rows{state="behind"}': behind,
+            'pipeline_checkpoint_lag_rows{state="skipped"}': skipped}
+
+
+EVENTS_WRITTEN = lab.EVENTS + 2  # late_commit: the backlog, then A's event and B's
+JOB_METRICS = {  # what each job exports at the end of its naive run and of its fixed run, by what the journal measured
+    "db_down": lambda m: (  # the naive restart copied batch 3 again; the fix ran once per fault, from empty
+        job_figures(lab.SOURCE_ROWS + m["rows_duplicated_before"], 0, 0),
+        job_figures(lab.SOURCE_ROWS * len([k for k in m if k.startswith("after_reconnect_")]), 0, 0)),
+    "interrupted_recovery": lambda m: (  # the killed run's batches; then worker 2's and the restart's
+        job_figures(m["killed_run"]["rows"], lab.SOURCE_ROWS - m["killed_run"]["checkpoint"], 0),
+        job_figures(m["late_write"]["checkpoint"] - m["killed_run"]["rows"],
+                    lab.SOURCE_ROWS - m["late_write"]["checkpoint"], 0)),
+    "late_commit": lambda m: (  # the lag counts A's late event as skipped: the watermark passed it
+        job_figures(EVENTS_WRITTEN - len(m["events_missing_before"]), 0, len(m["events_missing_before"])),
+        job_figures(EVENTS_WRITTEN - len(m["events_missing_after"]), 0, len(m["events_missing_after"]))),
+}
+
+
+def test_the_jobs_export_what_the_journal_measured(full_run):
+    """--metrics writes each job's rows copied, lag and last success, naive run and fixed run; parsed
+    as Prometheus parses them, they are the figures the journal measured. The naive late_commit's
+    lag shows the skipped event; the killed run of interrupted_recovery never succeeded."""
+    from datetime import datetime
+
+    _, result, _ = full_run
+    started = datetime.fromisoformat(result.journal["started_at"].replace("Z", "+00:00")).timestamp()
+    ended = started + result.journal["seconds"]
+    for scenario_id, expect in JOB_METRICS.items():
+        record = result.scenario(scenario_id)
+        got = exported(result.metrics, scenario_id)
+        for phase, figures in zip(("naive", "fixed"), expect(record["measurements"])):
+            assert {k: got[phase][k] for k in figures} == figures, (scenario_id, phase, got[phase])
+            assert got[phase] == record["metrics"][phase][-1], (scenario_id, phase)  # the journal's last sample
+        success = {phase: got[phase]["pipeline_last_success_timestamp_seconds"] for phase in got}
+        if scenario_id == "interrupted_recovery":
+            assert success["naive"] == 0, success  # killed, then the naive restart refused: no run succeeded
+        else:
+            assert started - 1 <= success["naive"] <= success["fixed"], (scenario_id, success, started)
+        assert started - 1 <= success["fixed"] <= ended + 1, (scenario_id, success, ended)
 
 
 HEADLINES = {  # the figure the summary shows for each scenario, as the journal gives it
@@ -349,6 +426,10 @@ def worker_compare_and_set(conn, batches):
 
 from fail_checkpoint_corruption import worker_compare_and_set as worker_compare_and_set_reference
 ''', "row lock (FOR UPDATE): each batch copied exactly once"),
+    # Exactly once too, but optimistic (a version check, no lock): the slot claims a row lock.
+    "version check in the row-lock slot": ("concurrent_access", '''
+worker_locked = worker_compare_and_set
+''', "row lock (FOR UPDATE): the second worker's read of the checkpoint waited on the first one's lock"),
     "lease taken without checking the heartbeat": ("interrupted_recovery", '''
 def claim_job(conn, owner, lease_s):
     with conn.cursor() as cur:

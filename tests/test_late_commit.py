@@ -4,7 +4,8 @@ import pytest
 import fail_checkpoint_corruption as lab
 from conftest import assert_gives_the_handout, assert_passed, clean_env, run_control, run_script
 from scenario_checks import assert_brief_and_80_columns, assert_exercise_grades
-from test_fail_checkpoint_corruption import BREAK_AT_CALL, assert_the_claim_fails, run_patched
+from test_fail_checkpoint_corruption import (BREAK_AT_CALL, assert_the_claim_fails, assert_the_detector_runs_last,
+                                             run_patched)
 
 SCRIPT = "fail_checkpoint_corruption.py"
 ID = "late_commit"
@@ -30,6 +31,10 @@ def test_the_late_commit_is_skipped_then_copied_exactly_once(full_run):
     assert d["quiet_after_fix"] and d["found_after_fix"] == [] and d["runbook"]
     assert_gives_the_handout(result, {ID: {"name": "events_missing_before", "value": str(lab.EVENTS + 1),
                                            "after": "none"}})
+
+
+def test_the_recovery_ends_with_the_detector_quiet(full_run):
+    assert_the_detector_runs_last(full_run[0].scenario(ID))
 
 
 CONTROLS = [(ID, "extract_events", "the anti-join is empty")]
@@ -67,14 +72,14 @@ def test_brief_keeps_the_detector_and_everything_fits_80_columns(full_run, targe
 
 # -- the checks checked: the copy broken just before events_damage() reads it ---------------------
 # events_damage() runs at the end of each run of the two sessions and after the backfill: 1st call
-# the naive extract, 2nd the backfill, 3rd the fixed extract, 4th and 5th the lookback's two runs.
+# the naive extract, 2nd the backfill, 3rd and 4th the lookback's two runs, 5th the fixed extract.
 LATE, TWICE = f"DELETE FROM events_copy WHERE id = {lab.EVENTS + 1}", \
     "INSERT INTO events_copy SELECT id, payload FROM events_copy WHERE id = 50"
 BROKEN_STATES = {  # what is broken, at which call (that one only), the claim that must fail
     "the backfill, a row missing": (2, "DELETE FROM events_copy WHERE id = 50",
                                     "after the backfill, the anti-join is empty"),
-    "the fixed extract, a row doubled": (3, TWICE, "nothing was copied twice"),
-    "the lookback, the late event lost": (4, LATE, "the lookback is a trade-off"),
+    "the lookback, the late event lost": (3, LATE, "the lookback is a trade-off"),
+    "the fixed extract, a row doubled": (5, TWICE, "nothing was copied twice"),
 }
 
 
