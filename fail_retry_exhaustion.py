@@ -727,6 +727,15 @@ def met_the_limit(r: dict, slots: int, workers: int) -> bool:
     return r["peak"] > slots and r["rejected"] > 0 and 8 * r["logged_refused"] >= workers
 
 
+def write_a_bad_batch(conn) -> None:
+    """One attempt at a batch the server refuses on every attempt: its worker is no number (22P02)."""
+    try:
+        with conn.cursor() as cur:
+            cur.execute("INSERT INTO storm_done (run, worker, attempts, refused) VALUES ('bad', 'w-1', 1, 0)")
+    finally:
+        conn.rollback()
+
+
 def find_login_storm_naive(conn) -> list:
     """Naive: every run in the job's log with refused logins. It
     fires on the storm, and then again on every check after it,
@@ -760,9 +769,13 @@ STORM_FIXES = [
             doubling to 800 ms (STORM_BASE_S, STORM_CAP_S), give up after STORM_GIVE_UP_S,
             retry only transient errors (is_transient) and raise the real error (reraise=True).
             Workers that failed together must not retry together. The grader computes each
-            worker's first login after the 300 ms outage from the policy's own waits, then runs
-            the real storm: the busiest 50 ms of logins must be at most half of the unjittered
-            policy's, with fewer logins refused, and every worker must write its batch once.""",
+            worker's first login after the 300 ms outage from the policy's own waits. On a clock
+            it controls (sleeps recorded, not slept) it drives the policy against a login that
+            keeps failing: it must give up within STORM_GIVE_UP_S (and one capped sleep), raising
+            the login's own error, not a RetryError; and against a batch the server refuses
+            (22P02), which must fail on its first attempt. Then it runs the real storm: the
+            busiest 50 ms of logins must be at most half of the unjittered policy's, with fewer
+            logins refused, and every worker must write its batch once.""",
         hints=("Every worker computes the same sleeps from the same attempt numbers. What would\n"
                "make worker 3's sleep different from worker 4's?",
                "Full jitter: sleep a uniform draw from [0, the exponential window], drawn from the\n"
@@ -883,6 +896,25 @@ def storm_runs(s, admin, role: dict | None, workers: int, pooled: bool = False) 
     planned_ok = s.recovered_if(2 * planned["fix"] <= planned["naive"],
                                 f"the policy spreads the workers: its planned busiest 50 ms is at most half "
                                 f"of no jitter's ({planned['naive']} -> {planned['fix']})")
+    with s.step("the policy's rules on the lab's clock: a login that keeps failing, a bad batch") as st:
+        proxy = s.proxy()
+        proxy.down()
+        down = drive(policy_for(random.Random(seeds[0])), ping_via, s.via(proxy))  # sleeps recorded, not slept
+        bad = drive(policy_for(random.Random(seeds[0])), write_a_bad_batch, s.conn)
+        st.result = (f"the login: {down['attempts']} attempts, given up {down['gave_up_at']:.2f} s after the "
+                     f"first; the bad batch: {bad['attempts']} attempt(s)")
+    runaway = " (still retrying: the lab stopped it)" if down["attempts"] >= RUNAWAY_ATTEMPTS else ""
+    s.recovered_if(isinstance(down["raised"], (psycopg2.OperationalError, RetryError)) and not runaway
+                   and down["gave_up_at"] <= STORM_GIVE_UP_S + STORM_CAP_S,
+                   f"the policy gives up on a login that keeps failing: {down['attempts']} attempts, "
+                   f"{down['gave_up_at']:.2f} s after the first on the lab's clock (at most {STORM_GIVE_UP_S} s, "
+                   f"and at most one {1000 * STORM_CAP_S:.0f} ms sleep more){runaway}")
+    s.recovered_if(isinstance(down["raised"], psycopg2.OperationalError),
+                   "the policy raises the login's own error when it gives up, not tenacity's RetryError: "
+                   f"raised {type(down['raised']).__name__}")
+    s.recovered_if(bad["attempts"] == 1 and isinstance(bad["raised"], psycopg2.errors.InvalidTextRepresentation),
+                   "the policy retries only transient errors: a batch the server refuses (22P02) fails on its "
+                   f"first attempt: {bad['attempts']} attempt(s), raised {type(bad['raised']).__name__}")
     rounds = []
     with s.step("the same outage again, with the policy in the slot") as st:
         for n in range(1, STORM_ROUNDS + 1):

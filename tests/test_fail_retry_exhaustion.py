@@ -472,6 +472,21 @@ def backoff_policy(rng, scale=1.0):
 '''),
     ],
     "storm": [
+        ("no stop: a login that keeps failing is retried for ever", "gives up on a login that keeps failing", '''
+def storm_policy(rng):
+    return Retrying(wait=wait_full_jitter(rng, multiplier=STORM_BASE_S, max=STORM_CAP_S),
+                    retry=retry_if_exception(is_transient), reraise=True)
+'''),
+        ("every error retried, not only transient ones", "retries only transient errors", '''
+def storm_policy(rng):
+    return Retrying(wait=wait_full_jitter(rng, multiplier=STORM_BASE_S, max=STORM_CAP_S),
+                    stop=stop_before_delay(STORM_GIVE_UP_S), reraise=True)
+'''),
+        ("no reraise=True: a RetryError in place of the real error", "raises the login's own error", '''
+def storm_policy(rng):
+    return Retrying(wait=wait_full_jitter(rng, multiplier=STORM_BASE_S, max=STORM_CAP_S),
+                    stop=stop_before_delay(STORM_GIVE_UP_S), retry=retry_if_exception(is_transient))
+'''),
         ("every worker's jitter seeded alike", "the policy spreads the workers", '''
 def storm_policy(rng):
     return Retrying(wait=wait_full_jitter(random.Random(42), multiplier=STORM_BASE_S, max=STORM_CAP_S),
