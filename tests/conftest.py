@@ -329,7 +329,7 @@ def declared_fixes(script: str) -> list:
     from common.scenario import _REGISTRY
 
     module = importlib.import_module(Path(script).stem)
-    return [_ScenarioFix(spec.id, f.slot, f.naive, f.fixed) for spec in _REGISTRY
+    return [_ScenarioFix(spec.id, f.slot, f.naive, f.fixed, f.hints) for spec in _REGISTRY
             if spec.fn.__module__ == module.__name__ for f in spec.fixes]
 
 
@@ -339,6 +339,7 @@ class _ScenarioFix:
     slot: str
     naive: object
     fixed: object
+    hints: tuple = ()
 
 
 def assert_every_slot_has_a_control(script: str, controls: list[tuple[str, str, str]]) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from markdown_it import MarkdownIt
 
-from conftest import ROOT, clean_env, lab_schemas, lesson_scenarios
+from conftest import ROOT, clean_env, declared_fixes, lab_schemas, lesson_scenarios
 
 SCENARIOS = len(lesson_scenarios())  # every scenario of the four lessons
 
@@ -79,6 +79,9 @@ def test_the_lab_handout_holds_every_scenario_with_its_lesson_and_questions(lab)
         short = j["script"].split("_")[1]
         for r in j["scenarios"]:
             assert f"(#{short}-{r['id']})" in text and f'<a id="{short}-{r["id"]}"></a>' in text
+            # the scenario's own questions, not ones the handout makes up when it gives none
+            assert 2 <= len(r["questions"]) <= 3 and all(q.endswith("?") for q in r["questions"]), r["id"]
+            assert len(r["lesson"]) > 20, r["id"]
 
 
 def test_lab_exit_status_is_the_worst_of_its_scripts():
@@ -240,3 +243,13 @@ def test_ctrl_c_at_a_lab_pause_counts_nothing_as_failed(embedded_params, tmp_pat
     assert code == 130, text[-2000:]
     left = sum(script == "fail_checkpoint_corruption.py" for script, _ in lesson_scenarios()) - 1
     assert f"0 passed, 0 failed, 1 interrupted, {left} not run" in text, text[-2000:]
+
+
+def test_every_fix_slot_of_every_lesson_gives_two_hints():
+    """`--hint 1` nudges, `--hint 2` gives the idea: a slot without them prints nothing."""
+    from common.lab import ORDER
+
+    slots = [(script, f.scenario_id, f.slot, f.hints) for script in ORDER for f in declared_fixes(script)]
+    assert len({(s, i) for s, i, _, _ in slots}) == SCENARIOS  # every scenario is an exercise
+    for script, scenario_id, slot, hints in slots:
+        assert len(hints) == 2 and all(len(h) > 20 for h in hints), (script, scenario_id, slot, hints)
