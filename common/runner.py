@@ -98,6 +98,8 @@ def run_scenario(run: Run, spec: ScenarioSpec, index: int) -> dict:
         reason = reason or claim
     reason = student_verdicts(s, reason)
     triggered, recovered = s.verdicts()
+    if status == "skipped" and (failed := [c.claim for c in s.checks if not c.ok]):
+        status, reason = "failed", "; ".join(failed + [f"then skipped: {reason}"])  # a skip hides no failure
     if status == "passed" and not (triggered and recovered and cleaned):
         status = "failed"
         reason = reason or "; ".join(c.claim for c in s.checks if not c.ok)

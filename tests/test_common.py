@@ -585,3 +585,12 @@ cleanup.signal_handled()
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip() == "came back" and not proc.stderr, proc.stdout + proc.stderr
+
+
+def test_a_skip_after_a_claim_that_failed_is_a_failure(tmp_path):
+    """A skip says the server cannot host the scenario: it fails nothing. A claim that failed
+    before it (a fault that missed, then a skip) is still a failure, and the script exits 1."""
+    result = run_script(BROKEN, "--only", "skips", env=clean_env(SKIP_AFTER="failed"), tmp_path=tmp_path)
+    record = result.scenario("skips")
+    assert result.returncode == 1 and record["status"] == "failed", record
+    assert record["reason"] == "the fault landed; then skipped: needs PostgreSQL 99 or later", record["reason"]
