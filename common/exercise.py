@@ -158,7 +158,7 @@ def what_the_code_did(slots) -> dict:
         if log.calls:
             parts.append(f"called {log.calls} time{'s' if log.calls != 1 else ''} here")
         if log.in_processes:
-            parts.append(f"handed to {log.in_processes} worker process(es), where it ran on its own")
+            parts.append(f"handed to {log.in_processes} worker process(es), where it ran under the same time limit")
         if not parts:
             parts.append("never called (the scenario stopped before it)")
         for exc, line in _distinct(log.raised):
