@@ -249,8 +249,19 @@ def trimmed_logging_error(text: str) -> list[str]:
     """One '--- Logging error ---' report in a few lines: the exception, where, the message."""
     lines = [ln for ln in text.split("--- Logging error ---", 1)[1].strip().splitlines()]
     stack = lines.index("Call stack:") if "Call stack:" in lines else len(lines)
-    error = lines[stack - 1] if stack else ""
-    return ["--- Logging error ---", error] + [ln for ln in lines if ln.startswith(("Message:", "Arguments:"))]
+    return ["--- Logging error ---", _exception_line(lines[:stack])] + \
+        [ln for ln in lines if ln.startswith(("Message:", "Arguments:"))]
+
+
+def _exception_line(traceback: list[str]) -> str:
+    """The raised exception's first line (its type and message) in a printed traceback: the first
+    line at the margin after the last 'Traceback' header. A message may go on over more lines, or
+    end in a newline (as every psycopg2 connection loss does): the line before 'Call stack:' is then
+    a continuation, or blank."""
+    headers = [i for i, ln in enumerate(traceback) if ln.startswith("Traceback (most recent call last)")]
+    after = traceback[headers[-1] + 1:] if headers else traceback
+    return next((ln for ln in after if ln.strip() and not ln[0].isspace()),
+                next((ln for ln in reversed(traceback) if ln.strip()), ""))
 
 
 # -- progress ---------------------------------------------------------------------------------------

@@ -1,11 +1,14 @@
 """The verdicts are honest: a crash fails its phase, a control fails, an exercise is graded.
 
 Uses the fixture script tests/fixtures/fail_broken.py, run as a user runs it."""
+import logging
 import sys
 from pathlib import Path
 
+import psycopg2
 import pytest
 
+from common.exercise import logging_reports
 from conftest import ROOT, run_script
 
 BROKEN = "tests/fixtures/fail_broken.py"
@@ -288,3 +291,29 @@ def test_ctrl_c_counts_the_scenarios_it_never_started_as_not_run(tmp_path):
     assert proc.returncode == 130
     assert "0 passed, 0 failed, 1 interrupted, 2 not run" in out
     assert [r["status"] for r in json.loads(journal.read_text())["scenarios"]] == ["interrupted"] * 3
+
+
+class StoreOnAClosedPort(logging.Handler):
+    """A handler whose store is down: psycopg2's message is multi-line and ends in a newline."""
+
+    def emit(self, record):
+        try:
+            psycopg2.connect("postgresql://nobody@127.0.0.1:1/none", connect_timeout=2)
+        except psycopg2.Error:  # as the standard library's handlers do: the record is dropped, and said so
+            self.handleError(record)
+
+
+def test_the_summary_of_logging_own_error_report_shows_the_exception_line():
+    logger = logging.getLogger("faillab.test.closed_port")
+    logger.propagate, handler = False, StoreOnAClosedPort()
+    logger.addHandler(handler)
+    try:
+        with logging_reports() as tally:
+            logger.error("order %s lost", 42)
+    finally:
+        logger.removeHandler(handler)
+    assert tally["count"] == 1
+    assert tally["first"] == [
+        "--- Logging error ---",
+        'psycopg2.OperationalError: connection to server at "127.0.0.1", port 1 failed: Connection refused',
+        "Message: 'order %s lost'", "Arguments: (42,)"], tally["first"]
