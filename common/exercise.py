@@ -39,8 +39,9 @@ def prepare(script: str, args, console: output.Console):
         with_exercise = ", ".join(s.id for s in _REGISTRY if s.fixes)
         _exit(2, f"error: no exercise {args.exercise!r}; exercises: {with_exercise}\n", sys.stderr)
     path = exercise_path(Path(args.exercise_dir), script, spec.id)
+    folder = ["--exercise-dir", args.exercise_dir] if args.exercise_dir != "exercises" else []
     command = " ".join(shlex.quote(a) for a in [_relative(sys.executable), _relative(sys.argv[0]), "--exercise", spec.id] +
-                       (["--exercise-dir", args.exercise_dir] if args.exercise_dir != "exercises" else []))
+                       folder)
     if args.solution:
         console.line(f"Reference solution of {spec.id} ({script}), ready to paste into {path}:", "bold")
         console.line()
@@ -68,14 +69,17 @@ def prepare(script: str, args, console: output.Console):
         lab = Path(sys.argv[0]).resolve().parent / "lab.py"
         console.line(f"Exercise {spec.id}: {spec.title}", "bold")
         if moved:
-            console.line(f"   started again; your previous file is kept as {output.typed_path(str(moved))}")
+            for ln in unbroken_lines("started again; your previous file is kept as".split() +
+                                     [output.typed_path(str(moved))], console.width, "   ", "   "):
+                console.line(ln)
         for label, text in (("your file:", output.typed_path(str(path))),
                             ("edit:", f"{', '.join(f.slot + '()' for f in spec.fixes)}  (the contract is in each "
                                       "docstring)"),
                             ("grade it:", command),
                             ("hints:", f"{command} --hint   (then --hint 2; --solution shows the reference)"),
-                            ("progress:", f"{_relative(sys.executable)} {_relative(str(lab))} --progress"
-                             if lab.exists() else f"{command.rsplit(' --exercise', 1)[0]} --progress")):
+                            ("progress:", " ".join(shlex.quote(a) for a in [
+                                _relative(sys.executable), _relative(str(lab) if lab.exists() else sys.argv[0]),
+                                "--progress", *folder]))):
             console.wrapped(f"{label:<11} {text}", "   ", " " * 15)  # a long path breaks after a '/'
         console.wrapped("Only the functions your file defines itself are graded: the lesson's own fixes, which "
                         "the import line brings in, do not count.", "   ", "   ", "dim")
@@ -331,15 +335,29 @@ def show_progress(console: output.Console, folder: Path, scripts: list[tuple[str
         console.line("   Every exercise passed at its last grade.", "ok")
         return 0
     script, scenario_id, state = first_open
-    command = " ".join(shlex.quote(a) for a in [interpreter or _relative(sys.executable), _relative(script),
-                                                "--exercise", scenario_id] +
-                       (["--exercise-dir", str(folder)] if str(folder) != "exercises" else []))
+    command = [shlex.quote(a) for a in [interpreter or _relative(sys.executable), _relative(script),
+                                        "--exercise", scenario_id] +
+               (["--exercise-dir", str(folder)] if str(folder) != "exercises" else [])]
     what = "start it" if state == "not started" else "grade it again once you have edited it"
     console.line(f"   next ({what}):", "bold")
-    console.line(f"      {command}")
+    for ln in unbroken_lines(command, console.width, "      ", "         "):
+        console.line(ln)
     console.wrapped("to start one again from the naive code, add --restart: your file is moved aside, "
                     "never deleted", "   ", "   ", "dim")
     return 0
+
+
+def unbroken_lines(words: list[str], width: int, indent: str, hang: str) -> list[str]:
+    """Words wrapped to the width between them, never inside one: a path or a command's argument
+    broken after a '/' could no longer be copied whole. (A word wider than a line keeps a line of
+    its own.)"""
+    lines = [indent + words[0]]
+    for word in words[1:]:
+        if len(lines[-1]) + 1 + len(word) > width:
+            lines.append(hang + word)
+        else:
+            lines[-1] += " " + word
+    return lines
 
 
 def restart(path: Path) -> Path | None:

@@ -270,6 +270,37 @@ def test_progress_lists_each_exercise_with_its_state_and_the_next_command(tmp_pa
     assert progress()["out"].split("with_fix")[1].splitlines()[0].strip() == "started"
 
 
+def test_exercise_start_restart_and_progress_name_the_folder_and_fit_80_columns(tmp_path):
+    """With --exercise-dir, the commands the lab prints carry the folder (else `--progress` lists
+    an empty one); every line fits 80 columns, and a command wraps between its arguments."""
+    start = _exercise(tmp_path, "--exercise-dir", "mine")
+    restarted = _exercise(tmp_path, "--exercise-dir", "mine", "--restart")
+    progress = run_script(BROKEN, "--progress", "--exercise-dir", "mine", tmp_path=tmp_path, journal=False)
+    for shown in (start, restarted, progress):
+        assert shown.returncode == 0, shown.stderr
+        assert max(len(ln) for ln in shown.stdout.splitlines()) <= 80, shown.stdout
+    for shown in (start, restarted):
+        said = " ".join(shown.stdout.split("progress:")[1].split("Only the functions")[0].split())
+        assert said.endswith(" --progress --exercise-dir mine"), said
+    assert "your previous file is kept as mine/fail_broken/with_fix.old-1.py" in " ".join(restarted.stdout.split())
+    command = progress.stdout.split("next (grade it again once you have edited it):")[1].split("to start one")[0]
+    assert command.split() == [sys.executable, str(ROOT / BROKEN), "--exercise", "with_fix", "--exercise-dir", "mine"]
+
+
+def test_the_lab_summary_legend_fits_80_columns():
+    import io
+
+    from common import lab, output
+
+    shown = io.StringIO()
+    record = {"id": "with_fix", "status": "passed", "triggered": True, "recovered": True, "cleaned": True,
+              "seconds": 1.0}
+    lab.summary(output.Console(shown, width=80), [{"script": "fail_broken.py", "scenarios": [record]}], 1.0, [])
+    assert max(len(ln) for ln in shown.getvalue().splitlines()) <= 80, shown.getvalue()
+    said = " ".join(shown.getvalue().split())
+    assert "t r c: triggered, recovered, cleaned; naive" in said and "naive code, then after the fix" in said
+
+
 def test_ctrl_c_counts_the_scenarios_it_never_started_as_not_run(tmp_path):
     import json
     import signal
