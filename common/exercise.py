@@ -98,16 +98,25 @@ def grade(console: output.Console, record: dict, reports: dict | None = None) ->
     lesson shows them."""
     checks = record.get("checks", [])
     lesson = [c for c in checks if c["phase"] == "triggered"]
-    yours = [c for c in checks if c["phase"] == "recovered"]
+    recovery = [c for c in checks if c["phase"] == "recovered"]
+    yours = [c for c in recovery if c.get("yours", True)]
     passed = record["status"] == "passed"
     console.header("Grade: " + ("PASSED, your fix holds under the real fault" if passed
                                 else "NOT YET, the fault still breaks your code"))
-    if lesson:
-        console.line("   The lesson's demonstration (its naive code, before yours ran):", "dim")
-        for c in lesson:
-            console.wrapped(f"{console.check_mark(c['ok'])} {c['claim']}", indent="     ", hang="       ", style="dim")
+    for title, group in (("The lesson's demonstration (its naive code, before yours ran):", lesson),
+                         ("The lesson's own recovery steps (before your code ran, or without it):",
+                          [c for c in recovery if not c.get("yours", True)])):
+        if group:
+            console.line(f"   {title}", "dim")
+            for c in group:
+                console.wrapped(f"{console.check_mark(c['ok'])} {c['claim']}", indent="     ", hang="       ",
+                                style="dim")
     console.line("   Your code, under the same fault:", "bold")
     for c in yours or [{"ok": False, "claim": "no claim about your code was checked: the scenario stopped before"}]:
+        if c["ok"] and c.get("after_stop"):  # what the lab did once your code was stopped: no tick of yours
+            console.wrapped(f"{'-' if console.ascii else '·'} {c['claim']} (not credited: checked after your code "
+                            "was stopped at its time limit)", indent="     ", hang="       ", style="dim")
+            continue
         console.wrapped(f"{console.check_mark(c['ok'])} {c['claim']}", indent="     ", hang="       ",
                         style="ok" if c["ok"] else "bad")
     if not record.get("cleaned", True):

@@ -114,6 +114,15 @@ class Slots:
         except KeyError:
             raise KeyError(f"no fix slot {slot!r}; declared: {', '.join(self.held) or 'none'}") from None
 
+    def entered(self) -> int:
+        """How often the student's code was entered so far (called, or handed to a process): a
+        claim can depend on it only once it has run; 0 outside an exercise."""
+        return sum(log.calls + log.in_processes for log in self.logs.values())
+
+    def stopped(self) -> bool:
+        """Whether a call of the student's code was stopped at its limit so far in this run."""
+        return any(log.expired for log in self.logs.values())
+
     def describe(self) -> dict[str, str]:
         """slot -> the qualified name of what it held (for the journal)."""
         return {slot: _qualname(inspect.unwrap(fn)) for slot, fn in self.held.items()}

@@ -168,6 +168,42 @@ def test_a_slot_that_reaches_its_limit_is_named_and_never_called_again(tmp_path)
     assert "57014" not in " ".join(failed) and "QueryCanceled" not in result.stdout.split("Grade:")[1]
 
 
+def _grade_own_steps(tmp_path, code: str, *flags):
+    _student_file(tmp_path, "fail_slots", "own_steps", code)
+    result = run_script(SLOTS, "--exercise", "own_steps", *flags, tmp_path=tmp_path)
+    grade = result.stdout.split("Grade:")[1].split("What your code did")[0]
+    own, yours = grade.split("The lesson's own recovery steps")[1].split("Your code, under the same fault:")
+    return result, " ".join(own.split()), " ".join(yours.split())
+
+
+def test_the_grade_shows_the_lessons_own_recovery_steps_apart_from_the_students_claims(tmp_path):
+    """A claim made before the student's code ran, or an error the lesson raised itself after it,
+    cannot depend on the student's code: it is not one of their ticks."""
+    result, own, yours = _grade_own_steps(tmp_path, "\ndef insert_key(conn):\n    insert_guarded(conn)\n")
+    assert result.returncode == 0 and "PASSED" in result.stdout, result.stdout[-2000:]
+    assert yours == "✔ key 1 is there exactly once ✔ the detector key_missing is quiet after the recovery", yours
+    assert own == "(before your code ran, or without it): ✔ k is empty before the fix runs ✔ UniqueViolation " \
+                  "(SQLSTATE 23505) raised", own
+    checks = [(c["phase"], c["claim"], c["yours"]) for c in result.scenario("own_steps")["checks"]]
+    assert checks == [("triggered", "UniqueViolation (SQLSTATE 23505) raised", False),
+                      ("triggered", "the detector key_missing fires on the broken state", False),
+                      ("recovered", "k is empty before the fix runs", False),
+                      ("recovered", "key 1 is there exactly once", True),
+                      ("recovered", "UniqueViolation (SQLSTATE 23505) raised", False),
+                      ("recovered", "the detector key_missing is quiet after the recovery", True)], checks
+
+
+def test_a_claim_checked_after_the_students_code_was_stopped_is_not_credited(tmp_path):
+    """The scenario goes on after the time limit stopped the student's code: what it checks then
+    is what the lab did after the stop, not a tick for the student."""
+    result, own, yours = _grade_own_steps(tmp_path, "\ndef insert_key(conn):\n    insert_guarded(conn)\n"
+                                                    "    while True:\n        pass\n", "--call-limit", "1")
+    assert result.returncode == 1 and "NOT YET" in result.stdout, result.stdout[-2000:]
+    assert "✔ key 1 is there exactly once" not in yours and "✘ insert_key() did not return within 1 s" in yours
+    assert "key 1 is there exactly once (not credited: checked after your code was stopped at its time " \
+           "limit)" in yours, yours
+
+
 def test_the_grade_tells_the_student_what_their_code_did(tmp_path):
     _student_file(tmp_path, "fail_broken", "with_fix", "\ndef insert_key(conn):\n    try:\n"
                   "        insert_twice(conn)\n    except Exception:\n        conn.rollback()\n")
