@@ -39,8 +39,9 @@ def prepare(script: str, args, console: output.Console):
         with_exercise = ", ".join(s.id for s in _REGISTRY if s.fixes)
         _exit(2, f"error: no exercise {args.exercise!r}; exercises: {with_exercise}\n", sys.stderr)
     path = exercise_path(Path(args.exercise_dir), script, spec.id)
+    folder = ["--exercise-dir", args.exercise_dir] if args.exercise_dir != "exercises" else []
     command = " ".join(shlex.quote(a) for a in [_relative(sys.executable), _relative(sys.argv[0]), "--exercise", spec.id] +
-                       (["--exercise-dir", args.exercise_dir] if args.exercise_dir != "exercises" else []))
+                       folder)
     if args.solution:
         console.line(f"Reference solution of {spec.id} ({script}), ready to paste into {path}:", "bold")
         console.line()
@@ -68,14 +69,17 @@ def prepare(script: str, args, console: output.Console):
         lab = Path(sys.argv[0]).resolve().parent / "lab.py"
         console.line(f"Exercise {spec.id}: {spec.title}", "bold")
         if moved:
-            console.line(f"   started again; your previous file is kept as {output.typed_path(str(moved))}")
+            for ln in unbroken_lines("started again; your previous file is kept as".split() +
+                                     [output.typed_path(str(moved))], console.width, "   ", "   "):
+                console.line(ln)
         for label, text in (("your file:", output.typed_path(str(path))),
                             ("edit:", f"{', '.join(f.slot + '()' for f in spec.fixes)}  (the contract is in each "
                                       "docstring)"),
                             ("grade it:", command),
                             ("hints:", f"{command} --hint   (then --hint 2; --solution shows the reference)"),
-                            ("progress:", f"{_relative(sys.executable)} {_relative(str(lab))} --progress"
-                             if lab.exists() else f"{command.rsplit(' --exercise', 1)[0]} --progress")):
+                            ("progress:", " ".join(shlex.quote(a) for a in [
+                                _relative(sys.executable), _relative(str(lab) if lab.exists() else sys.argv[0]),
+                                "--progress", *folder]))):
             console.wrapped(f"{label:<11} {text}", "   ", " " * 15)  # a long path breaks after a '/'
         console.wrapped("Only the functions your file defines itself are graded: the lesson's own fixes, which "
                         "the import line brings in, do not count.", "   ", "   ", "dim")
@@ -94,16 +98,25 @@ def grade(console: output.Console, record: dict, reports: dict | None = None) ->
     lesson shows them."""
     checks = record.get("checks", [])
     lesson = [c for c in checks if c["phase"] == "triggered"]
-    yours = [c for c in checks if c["phase"] == "recovered"]
+    recovery = [c for c in checks if c["phase"] == "recovered"]
+    yours = [c for c in recovery if c.get("yours", True)]
     passed = record["status"] == "passed"
     console.header("Grade: " + ("PASSED, your fix holds under the real fault" if passed
                                 else "NOT YET, the fault still breaks your code"))
-    if lesson:
-        console.line("   The lesson's demonstration (its naive code, before yours ran):", "dim")
-        for c in lesson:
-            console.wrapped(f"{console.check_mark(c['ok'])} {c['claim']}", indent="     ", hang="       ", style="dim")
+    for title, group in (("The lesson's demonstration (its naive code, before yours ran):", lesson),
+                         ("The lesson's own recovery steps (before your code ran, or without it):",
+                          [c for c in recovery if not c.get("yours", True)])):
+        if group:
+            console.line(f"   {title}", "dim")
+            for c in group:
+                console.wrapped(f"{console.check_mark(c['ok'])} {c['claim']}", indent="     ", hang="       ",
+                                style="dim")
     console.line("   Your code, under the same fault:", "bold")
     for c in yours or [{"ok": False, "claim": "no claim about your code was checked: the scenario stopped before"}]:
+        if c["ok"] and c.get("after_stop"):  # what the lab did once your code was stopped: no tick of yours
+            console.wrapped(f"{'-' if console.ascii else '·'} {c['claim']} (not credited: checked after your code "
+                            "was stopped at its time limit)", indent="     ", hang="       ", style="dim")
+            continue
         console.wrapped(f"{console.check_mark(c['ok'])} {c['claim']}", indent="     ", hang="       ",
                         style="ok" if c["ok"] else "bad")
     if not record.get("cleaned", True):
@@ -158,7 +171,7 @@ def what_the_code_did(slots) -> dict:
         if log.calls:
             parts.append(f"called {log.calls} time{'s' if log.calls != 1 else ''} here")
         if log.in_processes:
-            parts.append(f"handed to {log.in_processes} worker process(es), where it ran on its own")
+            parts.append(f"handed to {log.in_processes} worker process(es), where it ran under the same time limit")
         if not parts:
             parts.append("never called (the scenario stopped before it)")
         for exc, line in _distinct(log.raised):
@@ -249,8 +262,19 @@ def trimmed_logging_error(text: str) -> list[str]:
     """One '--- Logging error ---' report in a few lines: the exception, where, the message."""
     lines = [ln for ln in text.split("--- Logging error ---", 1)[1].strip().splitlines()]
     stack = lines.index("Call stack:") if "Call stack:" in lines else len(lines)
-    error = lines[stack - 1] if stack else ""
-    return ["--- Logging error ---", error] + [ln for ln in lines if ln.startswith(("Message:", "Arguments:"))]
+    return ["--- Logging error ---", _exception_line(lines[:stack])] + \
+        [ln for ln in lines if ln.startswith(("Message:", "Arguments:"))]
+
+
+def _exception_line(traceback: list[str]) -> str:
+    """The raised exception's first line (its type and message) in a printed traceback: the first
+    line at the margin after the last 'Traceback' header. A message may go on over more lines, or
+    end in a newline (as every psycopg2 connection loss does): the line before 'Call stack:' is then
+    a continuation, or blank."""
+    headers = [i for i, ln in enumerate(traceback) if ln.startswith("Traceback (most recent call last)")]
+    after = traceback[headers[-1] + 1:] if headers else traceback
+    return next((ln for ln in after if ln.strip() and not ln[0].isspace()),
+                next((ln for ln in reversed(traceback) if ln.strip()), ""))
 
 
 # -- progress ---------------------------------------------------------------------------------------
@@ -320,15 +344,29 @@ def show_progress(console: output.Console, folder: Path, scripts: list[tuple[str
         console.line("   Every exercise passed at its last grade.", "ok")
         return 0
     script, scenario_id, state = first_open
-    command = " ".join(shlex.quote(a) for a in [interpreter or _relative(sys.executable), _relative(script),
-                                                "--exercise", scenario_id] +
-                       (["--exercise-dir", str(folder)] if str(folder) != "exercises" else []))
+    command = [shlex.quote(a) for a in [interpreter or _relative(sys.executable), _relative(script),
+                                        "--exercise", scenario_id] +
+               (["--exercise-dir", str(folder)] if str(folder) != "exercises" else [])]
     what = "start it" if state == "not started" else "grade it again once you have edited it"
     console.line(f"   next ({what}):", "bold")
-    console.line(f"      {command}")
+    for ln in unbroken_lines(command, console.width, "      ", "         "):
+        console.line(ln)
     console.wrapped("to start one again from the naive code, add --restart: your file is moved aside, "
                     "never deleted", "   ", "   ", "dim")
     return 0
+
+
+def unbroken_lines(words: list[str], width: int, indent: str, hang: str) -> list[str]:
+    """Words wrapped to the width between them, never inside one: a path or a command's argument
+    broken after a '/' could no longer be copied whole. (A word wider than a line keeps a line of
+    its own.)"""
+    lines = [indent + words[0]]
+    for word in words[1:]:
+        if len(lines[-1]) + 1 + len(word) > width:
+            lines.append(hang + word)
+        else:
+            lines[-1] += " " + word
+    return lines
 
 
 def restart(path: Path) -> Path | None:

@@ -60,9 +60,19 @@ class CallLog:
     limit: float
     file: str = ""
     calls: int = 0
-    expired: bool = False
-    in_processes: int = 0  # handed to worker processes, where it runs untraced
+    stopped: bool = False  # a call of it in this process ran out of time
+    in_processes: int = 0  # handed to worker processes, where it runs untraced, under the same limit
     raised: list = field(default_factory=list)  # [(exception, line in the student's file or None)]
+    shared: object = None  # the run's processes' flag: set by the first call anywhere that ran out of time
+
+    @property
+    def expired(self) -> bool:
+        """A call of it ran out of time in this run: here, or in a worker process."""
+        return self.stopped or (self.shared is not None and self.shared.is_set())
+
+    @expired.setter
+    def expired(self, value: bool) -> None:
+        self.stopped = value
 
     @property
     def timeout_message(self) -> str:
@@ -103,6 +113,15 @@ class Slots:
             return self.held[slot]
         except KeyError:
             raise KeyError(f"no fix slot {slot!r}; declared: {', '.join(self.held) or 'none'}") from None
+
+    def entered(self) -> int:
+        """How often the student's code was entered so far (called, or handed to a process): a
+        claim can depend on it only once it has run; 0 outside an exercise."""
+        return sum(log.calls + log.in_processes for log in self.logs.values())
+
+    def stopped(self) -> bool:
+        """Whether a call of the student's code was stopped at its limit so far in this run."""
+        return any(log.expired for log in self.logs.values())
 
     def describe(self) -> dict[str, str]:
         """slot -> the qualified name of what it held (for the journal)."""
@@ -259,8 +278,46 @@ def _student_line(exc: BaseException, filename: str) -> int | None:
 
 
 def unwrap_for_process(value):
-    """A worker process gets the student's function itself (picklable by module and name)."""
-    if getattr(value, "__faillab_limited__", False):
-        value.__faillab_log__.in_processes += 1
-        return inspect.unwrap(value)
-    return value
+    """A worker process gets the student's function under the same limit: a picklable stand-in
+    that wraps it with time_limited() there. A call that runs out of time in a process sets a flag
+    all the run's processes share, so the grade names it and no process calls it again; handing
+    it to a new process after that raises here, as a call would."""
+    if not getattr(value, "__faillab_limited__", False):
+        return value
+    log = value.__faillab_log__
+    if log.expired:
+        raise TimeLimitExceeded(f"{log.timeout_message} (stopped earlier in this run, not given to a process again)")
+    if log.shared is None:
+        import multiprocessing
+
+        log.shared = multiprocessing.get_context("spawn").Event()  # a spawned or fork-served process opens it by name
+    log.in_processes += 1
+    return _InProcess(inspect.unwrap(value), log.slot, log.limit, log.file, log.shared)
+
+
+class _InProcess:
+    """The student's function in a worker process: pickled by its module and name, with its limit
+    and the run's shared flag. At its limit the call is stopped as in the main process; what the
+    stop cancels is the queries of the connections it was handed (there is no admin connection in
+    the process to cancel the run's)."""
+
+    def __init__(self, fn: Callable, slot: str, limit: float, file: str, shared):
+        self.fn, self.slot, self.limit, self.file, self.shared = fn, slot, limit, file, shared
+        self.__wrapped__ = fn
+        self.log = None  # this process's CallLog, made at the first call
+
+    def __getstate__(self):
+        return {**self.__dict__, "log": None}
+
+    def __call__(self, *args, **kwargs):
+        if self.log is None:
+            self.log = CallLog(self.slot, self.limit, self.file, shared=self.shared)
+
+        def stop() -> None:
+            self.shared.set()
+            for conn in args:  # a psycopg2 connection, or one the lab wraps: its query returns
+                if callable(getattr(conn, "cursor", None)) and callable(getattr(conn, "cancel", None)):
+                    with contextlib.suppress(Exception):
+                        conn.cancel()
+
+        return time_limited(self.fn, self.limit, stop, self.log)(*args, **kwargs)

@@ -224,8 +224,8 @@ def summary(console: output.Console, journals: list[dict], seconds: float, skipp
     console.table(["script", "scenario", "t r c", "status", "s", "headline figure", "naive → fixed"], rows)
     ok = all(r["status"] in ("passed", "skipped") for r in records) and not skipped
     console.line()
-    console.line("   t r c: triggered, recovered, cleaned; naive → fixed: the figure under the naive code, "
-                 "then after the fix")
+    console.wrapped("t r c: triggered, recovered, cleaned; naive → fixed: the figure under the naive code, "
+                    "then after the fix", "   ", "   ")
     for name in skipped:
         console.line(f"   not run: {name}" + (" (interrupted)" if interrupted else ""), "bad")
     console.line(f"{tally(records)}  ({seconds:.1f} s)", "ok" if ok else "bad")

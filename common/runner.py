@@ -68,7 +68,7 @@ def run_scenario(run: Run, spec: ScenarioSpec, index: int) -> dict:
         status, reason, cannot_wait = "failed", f"not run: {exc}", exc
     except Unfinished as exc:
         reason = f"stopped early: {exc}"
-        s.checks.append(Check(s.phase, False, reason))  # whatever passed before, this phase did not end
+        s.checks.append(s.make_check(s.phase, False, reason))  # whatever passed before, this phase did not end
     except (KeyboardInterrupt, Interrupted) as exc:
         status, reason, interrupted = "interrupted", "interrupted by signal", exc
         signal_handled()
@@ -80,7 +80,7 @@ def run_scenario(run: Run, spec: ScenarioSpec, index: int) -> dict:
             signal_handled()
         else:  # an error the scenario did not expect: show it, fail the scenario
             reason = f"unexpected {output.error_type(exc)}: {output.redact(str(exc).strip())[:300]}"
-            s.checks.append(Check(s.phase, False, reason))  # a crash fails its phase, whatever passed before
+            s.checks.append(s.make_check(s.phase, False, reason))  # a crash fails its phase, whatever passed before
             console.line()
             console.line("   " + s.slots.crash_heading(exc), "bad", "error")  # the student's own error, as theirs
             console.exception(exc, "error")
@@ -94,7 +94,7 @@ def run_scenario(run: Run, spec: ScenarioSpec, index: int) -> dict:
         _fail_start(str(cannot_wait))
     for name, exc in s.worker_errors if status == "passed" else ():  # a worker that crashed: no pass
         claim = f"unexpected {output.error_type(exc)} in worker {name}: {output.redact(str(exc).strip())[:300]}"
-        s.checks.append(Check(s.phase, False, claim))
+        s.checks.append(s.make_check(s.phase, False, claim))
         reason = reason or claim
     reason = student_verdicts(s, reason)
     triggered, recovered = s.verdicts()
@@ -124,7 +124,9 @@ def run_scenario(run: Run, spec: ScenarioSpec, index: int) -> dict:
     record = {"id": spec.id, "number": index, "title": spec.title, "status": status, "triggered": triggered,
               "recovered": recovered, "cleaned": cleaned, "observed_errors": s.observed,
               "measurements": s.measurements, "fixes": s.slots.describe(), "mode": s.slots.mode,
-              "checks": [{"phase": c.phase, "ok": c.ok, "claim": c.claim} for c in s.checks],
+              "checks": [{"phase": c.phase, "ok": c.ok, "claim": c.claim} |
+                         ({"yours": c.yours, "after_stop": c.after_stop} if s.slots.mode == "exercise" else {})
+                         for c in s.checks],
               "sections": {k: sections.get(k, "") for k in SECTIONS}, "seconds": round(seconds, 3),
               "paused_seconds": round(paused, 3), "blocks": {k: blocks.get(k, []) for k in SECTIONS}, "headline": headline(s),
               "lesson": s.lesson, "questions": list(s.questions), "detection": s.detection}
@@ -154,11 +156,11 @@ def student_verdicts(s: Scenario, reason: str | None) -> str | None:
     if claim and reason:
         for c in s.checks:
             if c.claim == reason:
-                c.claim = claim
+                c.claim, c.yours = claim, True
         reason = claim
     for log in s.slots.logs.values():
         if log.expired and not any(log.timeout_message in c.claim for c in s.checks):
-            s.checks.append(Check("recovered", False, log.timeout_message))
+            s.checks.append(Check("recovered", False, log.timeout_message, yours=True))
     return reason
 
 

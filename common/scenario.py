@@ -62,6 +62,8 @@ class Check:
     phase: str  # "triggered" or "recovered"
     ok: bool
     claim: str
+    yours: bool = False  # an exercise's recovery claim made after the student's code ran (see Scenario.make_check)
+    after_stop: bool = False  # ... and after a call of it was stopped at its time limit
 
 
 @dataclass
@@ -467,6 +469,7 @@ class Scenario:
         if self._section < SECTIONS.index("error"):
             self._enter("error")
         phase = "triggered" if self._section <= SECTIONS.index("root_cause") else "recovered"
+        since = self.slots.entered()  # the error is the student's only if their code ran inside
         caught = Caught()
         want = label or " or ".join(t.__name__ for t in types) + (f" (SQLSTATE {sqlstate})" if sqlstate else "")
         try:
@@ -476,12 +479,12 @@ class Scenario:
             state = getattr(exc, "pgcode", None)
             if sqlstate and state != sqlstate:
                 self.observe(exc)
-                self._check(phase, False, f"{want} raised, but SQLSTATE was {state}")
+                self._check(phase, False, f"{want} raised, but SQLSTATE was {state}", since)
                 return
             self.observe(exc)
-            self._check(phase, True, f"{want} raised")
+            self._check(phase, True, f"{want} raised", since)
             return
-        self._check(phase, False, f"{want} expected, nothing was raised")
+        self._check(phase, False, f"{want} expected, nothing was raised", since)
 
     def observe(self, exc: BaseException, note: str = "") -> None:
         """Show and record a real exception caught by the scenario's own code."""
@@ -512,9 +515,16 @@ class Scenario:
         """Stop: this scenario cannot work here. Recorded as skipped with the reason, not failed."""
         raise Skipped(reason)
 
-    def _check(self, phase: str, ok: bool, claim: str) -> bool:
+    def make_check(self, phase: str, ok: bool, claim: str, since: int = 0) -> Check:
+        """A check, told apart for an exercise's grade: a recovery claim is the student's when
+        their code ran before it (since `since` entries: inside an expect block), not when it is a
+        step of the lesson's own that their code cannot have touched."""
+        yours = phase == "recovered" and self.slots.entered() > since
+        return Check(phase, ok, claim, yours, yours and self.slots.stopped())
+
+    def _check(self, phase: str, ok: bool, claim: str, since: int = 0) -> bool:
         _checkpoint()
-        self.checks.append(Check(phase, ok, claim))
+        self.checks.append(self.make_check(phase, ok, claim, since))
         self.metrics.sample(self.metrics_phase)
         console = self.run.console
         console.block(self._current, "check", ok=ok, claim=claim)

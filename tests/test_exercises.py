@@ -3,11 +3,12 @@
 Run through the command line, as a student does. The wrong solutions that a student would
 plausibly write are tested next to each script's own tests."""
 import re
+import time
 
 import pytest
 
 from common.output import CONTINUED
-from conftest import clean_env, exercise_file, grade, lesson_scenarios, run_script
+from conftest import clean_env, exercise_file, grade, lesson_scenarios, run_script, write_solution
 
 SCRIPTS = ["fail_checkpoint_corruption.py", "fail_idempotency_break.py",
            "fail_retry_exhaustion.py", "fail_logging_failure.py"]
@@ -66,3 +67,24 @@ def test_a_file_that_only_imports_the_lesson_is_refused(script, scenario_id, tmp
                          env=clean_env(DATABASE_URL="postgresql://nobody@127.0.0.1:1/none"))  # before any database
     assert refused.returncode == 2 and refused.stdout == "" and refused.stderr.count("\n") == 1, refused.stderr
     assert "does not define" in refused.stderr and f"{scenario_id}.py" in refused.stderr
+
+
+def test_a_slot_that_hangs_in_a_worker_process_is_stopped_at_the_call_limit(target, tmp_path):
+    """poison_job hands take_job() to its worker processes: the call limit holds there too, the
+    grade names the time-out as for a call in the main process, and the run stops long before the
+    lab's own bound on the queue (60 s)."""
+    _, env, _ = target
+    write_solution(tmp_path, "fail_retry_exhaustion.py", "poison_job",
+                   "def take_job(conn, work, worker):\n    while True:  # a hang\n        time.sleep(0.1)\n")
+    started = time.monotonic()
+    result = run_script("fail_retry_exhaustion.py", "--exercise", "poison_job", "--call-limit", "2", env=env,
+                        tmp_path=tmp_path, timeout=120)
+    took = time.monotonic() - started
+    record = result.scenario("poison_job")
+    failed = [c["claim"] for c in record["checks"] if not c["ok"]]
+    assert result.returncode == 1 and record["cleaned"] is True and record["recovered"] is False, failed
+    assert "take_job() did not return within 2 s" in failed, failed
+    assert record["student"]["take_job"]["timed_out"] is True
+    grade = result.stdout.split("Grade:")[1]
+    assert "take_job() did not return within 2 s" in grade
+    assert took < 30, took

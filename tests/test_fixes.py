@@ -1,11 +1,14 @@
 """The verdicts are honest: a crash fails its phase, a control fails, an exercise is graded.
 
 Uses the fixture script tests/fixtures/fail_broken.py, run as a user runs it."""
+import logging
 import sys
 from pathlib import Path
 
+import psycopg2
 import pytest
 
+from common.exercise import logging_reports
 from conftest import ROOT, run_script
 
 BROKEN = "tests/fixtures/fail_broken.py"
@@ -165,6 +168,42 @@ def test_a_slot_that_reaches_its_limit_is_named_and_never_called_again(tmp_path)
     assert "57014" not in " ".join(failed) and "QueryCanceled" not in result.stdout.split("Grade:")[1]
 
 
+def _grade_own_steps(tmp_path, code: str, *flags):
+    _student_file(tmp_path, "fail_slots", "own_steps", code)
+    result = run_script(SLOTS, "--exercise", "own_steps", *flags, tmp_path=tmp_path)
+    grade = result.stdout.split("Grade:")[1].split("What your code did")[0]
+    own, yours = grade.split("The lesson's own recovery steps")[1].split("Your code, under the same fault:")
+    return result, " ".join(own.split()), " ".join(yours.split())
+
+
+def test_the_grade_shows_the_lessons_own_recovery_steps_apart_from_the_students_claims(tmp_path):
+    """A claim made before the student's code ran, or an error the lesson raised itself after it,
+    cannot depend on the student's code: it is not one of their ticks."""
+    result, own, yours = _grade_own_steps(tmp_path, "\ndef insert_key(conn):\n    insert_guarded(conn)\n")
+    assert result.returncode == 0 and "PASSED" in result.stdout, result.stdout[-2000:]
+    assert yours == "✔ key 1 is there exactly once ✔ the detector key_missing is quiet after the recovery", yours
+    assert own == "(before your code ran, or without it): ✔ k is empty before the fix runs ✔ UniqueViolation " \
+                  "(SQLSTATE 23505) raised", own
+    checks = [(c["phase"], c["claim"], c["yours"]) for c in result.scenario("own_steps")["checks"]]
+    assert checks == [("triggered", "UniqueViolation (SQLSTATE 23505) raised", False),
+                      ("triggered", "the detector key_missing fires on the broken state", False),
+                      ("recovered", "k is empty before the fix runs", False),
+                      ("recovered", "key 1 is there exactly once", True),
+                      ("recovered", "UniqueViolation (SQLSTATE 23505) raised", False),
+                      ("recovered", "the detector key_missing is quiet after the recovery", True)], checks
+
+
+def test_a_claim_checked_after_the_students_code_was_stopped_is_not_credited(tmp_path):
+    """The scenario goes on after the time limit stopped the student's code: what it checks then
+    is what the lab did after the stop, not a tick for the student."""
+    result, own, yours = _grade_own_steps(tmp_path, "\ndef insert_key(conn):\n    insert_guarded(conn)\n"
+                                                    "    while True:\n        pass\n", "--call-limit", "1")
+    assert result.returncode == 1 and "NOT YET" in result.stdout, result.stdout[-2000:]
+    assert "✔ key 1 is there exactly once" not in yours and "✘ insert_key() did not return within 1 s" in yours
+    assert "key 1 is there exactly once (not credited: checked after your code was stopped at its time " \
+           "limit)" in yours, yours
+
+
 def test_the_grade_tells_the_student_what_their_code_did(tmp_path):
     _student_file(tmp_path, "fail_broken", "with_fix", "\ndef insert_key(conn):\n    try:\n"
                   "        insert_twice(conn)\n    except Exception:\n        conn.rollback()\n")
@@ -267,6 +306,37 @@ def test_progress_lists_each_exercise_with_its_state_and_the_next_command(tmp_pa
     assert progress()["out"].split("with_fix")[1].splitlines()[0].strip() == "started"
 
 
+def test_exercise_start_restart_and_progress_name_the_folder_and_fit_80_columns(tmp_path):
+    """With --exercise-dir, the commands the lab prints carry the folder (else `--progress` lists
+    an empty one); every line fits 80 columns, and a command wraps between its arguments."""
+    start = _exercise(tmp_path, "--exercise-dir", "mine")
+    restarted = _exercise(tmp_path, "--exercise-dir", "mine", "--restart")
+    progress = run_script(BROKEN, "--progress", "--exercise-dir", "mine", tmp_path=tmp_path, journal=False)
+    for shown in (start, restarted, progress):
+        assert shown.returncode == 0, shown.stderr
+        assert max(len(ln) for ln in shown.stdout.splitlines()) <= 80, shown.stdout
+    for shown in (start, restarted):
+        said = " ".join(shown.stdout.split("progress:")[1].split("Only the functions")[0].split())
+        assert said.endswith(" --progress --exercise-dir mine"), said
+    assert "your previous file is kept as mine/fail_broken/with_fix.old-1.py" in " ".join(restarted.stdout.split())
+    command = progress.stdout.split("next (grade it again once you have edited it):")[1].split("to start one")[0]
+    assert command.split() == [sys.executable, str(ROOT / BROKEN), "--exercise", "with_fix", "--exercise-dir", "mine"]
+
+
+def test_the_lab_summary_legend_fits_80_columns():
+    import io
+
+    from common import lab, output
+
+    shown = io.StringIO()
+    record = {"id": "with_fix", "status": "passed", "triggered": True, "recovered": True, "cleaned": True,
+              "seconds": 1.0}
+    lab.summary(output.Console(shown, width=80), [{"script": "fail_broken.py", "scenarios": [record]}], 1.0, [])
+    assert max(len(ln) for ln in shown.getvalue().splitlines()) <= 80, shown.getvalue()
+    said = " ".join(shown.getvalue().split())
+    assert "t r c: triggered, recovered, cleaned; naive" in said and "naive code, then after the fix" in said
+
+
 def test_ctrl_c_counts_the_scenarios_it_never_started_as_not_run(tmp_path):
     import json
     import signal
@@ -288,3 +358,29 @@ def test_ctrl_c_counts_the_scenarios_it_never_started_as_not_run(tmp_path):
     assert proc.returncode == 130
     assert "0 passed, 0 failed, 1 interrupted, 2 not run" in out
     assert [r["status"] for r in json.loads(journal.read_text())["scenarios"]] == ["interrupted"] * 3
+
+
+class StoreOnAClosedPort(logging.Handler):
+    """A handler whose store is down: psycopg2's message is multi-line and ends in a newline."""
+
+    def emit(self, record):
+        try:
+            psycopg2.connect("postgresql://nobody@127.0.0.1:1/none", connect_timeout=2)
+        except psycopg2.Error:  # as the standard library's handlers do: the record is dropped, and said so
+            self.handleError(record)
+
+
+def test_the_summary_of_logging_own_error_report_shows_the_exception_line():
+    logger = logging.getLogger("faillab.test.closed_port")
+    logger.propagate, handler = False, StoreOnAClosedPort()
+    logger.addHandler(handler)
+    try:
+        with logging_reports() as tally:
+            logger.error("order %s lost", 42)
+    finally:
+        logger.removeHandler(handler)
+    assert tally["count"] == 1
+    assert tally["first"] == [
+        "--- Logging error ---",
+        'psycopg2.OperationalError: connection to server at "127.0.0.1", port 1 failed: Connection refused',
+        "Message: 'order %s lost'", "Arguments: (42,)"], tally["first"]
