@@ -82,6 +82,19 @@ def test_the_lab_handout_holds_every_scenario_with_its_lesson_and_questions(lab)
             # the scenario's own questions, not ones the handout makes up when it gives none
             assert 2 <= len(r["questions"]) <= 3 and all(q.endswith("?") for q in r["questions"]), r["id"]
             assert len(r["lesson"]) > 20, r["id"]
+            assert_the_recovery_ends_with_the_detector_quiet(r)
+
+
+def assert_the_recovery_ends_with_the_detector_quiet(record: dict) -> None:
+    """🔧 ends with the detector run again on the recovered state, quiet: its last step, and the
+    scenario's last claim."""
+    check = record["detection"]["check"]
+    steps = [b["text"] for b in record["blocks"]["recovery"] if b["kind"] == "step"]
+    assert steps and steps[-1].startswith("Run the ") and check in steps[-1] and steps[-1].endswith(" again"), \
+        (record["id"], steps[-2:])
+    last = record["checks"][-1]
+    assert (last["phase"], last["ok"], last["claim"]) == \
+        ("recovered", True, f"the detector {check} is quiet after the recovery"), (record["id"], record["checks"][-3:])
 
 
 def test_lab_exit_status_is_the_worst_of_its_scripts():
