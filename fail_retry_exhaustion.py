@@ -2129,7 +2129,7 @@ def timed_job(s, proxy, policy, apply, unit: str) -> dict:
     params = s.via(proxy)
     out: dict = {}
 
-    admin = s.connect(autocommit=True)
+    admin = s.connect(autocommit=True)  # the cancel's session: closed when the job has ended
 
     def connect(**libpq):
         return CancelFromOutside(db.connect(params, **libpq), StallAtFirstCommit(proxy, seen), admin)
@@ -2153,6 +2153,8 @@ def timed_job(s, proxy, policy, apply, unit: str) -> dict:
     s.conn.commit()
     proxy.resume()
     worker.join(10)
+    if not worker.is_alive():  # else teardown closes it, after the job
+        admin.close()
     with s.conn.cursor() as cur:
         cur.execute("UPDATE job_runs SET finished_at = clock_timestamp(), outcome = %s WHERE id = %s",
                     (out.get("outcome", "hung"), run_id))
