@@ -3,8 +3,6 @@ retried forever while the attempt is counted in the transaction the kill rolls b
 a committed claim with a lease, it ends in the dead letters after exactly MAX_ATTEMPTS."""
 from __future__ import annotations
 
-import pytest
-
 import fail_retry_exhaustion as lab
 from beyond import assert_brief_keeps_the_proof, assert_exercise_grades, control_tests, run_passing
 from conftest import clean_env, lab_schemas, run_patched
