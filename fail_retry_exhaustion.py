@@ -68,13 +68,14 @@ def load_batch(cur, unit: str) -> None:
 
 def load_batch_via(params: dict, unit: str) -> None:
     """One attempt: connect (through the proxy), load, commit. A lost connection raises."""
-    conn = db.connect(params)
-    try:
-        with conn.cursor() as cur:
-            load_batch(cur, unit)
-        conn.commit()
-    finally:
-        conn.close()
+    with counted_attempt():
+        conn = db.connect(params)
+        try:
+            with conn.cursor() as cur:
+                load_batch(cur, unit)
+            conn.commit()
+        finally:
+            conn.close()
 
 
 def batch_state(conn, unit: str) -> tuple[int, int]:
@@ -100,6 +101,52 @@ def first_line(exc: BaseException, width: int = 60) -> str:
     """The first line of an error, without libpq's 'connection to server at ... failed:' preamble."""
     text = (str(exc).strip().splitlines() or [repr(exc)])[0].split(" failed: ", 1)[-1]
     return text if len(text) <= width else text[:width - 3] + "..."
+
+
+# -- what the job counts, as production would scrape it (prometheus_client) ------------------------
+# Into the registry of the run under way (common/metrics.py): --metrics DIR writes them.
+_counting: list = []  # the scenario whose job is running: its attempts are counted there
+
+
+@contextlib.contextmanager
+def job_metrics(s):
+    """While the job runs, count each attempt it makes in s's metrics; the job's metrics exist
+    from its start (0 dead letters, last success 0: never)."""
+    s.counter("pipeline_dead_letters_total", "Dead letters the job wrote")
+    s.gauge("pipeline_last_success_timestamp_seconds", "When a unit of the job last completed")
+    _counting.append(s)
+    try:
+        yield
+    finally:
+        _counting.remove(s)
+
+
+@contextlib.contextmanager
+def counted_attempt():
+    """One attempt of the job at a unit of work, counted by how it ended: ok, transient (worth
+    another, is_transient) or permanent (it fails the same way every time)."""
+    try:
+        yield
+    except Exception as exc:
+        count_attempt("transient" if is_transient(exc) else "permanent")
+        raise
+    count_attempt("ok")
+
+
+def count_attempt(outcome: str) -> None:
+    for s in _counting[-1:]:
+        s.counter("pipeline_attempts_total", "Attempts the job made at a unit of work, by outcome",
+                  ["outcome"]).labels(outcome=outcome).inc()
+
+
+def dead_letters_written(s, n: int) -> None:
+    s.counter("pipeline_dead_letters_total", "Dead letters the job wrote").inc(n)
+
+
+def unit_completed(s, at: float | None = None) -> None:
+    """A unit of the job completed: now, or at `at` (seconds since the epoch)."""
+    last = s.gauge("pipeline_last_success_timestamp_seconds", "When a unit of the job last completed")
+    last.set(at) if at is not None else last.set_to_current_time()
 
 
 def backoff_schedule(policy, attempts: int) -> list[float]:
@@ -170,22 +217,37 @@ def run_job(s, run_unit, params: dict, unit: str) -> int:
     """What the scheduler runs: one unit through `run_unit` (dead letters over s.conn, which does
     not go through the proxy), and the job's metric pipeline_units_total by outcome, read from
     the server afterwards: loaded (its rows are there), parked (a dead letter is pending for it)
-    or lost (neither)."""
-    status = run_unit(params, s.conn, unit)
+    or lost (neither). Its attempts are counted as they are made (load_batch_via); a dead letter
+    is counted written when its row has a new version."""
+    letter = "SELECT xmin::text FROM dead_letter WHERE job = %s AND unit = %s"
+    before = db.scalar(s.conn, letter, (JOB, unit))
+    s.conn.commit()
+    with job_metrics(s):
+        status = run_unit(params, s.conn, unit)
     s.conn.rollback()  # end any transaction the call left open on the lab's connection
     loaded, _ = batch_state(s.conn, unit)
     parked = db.scalar(s.conn, "SELECT count(*) FROM dead_letter WHERE job = %s AND unit = %s"
                                " AND replayed_at IS NULL", (JOB, unit))
+    written = db.scalar(s.conn, letter, (JOB, unit)) not in (None, before)  # a new row version
     s.conn.commit()
     outcome = "loaded" if loaded == BATCH_SIZE else "parked" if parked else "lost"
     s.counter("pipeline_units_total", "Units of work the job ran, by outcome",
               ["outcome"]).labels(outcome=outcome).inc()
+    dead_letters_written(s, int(written))
+    if outcome == "loaded":
+        unit_completed(s)
     return status
 
 
 # The job's metrics: a unit given up and parked nowhere is lost; alerted on.
 UNIT_LOST = metric_alert("PipelineUnitLost", lambda values: [
     ("lost", n)] if (n := total(values, "pipeline_units_total", outcome="lost")) else [])
+
+
+def replayed_units(s, units: list[str]) -> None:
+    """The replay is the job too: a unit it returns has completed."""
+    if units:
+        unit_completed(s)
 
 
 def replay_dead_letters_naive(conn) -> list[str]:
@@ -394,7 +456,10 @@ def exhaustion(s):
     s.triggered_if(attempts == 5 and loaded == runs == 0,
                    f"all {attempts} attempts failed; {unit} has {loaded} of {BATCH_SIZE} rows loaded, ran {runs} times")
     with job_log() as records:
+        since = time.monotonic()
         status = run_job(s, run_unit_naive, params, unit)
+    s.measure("naive_job_attempts", proxy.count("down", since), show=False,
+              note="connections of the naive job the proxy refused")
     s.say("The job itself, run_unit_naive, does that; its log holds:")
     s.code("\n".join(textwrap.fill(f"{r.levelname} {r.getMessage()}", 72, subsequent_indent="  ")
                      for r in records), lang="text")  # wrapped as a log viewer would
@@ -420,8 +485,11 @@ def exhaustion(s):
             and make the job write a dead letter (with the real error) when its retries run out.""")
 
     with s.step("run the unit again with run_unit (database still down for the job)") as st:
+        since = time.monotonic()
         status = run_job(s, s.fix("run_unit"), params, unit)
         st.result = f"returned {status}; dead_letter now holds:"
+    s.measure("fixed_job_attempts", proxy.count("down", since), show=False,
+              note="connections of the fixed job the proxy refused")
     parked = db.rows(s.conn, "SELECT unit, error_type, attempts, error FROM dead_letter WHERE job = %s", (JOB,))
     s.conn.commit()
     if parked:
@@ -440,6 +508,7 @@ def exhaustion(s):
         conn = Instrumented(s.connect(params), faulty)
         try:
             first = s.fix("replay_dead_letters")(conn)
+            replayed_units(s, first)
             st.result = f"replayed {words(first)}"
         except psycopg2.Error as err:
             s.observe(err, "The replay's session, ended between the two halves:")
@@ -463,6 +532,7 @@ def exhaustion(s):
 
         def replayer(name: str, conn) -> None:
             replayed[name] = s.fix("replay_dead_letters")(conn)
+            replayed_units(s, replayed[name])
 
         meets = [ReplayersMeet(a_read, b_read), ReplayersMeet(b_read, a_read)]
         pair = [s.thread(replayer, name, Instrumented(s.connect(params), meet))
@@ -470,6 +540,7 @@ def exhaustion(s):
         for w in pair:
             w.join(30)
         third = s.fix("replay_dead_letters")(s.connect(params))
+        replayed_units(s, third)
         st.result = f"then {words(third)} (nothing left to do)"
     reads = [m.read_at for m in meets]
     works = [m.work_at for m in meets if m.work_at is not None]
@@ -1047,12 +1118,13 @@ class TopOfWindow(random.Random):
 
 def ping_via(params: dict) -> None:
     """One attempt: connect (through the proxy) and run a query."""
-    conn = db.connect(params)
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT 1")
-    finally:
-        conn.close()
+    with counted_attempt():
+        conn = db.connect(params)
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT 1")
+        finally:
+            conn.close()
 
 
 def sleeps_requested(wait, params: dict, attempts: int = 2, counted=None) -> list[float]:
@@ -1415,14 +1487,15 @@ RETRY_EVERYTHING = Retrying(stop=stop_after_attempt(5), wait=wait_fixed(0.05), r
 
 def in_transaction(conn, fn, *args):
     """Run fn(cur, *args) and commit; roll back on any error so the connection stays usable."""
-    try:
-        with conn.cursor() as cur:
-            fn(cur, *args)
-        conn.commit()
-    except Exception:
-        if not conn.closed:  # a lost connection has nothing to roll back: keep its error, not rollback's
-            conn.rollback()
-        raise
+    with counted_attempt():
+        try:
+            with conn.cursor() as cur:
+                fn(cur, *args)
+            conn.commit()
+        except Exception:
+            if not conn.closed:  # a lost connection has nothing to roll back: keep its error, not rollback's
+                conn.rollback()
+            raise
 
 
 def read_daily_report(cur) -> None:
@@ -1463,7 +1536,7 @@ def transfer_worker(conn, src: int, dst: int, amount: int, barrier, out: dict, t
         with attempt:
             first = attempt.retry_state.attempt_number == 1
             in_transaction(conn, transfer, src, dst, amount, barrier if first else None)
-    out[src] = {"attempts": policy.statistics["attempt_number"], "errors": failed}
+    out[src] = {"attempts": policy.statistics["attempt_number"], "errors": failed, "at": time.time()}
 
 
 def refund_repeated_charges(conn, order_id: int) -> list[int]:
@@ -1610,7 +1683,7 @@ def non_transient(s):
     codes: list = []  # the SQLSTATE of each failed attempt the policy retried
     policy = RETRY_EVERYTHING.copy(before_sleep=lambda rs: codes.append(rs.outcome.exception().pgcode))
     started = time.monotonic()
-    with s.expect(psycopg2.errors.UndefinedTable, sqlstate="42P01") as permanent:
+    with job_metrics(s), s.expect(psycopg2.errors.UndefinedTable, sqlstate="42P01") as permanent:
         policy(in_transaction, s.conn, read_daily_report)
     wasted = s.measure("permanent_error_seconds_naive", round(time.monotonic() - started, 3), show=False,
                        note="seconds spent retrying the missing table")
@@ -1622,8 +1695,10 @@ def non_transient(s):
                    "asleep between them), and the same error at the end")
     lost: list = []
     proxy.down()
-    pay_and_refresh_naive(s.conn, report_params, 42, RETRY_EVERYTHING.copy(
-        before_sleep=blip_over_before_retry(proxy, lost)))
+    with job_metrics(s):
+        pay_and_refresh_naive(s.conn, report_params, 42, RETRY_EVERYTHING.copy(
+            before_sleep=blip_over_before_retry(proxy, lost)))
+        unit_completed(s)  # the order charged, its report refreshed
     s.require(bool(lost), "the outage landed: the report's connection failed after the payment")
     s.observe(lost[0], "The report's connection failed after the payment; the policy re-ran the whole scope:")
     paid = s.measure("order_42_payments", db.scalar(s.conn, "SELECT count(*) FROM payments WHERE order_id = 42"),
@@ -1683,7 +1758,7 @@ def non_transient(s):
     s.recovered_if(not wrong, f"is_transient agrees with the contract on all {len(verdicts)} errors"
                    + (f"; it disagrees on {', '.join(wrong)}" if wrong else ""))
     policy = RETRY_EVERYTHING.copy(retry=retry_if_exception(transient))
-    with s.expect(psycopg2.errors.UndefinedTable, sqlstate="42P01"):
+    with job_metrics(s), s.expect(psycopg2.errors.UndefinedTable, sqlstate="42P01"):
         policy(in_transaction, s.conn, read_daily_report)
     fixed_attempts = s.measure("permanent_error_attempts_fixed", policy.statistics["attempt_number"],
                                show=False, note="attempts at the missing table, is_transient")
@@ -1696,7 +1771,9 @@ def non_transient(s):
         policy = RETRY_EVERYTHING.copy(retry=retry_if_exception(transient),
                                        before_sleep=blip_over_before_retry(proxy, refreshes))
         try:
-            s.fix("pay_and_refresh")(s.conn, report_params, 43, policy)
+            with job_metrics(s):
+                s.fix("pay_and_refresh")(s.conn, report_params, 43, policy)
+                unit_completed(s)
             st.result = f"{len(refreshes)} failed attempt(s) retried"
         except psycopg2.Error as exc:
             s.observe(exc, "pay_and_refresh let the report's error out instead of retrying it:")
@@ -1718,9 +1795,12 @@ def non_transient(s):
             except psycopg2.errors.InsufficientPrivilege:  # a superuser-only setting
                 conn.rollback()
         barrier, out = s.barrier(2, timeout=10), {}
-        for w in [s.thread(transfer_worker, a, 1, 2, 10, barrier, out, transient),
-                  s.thread(transfer_worker, b, 2, 1, 30, barrier, out, transient)]:
-            w.join(10)
+        with job_metrics(s):
+            for w in [s.thread(transfer_worker, a, 1, 2, 10, barrier, out, transient),
+                      s.thread(transfer_worker, b, 2, 1, 30, barrier, out, transient)]:
+                w.join(10)
+        if out:
+            unit_completed(s, at=max(r["at"] for r in out.values()))
         deadlocks = [e for r in out.values() for e in r["errors"]]
         for e in deadlocks:
             s.observe(e, "the victim's first attempt (its transaction was rolled back, so it is safe to rerun):")
@@ -1906,6 +1986,18 @@ def queue_state(s) -> dict:
             "lost": [i for i, j in jobs.items() if j["state"] not in ("done", "dead")]}
 
 
+def export_queue_metrics(s) -> None:
+    """The queue's metrics after a run, as a SQL exporter reads them from its tables (the workers
+    that wrote them may be dead): dead letters written (the run starts from an empty dead_jobs),
+    and the server's time of the last job done."""
+    with job_metrics(s):
+        dead_letters_written(s, db.scalar(s.conn, "SELECT count(*) FROM dead_jobs"))
+        last = db.scalar(s.conn, "SELECT extract(epoch FROM max(at))::float8 FROM job_effects")
+        s.conn.commit()
+        if last is not None:
+            unit_completed(s, at=last)
+
+
 WORKERS_KILLED_UNCOUNTED = sql_check("workers_killed_uncounted", """
     -- workers the OS reported killed (a signal: exit code < 0, the
     -- lab's own SIGTERM aside) against the failed attempts the queue
@@ -1950,7 +2042,8 @@ def poison_job(s):
         cur.execute("CREATE TABLE jobs (id int PRIMARY KEY, payload text NOT NULL, "
                     "state text NOT NULL DEFAULT 'queued', attempts int NOT NULL DEFAULT 0, "
                     "workers int[] NOT NULL DEFAULT '{}', lease_until timestamptz)")
-        cur.execute("CREATE TABLE job_effects (job_id int NOT NULL, worker int NOT NULL)")
+        cur.execute("CREATE TABLE job_effects (job_id int NOT NULL, worker int NOT NULL, "
+                    "at timestamptz NOT NULL DEFAULT clock_timestamp())")
         cur.execute("CREATE TABLE dead_jobs (job_id int PRIMARY KEY, payload text, attempts int, "
                     "workers int[], error text, dead_at timestamptz DEFAULT clock_timestamp())")
         cur.execute("CREATE TABLE worker_exits (pid int, exit_code int, at timestamptz DEFAULT clock_timestamp())")
@@ -1962,6 +2055,7 @@ def poison_job(s):
         done (take_job_naive). Job 1 kills its worker with SIGKILL. The supervisor restarts dead
         workers; the lab stops the queue after {MOST_KILLS} kills ({MAX_ATTEMPTS} attempts were allowed).""")
     ran = supervise(s, take_job_naive)
+    export_queue_metrics(s)
     st = queue_state(s)
     kills = s.measure("naive_workers_killed", ran["kills"], show=False, headline=True,
                       note="worker processes the OS reported killed by SIGKILL (exit code -9)")
@@ -2001,6 +2095,7 @@ def poison_job(s):
     fill_queue(s)
     with s.step("the same queue, the same poison, with take_job() in the workers") as step:
         ran = supervise(s, s.fix("take_job"))
+        export_queue_metrics(s)
         st = queue_state(s)
         step.result = (f"{ran['kills']} worker(s) killed, {ran['stopped']} stopped by the lab; "
                        f"job 1 {st['poison']['state']}")
@@ -2165,7 +2260,7 @@ def timed_job(s, proxy, policy, apply, unit: str) -> dict:
     params = s.via(proxy)
     out: dict = {}
 
-    admin = s.connect(autocommit=True)
+    admin = s.connect(autocommit=True)  # the cancel's session: closed when the job has ended
 
     def connect(**libpq):
         return CancelFromOutside(db.connect(params, **libpq), StallAtFirstCommit(proxy, seen), admin)
@@ -2189,6 +2284,8 @@ def timed_job(s, proxy, policy, apply, unit: str) -> dict:
     s.conn.commit()
     proxy.resume()
     worker.join(10)
+    if not worker.is_alive():  # else teardown closes it, after the job
+        admin.close()
     with s.conn.cursor() as cur:
         cur.execute("UPDATE job_runs SET finished_at = clock_timestamp(), outcome = %s WHERE id = %s",
                     (out.get("outcome", "hung"), run_id))

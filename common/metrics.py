@@ -10,6 +10,7 @@ alert rules in alerts/ are unit-tested with promtool on series generated from a 
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, write_to_textfile
@@ -91,7 +92,8 @@ def total(values: dict[str, float], name: str, **labels) -> float:
 def promtool_tests(journal: dict, rules: dict[str, dict]) -> dict:
     """A promtool rule-test document from a run's journal: for every scenario whose detector is
     an alert, one test on the naive run's series, where the alert must fire, and one on the fixed
-    run's, where it must not. `rules` maps alert names to their rules (for `for:` and labels).
+    run's, where it must not. `rules` maps alert names to their rules (for `for:`, labels and the
+    metrics its expression reads: the input series).
 
     The series: one sample a minute, starting from zero (the exporter before the job's first
     step), then the run's samples in order; the last value is held for the rule's `for:`, and
@@ -107,7 +109,7 @@ def promtool_tests(journal: dict, rules: dict[str, dict]) -> dict:
         hold = _minutes(rule.get("for", "0m"))
         for phase, fires in (("naive", True), ("fixed", False)):
             samples = record["metrics"][phase]
-            names = sorted({n for sample in samples for n in sample})
+            names = sorted({n for sample in samples for n in sample if _read_by(rule, n)})
             end = len(samples) + hold
             series = [{"series": n, "values": " ".join(
                 _number(v) for v in [0.0] + [sample.get(n, 0.0) for sample in samples] +
@@ -125,10 +127,14 @@ def promtool_tests(journal: dict, rules: dict[str, dict]) -> dict:
             "tests": tests}
 
 
+def _read_by(rule: dict, series: str) -> bool:
+    """Whether the rule's expression names the series' metric: only those are its input (another
+    metric of the job, a timestamp say, would make the tests differ from run to run)."""
+    return re.search(rf"\b{re.escape(series.partition('{')[0])}\b", str(rule.get("expr", ""))) is not None
+
+
 def _minutes(duration: str) -> int:
     """Whole minutes in a Prometheus duration such as 2m, 90s or 1h (rounded up)."""
-    import re
-
     seconds = sum(int(n) * {"s": 1, "m": 60, "h": 3600}[u] for n, u in re.findall(r"(\d+)([smh])", str(duration)))
     return -(-seconds // 60)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import fail_retry_exhaustion as lab
 from beyond import assert_brief_keeps_the_proof, assert_exercise_grades, control_tests, run_passing
-from conftest import clean_env
+from conftest import clean_env, lab_schemas, run_patched
 
 SCRIPT, ID = "fail_retry_exhaustion.py", "poison_job"
 
@@ -56,3 +56,32 @@ def test_the_exercise_grades_a_claim_without_a_dead_letter_as_failed(embedded_pa
 
 def test_brief_keeps_every_check_in_80_columns(embedded_params, tmp_path):
     assert_brief_keeps_the_proof(SCRIPT, ID, ("embedded", clean_env(), embedded_params), tmp_path)
+
+
+# -- the proof checked: the queue broken just before the fixed run's state is read ----------------
+# queue_state() is called after the naive run, then after the fixed one: at its 2nd call, a job
+# is still queued, with no worker left to take it (one queued as the last worker exited).
+JOB_LEFT_QUEUED = f"""
+real_state, calls = lab.queue_state, []
+def state_with_a_job_left(s):
+    calls.append(1)
+    if len(calls) == 2:
+        with s.conn.cursor() as cur:
+            cur.execute("INSERT INTO jobs (id, payload) VALUES (%s, 'a late job')", ({lab.QUEUE_JOBS + 1},))
+        s.conn.commit()
+    return real_state(s)
+lab.queue_state = state_with_a_job_left
+"""
+
+
+def test_no_job_lost_fails_when_a_job_is_left_queued(embedded_params, tmp_path):
+    """The fixed run's queue with one job neither done nor dead: "no job lost" fails, and only it
+    (the poison is dead, the others were done once)."""
+    result = run_patched(SCRIPT, ID, JOB_LEFT_QUEUED, clean_env(), tmp_path)
+    record = result.scenario(ID)
+    assert result.returncode == 1 and record["triggered"] is True and record["cleaned"] is True, \
+        result.stdout[-3000:]
+    failed = [c["claim"] for c in record["checks"] if c["phase"] == "recovered" and not c["ok"]]
+    assert len(failed) == 1 and failed[0].startswith("no job lost"), failed
+    assert f"({lab.QUEUE_JOBS + 1} left)" in failed[0], failed
+    assert lab_schemas(embedded_params, result.journal["run_id"]) == []
