@@ -315,6 +315,45 @@ def prove_idempotent(s, rerun, tables: tuple[str, ...] = ("orders",)) -> None:
                    + ("" if error is not None or changed == 0 else f" ({changed} rows changed)"))
 
 
+# -- the job's metrics: what the scheduler exports around each run of a load into orders --------
+def committed_state(s) -> tuple[list[str], int]:
+    """(the ctid of every row version orders holds, the rows of load_rejects), as committed now.
+    A row a load writes, inserted or updated, is a new row version with a ctid of its own."""
+    s.conn.rollback()  # a fresh snapshot; a load that failed on s.conn left its transaction to end
+    versions = [ctid for ctid, in db.rows(s.conn, "SELECT ctid::text FROM orders")]
+    rejects = count(s.conn, "load_rejects")
+    s.conn.rollback()
+    return versions, rejects
+
+
+def exported(s, load):
+    """`load` as the scheduler runs it, with what production counts of each run, read from the
+    server once the run ended, whether it returned or raised: pipeline_rows_total{outcome}, the
+    rows it left written in orders ("loaded": row versions that were not there before it) and set
+    aside ("rejected": rows it added to load_rejects); and, when it returned,
+    pipeline_last_success_timestamp_seconds."""
+    rows = ("pipeline_rows_total", "Rows the order loads left written in orders or set aside, by outcome")
+
+    def run(*args, **kwargs):
+        (versions, rejects), ok = committed_state(s), False
+        try:
+            result = load(*args, **kwargs)
+            ok = True
+            return result
+        finally:
+            s.conn.rollback()
+            loaded = db.scalar(s.conn, "SELECT count(*) FROM orders WHERE ctid NOT IN "
+                                       "(SELECT unnest(%s::text[]::tid[]))", (versions,))
+            rejected = count(s.conn, "load_rejects") - rejects
+            s.conn.rollback()
+            s.counter(*rows, ["outcome"]).labels(outcome="loaded").inc(loaded)
+            s.counter(*rows, ["outcome"]).labels(outcome="rejected").inc(rejected)
+            if ok:
+                s.gauge("pipeline_last_success_timestamp_seconds",
+                        "When a load of orders last ran to its end").set_to_current_time()
+    return run
+
+
 # -- the lab's fault: the server ends the load's connection in the middle of it ----------------
 KILL_SWITCH = """
     CREATE SEQUENCE kill_switch_fired;   -- sequences: what they hold survives the rollback
@@ -804,7 +843,7 @@ def partial_failure(s):
     s.trigger(f"Run the load. The first bad row (line {min(BAD_LINES)}, amount "
               f"{BAD_LINES[min(BAD_LINES)]}) stops it.")
     with s.expect(psycopg2.errors.CheckViolation, sqlstate="23514"):
-        load_batches_naive(s.conn, extract, key)
+        exported(s, load_batches_naive)(s.conn, extract, key)
     s.conn.rollback()
     first_bad = min(BAD_LINES)
     committed = s.measure("committed_before_error", count(s.conn, "orders"), show=False,
@@ -840,7 +879,7 @@ def partial_failure(s):
         stopped it and run the load again; it must be one transaction per extract.""")
     fixed = arrive(s, [{**r, "amount": -r["amount"], "updated_at": r["updated_at"] + timedelta(hours=1)}
                        if n == first_bad else r for n, r in enumerate(extract, 1)])  # the sign fixed
-    load = s.fix("load_extract")
+    load = exported(s, s.fix("load_extract"))
     before = visible_state(s)
     ended_ref = fixed[ENDED_AT - 1]["order_ref"]
     with server_ends_connection(s, sql.SQL("NEW.order_ref = {}").format(sql.Literal(ended_ref))) as fired_at:
@@ -1005,7 +1044,7 @@ def constraint_violation(s):
         customers. The day's {ORDERS} orders load fine: the naive upsert passes every test on
         clean data.""")
     base = arrive(s, make_orders(s.rng))
-    load_upsert_naive(s.conn, base, key)
+    exported(s, load_upsert_naive)(s.conn, base, key)
     before = snapshot(s.conn, "orders")
     s.require(before[0] == ORDERS, f"the naive upsert loaded the day's {ORDERS} orders")
 
@@ -1032,7 +1071,7 @@ def constraint_violation(s):
     for batch, error, state in zip(deltas, (psycopg2.errors.CardinalityViolation, psycopg2.errors.UniqueViolation,
                                             psycopg2.errors.ForeignKeyViolation), ("21000", "23505", "23503")):
         with s.expect(error, sqlstate=state) as caught:
-            load_upsert_naive(s.conn, batch, key)
+            exported(s, load_upsert_naive)(s.conn, batch, key)
             behind.dec(len(batch))  # a committed delta is off the backlog
         s.conn.rollback()
         refused.append(getattr(caught.exc, "pgcode", None))
@@ -1052,7 +1091,7 @@ def constraint_violation(s):
         readers see hours-old orders. Read the job's last error: a constraint a row breaks (21000,
         23505, 23503, 23514) blocks its whole batch and every run after it; set that row aside
         (load_rejects) and load the rest. A lost connection only needs the run again.""")
-    load = s.fix("load_delta")
+    load = exported(s, s.fix("load_delta"))
     pending = set(range(len(deltas)))  # the fixed job starts from the same three deltas
 
     def load_delta(n: int, job):  # one run of the job for delta n: off the backlog once committed
@@ -1265,7 +1304,8 @@ def data_drift(s):
     day2 = arrive(s, resend(s.rng, day1, corrections=fixes))
 
     def load_naive(extract):
-        return load_upsert(s.conn, extract, key, values=as_values_naive, upsert=upsert_from_staging_naive)
+        return exported(s, load_upsert)(s.conn, extract, key, values=as_values_naive,
+                                        upsert=upsert_from_staging_naive)
     for extract in (day1, day2):
         load_by_hash_naive(s.conn, extract)
         load_naive(extract)
@@ -1336,7 +1376,7 @@ def data_drift(s):
     load = s.fix("upsert_from_staging"), s.fix("as_values")
 
     def load_fixed(extract) -> int:
-        return load_upsert(s.conn, extract, key, upsert=load[0], values=load[1])
+        return exported(s, load_upsert)(s.conn, extract, key, upsert=load[0], values=load[1])
     with s.step("Load days 2 and 3 with the fixes: explicit column map, newest version wins") as st:
         written, error = attempt(s, s.conn, lambda: {"day 2": load_fixed(day2), "day 3": load_fixed(day3)})
         s.measure("upsert_rowcount", None if error else sum(written.values()), show=False,
