@@ -315,6 +315,45 @@ def prove_idempotent(s, rerun, tables: tuple[str, ...] = ("orders",)) -> None:
                    + ("" if error is not None or changed == 0 else f" ({changed} rows changed)"))
 
 
+# -- the job's metrics: what the scheduler exports around each run of a load into orders --------
+def committed_state(s) -> tuple[list[str], int]:
+    """(the ctid of every row version orders holds, the rows of load_rejects), as committed now.
+    A row a load writes, inserted or updated, is a new row version with a ctid of its own."""
+    s.conn.rollback()  # a fresh snapshot; a load that failed on s.conn left its transaction to end
+    versions = [ctid for ctid, in db.rows(s.conn, "SELECT ctid::text FROM orders")]
+    rejects = count(s.conn, "load_rejects")
+    s.conn.rollback()
+    return versions, rejects
+
+
+def exported(s, load):
+    """`load` as the scheduler runs it, with what production counts of each run, read from the
+    server once the run ended, whether it returned or raised: pipeline_rows_total{outcome}, the
+    rows it left written in orders ("loaded": row versions that were not there before it) and set
+    aside ("rejected": rows it added to load_rejects); and, when it returned,
+    pipeline_last_success_timestamp_seconds."""
+    rows = ("pipeline_rows_total", "Rows the order loads left written in orders or set aside, by outcome")
+
+    def run(*args, **kwargs):
+        (versions, rejects), ok = committed_state(s), False
+        try:
+            result = load(*args, **kwargs)
+            ok = True
+            return result
+        finally:
+            s.conn.rollback()
+            loaded = db.scalar(s.conn, "SELECT count(*) FROM orders WHERE ctid NOT IN "
+                                       "(SELECT unnest(%s::text[]::tid[]))", (versions,))
+            rejected = count(s.conn, "load_rejects") - rejects
+            s.conn.rollback()
+            s.counter(*rows, ["outcome"]).labels(outcome="loaded").inc(loaded)
+            s.counter(*rows, ["outcome"]).labels(outcome="rejected").inc(rejected)
+            if ok:
+                s.gauge("pipeline_last_success_timestamp_seconds",
+                        "When a load of orders last ran to its end").set_to_current_time()
+    return run
+
+
 # -- the lab's fault: the server ends the load's connection in the middle of it ----------------
 KILL_SWITCH = """
     CREATE SEQUENCE kill_switch_fired;   -- sequences: what they hold survives the rollback
@@ -804,7 +843,7 @@ def partial_failure(s):
     s.trigger(f"Run the load. The first bad row (line {min(BAD_LINES)}, amount "
               f"{BAD_LINES[min(BAD_LINES)]}) stops it.")
     with s.expect(psycopg2.errors.CheckViolation, sqlstate="23514"):
-        load_batches_naive(s.conn, extract, key)
+        exported(s, load_batches_naive)(s.conn, extract, key)
     s.conn.rollback()
     first_bad = min(BAD_LINES)
     committed = s.measure("committed_before_error", count(s.conn, "orders"), show=False,
@@ -840,7 +879,7 @@ def partial_failure(s):
         stopped it and run the load again; it must be one transaction per extract.""")
     fixed = arrive(s, [{**r, "amount": -r["amount"], "updated_at": r["updated_at"] + timedelta(hours=1)}
                        if n == first_bad else r for n, r in enumerate(extract, 1)])  # the sign fixed
-    load = s.fix("load_extract")
+    load = exported(s, s.fix("load_extract"))
     before = visible_state(s)
     ended_ref = fixed[ENDED_AT - 1]["order_ref"]
     with server_ends_connection(s, sql.SQL("NEW.order_ref = {}").format(sql.Literal(ended_ref))) as fired_at:
@@ -1005,7 +1044,7 @@ def constraint_violation(s):
         customers. The day's {ORDERS} orders load fine: the naive upsert passes every test on
         clean data.""")
     base = arrive(s, make_orders(s.rng))
-    load_upsert_naive(s.conn, base, key)
+    exported(s, load_upsert_naive)(s.conn, base, key)
     before = snapshot(s.conn, "orders")
     s.require(before[0] == ORDERS, f"the naive upsert loaded the day's {ORDERS} orders")
 
@@ -1032,7 +1071,7 @@ def constraint_violation(s):
     for batch, error, state in zip(deltas, (psycopg2.errors.CardinalityViolation, psycopg2.errors.UniqueViolation,
                                             psycopg2.errors.ForeignKeyViolation), ("21000", "23505", "23503")):
         with s.expect(error, sqlstate=state) as caught:
-            load_upsert_naive(s.conn, batch, key)
+            exported(s, load_upsert_naive)(s.conn, batch, key)
             behind.dec(len(batch))  # a committed delta is off the backlog
         s.conn.rollback()
         refused.append(getattr(caught.exc, "pgcode", None))
@@ -1052,7 +1091,7 @@ def constraint_violation(s):
         readers see hours-old orders. Read the job's last error: a constraint a row breaks (21000,
         23505, 23503, 23514) blocks its whole batch and every run after it; set that row aside
         (load_rejects) and load the rest. A lost connection only needs the run again.""")
-    load = s.fix("load_delta")
+    load = exported(s, s.fix("load_delta"))
     pending = set(range(len(deltas)))  # the fixed job starts from the same three deltas
 
     def load_delta(n: int, job):  # one run of the job for delta n: off the backlog once committed
@@ -1265,7 +1304,8 @@ def data_drift(s):
     day2 = arrive(s, resend(s.rng, day1, corrections=fixes))
 
     def load_naive(extract):
-        return load_upsert(s.conn, extract, key, values=as_values_naive, upsert=upsert_from_staging_naive)
+        return exported(s, load_upsert)(s.conn, extract, key, values=as_values_naive,
+                                        upsert=upsert_from_staging_naive)
     for extract in (day1, day2):
         load_by_hash_naive(s.conn, extract)
         load_naive(extract)
@@ -1336,7 +1376,7 @@ def data_drift(s):
     load = s.fix("upsert_from_staging"), s.fix("as_values")
 
     def load_fixed(extract) -> int:
-        return load_upsert(s.conn, extract, key, upsert=load[0], values=load[1])
+        return exported(s, load_upsert)(s.conn, extract, key, upsert=load[0], values=load[1])
     with s.step("Load days 2 and 3 with the fixes: explicit column map, newest version wins") as st:
         written, error = attempt(s, s.conn, lambda: {"day 2": load_fixed(day2), "day 3": load_fixed(day3)})
         s.measure("upsert_rowcount", None if error else sum(written.values()), show=False,
@@ -1376,8 +1416,10 @@ def data_drift(s):
 
 
 # == 5. refresh_lock_queue =======================================================================
-from tenacity import (Retrying, retry_if_exception_type, retry_if_result,  # noqa: E402  (this section's)
-                      stop_after_attempt, stop_after_delay, wait_fixed, wait_random)
+import random  # noqa: E402  (this section's)
+
+from tenacity import (Retrying, retry_if_exception_type, retry_if_result,  # noqa: E402
+                      stop_after_attempt, stop_after_delay, wait_fixed)
 
 from common import budget  # noqa: E402
 from common.detect import sql_check  # noqa: E402
@@ -1385,14 +1427,27 @@ from common.faults import Hooks, Instrumented  # noqa: E402
 
 LOCK_WAIT_S = 0.1    # the refresh's lock_timeout (production: a second or a few)
 LOCK_WAIT = f"{LOCK_WAIT_S * 1000:g}ms"
-SLACK_S = 2.0        # what a busy machine may add to a wait the server measures (< QUEUE_LIMIT_S)
+# What a busy machine may add to a lock wait the server measures. When the lock_timeout fires,
+# the refresh's backend must get a CPU to give up its place; then each reader's backend must get
+# one to take its lock and answer. On a 2-core machine shared by a dozen busy processes, each of
+# those wake-ups can wait several scheduler slices, tens of milliseconds, and on a bad moment a
+# few of them. 0.4 s covers that, and is still far below the 1 s a lock_timeout often has in
+# production: the claims below must tell the two apart.
+LOCK_MARGIN_S = 0.4
+# The pauses between refused attempts (run_refresh) are jittered when they follow the generator the
+# policy is given: with every draw at the top of its window they are longer than with every draw
+# at the bottom by at least DRAWN_APART_S (the fix: 0.25 s; a fixed pause: only a busy machine's
+# noise), and a seeded generator's pauses differ from each other by more than JITTER_SPREAD_S.
+DRAWN_APART_S = 0.05
+JITTER_SPREAD_S = 0.02
 ATTEMPTS = 5         # the refresh's bounded retry
 READERS = 3          # dashboards that read the table while the refresh waits
 QUEUE_LIMIT_S = 3.0  # how long the lab lets a queue stand before it ends the idle reader
 WAIT_S = 15.0        # the longest the lab waits for anything it set up
 IDLE_LIMIT = "500ms"  # the readers' idle_in_transaction_session_timeout (production: minutes)
 # Sessions this scenario opens beside the run's own two, at most at once: the idle reader, the
-# refresh, the readers and the detector's (bench/classroom.py --cost: 7 to 8 in all).
+# refresh, the readers and the lab's watch on the refresh, or the detector's (bench/classroom.py
+# --cost: 7 to 8 in all).
 REFRESH_SESSIONS = READERS + 3
 REFRESH_DDL = """
     -- what the dashboards read: orders and amount per customer, rebuilt from the source
@@ -1458,23 +1513,40 @@ def refresh_build_and_swap(conn) -> None:
             raise
 
 
-def run_refresh_once(conn, refresh_table) -> None:
+def run_refresh_once(conn, refresh_table, rng) -> None:
     """Run the refresh."""
     refresh_table(conn)
 
 
-def run_refresh_retrying(conn, refresh_table) -> None:
+def run_refresh_retrying(conn, refresh_table, rng) -> None:
     """Run the refresh; when its lock did not come in time (55P03), try
     again after a jittered pause, a bounded number of times: it never
-    queues readers for long, and one busy moment does not fail it."""
+    queues readers for long, and one busy moment does not fail it. The
+    pauses are drawn from `rng`, so jobs started together spread out."""
     for attempt in Retrying(
             retry=retry_if_exception_type(
                 psycopg2.errors.LockNotAvailable),
             stop=stop_after_attempt(ATTEMPTS),  # then alert someone
-            wait=wait_random(0.05, 0.3),  # production: seconds to minutes
+            wait=lambda _: rng.uniform(0.05, 0.3),  # production: minutes
             reraise=True):
         with attempt:
             refresh_table(conn)
+
+
+def jitter(s) -> random.Random:
+    """The generator a refresh job's retry draws its pauses from: seeded by --seed."""
+    return random.Random(s.rng.getrandbits(64))
+
+
+class EveryDraw(random.Random):
+    """A generator whose every draw is at the same point of its window: 0.0 the bottom, 1.0 the top."""
+
+    def __init__(self, at: float):
+        super().__init__(0)
+        self.at = min(at, 1.0 - 2.0 ** -53)  # random() is below 1
+
+    def random(self) -> float:
+        return self.at
 
 
 def in_thread(s, fn, *args) -> dict:
@@ -1559,18 +1631,51 @@ def finished(boxes: list[dict]) -> bool:
     return all(b["done"].is_set() for b in boxes)
 
 
-class EndIdleAfter(Hooks):
-    """The lab's hooks on the refresh's connection (faults.Instrumented): the idle reader ends its
-    transaction after the refresh's `n`-th refused attempt (55P03), and a reader reads the table
-    after each commit of the refresh. `errors`: the SQLSTATE of every error the server answered
-    the refresh with, kept apart from the count that decides the moment."""
+# How long the server kept the refresh's last statement, read once it has failed: the statement
+# started at query_start, and its session went idle (its transaction aborted) at state_change.
+STATEMENT_WAIT = """
+    SELECT extract(epoch FROM state_change - query_start)::float8
+      FROM pg_stat_activity WHERE pid = %s AND state LIKE 'idle%%'"""
 
-    def __init__(self, idle, n: int, watch):
-        self.idle, self.n, self.watch = idle, n, watch
-        self.refused, self.errors, self.readings = 0, [], []
+
+class RefreshWatch(Hooks):
+    """The lab's hooks on the refresh's connection (faults.Instrumented), reading on `watch` (an
+    autocommit connection of its own). `errors`: the SQLSTATE of every error the server answered
+    the refresh with. For each refused attempt (55P03): `waits`, how long the server kept the
+    refused statement (pg_stat_activity, read before the refresh rolls back), and `pauses`, the
+    seconds from the refusal to the refresh's next statement, by the OS's monotonic clock."""
+
+    def __init__(self, watch):
+        self.watch, self.pid, self.refused_at = watch, None, None
+        self.errors, self.waits, self.pauses = [], [], []
+
+    def opened(self, conn, pid: int) -> None:
+        self.pid = pid
+
+    def before_execute(self, conn, text: str) -> None:
+        if self.refused_at is not None:
+            self.pauses.append(time.monotonic() - self.refused_at)
+            self.refused_at = None
 
     def failed(self, conn, exc: Exception) -> None:
         self.errors.append(getattr(exc, "pgcode", None))
+        if isinstance(exc, psycopg2.errors.LockNotAvailable):
+            self.waits.append(db.scalar(self.watch, STATEMENT_WAIT, (self.pid,)))
+            self.refused_at = time.monotonic()
+
+
+class EndIdleAfter(RefreshWatch):
+    """RefreshWatch, and the idle reader ends its transaction after the refresh's `n`-th refused
+    attempt (55P03), and a reader reads the table after each commit of the refresh. The moment is
+    counted apart from `errors`, which the claims read."""
+
+    def __init__(self, idle, n: int, watch):
+        super().__init__(watch)
+        self.idle, self.n = idle, n
+        self.refused, self.readings = 0, []
+
+    def failed(self, conn, exc: Exception) -> None:
+        super().failed(conn, exc)
         if isinstance(exc, psycopg2.errors.LockNotAvailable):
             self.refused += 1
             if self.refused == self.n:
@@ -1579,6 +1684,25 @@ class EndIdleAfter(Hooks):
     def after_end(self, conn, committed: bool) -> None:
         if committed:
             self.readings.append(read_totals(self.watch)[:2])
+
+
+def refused_pauses(s, rng) -> RefreshWatch:
+    """run_refresh (the slot) with `rng`, and the lesson's refresh_build_and_swap, while a reader
+    stays idle in its transaction: every attempt is refused. What the lab saw of it (RefreshWatch).
+    An error the policy raises at the end is the one expected, or its failure: the claim on the
+    pauses says which, not the error."""
+    sessions = Sessions(s)
+    idle = sessions.idle_reader()
+    watch = s.connect(autocommit=True)
+    hooks = RefreshWatch(watch)
+    refresher = Instrumented(s.connect(lock_timeout="0"), hooks)
+    try:
+        s.fix("run_refresh")(refresher, refresh_build_and_swap, rng)
+    except Exception:  # noqa: BLE001  the refresh gave up (55P03), or failed: the pauses tell
+        pass
+    for conn in (idle, refresher, watch):
+        conn.close()
+    return hooks
 
 
 def versions(s) -> tuple:
@@ -1609,8 +1733,9 @@ def new_orders(s, n: int) -> tuple:
         transaction holding its lock on customer_totals: the refresh must then fail within about
         LOCK_WAIT (raise psycopg2.errors.LockNotAvailable, SQLSTATE 55P03) rather than wait and
         queue every later reader behind it. Graded: with a reader idle in its transaction, 3
-        readers must all be answered while it is still idle; then the reader ends, and the
-        table must hold the new totals.""",
+        readers must all be answered while it is still idle, none of them waiting, nor any
+        refused attempt, longer than LOCK_WAIT (and a busy machine's margin, LOCK_MARGIN_S) by
+        the server's clock; then the reader ends, and the table must hold the new totals.""",
         hints=("TRUNCATE needs the strongest lock (ACCESS EXCLUSIVE); while it waits for it, every "
                "reader that comes after waits behind it. How long may it wait?",
                "Build customer_totals_new first (CREATE TABLE ... AS SELECT), commit, then in one "
@@ -1620,12 +1745,17 @@ def new_orders(s, n: int) -> tuple:
         contract="""
         Run refresh_table(conn) until it succeeds. It raises psycopg2.errors.LockNotAvailable
         (55P03) when a reader holds the table at that moment: try again after a short random
-        pause, a bounded number of times (ATTEMPTS), and raise the last error when they are all
-        used up. Graded: a reader idle in its transaction ends after the second refused
-        attempt; the refresh must land on a later one.""",
-        hints=("A refused lock is a busy moment, not a broken table. What should the job do next?",
+        pause drawn from `rng` (a random.Random), a bounded number of times (ATTEMPTS), and
+        raise the last error when they are all used up. Graded: a reader idle in its
+        transaction ends after the second refused attempt; the refresh must land on a later
+        one. With the reader idle throughout, the pauses between refused attempts must vary,
+        and follow rng: with every draw at the top of its window they must be longer than
+        with every draw at the bottom.""",
+        hints=("A refused lock is a busy moment, not a broken table. What should the job do next? "
+               "And if every job that was refused tries again after the same pause?",
                "tenacity: Retrying(retry=retry_if_exception_type(psycopg2.errors.LockNotAvailable), "
-               "stop=stop_after_attempt(ATTEMPTS), wait=wait_random(0.05, 0.3), reraise=True).")),
+               "stop=stop_after_attempt(ATTEMPTS), wait=lambda _: rng.uniform(0.05, 0.3), "
+               "reraise=True).")),
 ])
 def refresh_lock_queue(s):
     with budget.share(s, REFRESH_SESSIONS, least=REFRESH_SESSIONS):
@@ -1702,8 +1832,10 @@ def refresh_lock_queue(s):
                     f"{READERS} dashboards read") as st:
             idle = sessions.idle_reader()
             old, new = new_orders(s, 100)
-            refresher = sessions.add("refresh", s.connect(lock_timeout="0"))
-            refresh = in_thread(s, s.fix("run_refresh"), refresher, s.fix("refresh_table"))
+            watch = s.connect(autocommit=True)
+            hooks = RefreshWatch(watch)
+            refresher = Instrumented(sessions.add("refresh", s.connect(lock_timeout="0")), hooks)
+            refresh = in_thread(s, s.fix("run_refresh"), refresher, s.fix("refresh_table"), jitter(s))
             wait_until(lambda: refresh["done"].is_set() or "refresh" in sessions.blocked())
             readers = sessions.readers()
             if wait_until(lambda: finished(readers), QUEUE_LIMIT_S):  # else they queue behind the refresh
@@ -1723,13 +1855,24 @@ def refresh_lock_queue(s):
             s.recovered_if(not stuck and len(answered) == READERS,
                            "every reader answered while the idle transaction still held its lock: "
                            f"{len(stuck)} sessions blocked (pg_blocking_pids)")
-            s.recovered_if(longest is not None and longest <= LOCK_WAIT_S + SLACK_S,
+            bound = LOCK_WAIT_S + LOCK_MARGIN_S
+            s.recovered_if(longest is not None and longest <= bound,
                            f"no reader waited longer than the lock timeout ({LOCK_WAIT}, with "
-                           f"{SLACK_S:g} s of slack for a busy machine), by the server's clock")
+                           f"{LOCK_MARGIN_S:g} s for a busy machine), by the server's clock")
+            refused = [w for w in hooks.waits if w is not None]
+            slowest = max(refused, default=None)
+            s.measure("refused_wait_s", None if slowest is None else round(slowest, 2), show=False,
+                      note="the longest a refused attempt waited for its lock, by the server's clock")
+            s.recovered_if(refused and len(refused) == len(hooks.waits) and slowest <= bound,
+                           f"the refresh left the queue within its lock timeout: each of its "
+                           f"{len(hooks.waits)} refused attempts waited at most {LOCK_WAIT} (with "
+                           f"{LOCK_MARGIN_S:g} s for a busy machine)"
+                           + ("" if slowest is None else f", {slowest:.2f} s at most")
+                           + ", by the server's clock (pg_stat_activity)")
             idle.rollback()  # the dashboard finally ends its transaction: whatever still waits goes on
             wait_until(lambda: refresh["done"].is_set() and finished(readers))
             seen = [b["result"][:2] for b in readers if b["result"]]
-            for conn in [idle, refresher] + [b["conn"] for b in readers]:
+            for conn in [idle, refresher, watch] + [b["conn"] for b in readers]:
                 conn.close()
 
         sessions = Sessions(s)
@@ -1739,7 +1882,7 @@ def refresh_lock_queue(s):
             watch = s.connect(autocommit=True)
             hooks = EndIdleAfter(idle, 2, watch)
             refresher = Instrumented(s.connect(lock_timeout="0"), hooks)
-            refresh = in_thread(s, s.fix("run_refresh"), refresher, s.fix("refresh_table"))
+            refresh = in_thread(s, s.fix("run_refresh"), refresher, s.fix("refresh_table"), jitter(s))
             if not wait_until(lambda: refresh["done"].is_set(), QUEUE_LIMIT_S):
                 idle.rollback()  # the refresh queued instead of giving up: let it through
                 wait_until(lambda: refresh["done"].is_set())
@@ -1762,6 +1905,30 @@ def refresh_lock_queue(s):
             for conn in (idle, refresher, watch):
                 conn.close()
 
+        with s.step("The pauses between refused attempts: run_refresh with the reader idle "
+                    "throughout, its generator seeded, then drawing the bottom of every window, "
+                    "then the top") as st:
+            runs = {name: refused_pauses(s, rng) for name, rng in
+                    (("seeded", jitter(s)), ("bottom", EveryDraw(0.0)), ("top", EveryDraw(1.0)))}
+            s.table(["generator", "attempts refused", "pauses between them (s)"],
+                    [(name, len(run.waits), ", ".join(f"{p:.2f}" for p in run.pauses) or "-")
+                     for name, run in runs.items()])
+            seeded, bottom, top = (runs[n].pauses for n in ("seeded", "bottom", "top"))
+            spread = max(seeded) - min(seeded) if seeded else 0.0
+            apart = min(top) - max(bottom) if top and bottom else 0.0
+            s.measure("pause_spread_s", round(spread, 3), show=False,
+                      note="longest minus shortest pause between refused attempts, seeded generator")
+            s.measure("pauses_top_minus_bottom_s", round(apart, 3), show=False,
+                      note="shortest pause with every draw at the top minus longest at the bottom")
+            st.result = f"pauses spread over {spread:.3f} s; top minus bottom {apart:.3f} s"
+            s.recovered_if(all(len(run.pauses) == ATTEMPTS - 1 for run in runs.values())
+                           and spread > JITTER_SPREAD_S and apart >= DRAWN_APART_S,
+                           f"the pauses between refused attempts are jittered: a seeded generator's "
+                           f"{len(seeded)} pauses differ by {spread:.3f} s (more than {JITTER_SPREAD_S:g} s), "
+                           f"and they follow the generator the policy is given: every draw at the top "
+                           f"makes each pause longer than any at the bottom by {apart:.3f} s (at least "
+                           f"{DRAWN_APART_S:g} s); {ATTEMPTS - 1} pauses a run, by the OS's clock")
+
         with s.step(f"What the server offers against the idle reader: idle_in_transaction_session_timeout "
                     f"({IDLE_LIMIT}, set by the dashboard's session)") as st:
             sessions = Sessions(s)
@@ -1775,7 +1942,8 @@ def refresh_lock_queue(s):
             idle.close()
             new_orders(s, 100)
             refresher = s.connect(lock_timeout="0")
-            done, error = attempt(s, refresher, s.fix("run_refresh"), refresher, s.fix("refresh_table"))
+            done, error = attempt(s, refresher, s.fix("run_refresh"), refresher, s.fix("refresh_table"),
+                                  jitter(s))
             refresher.close()
             st.result = "the server ended the idle session; the refresh " + ("landed" if error is None else "failed")
             landed, wanted = versions(s)

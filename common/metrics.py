@@ -98,7 +98,9 @@ def promtool_tests(journal: dict, rules: dict[str, dict]) -> dict:
     The series: one sample a minute, starting from zero (the exporter before the job's first
     step), then the run's samples in order; the last value is held for the rule's `for:`, and
     the alert is evaluated then. Rules aggregate their series away (sum(), max()), so an alert's
-    labels are the rule's own; annotations are plain text (no templates), so they are known too."""
+    labels are the rule's own; annotations are plain text (no templates), so they are known too.
+    Only the series the rule's expression names are given: others (a last-success timestamp) may
+    change from run to run, and the rule does not read them."""
     tests = []
     for record in journal.get("scenarios", []):
         detection = record.get("detection") or {}

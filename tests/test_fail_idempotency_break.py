@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import random
 import re
+from datetime import datetime, timezone
 from decimal import Decimal
 
 import psycopg2
 import pytest
 from psycopg2 import sql
 
-from common import db
+from common import db, metrics
 from common.fixes import source_of
 from common.scenario import _REGISTRY
 from conftest import (ROOT, assert_every_slot_has_a_control, assert_gives_the_handout, assert_passed, grade,
@@ -143,6 +144,78 @@ def test_data_drift_measures_the_damage(journal_run):
     assert m["late_rows_skipped"] == 120 and m["late_replay_rowcount"] == 0
     assert m["expected_rows"] == lab.ORDERS + 100
     assert m["duplicates_after"] == 0 and m["rerun_rowcount"] == 0
+
+
+# -- the loads' metrics, as the textfile collector would read them ----------------------------------
+LOADS = ["partial_failure", "constraint_violation", "data_drift"]
+
+
+@pytest.fixture(scope="module")
+def metrics_run(target, tmp_path_factory):
+    """One run of the three loads per target with --metrics: the journal and the metrics folder."""
+    name, env, params = target
+    folder = tmp_path_factory.mktemp(f"idem-metrics-{name}")
+    result = run_script(SCRIPT, "--only", ",".join(LOADS), "--metrics", str(folder / "metrics"),
+                        env=env, tmp_path=folder)
+    assert_passed(result, params, LOADS)
+    return result, folder / "metrics" / lab.__name__
+
+
+def exported_samples(folder, scenario_id: str, phase: str) -> dict:
+    """The samples of one .prom file, parsed as Prometheus parses it: {(name, labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = (folder / f"{scenario_id}.{phase}.prom").read_text(encoding="utf-8")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples
+            if not s.name.endswith("_created")}
+
+
+def rows_total(samples: dict, outcome: str):
+    return samples.get(("pipeline_rows_total", (("outcome", outcome),)))
+
+
+LAST_SUCCESS = ("pipeline_last_success_timestamp_seconds", ())
+
+
+def test_the_loads_export_the_rows_they_wrote_and_set_aside(metrics_run):
+    """pipeline_rows_total is what the journal measured in the tables, naive run and fixed run."""
+    result, folder = metrics_run
+    exported = {(sid, phase): exported_samples(folder, sid, phase) for sid in LOADS for phase in ("naive", "fixed")}
+    pf, cv, dd = (measured(result, sid) for sid in LOADS)
+    expected = {  # (scenario, phase) -> (loaded, rejected)
+        # the naive load committed its 1200-row prefix, then stopped: no row was set aside
+        ("partial_failure", "naive"): (pf["committed_before_error"], 0),
+        # the run the server ended wrote nothing; the next wrote the rest, its rejects among them
+        ("partial_failure", "fixed"): (pf["staged_rowcount"] - pf["quarantined"] + pf["rerun_rowcount"],
+                                       pf["quarantined"]),
+        # the day's base load went in; each naive delta was refused whole
+        ("constraint_violation", "naive"): (cv["expected_rows"], 0),
+        ("constraint_violation", "fixed"): (cv["rows_written"] + cv["rerun_rowcount"], cv["rejects"]),
+        # day 1 went in; day 2's DO NOTHING wrote none of its corrections (stale_rows), day 3 failed
+        ("data_drift", "naive"): (lab.ORDERS, 0),
+        ("data_drift", "fixed"): (dd["upsert_rowcount"] + dd["late_replay_rowcount"] + dd["rerun_rowcount"], 0),
+    }
+    got = {key: (rows_total(samples, "loaded"), rows_total(samples, "rejected")) for key, samples in exported.items()}
+    assert got == expected
+    assert pf["staged_rowcount"] - pf["quarantined"] == pf["expected_rows"] - pf["committed_before_error"]
+    assert dd["stale_rows"] == 80  # day 2 wrote nothing, although 80 of its orders had changed
+    for (sid, phase), samples in exported.items():  # the files hold what the journal recorded last
+        journal = result.scenario(sid)["metrics"][phase][-1]
+        assert {metrics.series_name(name, dict(labels)): value for (name, labels), value in samples.items()} == journal
+
+
+def test_the_last_success_is_exported_only_by_a_load_that_ran_to_its_end(metrics_run):
+    result, folder = metrics_run
+    started = datetime.strptime(result.journal["started_at"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    during = (started.timestamp(), started.timestamp() + result.journal["seconds"] + 1)
+    for sid in LOADS:
+        naive, fixed = (exported_samples(folder, sid, phase) for phase in ("naive", "fixed"))
+        assert during[0] <= fixed[LAST_SUCCESS] <= during[1]
+        if sid == "partial_failure":  # its only naive load stopped at line 1234
+            assert LAST_SUCCESS not in naive
+        else:  # the base load, or days 1 and 2, "succeeded"
+            assert during[0] <= naive[LAST_SUCCESS] <= fixed[LAST_SUCCESS]
 
 
 # -- detectors: each fires on the naive run's real damage and is quiet after the fix ---------------

@@ -2,7 +2,8 @@
 import pytest
 
 import fail_idempotency_break as lab
-from conftest import assert_gives_the_handout, assert_passed, clean_env, run_control, run_script
+from conftest import (assert_gives_the_handout, assert_passed, clean_env, grade, run_control, run_script,
+                      write_solution)
 from scenario_checks import assert_brief_and_80_columns, assert_exercise_grades
 
 SCRIPT = "fail_idempotency_break.py"
@@ -21,7 +22,9 @@ def test_readers_queue_behind_the_refresh_then_never_wait_past_its_lock_timeout(
     record = result.scenario(ID)
     m = record["measurements"]
     assert m["sessions_blocked_before"] == lab.READERS + 1 and m["sessions_blocked_after"] == 0
-    assert m["reader_wait_after_s"] <= lab.LOCK_WAIT_S + lab.SLACK_S  # a bound, by the server's clock
+    bound = lab.LOCK_WAIT_S + lab.LOCK_MARGIN_S  # by the server's clock, for the readers and the refresh
+    assert m["reader_wait_after_s"] <= bound and lab.LOCK_WAIT_S <= m["refused_wait_s"] <= bound
+    assert m["pause_spread_s"] > lab.JITTER_SPREAD_S and m["pauses_top_minus_bottom_s"] >= lab.DRAWN_APART_S
     assert m["refused_attempts"] == 2 and m["readings_wrong"] == 0
     assert result.sqlstates(ID) == ["55P03"]  # the refresh gave up its place in the queue
     assert result.error_types(ID)[-1] == "psycopg2.OperationalError"  # the session the server ended
@@ -51,13 +54,67 @@ def refresh_table(conn):
         cur.execute("INSERT INTO customer_totals SELECT * FROM customer_totals_source")
     conn.commit()
 
-def run_refresh(conn, refresh_table):
-    run_refresh_retrying(conn, refresh_table)
+def run_refresh(conn, refresh_table, rng):
+    run_refresh_retrying(conn, refresh_table, rng)
 '''
 
 
 def test_the_exercise_grades_untouched_reference_and_a_refresh_in_two_commits(target, tmp_path):
     assert_exercise_grades(SCRIPT, ID, WRONG, "no reader ever saw an empty or half-loaded table", target[1], tmp_path)
+
+
+# Plausible wrong solutions, each graded as a student runs it, and the claim each must fail.
+WRONG_SOLUTIONS = {
+    # the swap waits for its lock up to a second, as production often has it: ten times the contract
+    "a lock_timeout of 1s": ("""
+def refresh_table(conn):
+    with conn.cursor() as cur:
+        cur.execute("DROP TABLE IF EXISTS customer_totals_new")
+        cur.execute("CREATE TABLE customer_totals_new AS SELECT * FROM customer_totals_source")
+        conn.commit()
+        try:
+            cur.execute("SET LOCAL lock_timeout = '1s'")
+            cur.execute("ALTER TABLE customer_totals RENAME TO customer_totals_old")
+            cur.execute("ALTER TABLE customer_totals_new RENAME TO customer_totals")
+            cur.execute("DROP TABLE customer_totals_old")
+            conn.commit()
+        except psycopg2.Error:
+            conn.rollback()
+            raise
+""", "the refresh left the queue within its lock timeout"),
+    # bounded and retried, but every job that was refused comes back after the same pause
+    "a fixed pause": ("""
+refresh_table = refresh_build_and_swap
+def run_refresh(conn, refresh_table, rng):
+    Retrying(retry=retry_if_exception_type(psycopg2.errors.LockNotAvailable), stop=stop_after_attempt(ATTEMPTS),
+             wait=wait_fixed(0.2), reraise=True)(refresh_table, conn)
+""", "the pauses between refused attempts are jittered"),
+    # bounded and retried at once: no pause at all
+    "no pause": ("""
+refresh_table = refresh_build_and_swap
+def run_refresh(conn, refresh_table, rng):
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            return refresh_table(conn)
+        except psycopg2.errors.LockNotAvailable:
+            if attempt == ATTEMPTS:
+                raise
+""", "the pauses between refused attempts are jittered"),
+}
+
+
+@pytest.mark.parametrize("name", list(WRONG_SOLUTIONS))
+def test_a_wrong_solution_fails_on_its_claim(name, embedded_params, tmp_path):
+    code, claim = WRONG_SOLUTIONS[name]
+    write_solution(tmp_path, SCRIPT, ID, code)
+    result = grade(SCRIPT, ID, tmp_path, clean_env())
+    record = result.scenario(ID)
+    assert result.returncode == 1 and record["mode"] == "exercise", result.stdout[-3000:]
+    assert record["triggered"] is True and record["cleaned"] is True
+    failed = [c["claim"] for c in record["checks"] if c["phase"] == "recovered" and not c["ok"]]
+    assert any(claim in c for c in failed), failed
+    # a lock wait ten times too long may also keep the readers past the bound; nothing else fails
+    assert all(claim in c or "no reader waited longer" in c for c in failed), failed
 
 
 def test_brief_keeps_the_detector_and_everything_fits_80_columns(full_run, target, tmp_path):
