@@ -169,6 +169,17 @@ def embedded_params():
     embedded.release()
 
 
+def on_both_targets(names, scenario_of) -> list:
+    """Parameters (name, target) for a test that takes `target` indirectly: every name against the
+    embedded default, and the first name of each scenario against the configured server too (a
+    check is the lesson's own code on either server: one per scenario shows that it holds there)."""
+    first: dict = {}
+    for name in names:
+        first.setdefault(scenario_of(name), name)
+    return ([pytest.param(name, "embedded", id=name) for name in names]
+            + [pytest.param(name, "server", id=f"{name} [server]") for name in first.values()])
+
+
 @pytest.fixture(scope="session", params=["embedded", "server"])
 def target(request):
     """(name, environment for the script, connection parameters for checking it)."""

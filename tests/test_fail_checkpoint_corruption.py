@@ -13,7 +13,7 @@ import fail_checkpoint_corruption as lab
 from common import killpoints
 from common.fixes import source_of
 from common.scenario import _REGISTRY
-from conftest import (assert_gives_the_handout, assert_every_slot_has_a_control, assert_passed, clean_env, grade, lab_schemas, run_control,
+from conftest import (on_both_targets, assert_gives_the_handout, assert_every_slot_has_a_control, assert_passed, clean_env, grade, lab_schemas, run_control,
                       run_script, write_solution)
 
 SCRIPT = "fail_checkpoint_corruption.py"
@@ -226,11 +226,11 @@ def test_only_and_list(tmp_path):
     assert [r["id"] for r in one.journal["scenarios"]] == ["concurrent_access"]
 
 
-def test_a_fault_that_never_lands_fails_fast_with_its_reason(embedded_params, tmp_path):
+def test_a_fault_that_never_lands_fails_fast_with_its_reason(target, tmp_path):
     """With the proxy's faults disabled (FAILLAB_NO_FAULTS=1), db_down must stop on the claim that
     its outage landed, not hang, crash or pass; the other scenarios inject no switchable fault
     (their kills and races are real either way) and still pass."""
-    result = run_script(SCRIPT, env=clean_env(FAILLAB_NO_FAULTS="1"), timeout=180, tmp_path=tmp_path)
+    result = run_script(SCRIPT, env={**target[1], "FAILLAB_NO_FAULTS": "1"}, timeout=180, tmp_path=tmp_path)
     assert result.returncode == 1 and result.journal is not None, result.stderr[-3000:]
     records = {r["id"]: r for r in result.journal["scenarios"]}
     assert list(records) == IDS
@@ -240,7 +240,7 @@ def test_a_fault_that_never_lands_fails_fast_with_its_reason(embedded_params, tm
         record["reason"]
     assert all(records[i]["status"] == "passed" for i in IDS if i != "db_down"), \
         {i: r.get("reason") for i, r in records.items()}
-    assert lab_schemas(embedded_params, result.journal["run_id"]) == []
+    assert lab_schemas(target[2], result.journal["run_id"]) == []
 
 
 def test_prevention_code_fits_the_screen_and_holds_no_lab_instrumentation():
@@ -577,11 +577,12 @@ def assert_the_claim_fails(result, scenario_id: str, claim: str) -> None:
     assert not [e for e in record["observed_errors"] if e["type"].startswith("common.")], record["observed_errors"]
 
 
-@pytest.mark.parametrize("name", list(BROKEN_STATES))
-def test_a_recovery_check_fails_when_the_state_it_guards_is_broken(name, embedded_params, tmp_path):
+@pytest.mark.parametrize("name, target", on_both_targets(BROKEN_STATES, lambda n: BROKEN_STATES[n][0]),
+                         indirect=["target"])
+def test_a_recovery_check_fails_when_the_state_it_guards_is_broken(name, target, tmp_path):
     scenario_id, function, skip, statement, claim = BROKEN_STATES[name]
     patch = BREAK_BEFORE.format(name=function, skip=skip, statement=statement)
-    assert_the_claim_fails(run_patched(tmp_path, scenario_id, patch, clean_env()), scenario_id, claim)
+    assert_the_claim_fails(run_patched(tmp_path, scenario_id, patch, target[1]), scenario_id, claim)
 
 
 # Where the call before the check takes no connection: the scenario's own, remembered from the

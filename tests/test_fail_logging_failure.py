@@ -15,7 +15,7 @@ from decimal import Decimal
 
 import pytest
 
-from conftest import (ROOT, assert_every_slot_has_a_control, assert_passed, clean_env, grade, lab_schemas, run_control,
+from conftest import (ROOT, on_both_targets, assert_every_slot_has_a_control, assert_passed, clean_env, grade, lab_schemas, run_control,
                       run_script, write_solution)
 
 import conftest
@@ -607,12 +607,12 @@ def test_tolerant_reader_quarantines_bad_lines_with_numbers(tmp_path):
 
 
 
-def test_a_fault_that_does_not_land_fails_fast_with_its_claim(embedded_params, tmp_path):
+def test_a_fault_that_does_not_land_fails_fast_with_its_claim(target, tmp_path):
     """FAILLAB_NO_FAULTS=1 makes the proxy's outage and the kill no-ops: storage must stop on the
     claim that the store refused events and lost_on_kill on the claim that the kill landed, not
     pass and not hang; the other scenarios inject no switchable fault (their stall is a real lock)
     and still pass."""
-    result = run_script(SCRIPT, env=clean_env(FAILLAB_NO_FAULTS="1"), tmp_path=tmp_path, timeout=180)
+    result = run_script(SCRIPT, env={**target[1], "FAILLAB_NO_FAULTS": "1"}, tmp_path=tmp_path, timeout=180)
     assert result.returncode == 1 and result.journal is not None, result.stderr[-3000:]
     records = {r["id"]: r for r in result.journal["scenarios"]}
     assert list(records) == IDS
@@ -624,7 +624,7 @@ def test_a_fault_that_does_not_land_fails_fast_with_its_claim(embedded_params, t
     assert killed["reason"].startswith("stopped early: the kill landed")
     assert all(records[i]["status"] == "passed" for i in IDS if i not in ("storage", "lost_on_kill")), \
         {i: r.get("reason") for i, r in records.items()}
-    assert lab_schemas(embedded_params, result.journal["run_id"]) == []
+    assert lab_schemas(target[2], result.journal["run_id"]) == []
 
 
 def test_a_handler_that_retries_forever_is_stopped_and_graded_failed(target, tmp_path):
@@ -795,10 +795,11 @@ break_before(db, "rows", second_check, "INSERT INTO pipeline_log (level, logger,
 }
 
 
-@pytest.mark.parametrize("name", list(BROKEN_STATES))
-def test_a_recovery_check_fails_when_the_state_it_guards_is_broken(name, embedded_params, tmp_path):
+@pytest.mark.parametrize("name, target", on_both_targets(BROKEN_STATES, lambda n: BROKEN_STATES[n][0]),
+                         indirect=["target"])
+def test_a_recovery_check_fails_when_the_state_it_guards_is_broken(name, target, tmp_path):
     scenario_id, patch, claim = BROKEN_STATES[name]
-    result = run_patched(tmp_path, scenario_id, patch, clean_env())
+    result = run_patched(tmp_path, scenario_id, patch, target[1])
     assert_fails_on_its_claim(result, scenario_id, claim)
 
 

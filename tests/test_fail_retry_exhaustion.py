@@ -13,7 +13,7 @@ import pytest
 from tenacity import stop_after_delay, stop_before_delay, wait_exponential, wait_fixed
 
 from common import db
-from conftest import (assert_gives_the_handout, assert_control_fails, assert_every_slot_has_a_control, assert_passed, clean_env, grade,
+from conftest import (on_both_targets, assert_gives_the_handout, assert_control_fails, assert_every_slot_has_a_control, assert_passed, clean_env, grade,
                       lab_schemas, run_control, run_script, write_solution)
 
 import conftest
@@ -357,14 +357,15 @@ BROKEN_STATES = {  # what is broken: (lab function, `code` run before or after t
 }
 
 
-@pytest.mark.parametrize("name", list(BROKEN_STATES))
-def test_a_recovery_check_fails_when_the_state_it_guards_is_broken(name, embedded_params, tmp_path):
+@pytest.mark.parametrize("name, target", on_both_targets(BROKEN_STATES, lambda n: n.split(",")[0]),
+                         indirect=["target"])
+def test_a_recovery_check_fails_when_the_state_it_guards_is_broken(name, target, tmp_path):
     """Each recovery claim of each scenario, shown to fail when what it guards is broken (a row
     missing, doubled, stale, a figure off) just before it looks; the failure itself still shown."""
     function, position, when, code, claim = BROKEN_STATES[name]
     patch = BREAK.format(name=function, before=position == "before", when=when, code=code)
     scenario_id = name.split(",")[0]
-    result = run_patched(tmp_path, clean_env(), scenario_id, patch)
+    result = run_patched(tmp_path, target[1], scenario_id, patch)
     record = result.scenario(scenario_id)
     if inconclusive(result, scenario_id):  # the storm on a machine too busy to time it
         pytest.skip(record["reason"])
@@ -372,7 +373,7 @@ def test_a_recovery_check_fails_when_the_state_it_guards_is_broken(name, embedde
         result.stdout[-3000:]
     failed = [c["claim"] for c in record["checks"] if c["phase"] == "recovered" and not c["ok"]]
     assert any(claim in c for c in failed), (claim, failed)
-    assert lab_schemas(embedded_params, result.journal["run_id"]) == []
+    assert lab_schemas(target[2], result.journal["run_id"]) == []
 
 
 # -- faults that do not land: FAILLAB_NO_FAULTS=1 makes the proxy's outage a no-op -------------------
@@ -384,10 +385,10 @@ FAULT_NOT_LANDED = {  # each scenario stops on the claim that its outage landed
 }
 
 
-def test_every_scenario_whose_outage_does_not_land_fails_on_that_claim(embedded_params, tmp_path):
+def test_every_scenario_whose_outage_does_not_land_fails_on_that_claim(target, tmp_path):
     """Without its fault a scenario must neither pass, nor crash on what the fault should have
     left (no RetryError, no sleeps), nor call the outage that never came an inconclusive timing."""
-    result = run_script(SCRIPT, env=clean_env(FAILLAB_NO_FAULTS="1"), tmp_path=tmp_path, timeout=180)
+    result = run_script(SCRIPT, env={**target[1], "FAILLAB_NO_FAULTS": "1"}, tmp_path=tmp_path, timeout=180)
     assert result.returncode == 1 and result.journal is not None, result.stderr[-3000:]
     records = {r["id"]: r for r in result.journal["scenarios"]}
     assert list(records) == IDS
@@ -398,7 +399,7 @@ def test_every_scenario_whose_outage_does_not_land_fails_on_that_claim(embedded_
             continue  # a crowded shared server gave the storm no room: not run, which fails too, but not the fault
         assert record["status"] == "failed" and record["triggered"] is False, (scenario_id, record.get("reason"))
         assert record["reason"].startswith(reason), (scenario_id, record["reason"])
-    assert lab_schemas(embedded_params, result.journal["run_id"]) == []
+    assert lab_schemas(target[2], result.journal["run_id"]) == []
 
 
 def test_a_replay_that_waits_for_the_lock_is_right_too(target, tmp_path):
