@@ -243,7 +243,7 @@ def test_interrupt_exits_130_after_cleanup(embedded_params, tmp_path, sig):
     while "READY" not in line:
         line = proc.stdout.readline()
         assert line, proc.stderr.read()
-    _, schema, folder = line.split()
+    _, schema, folder = line.split()[:3]
     started = time.monotonic()
     proc.send_signal(sig)
     proc.communicate(timeout=10)
