@@ -1551,6 +1551,9 @@ def interrupted_recovery(s):
         s.recovered_if((batches, done) == ((SOURCE_ROWS - 3 * BATCH) // BATCH, SOURCE_ROWS),
                        f"the restart copied the {batches} batches after 1500, to checkpoint {done}")
     with s.step("Worker 2 wakes up and finishes batch 4 with its old token") as st:
+        stalled = worker.is_alive() and not reports.poll()  # paused in its batch, not ended on its own
+        s.recovered_if(stalled, "worker 2 was still stalled in its batch when it was woken (alive, "
+                                "nothing reported since its pause)")
         go.set()
         end = next_report(reports, "end", WAIT_S)
         worker.join(WAIT_S)
