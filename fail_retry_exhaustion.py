@@ -515,6 +515,7 @@ def exhaustion(s):
             s.observe(err, "The replay's session, ended between the two halves:")
             st.result = f"the replay failed: {type(err).__name__}" + (
                 f" (SQLSTATE {err.pgcode})" if err.pgcode else " (no SQLSTATE: the session was gone)")
+        admin.close()  # the fault's session, done with: the run keeps within its share of the server
     if faulty.one_statement and faulty.landed_before is None:
         s.recovered_if(True, "the replay does the work and the mark in one statement: no moment between them")
     else:
@@ -536,12 +537,16 @@ def exhaustion(s):
             replayed_units(s, replayed[name])
 
         meets = [ReplayersMeet(a_read, b_read), ReplayersMeet(b_read, a_read)]
-        pair = [s.thread(replayer, name, Instrumented(s.connect(params), meet))
-                for name, meet in zip("ab", meets)]
+        conns = [s.connect(params) for _ in meets]
+        pair = [s.thread(replayer, name, Instrumented(conn, meet))
+                for name, meet, conn in zip("ab", meets, conns)]
         for w in pair:
             w.join(30)
-        third = s.fix("replay_dead_letters")(s.connect(params))
+        conns.append(s.connect(params))
+        third = s.fix("replay_dead_letters")(conns[-1])
         replayed_units(s, third)
+        for conn in conns:  # done with: the run keeps within its share of the server
+            conn.close()
         st.result = f"then {words(third)} (nothing left to do)"
     reads = [m.read_at for m in meets]
     works = [m.work_at for m in meets if m.work_at is not None]
