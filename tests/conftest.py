@@ -192,6 +192,17 @@ def target(request):
     return "server", clean_env(DATABASE_URL=SERVER_URL), parse_dsn(SERVER_URL)
 
 
+def scraped(folder: Path, scenario_id: str, phase: str) -> dict[tuple, float]:
+    """What --metrics wrote for one run of a scenario, parsed by prometheus_client's own parser, as
+    a scraper reads it: {(sample name, sorted label items): value}, without the _created samples."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = (Path(folder) / f"{scenario_id}.{phase}.prom").read_text(encoding="utf-8")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples
+            if not s.name.endswith("_created")}
+
+
 def lab_schemas(params: dict, run_id: str | None = None) -> list[str]:
     """Private schemas on the target, of one run or of all runs."""
     conn = db.connect(params, autocommit=True)

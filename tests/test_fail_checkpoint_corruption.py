@@ -14,7 +14,7 @@ from common import killpoints
 from common.fixes import source_of
 from common.scenario import _REGISTRY
 from conftest import (on_both_targets, assert_gives_the_handout, assert_every_slot_has_a_control, assert_passed, clean_env, grade, lab_schemas, run_control,
-                      run_script, write_solution)
+                      run_script, scraped, write_solution)
 
 SCRIPT = "fail_checkpoint_corruption.py"
 IDS = ["corruption", "db_down", "concurrent_access", "interrupted_recovery", "late_commit"]
@@ -148,14 +148,10 @@ def test_concurrent_access_ends_its_recovery_with_the_detector_quiet(full_run):
 
 def exported(folder, scenario_id: str) -> dict[str, dict[str, float]]:
     """What --metrics wrote for a scenario, parsed as Prometheus reads it: {run: {series: value}}."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     from common.metrics import series_name
 
-    return {phase: {series_name(sample.name, sample.labels): sample.value
-                    for family in text_string_to_metric_families(
-                        (folder / f"{scenario_id}.{phase}.prom").read_text(encoding="utf-8"))
-                    for sample in family.samples if not sample.name.endswith("_created")}
+    return {phase: {series_name(name, dict(labels)): value
+                    for (name, labels), value in scraped(folder, scenario_id, phase).items()}
             for phase in ("naive", "fixed")}
 
 

@@ -15,7 +15,7 @@ from common import db, metrics
 from common.fixes import source_of
 from common.scenario import _REGISTRY
 from conftest import (ROOT, on_both_targets, assert_every_slot_has_a_control, assert_gives_the_handout, assert_passed, grade,
-                      run_control, run_script, write_solution)
+                      run_control, run_script, scraped, write_solution)
 
 import conftest
 import fail_idempotency_break as lab
@@ -161,16 +161,6 @@ def metrics_run(target, tmp_path_factory):
     return result, folder / "metrics" / lab.__name__
 
 
-def exported_samples(folder, scenario_id: str, phase: str) -> dict:
-    """The samples of one .prom file, parsed as Prometheus parses it: {(name, labels): value}."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = (folder / f"{scenario_id}.{phase}.prom").read_text(encoding="utf-8")
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples
-            if not s.name.endswith("_created")}
-
-
 def rows_total(samples: dict, outcome: str):
     return samples.get(("pipeline_rows_total", (("outcome", outcome),)))
 
@@ -181,7 +171,7 @@ LAST_SUCCESS = ("pipeline_last_success_timestamp_seconds", ())
 def test_the_loads_export_the_rows_they_wrote_and_set_aside(metrics_run):
     """pipeline_rows_total is what the journal measured in the tables, naive run and fixed run."""
     result, folder = metrics_run
-    exported = {(sid, phase): exported_samples(folder, sid, phase) for sid in LOADS for phase in ("naive", "fixed")}
+    exported = {(sid, phase): scraped(folder, sid, phase) for sid in LOADS for phase in ("naive", "fixed")}
     pf, cv, dd = (measured(result, sid) for sid in LOADS)
     expected = {  # (scenario, phase) -> (loaded, rejected)
         # the naive load committed its 1200-row prefix, then stopped: no row was set aside
@@ -210,7 +200,7 @@ def test_the_last_success_is_exported_only_by_a_load_that_ran_to_its_end(metrics
     started = datetime.strptime(result.journal["started_at"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
     during = (started.timestamp(), started.timestamp() + result.journal["seconds"] + 1)
     for sid in LOADS:
-        naive, fixed = (exported_samples(folder, sid, phase) for phase in ("naive", "fixed"))
+        naive, fixed = (scraped(folder, sid, phase) for phase in ("naive", "fixed"))
         assert during[0] <= fixed[LAST_SUCCESS] <= during[1]
         if sid == "partial_failure":  # its only naive load stopped at line 1234
             assert LAST_SUCCESS not in naive

@@ -16,7 +16,7 @@ from decimal import Decimal
 import pytest
 
 from conftest import (ROOT, on_both_targets, assert_every_slot_has_a_control, assert_passed, clean_env, grade, lab_schemas, run_control,
-                      run_script, write_solution)
+                      run_script, scraped, write_solution)
 
 import conftest
 import fail_logging_failure as flf
@@ -63,15 +63,12 @@ def test_the_alerts_see_what_the_store_measured(result):
 def dropped_by_series(folder) -> dict:
     """pipeline_log_records_dropped_total of every .prom file under folder, read with
     prometheus_client's own parser: {(phase, job, reason): value}."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     dropped = {}
     for path in sorted(folder.rglob("*.prom")):
-        phase = path.name.split(".")[-2]  # <scenario>.<phase>.prom
-        for family in text_string_to_metric_families(path.read_text(encoding="utf-8")):
-            for sample in family.samples:
-                if sample.name == "pipeline_log_records_dropped_total":
-                    dropped[(phase, sample.labels["job"], sample.labels["reason"])] = sample.value
+        scenario_id, phase = path.name.split(".")[:2]  # <scenario>.<phase>.prom
+        for (name, labels), value in scraped(path.parent, scenario_id, phase).items():
+            if name == "pipeline_log_records_dropped_total":
+                dropped[(phase, dict(labels)["job"], dict(labels)["reason"])] = value
     return dropped
 
 

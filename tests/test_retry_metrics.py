@@ -11,9 +11,8 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import assert_passed, clean_env, run_script
+from conftest import assert_passed, clean_env, run_script, scraped
 
 SCRIPT = "fail_retry_exhaustion.py"
 IDS = ["exhaustion", "non_transient", "poison_job"]
@@ -26,13 +25,6 @@ def metrics_run(embedded_params, tmp_path_factory):
                         tmp_path=folder)
     assert_passed(result, embedded_params, IDS)
     return result, folder / "metrics" / Path(SCRIPT).stem
-
-
-def scraped(folder: Path, scenario_id: str, phase: str) -> dict[tuple, float]:
-    """{(sample name, label items): value} of one .prom file, as a scraper parses it."""
-    text = (folder / f"{scenario_id}.{phase}.prom").read_text(encoding="utf-8")
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 def attempts(samples: dict, outcome: str) -> float:
