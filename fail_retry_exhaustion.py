@@ -537,9 +537,10 @@ def exhaustion(s):
             replayed_units(s, replayed[name])
 
         meets = [ReplayersMeet(a_read, b_read), ReplayersMeet(b_read, a_read)]
-        conns = [s.connect(params) for _ in meets]
-        pair = [s.thread(replayer, name, Instrumented(conn, meet))
-                for name, meet, conn in zip("ab", meets, conns)]
+        conns, pair = [], []
+        for name, meet in zip("ab", meets):  # a starts while b still connects, as before
+            conns.append(s.connect(params))
+            pair.append(s.thread(replayer, name, Instrumented(conns[-1], meet)))
         for w in pair:
             w.join(30)
         conns.append(s.connect(params))
